@@ -1,0 +1,30 @@
+"""The AdjointDPM numerical library: pure math, no gRPC (DESIGN.md §2, §4).
+
+    from adjointdpm_server.core import VPSchedule, sample
+    x0 = sample(eps_fn, x_T, cond, schedule=VPSchedule.linear(), steps=20)
+    loss(x0).backward()          # exact gradient of the sampler, memory flat in steps
+"""
+
+from ._baseline import sample_torchdiffeq
+from ._field import GuidedEps, Node
+from ._grids import GRIDS, time_grid
+from ._oracle import GaussianMixture, gaussian_solution
+from ._sample import GRAD_MODES, Progress, sample
+from ._schedule import VPSchedule
+from ._solvers import SOLVERS, get_solver
+
+__all__ = [
+    "VPSchedule",
+    "sample",
+    "sample_torchdiffeq",
+    "Progress",
+    "GaussianMixture",
+    "gaussian_solution",
+    "time_grid",
+    "get_solver",
+    "GuidedEps",
+    "Node",
+    "SOLVERS",
+    "GRAD_MODES",
+    "GRIDS",
+]

@@ -1,0 +1,78 @@
+"""The right-hand side of the reparameterized probability-flow ODE (paper eq. 10).
+
+``dy/dρ = ε̃(α(ρ)·y, t(ρ), c)`` with ``y = x/α`` and classifier-free guidance
+``ε̃ = s·ε(x,t,c) + (1−s)·ε(x,t,∅)``; cond and uncond go through the network as one batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ._schedule import VPSchedule
+
+__all__ = ["Node", "GuidedEps", "nodes_from_times", "node_at_rho"]
+
+
+@dataclass(frozen=True)
+class Node:
+    """A point of the time grid: ``t``, ``ρ_t`` and ``α_t`` as float64 Python floats."""
+
+    t: float
+    rho: float
+    alpha: float
+
+    @property
+    def lam(self) -> float:
+        return -math.log(self.rho)
+
+
+def nodes_from_times(schedule: VPSchedule, ts: torch.Tensor) -> list[Node]:
+    ts = ts.to(torch.float64)
+    rhos, alphas = schedule.rho(ts), schedule.alpha(ts)
+    return [Node(float(t), float(r), float(a)) for t, r, a in zip(ts, rhos, alphas)]
+
+
+def node_at_rho(schedule: VPSchedule, rho: float) -> Node:
+    """The node at an arbitrary ρ (adaptive solvers); ``α = 1/√(1+ρ²)``."""
+    t = float(schedule.t_from_rho(torch.tensor(rho, dtype=torch.float64)))
+    return Node(t, rho, 1.0 / math.sqrt(1.0 + rho * rho))
+
+
+class GuidedEps:
+    """``ε̃(y, node, cond, uncond)``: the model's noise prediction at ``x = α y``, with CFG."""
+
+    def __init__(self, eps_fn, guidance_scale: float | None = None):
+        self.eps_fn = eps_fn
+        self.guidance_scale = guidance_scale
+        self.nfe = 0
+        self._checked = False
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale is not None and self.guidance_scale != 1.0
+
+    def __call__(self, y: torch.Tensor, node: Node, cond, uncond) -> torch.Tensor:
+        x = y * node.alpha
+        batch = x.shape[0]
+        t = torch.full((batch,), node.t, dtype=x.dtype, device=x.device)
+        if self.guided:
+            both = self.eps_fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, uncond]))
+            self._check(both, (2 * batch,) + tuple(x.shape[1:]))
+            eps_c, eps_u = both.chunk(2)
+            eps = eps_u + self.guidance_scale * (eps_c - eps_u)
+        else:
+            eps = self.eps_fn(x, t, cond)
+            self._check(eps, tuple(x.shape))
+        self.nfe += 1
+        return eps
+
+    def _check(self, eps, shape) -> None:
+        if self._checked:
+            return
+        if not isinstance(eps, torch.Tensor) or tuple(eps.shape) != shape:
+            got = tuple(eps.shape) if isinstance(eps, torch.Tensor) else type(eps).__name__
+            raise ValueError(f"eps_fn returned {got}; expected a tensor of shape {shape}")
+        self._checked = True

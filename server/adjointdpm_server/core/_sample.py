@@ -1,0 +1,123 @@
+"""``sample``: solve the probability-flow ODE from ``x_T`` to ``x_0``, differentiably (DESIGN.md §4)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from ._field import GuidedEps, nodes_from_times
+from ._gradients import SolveFunction
+from ._grids import GRIDS, time_grid
+from ._schedule import VPSchedule
+from ._solvers import SOLVERS, get_solver
+
+__all__ = ["sample", "Progress", "GRAD_MODES"]
+
+GRAD_MODES = ("checkpoint", "adjoint", "backprop", "none")
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What ``callback`` receives after each step: phase ``forward`` or ``backward``."""
+
+    phase: str
+    step: int
+    total: int
+    t: float
+    nfe: int
+
+
+@dataclass
+class _Engine:
+    solver: object
+    field: GuidedEps
+    nodes: list
+    mode: str
+    callback: Callable | None
+
+
+def _expand_batch(c: torch.Tensor | None, batch: int, name: str):
+    if c is None or not isinstance(c, torch.Tensor) or c.dim() == 0:
+        return c
+    if c.shape[0] == batch:
+        return c
+    if c.shape[0] == 1:
+        return c.expand(batch, *c.shape[1:])
+    raise ValueError(f"{name} has batch {c.shape[0]} but x_T has batch {batch}")
+
+
+def sample(eps_fn, x_T: torch.Tensor, cond=None, *, schedule: VPSchedule, steps: int | None,
+           solver: str = "dpm3", grad_mode: str = "checkpoint", guidance_scale: float | None = None,
+           uncond=None, grid: str = "logsnr", t_start: float | None = None,
+           t_end: float | None = None, callback: Callable[[Progress], None] | None = None,
+           timesteps: Sequence[float] | None = None, params: Sequence[torch.Tensor] | None = None,
+           rtol: float = 1e-5, atol: float = 1e-5) -> torch.Tensor:
+    """Solve paper eq. 10 from ``x_T`` (the state at ``t_start``) to ``x_0`` (at ``t_end``).
+
+    ``x_0`` is differentiable w.r.t. ``x_T``, ``cond``, ``uncond``, the parameters of ``eps_fn``
+    when it is an ``nn.Module`` and any extra ``params``, in every ``grad_mode`` but ``none``.
+    ``timesteps`` (decreasing, ``steps + 1`` of them if both are given) overrides the grid.
+    ``callback`` receives :class:`Progress`; raising from it aborts the solve (cancellation).
+    """
+    if not isinstance(x_T, torch.Tensor) or not x_T.is_floating_point():
+        raise TypeError("x_T must be a floating-point tensor")
+    if x_T.dim() < 1 or x_T.shape[0] < 1:
+        raise ValueError(f"x_T must have a leading batch dimension; got shape {tuple(x_T.shape)}")
+    if grad_mode not in GRAD_MODES:
+        raise ValueError(f"unknown grad_mode {grad_mode!r}; choose one of {', '.join(GRAD_MODES)}")
+    if grid not in GRIDS:
+        raise ValueError(f"unknown grid {grid!r}; choose one of {', '.join(GRIDS)}")
+    step_solver = get_solver(solver, schedule, rtol=rtol, atol=atol)
+    if timesteps is not None:
+        ts = torch.as_tensor([float(t) for t in timesteps], dtype=torch.float64)
+        if ts.numel() < 2:
+            raise ValueError("timesteps needs at least 2 entries")
+        if steps is not None and int(steps) != ts.numel() - 1:
+            raise ValueError(f"steps={steps} but {ts.numel()} timesteps give {ts.numel() - 1} steps")
+        if not bool((ts[1:] < ts[:-1]).all()):
+            raise ValueError("timesteps must be strictly decreasing")
+        for k, t in enumerate(ts):
+            schedule.check_t(float(t), f"timesteps[{k}]")
+    else:
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be an integer >= 1; got {steps!r}")
+        t_start = schedule.check_t(schedule.t_max if t_start is None else t_start, "t_start")
+        t_end = schedule.check_t(schedule.t_min if t_end is None else t_end, "t_end")
+        if not t_end < t_start:
+            raise ValueError(f"t_end ({t_end}) must be smaller than t_start ({t_start})")
+        ts = time_grid(schedule, steps, grid, t_start, t_end)
+    batch = x_T.shape[0]
+    cond = _expand_batch(cond, batch, "cond")
+    uncond = _expand_batch(uncond, batch, "uncond")
+    field = GuidedEps(eps_fn, guidance_scale)
+    if field.guided:
+        if cond is None or uncond is None:
+            raise ValueError("guidance_scale needs both cond and uncond")
+        if cond.shape != uncond.shape:
+            raise ValueError(f"cond {tuple(cond.shape)} and uncond {tuple(uncond.shape)} differ in shape")
+    nodes = nodes_from_times(schedule, ts)
+    progress = None
+    if callback is not None:
+        def progress(phase, step, total, t):
+            callback(Progress(phase, step, total, t, field.nfe))
+
+    y0 = x_T / nodes[0].alpha
+    if grad_mode == "none" or not torch.is_grad_enabled():
+        with torch.no_grad():
+            y_end, _ = step_solver.solve(field, y0, nodes, cond, uncond, callback=progress)
+    elif grad_mode == "backprop":
+        y_end, _ = step_solver.solve(field, y0, nodes, cond, uncond, callback=progress)
+    else:
+        theta = list(eps_fn.parameters()) if isinstance(eps_fn, torch.nn.Module) else []
+        theta += [p for p in (params or []) if all(p is not q for q in theta)]
+        theta = [p for p in theta if p.requires_grad]
+        tensors = [c for c in (cond, uncond) if isinstance(c, torch.Tensor)]
+        if not (y0.requires_grad or theta or any(c.requires_grad for c in tensors)):
+            with torch.no_grad():
+                y_end, _ = step_solver.solve(field, y0, nodes, cond, uncond, callback=progress)
+        else:
+            engine = _Engine(step_solver, field, nodes, grad_mode, progress)
+            y_end = SolveFunction.apply(engine, y0, cond, uncond, *theta)
+    return y_end * nodes[-1].alpha

@@ -1,0 +1,83 @@
+"""Schedules and grids against closed forms and diffusers' own schedulers."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from adjointdpm_server.core import VPSchedule, time_grid
+
+
+def test_linear_schedule_matches_closed_form():
+    sch = VPSchedule.linear(beta_min=0.1, beta_max=20.0, t_min=1e-3)
+    t = torch.linspace(1e-3, 1.0, 101, dtype=torch.float64)
+    log_alpha = -(20.0 - 0.1) * t ** 2 / 4 - 0.1 * t / 2
+    assert torch.allclose(sch.alpha(t), torch.exp(log_alpha), rtol=1e-14)
+    assert torch.allclose(sch.alpha(t) ** 2 + sch.sigma(t) ** 2, torch.ones_like(t), atol=1e-14)
+    assert torch.allclose(sch.rho(t), sch.sigma(t) / sch.alpha(t), rtol=1e-14)
+    assert torch.allclose(sch.lambda_(t), torch.log(sch.alpha(t) / sch.sigma(t)), rtol=1e-12)
+    assert (sch.t_min, sch.t_max) == (1e-3, 1.0)
+    # f = d log α/dt against a central difference
+    h = 1e-6
+    fd = (sch.log_alpha(t + h) - sch.log_alpha(t - h)) / (2 * h)
+    assert torch.allclose(sch.dlog_alpha_dt(t), fd, rtol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["linear", "discrete"])
+def test_t_from_rho_inverts_rho(kind):
+    if kind == "linear":
+        sch = VPSchedule.linear()
+        t = torch.linspace(sch.t_min, sch.t_max, 997, dtype=torch.float64)
+    else:
+        sch = VPSchedule.from_alphas_cumprod(DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                                                           beta_end=0.012).alphas_cumprod)
+        t = torch.linspace(0.0, 999.0, 2999, dtype=torch.float64)
+    assert torch.allclose(sch.t_from_rho(sch.rho(t)), t, atol=1e-9)
+    assert torch.allclose(sch.t_from_lambda(sch.lambda_(t)), t, atol=1e-9)
+
+
+def test_discrete_schedule_matches_diffusers_alphas_cumprod():
+    sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                          beta_end=0.012)
+    sch = VPSchedule.from_alphas_cumprod(sched.alphas_cumprod)
+    n = torch.arange(1000, dtype=torch.float64)
+    assert torch.allclose(sch.alpha(n) ** 2, sched.alphas_cumprod.to(torch.float64), rtol=1e-6)
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2  # SD's scaled_linear
+    assert torch.allclose(VPSchedule.from_betas(betas).alpha(n) ** 2, torch.cumprod(1 - betas, 0), rtol=1e-12)
+    assert (sch.t_min, sch.t_max) == (0.0, 999.0)
+    # log α is linear between integer timesteps
+    mid = sch.log_alpha(torch.tensor(10.25, dtype=torch.float64))
+    la = 0.5 * torch.log(sched.alphas_cumprod.to(torch.float64))
+    assert math.isclose(float(mid), float(0.75 * la[10] + 0.25 * la[11]), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("grid", ["logsnr", "time", "karras"])
+def test_grids_are_decreasing_with_exact_endpoints(grid):
+    sch = VPSchedule.linear()
+    ts = time_grid(sch, 17, grid, t_start=0.9, t_end=0.01)
+    assert ts.shape == (18,) and ts.dtype == torch.float64
+    assert ts[0] == 0.9 and ts[-1] == 0.01
+    assert bool((ts[1:] < ts[:-1]).all())
+
+
+def test_grid_spacing():
+    sch = VPSchedule.linear()
+    lam = sch.lambda_(time_grid(sch, 10, "logsnr"))
+    assert np.allclose(np.diff(lam.numpy()), float(lam[1] - lam[0]), rtol=1e-9)
+    t = time_grid(sch, 10, "time")
+    assert np.allclose(np.diff(t.numpy()), float(t[1] - t[0]), rtol=1e-9)
+    r = sch.rho(time_grid(sch, 10, "karras")) ** (1 / 7)
+    assert np.allclose(np.diff(r.numpy()), float(r[1] - r[0]), rtol=1e-8)
+
+
+def test_bad_schedules_raise():
+    with pytest.raises(ValueError):
+        VPSchedule.linear(beta_min=1.0, beta_max=0.5)
+    with pytest.raises(ValueError):
+        VPSchedule.from_alphas_cumprod([0.9, 0.95])  # increasing
+    with pytest.raises(ValueError):
+        VPSchedule.from_alphas_cumprod([1.0, 0.5])  # α = 1 has ρ = 0
+    with pytest.raises(ValueError):
+        time_grid(VPSchedule.linear(), 5, "cosine")
