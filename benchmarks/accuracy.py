@@ -1,10 +1,10 @@
 """Accuracy of the samplers and of their gradients (no timing).
 
-What is measured, in float64 unless a table says otherwise (VP linear schedule, t from 1 to 1e-3,
-d = 64, batch 8, x_T ~ N(0, I), loss L = sum(v * x_0) with a fixed random v):
+What is measured, in float64 unless a table says otherwise (``VPSchedule.linear()``, t from 1 to
+1e-3, d = 64, batch 8, x_T ~ N(0, I), loss L = sum(v · x_0) with a fixed random v):
 
 - *sample*: relative L2 error ||a − b|| / ||b|| of x_0 against a reference;
-- *grad x_T*: the same for ∂L/∂x_T (and, on the Gaussian, ∂L/∂means and ∂L/∂scales, the
+- *gradient*: the same for ∂L/∂x_T (and, on the Gaussian, ∂L/∂means and ∂L/∂scales, the
   ``nn.Parameter``s of :class:`GaussianMixture`);
 - *distance to checkpoint*: relative L2 between a mode's gradient and the ``checkpoint`` gradient
   (the exact gradient of the discrete sampler);
@@ -12,15 +12,16 @@ d = 64, batch 8, x_T ~ N(0, I), loss L = sum(v * x_0) with a fixed random v):
 
 Problems and references:
 
-- ``gaussian``: data N(μ, 0.25 I), μ ~ N(0, I); reference = ``gaussian_solution`` (closed form),
+- ``gaussian``: data N(μ, 0.5² I), μ ~ N(0, I); reference = ``gaussian_solution`` (closed form),
   differentiated by autograd;
 - ``mixture``: 4 isotropic components, means random directions of norm 4, scales
   0.3/0.4/0.5/0.35, uniform weights; reference = torchdiffeq ``dopri8`` on eq. 10 at
-  rtol = atol = 1e-11 with ``odeint_adjoint``, checked against ``sample(solver="dpm3", steps=1000)``.
+  rtol = atol = 1e-11 with ``odeint_adjoint``, checked against ``sample(solver="dpm3")`` at
+  1000 and 4000 steps.
 
 Tables: every solver × grad mode × steps on the log-SNR grid; grids (logsnr, time, karras);
-float32 behaviour of dpm3; the paper's Table 1 comparison (eq. 4 vs eq. 10 through torchdiffeq
-with ``odeint_adjoint`` vs our dpm3).
+dpm3 in float32; the paper's Table 1 comparison (eq. 4 vs eq. 10 through torchdiffeq with
+``odeint_adjoint`` vs our samplers at equal NFE) and adaptive dopri5 on both ODE forms.
 
 Run from the repository root::
 
@@ -37,7 +38,7 @@ import math
 import platform
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -55,15 +56,25 @@ from adjointdpm_server.core import (
 SEED = 0
 DIM = 64
 BATCH = 8
-STEPS = (5, 10, 20, 50, 100)
-QUICK_STEPS = (5, 20)
 MODES = ("checkpoint", "adjoint", "backprop")
+GRIDS = ("logsnr", "time", "karras")
 GRID_SOLVERS = ("euler", "dpm3", "ab4")
-GRID_STEPS = (10, 20, 50)
-NFE_BUDGETS = (10, 20, 50)
+KEY_SOLVERS = ("euler", "dpm3")
 DOPRI5_TOL = 1e-5
 REF_TOL = 1e-11
+REF_CHECK_STEPS = (1000, 4000)
 RESULTS = Path(__file__).resolve().parent / "results" / "accuracy.md"
+
+
+@dataclass(frozen=True)
+class Settings:
+    steps: tuple[int, ...] = (5, 10, 20, 50, 100)
+    grid_steps: tuple[int, ...] = (10, 20, 50)
+    budgets: tuple[int, ...] = (10, 20, 50)
+    key_steps: tuple[int, ...] = (20, 50)
+
+
+QUICK = Settings(steps=(5, 20), grid_steps=(20,), budgets=(20,), key_steps=(20,))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,12 +96,19 @@ class CountingEps(nn.Module):
 
 @dataclass
 class Outcome:
-    """x_0, the gradients of L (by name) and the NFE of one forward + backward solve."""
+    """x_0, the gradients of L by name, and the NFE of one forward + backward solve."""
 
     x0: torch.Tensor
     grads: dict[str, torch.Tensor]
     nfe_fwd: int
     nfe_bwd: int
+
+
+@dataclass
+class Failure:
+    """A solve that raised; the tables show ``failed`` and list the reason below."""
+
+    reason: str
 
 
 @dataclass
@@ -102,11 +120,19 @@ class Problem:
     v: torch.Tensor
     params: dict[str, nn.Parameter]  # model parameters whose gradient is measured
     reference: Outcome | None = None
-    notes: list[str] = field(default_factory=list)
+
+    @property
+    def grad_names(self) -> list[str]:
+        return ["x_T"] + list(self.params)
+
+
+def _noise_and_cotangent() -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.randn(BATCH, DIM, dtype=torch.float64),
+            torch.randn(BATCH, DIM, dtype=torch.float64))
 
 
 def gaussian_problem(dtype=torch.float64) -> Problem:
-    """One Gaussian N(μ, 0.5² I); gradients measured w.r.t. x_T, means and scales."""
+    """One Gaussian N(μ, 0.5² I); gradients w.r.t. x_T, means and scales."""
     torch.manual_seed(SEED)
     mean = torch.randn(1, DIM, dtype=torch.float64)
     x_T, v = _noise_and_cotangent()
@@ -118,25 +144,23 @@ def gaussian_problem(dtype=torch.float64) -> Problem:
 
 
 def mixture_problem(dtype=torch.float64) -> Problem:
-    """Four well-separated isotropic components; gradient measured w.r.t. x_T only."""
+    """Four well-separated isotropic components; gradient w.r.t. x_T only."""
     torch.manual_seed(SEED + 1)
     directions = torch.randn(4, DIM, dtype=torch.float64)
     means = 4.0 * directions / directions.norm(dim=1, keepdim=True)
     x_T, v = _noise_and_cotangent()
     sch = VPSchedule.linear()
-    model = GaussianMixture(sch, means.to(dtype), torch.tensor([0.3, 0.4, 0.5, 0.35], dtype=torch.float64).to(dtype))
+    scales = torch.tensor([0.3, 0.4, 0.5, 0.35], dtype=torch.float64)
+    model = GaussianMixture(sch, means.to(dtype), scales.to(dtype))
     model.requires_grad_(False)
     return Problem("mixture", sch, CountingEps(model), x_T.to(dtype), v.to(dtype), {})
 
 
-def _noise_and_cotangent():
-    x_T = torch.randn(BATCH, DIM, dtype=torch.float64)
-    v = torch.randn(BATCH, DIM, dtype=torch.float64)
-    return x_T, v
+PROBLEMS = {"gaussian": gaussian_problem, "mixture": mixture_problem}
 
 
 # ---------------------------------------------------------------------------------------------
-# Running one solve and measuring it
+# Solves
 # ---------------------------------------------------------------------------------------------
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -145,16 +169,18 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def measure(problem: Problem, solve) -> Outcome:
+def measure(problem: Problem, solve) -> Outcome | Failure:
     """Run ``solve(model, x_T) -> x_0``, then ∂L/∂(x_T, params) for L = sum(v · x_0)."""
     model = problem.model
     x_T = problem.x_T.clone().requires_grad_(True)
     start = model.calls
-    x0 = solve(model, x_T)
-    mid = model.calls
-    names = ["x_T"] + list(problem.params)
-    grads = torch.autograd.grad((problem.v * x0).sum(), [x_T] + list(problem.params.values()))
-    return Outcome(x0.detach(), dict(zip(names, grads)), mid - start, model.calls - mid)
+    try:
+        x0 = solve(model, x_T)
+        mid = model.calls
+        grads = torch.autograd.grad((problem.v * x0).sum(), [x_T] + list(problem.params.values()))
+    except (AssertionError, RuntimeError) as exc:
+        return Failure(f"{type(exc).__name__}: {exc}")
+    return Outcome(x0.detach(), dict(zip(problem.grad_names, grads)), mid - start, model.calls - mid)
 
 
 def run_sampler(problem: Problem, steps: int, solver: str, mode: str, grid: str = "logsnr"):
@@ -177,11 +203,11 @@ def run_torchdiffeq(problem: Problem, ode: str, method: str, steps: int | None =
 def _fixed_grid_adjoint_workaround():
     """Let ``odeint_adjoint`` run fixed-grid methods backward.
 
-    ``sample_torchdiffeq`` passes the forward grid as ``options=grid_constructor``; torchdiffeq
-    reuses it for the adjoint solve, which runs the span in the opposite direction, and fails its
-    ``time_grid[0] == t[0]`` assertion. While active, the adjoint gets the same nodes, reversed
-    and/or negated to fit the span torchdiffeq asks for (it negates decreasing spans), so the
-    adjoint ODE is integrated by the same method on the same nodes, as intended.
+    ``sample_torchdiffeq`` passes its grid as ``options=dict(grid_constructor=...)``; torchdiffeq
+    reuses the options for the adjoint solve, which runs the span in the opposite direction (and
+    negated, since torchdiffeq negates decreasing spans), so its ``time_grid[0] == t[0]``
+    assertion fails. While active, the adjoint gets the same nodes reversed and/or negated to fit
+    the span it is asked for: the adjoint ODE is integrated by the same method on the same nodes.
     Inactive when the caller passes ``adjoint_options`` itself.
     """
     import torchdiffeq
@@ -192,14 +218,14 @@ def _fixed_grid_adjoint_workaround():
         if adjoint_options is None and options and "grid_constructor" in options:
             forward_grid = options["grid_constructor"]
 
-            def either_direction(f, y, span):
+            def fitted_grid(f, y, span):
                 pts = forward_grid(f, y, span)
                 for cand in (pts, pts.flip(0), -pts, -pts.flip(0)):
                     if bool(cand[0] == span[0]) and bool(cand[-1] == span[-1]):
                         return cand
-                raise AssertionError(f"grid {pts[[0, -1]]} does not fit span {span}")
+                raise AssertionError(f"grid ends {pts[[0, -1]].tolist()} do not fit span {span.tolist()}")
 
-            adjoint_options = dict(options, grid_constructor=either_direction)
+            adjoint_options = dict(options, grid_constructor=fitted_grid)
         return original(func, y0, t, options=options, adjoint_options=adjoint_options, **kwargs)
 
     torchdiffeq.odeint_adjoint = patched
@@ -216,11 +242,8 @@ def _fixed_grid_adjoint_workaround():
 def gaussian_reference(problem: Problem) -> Outcome:
     """The closed-form x_0 of the probability-flow ODE, differentiated by autograd."""
     gm = problem.model.inner
-
-    def solve(model, x_T):
-        return gaussian_solution(problem.schedule, x_T, gm.means[0], gm.scales[0])
-
-    return measure(problem, solve)
+    return measure(problem, lambda model, x_T: gaussian_solution(
+        problem.schedule, x_T, gm.means[0], gm.scales[0]))
 
 
 def dopri8_reference(problem: Problem) -> Outcome:
@@ -230,22 +253,24 @@ def dopri8_reference(problem: Problem) -> Outcome:
         rtol=REF_TOL, atol=REF_TOL, grad_mode="adjoint"))
 
 
-def reference_checks(problem: Problem, dopri8: Outcome) -> list[list[str]]:
-    """Rows comparing the dopri8 solve (and dpm3 at 1000 steps) with the problem's reference."""
-    dpm3 = run_sampler(problem, 1000, "dpm3", "checkpoint")
-    ref = problem.reference
-    rows = []
-    for label, out in (("torchdiffeq dopri8, rtol=atol=1e-11, odeint_adjoint", dopri8),
-                       ("sample(solver=dpm3, steps=1000, checkpoint)", dpm3)):
-        if out is ref:
-            continue
-        rows.append([problem.name, label, fmt(rel(out.x0, ref.x0)),
-                     fmt(rel(out.grads["x_T"], ref.grads["x_T"])), f"{out.nfe_fwd} / {out.nfe_bwd}"])
-    return rows
+def with_reference(problem: Problem) -> Problem:
+    problem.reference = (gaussian_reference(problem) if problem.name == "gaussian"
+                         else dopri8_reference(problem))
+    return problem
+
+
+def reference_rows(problem: Problem) -> list[list[str]]:
+    """Independent high-accuracy solves against the problem's reference."""
+    checks = [] if problem.name == "mixture" else [
+        (f"torchdiffeq dopri8, rtol = atol = {REF_TOL:g}, odeint_adjoint", dopri8_reference(problem))]
+    checks += [(f"sample(solver=dpm3, steps={n}), checkpoint", run_sampler(problem, n, "dpm3", "checkpoint"))
+               for n in REF_CHECK_STEPS]
+    return [[problem.name, label, err(out, problem, "sample"), err(out, problem, "x_T"), nfe(out)]
+            for label, out in checks]
 
 
 # ---------------------------------------------------------------------------------------------
-# Markdown
+# Markdown helpers
 # ---------------------------------------------------------------------------------------------
 
 def fmt(x: float) -> str:
@@ -254,6 +279,30 @@ def fmt(x: float) -> str:
     if not math.isfinite(x):
         return str(x)
     return f"{x:.1e}"
+
+
+def err(out: Outcome | Failure, problem: Problem, what: str) -> str:
+    """Relative error of ``what`` (``sample`` or a gradient name) against the reference."""
+    if isinstance(out, Failure):
+        return "failed"
+    ref = problem.reference
+    return fmt(rel(out.x0, ref.x0) if what == "sample" else rel(out.grads[what], ref.grads[what]))
+
+
+def dist(out: Outcome | Failure, base: Outcome | Failure, what: str) -> str:
+    """Relative distance of one solve's gradient ``what`` to another's."""
+    if isinstance(out, Failure) or isinstance(base, Failure):
+        return "failed"
+    return fmt(rel(out.grads[what], base.grads[what]))
+
+
+def nfe(out: Outcome | Failure) -> str:
+    return "—" if isinstance(out, Failure) else f"{out.nfe_fwd} / {out.nfe_bwd}"
+
+
+def failures_note(outs) -> str:
+    reasons = sorted({o.reason for o in outs if isinstance(o, Failure)})
+    return "\n".join(f"failed: `{r}`" for r in reasons)
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:
@@ -266,236 +315,232 @@ def heading(text: str, level: int = 2) -> str:
     return "#" * level + " " + text
 
 
+def join(*parts: str) -> str:
+    return "\n\n".join(p for p in parts if p)
+
+
 # ---------------------------------------------------------------------------------------------
 # Sections
 # ---------------------------------------------------------------------------------------------
 
 def solver_sweep(problem: Problem, steps: tuple[int, ...]) -> dict:
-    """Every solver × mode × steps on the log-SNR grid: {(solver, mode, n): Outcome}."""
-    return {(s, m, n): run_sampler(problem, n, s, m)
-            for s in SOLVERS for m in MODES for n in steps}
+    """Every solver × mode × steps on the log-SNR grid: ``{(solver, mode, n): Outcome}``."""
+    return {(s, m, n): run_sampler(problem, n, s, m) for s in SOLVERS for m in MODES for n in steps}
 
 
-def solver_section(problem: Problem, steps: tuple[int, ...]) -> str:
-    sweep = solver_sweep(problem, steps)
-    ref = problem.reference
+def key_figures_section(problems: list[Problem], sweeps: dict, steps: tuple[int, ...]) -> str:
+    rows = []
+    for p in problems:
+        sweep = sweeps[p.name]
+        for s in KEY_SOLVERS:
+            for n in steps:
+                ck = sweep[s, "checkpoint", n]
+                rows.append([p.name, s, str(n), err(ck, p, "sample")]
+                            + [err(sweep[s, m, n], p, "x_T") for m in MODES]
+                            + [dist(sweep[s, "adjoint", n], ck, "x_T")])
+    headers = ["problem", "solver", "steps", "sample", "∂L/∂x_T checkpoint", "∂L/∂x_T adjoint",
+               "∂L/∂x_T backprop", "adjoint vs checkpoint"]
+    return join(heading("Key figures (float64, grid logsnr)"), table(headers, rows))
+
+
+def reference_section(problems: list[Problem]) -> str:
+    rows = [r for p in problems for r in reference_rows(p)]
+    return join(
+        heading("References"),
+        "Independent high-accuracy solves against each problem's reference (gaussian: the closed "
+        "form; mixture: torchdiffeq dopri8 + odeint_adjoint at rtol = atol = 1e-11). "
+        "The gaussian rows measure the accuracy of the dopri8 reference method itself.",
+        table(["problem", "solve", "sample", "∂L/∂x_T", "NFE fwd / bwd"], rows))
+
+
+def solver_section(problem: Problem, sweep: dict, steps: tuple[int, ...]) -> str:
     cols = [f"{n} steps" for n in steps]
-    parts = [heading(f"{problem.name}: solvers × grad modes (grid logsnr)")]
-
-    sample_rows = [[s] + [fmt(rel(sweep[s, "checkpoint", n].x0, ref.x0)) for n in steps]
-                   for s in SOLVERS]
     same_forward = all(bool(torch.equal(sweep[s, m, n].x0, sweep[s, "checkpoint", n].x0))
                        for s in SOLVERS for m in MODES for n in steps)
-    parts += [heading("sample error (x_0 vs reference)", 3),
-              table(["solver"] + cols, sample_rows),
-              f"The forward pass is bitwise identical in every grad mode: {same_forward}."]
-
-    for name in ["x_T"] + list(problem.params):
-        rows = [[s, m] + [fmt(rel(sweep[s, m, n].grads[name], ref.grads[name])) for n in steps]
-                for s in SOLVERS for m in MODES]
+    parts = [heading(f"{problem.name}: solvers × grad modes (grid logsnr)"),
+             heading("sample error (x_0 vs reference)", 3),
+             table(["solver"] + cols,
+                   [[s] + [err(sweep[s, "checkpoint", n], problem, "sample") for n in steps]
+                    for s in SOLVERS]),
+             f"x_0 is bitwise identical in the three grad modes for every solver and step count: "
+             f"{same_forward}."]
+    for name in problem.grad_names:
         parts += [heading(f"gradient error: ∂L/∂{name} vs reference", 3),
-                  table(["solver", "mode"] + cols, rows)]
-
-    for name in ["x_T"] + list(problem.params):
-        rows = [[s, m] + [fmt(rel(sweep[s, m, n].grads[name], sweep[s, "checkpoint", n].grads[name]))
-                          for n in steps]
-                for s in SOLVERS for m in ("adjoint", "backprop")]
+                  table(["solver", "mode"] + cols,
+                        [[s, m] + [err(sweep[s, m, n], problem, name) for n in steps]
+                         for s in SOLVERS for m in MODES])]
+    for name in problem.grad_names:
         parts += [heading(f"distance to checkpoint: ∂L/∂{name}", 3),
-                  table(["solver", "mode"] + cols, rows)]
-
-    nfe_rows = [[s] + [" / ".join(str(v) for v in (sweep[s, "checkpoint", n].nfe_fwd,
-                                                     sweep[s, "checkpoint", n].nfe_bwd,
-                                                     sweep[s, "adjoint", n].nfe_bwd,
-                                                     sweep[s, "backprop", n].nfe_bwd))
-                       for n in steps] for s in SOLVERS]
-    parts += [heading("NFE: forward / backward (checkpoint) / backward (adjoint) / "
-                      "backward (backprop)", 3),
-              table(["solver"] + cols, nfe_rows),
-              "backprop differentiates the recorded graph and calls the model 0 times in backward. "
-              f"dopri5: `steps` restart segments, adaptive inside, rtol = atol = {DOPRI5_TOL:g}."]
-    return "\n\n".join(parts)
+                  table(["solver", "mode"] + cols,
+                        [[s, m] + [dist(sweep[s, m, n], sweep[s, "checkpoint", n], name) for n in steps]
+                         for s in SOLVERS for m in ("adjoint", "backprop")])]
+    parts.append(nfe_table(sweep, steps))
+    return join(*parts)
 
 
-def grid_section(problem: Problem, steps: tuple[int, ...]) -> str:
-    ref = problem.reference
-    rows = []
-    for s in GRID_SOLVERS:
-        for g in ("logsnr", "time", "karras"):
-            outs = [run_sampler(problem, n, s, "checkpoint", grid=g) for n in steps]
-            rows.append([s, g] + [f"{fmt(rel(o.x0, ref.x0))} / {fmt(rel(o.grads['x_T'], ref.grads['x_T']))}"
-                                  for o in outs])
-    return "\n\n".join([heading(f"{problem.name}: grids (checkpoint mode)"),
-                        "Cells: sample error / ∂L/∂x_T error.",
-                        table(["solver", "grid"] + [f"{n} steps" for n in steps], rows)])
+def nfe_table(sweep: dict, steps: tuple[int, ...]) -> str:
+    def cell(s, n):
+        counts = [sweep[s, "checkpoint", n].nfe_fwd] + [sweep[s, m, n].nfe_bwd for m in MODES]
+        return " / ".join(map(str, counts))
+
+    return join(
+        heading("NFE: forward / backward checkpoint / backward adjoint / backward backprop", 3),
+        table(["solver"] + [f"{n} steps" for n in steps],
+              [[s] + [cell(s, n) for n in steps] for s in SOLVERS]),
+        "backprop differentiates the recorded graph and makes no model calls in backward. "
+        f"dopri5: `steps` restart segments, adaptive inside each, rtol = atol = {DOPRI5_TOL:g}.")
 
 
 def float32_section(problem64: Problem, steps: tuple[int, ...]) -> str:
-    problem = mixture_problem(torch.float32) if problem64.name == "mixture" else gaussian_problem(
-        torch.float32)
-    ref = problem64.reference
+    problem = PROBLEMS[problem64.name](torch.float32)
+    problem.reference = problem64.reference
     rows = []
     for m in ("checkpoint", "adjoint"):
         outs = [run_sampler(problem, n, "dpm3", m) for n in steps]
-        rows.append([m, "sample"] + [fmt(rel(o.x0, ref.x0)) for o in outs])
-        rows.append([m, "∂L/∂x_T"] + [fmt(rel(o.grads["x_T"], ref.grads["x_T"])) for o in outs])
-    return "\n\n".join([heading(f"{problem.name}: dpm3 in float32", 3),
-                        "Model, x_T and states in float32; errors against the float64 reference.",
-                        table(["mode", "quantity"] + [f"{n} steps" for n in steps], rows)])
+        rows.append([m, "sample"] + [err(o, problem, "sample") for o in outs])
+        rows += [[m, f"∂L/∂{g}"] + [err(o, problem, g) for o in outs] for g in problem.grad_names]
+    return join(heading(f"{problem.name}: dpm3 in float32", 3),
+                "Model, x_T and states in float32; errors against the float64 reference.",
+                table(["mode", "quantity"] + [f"{n} steps" for n in steps], rows))
 
 
-def table1_configs(budget: int) -> list[tuple[str, str, str, int]]:
-    """(label, ode, method, steps) of the torchdiffeq fixed-step baselines for an NFE budget."""
-    configs = []
-    for ode, eq in (("original", "eq. 4"), ("reparameterized", "eq. 10")):
-        configs += [(f"{eq}, torchdiffeq euler", ode, "euler", budget),
-                    (f"{eq}, torchdiffeq midpoint", ode, "midpoint", budget // 2),
-                    (f"{eq}, torchdiffeq rk4", ode, "rk4", max(1, round(budget / 4)))]
-    return configs
-
-
-def table1_rows(problem: Problem, budget: int) -> list[list[str]]:
-    ref = problem.reference
-
-    def row(label, grad, out):
-        return [label, grad, str(budget), f"{out.nfe_fwd} / {out.nfe_bwd}",
-                fmt(rel(out.x0, ref.x0)), fmt(rel(out.grads["x_T"], ref.grads["x_T"]))]
-
-    rows = [row(label, "odeint_adjoint", run_torchdiffeq(problem, ode, method, steps))
-            for label, ode, method, steps in table1_configs(budget)]
-    for solver in ("euler", "dpm3"):
-        for mode in ("checkpoint", "adjoint"):
-            rows.append(row(f"eq. 10, sample(solver={solver})", mode,
-                            run_sampler(problem, budget, solver, mode)))
-    return rows
-
-
-def adaptive_rows(problem: Problem) -> list[list[str]]:
-    ref = problem.reference
+def grid_section(problem: Problem, steps: tuple[int, ...]) -> str:
     rows = []
-    for tol in (1e-3, 1e-5):
-        for ode, eq in (("original", "eq. 4"), ("reparameterized", "eq. 10")):
-            out = run_torchdiffeq(problem, ode, "dopri5", tol=tol)
-            rows.append([f"{eq}, torchdiffeq dopri5", f"{tol:g}", f"{out.nfe_fwd} / {out.nfe_bwd}",
-                         fmt(rel(out.x0, ref.x0)), fmt(rel(out.grads["x_T"], ref.grads["x_T"]))])
+    for s in GRID_SOLVERS:
+        for g in GRIDS:
+            outs = [run_sampler(problem, n, s, "checkpoint", grid=g) for n in steps]
+            rows.append([s, g] + [f"{err(o, problem, 'sample')} / {err(o, problem, 'x_T')}"
+                                  for o in outs])
+    return join(heading(f"{problem.name}: grids (checkpoint mode)"),
+                "Cells: sample error / ∂L/∂x_T error.",
+                table(["solver", "grid"] + [f"{n} steps" for n in steps], rows))
+
+
+def table1_methods() -> list[tuple[str, str, str, str, str]]:
+    """(label, ode, method, grid, gradient) of each Table 1 row; ode ``ours`` is :func:`sample`."""
+    rows = []
+    for ode, eq, grids in (("original", "eq. 4", ("logsnr", "time")),
+                           ("reparameterized", "eq. 10", ("logsnr",))):
+        rows += [(f"{eq}, torchdiffeq {m}", ode, m, g, "odeint_adjoint")
+                 for g in grids for m in ("euler", "midpoint", "rk4")]
+    rows += [(f"eq. 10, sample(solver={s})", "ours", s, "logsnr", m)
+             for s in ("euler", "ab4", "dpm3") for m in ("checkpoint", "adjoint")]
     return rows
+
+
+def table1_steps(method: str, budget: int) -> int:
+    """Steps that spend at most ``budget`` model calls (rk4: 4 per step, midpoint: 2)."""
+    per_step = {"midpoint": 2, "rk4": 4}.get(method, 1)
+    return max(1, round(budget / per_step))
+
+
+def table1_run(problem: Problem, method_row, budget: int):
+    label, ode, method, grid, gradient = method_row
+    steps = table1_steps(method, budget)
+    if ode == "ours":
+        return run_sampler(problem, steps, method, gradient, grid=grid)
+    return run_torchdiffeq(problem, ode, method, steps, grid=grid)
 
 
 def table1_section(problem: Problem, budgets: tuple[int, ...]) -> str:
-    rows = [r for b in budgets for r in table1_rows(problem, b)]
-    headers = ["method", "gradient", "NFE budget", "NFE fwd / bwd", "sample", "∂L/∂x_T"]
-    return "\n\n".join([
-        heading(f"{problem.name}: paper Table 1 — original ODE vs reparameterized vs dpm3"),
-        "Fixed-step torchdiffeq methods on the log-SNR nodes (eq. 4 in t, eq. 10 in ρ); "
-        "steps = budget (euler), budget/2 (midpoint), round(budget/4) (rk4). Errors are relative "
-        "L2 against the reference.",
-        table(headers, rows),
-        heading("adaptive dopri5 (torchdiffeq odeint_adjoint)", 3),
-        table(["method", "rtol = atol", "NFE fwd / bwd", "sample", "∂L/∂x_T"], adaptive_rows(problem)),
-    ])
+    methods = table1_methods()
+    outs = {(row, b): table1_run(problem, row, b) for row in methods for b in budgets}
+    err_rows = [[label, grid, grad] + [c for b in budgets for c in
+                                       (err(outs[row, b], problem, "sample"), err(outs[row, b], problem, "x_T"))]
+                for row in methods for label, _, _, grid, grad in [row]]
+    nfe_rows = [[label, grid, grad] + [nfe(outs[row, b]) for b in budgets]
+                for row in methods for label, _, _, grid, grad in [row]]
+    err_headers = ["method", "grid", "gradient"] + [h for b in budgets
+                                                    for h in (f"sample @{b}", f"∂L/∂x_T @{b}")]
+    return join(
+        heading(f"{problem.name}: paper Table 1 — original ODE (eq. 4) vs reparameterized (eq. 10)"),
+        "Equal NFE budgets; steps = budget (euler, ab4, dpm3), budget/2 (midpoint), "
+        "round(budget/4) (rk4; NFE 8 / 20 / 48 for budgets 10 / 20 / 50). torchdiffeq rows: "
+        "forward by the fixed-step method on the grid's nodes (eq. 4 in t, eq. 10 in ρ), "
+        "gradient by odeint_adjoint with the same method on the same nodes backward.",
+        table(err_headers, err_rows),
+        heading("NFE forward / backward", 3),
+        table(["method", "grid", "gradient"] + [f"budget {b}" for b in budgets], nfe_rows),
+        failures_note(outs.values()),
+        adaptive_section(problem))
 
 
-def summary_section(problems: list[Problem], steps: tuple[int, ...]) -> str:
-    """Key figures, pulled from the tables (dpm3 and euler, every mode)."""
-    picks = [n for n in (20, 50) if n in steps] or list(steps[-1:])
-    rows = []
-    for p in problems:
-        for s in ("euler", "dpm3"):
-            for n in picks:
-                ck = run_sampler(p, n, s, "checkpoint")
-                row = [p.name, s, str(n), fmt(rel(ck.x0, p.reference.x0))]
-                for m in MODES:
-                    out = ck if m == "checkpoint" else run_sampler(p, n, s, m)
-                    row.append(fmt(rel(out.grads["x_T"], p.reference.grads["x_T"])))
-                adj = run_sampler(p, n, s, "adjoint")
-                row.append(fmt(rel(adj.grads["x_T"], ck.grads["x_T"])))
-                rows.append(row)
-    headers = ["problem", "solver", "steps", "sample", "∂L/∂x_T checkpoint", "∂L/∂x_T adjoint",
-               "∂L/∂x_T backprop", "adjoint vs checkpoint"]
-    return "\n\n".join([heading("Key figures (float64, grid logsnr)"), table(headers, rows)])
+def adaptive_section(problem: Problem) -> str:
+    rows, outs = [], []
+    for tol in (1e-3, 1e-5):
+        for ode, eq in (("original", "eq. 4"), ("reparameterized", "eq. 10")):
+            out = run_torchdiffeq(problem, ode, "dopri5", tol=tol)
+            outs.append(out)
+            rows.append([f"{eq}, torchdiffeq dopri5", f"{tol:g}", nfe(out),
+                         err(out, problem, "sample"), err(out, problem, "x_T")])
+    return join(heading("adaptive dopri5, gradient by odeint_adjoint", 3),
+                table(["method", "rtol = atol", "NFE fwd / bwd", "sample", "∂L/∂x_T"], rows),
+                failures_note(outs))
 
 
-def header(args, steps) -> str:
+def header(settings: Settings) -> str:
     import torchdiffeq
 
     command = "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])
-    settings = [
-        f"- command: `{command}`",
+    lines = [
+        f"- command: `{command}` (from the repository root)",
         f"- date (UTC): {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}",
         f"- torch {torch.__version__}, torchdiffeq {torchdiffeq.__version__}, "
         f"Python {platform.python_version()}, {torch.get_num_threads()} torch threads, "
         f"git {_git_revision()}",
-        f"- float64 throughout except the float32 tables; seed {SEED}; d = {DIM}, batch {BATCH}, "
-        "x_T ~ N(0, I); `VPSchedule.linear()` (β 0.1…20, t from 1 to 1e-3)",
-        "- loss L = sum(v · x_0), v ~ N(0, I) fixed; errors are relative L2 ||a − b|| / ||b||",
-        f"- steps {', '.join(map(str, steps))}; dopri5 (ours): `steps` restart segments, "
-        f"rtol = atol = {DOPRI5_TOL:g}",
-        "- gaussian: N(μ, 0.5² I), μ ~ N(0, I); reference = `gaussian_solution` (closed form) + "
-        "autograd",
+        f"- float64 except the float32 tables; seeds {SEED} (gaussian) and {SEED + 1} (mixture); "
+        f"d = {DIM}, batch {BATCH}, x_T ~ N(0, I); `VPSchedule.linear()` (β 0.1…20, t from 1 "
+        "to 1e-3)",
+        "- loss L = sum(v · x_0), v ~ N(0, I) fixed; every error is relative L2 ||a − b|| / ||b||",
+        f"- steps {', '.join(map(str, settings.steps))}; our dopri5: `steps` restart segments, "
+        f"rtol = atol = {DOPRI5_TOL:g}; grid logsnr unless stated",
+        "- gaussian: N(μ, 0.5² I), μ ~ N(0, I); reference `gaussian_solution` (closed form) "
+        "differentiated by autograd; gradients w.r.t. x_T, `means`, `scales`",
         "- mixture: 4 components, means random directions of norm 4, scales 0.3/0.4/0.5/0.35, "
-        f"uniform weights; reference = torchdiffeq dopri8 on eq. 10, rtol = atol = {REF_TOL:g}, "
-        "odeint_adjoint",
+        f"uniform weights; reference torchdiffeq dopri8 on eq. 10, rtol = atol = {REF_TOL:g}, "
+        "odeint_adjoint; gradient w.r.t. x_T",
+        "- NFE counted by a wrapper around the model",
     ]
-    return "\n".join([heading("Accuracy of samples and gradients", 1), "\n".join(settings)])
+    return join(heading("Accuracy of samples and gradients", 1), "\n".join(lines))
 
 
 def _git_revision() -> str:
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
-                               cwd=Path(__file__).parent, check=True).stdout.strip()
-        return rev + (" (uncommitted changes)" if dirty else "")
+        return git("rev-parse", "--short", "HEAD") + (" (uncommitted changes)" if git("status", "--porcelain") else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-
-
-def reference_section(problems: list[Problem], rows: list[list[str]]) -> str:
-    return "\n\n".join([
-        heading("References"),
-        "How far the reference of each problem is from independent high-accuracy solves "
-        "(for the mixture, dopri8 *is* the reference and dpm3 at 1000 steps checks it; for the "
-        "Gaussian, both are checked against the closed form).",
-        table(["problem", "solve", "sample", "∂L/∂x_T", "NFE fwd / bwd"], rows),
-    ])
 
 
 # ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
 
-def build_problems() -> tuple[list[Problem], list[list[str]]]:
-    """Both problems with their references, and the reference-check rows."""
-    gauss, mix = gaussian_problem(), mixture_problem()
-    gauss.reference = gaussian_reference(gauss)
-    mix.reference = dopri8_reference(mix)
-    checks = reference_checks(gauss, dopri8_reference(gauss)) + reference_checks(mix, mix.reference)
-    return [gauss, mix], checks
-
-
-def report(args) -> str:
-    steps = QUICK_STEPS if args.quick else STEPS
-    grid_steps = (20,) if args.quick else GRID_STEPS
-    budgets = (20,) if args.quick else NFE_BUDGETS
-    problems, checks = build_problems()
-    parts = [header(args, steps), summary_section(problems, steps), reference_section(problems, checks)]
+def report(settings: Settings) -> str:
+    problems = [with_reference(make()) for make in PROBLEMS.values()]
+    sweeps = {p.name: solver_sweep(p, settings.steps) for p in problems}
+    key_steps = tuple(n for n in settings.key_steps if n in settings.steps)
+    parts = [header(settings), key_figures_section(problems, sweeps, key_steps),
+             reference_section(problems)]
     for p in problems:
-        parts.append(solver_section(p, steps))
-        parts.append(float32_section(p, steps))
-    for p in problems:
-        parts.append(grid_section(p, grid_steps))
-    for p in problems:
-        parts.append(table1_section(p, budgets))
-    return "\n\n".join(parts) + "\n"
+        parts += [solver_section(p, sweeps[p.name], settings.steps),
+                  float32_section(p, settings.steps)]
+    parts += [grid_section(p, settings.grid_steps) for p in problems]
+    parts += [table1_section(p, settings.budgets) for p in problems]
+    return join(*parts) + "\n"
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fast subset (steps 5 and 20)")
+    parser.add_argument("--quick", action="store_true", help="fast subset (fewer step counts)")
     parser.add_argument("--out", type=Path, default=None,
-                        help=f"Markdown output (default {RESULTS} for a full run; "
-                             "--quick writes nothing unless given)")
+                        help=f"Markdown output (default: {RESULTS} for a full run; --quick writes "
+                             "nothing unless given)")
     args = parser.parse_args(argv)
-    text = report(args)
+    text = report(QUICK if args.quick else Settings())
     print(text)
     out = args.out or (None if args.quick else RESULTS)
     if out is not None:

@@ -66,6 +66,10 @@ def sample_torchdiffeq(eps_fn, x_T: torch.Tensor, cond=None, *, schedule: VPSche
     if fixed:
         pts = grid_pts.to(dtype=x_T.dtype, device=x_T.device)
         kwargs["options"] = dict(grid_constructor=lambda f, y0, t: pts)
+    else:
+        # land on the end point (eq. 4 is undefined past t_min = 0 of a discrete schedule or
+        # below t = 0), and fix the first step so that no step-size term leaks into gradients
+        kwargs["options"] = dict(step_t=span[1:], first_step=abs(float(span[1] - span[0])) / 16.0)
     if grad_mode == "adjoint" and torch.is_grad_enabled():
         theta = list(eps_fn.parameters()) if isinstance(eps_fn, torch.nn.Module) else []
         theta += [c for c in (cond, uncond) if isinstance(c, torch.Tensor) and c.requires_grad]

@@ -146,10 +146,11 @@ class OneStep:
 
         span = torch.tensor([a.rho, b.rho], dtype=y.dtype, device=y.device)
         # A fixed first step: torchdiffeq's automatic one depends on y, which would leak a
-        # step-size term into the gradient; later step sizes are chosen under no_grad.
-        first = abs(h) / 16.0
+        # step-size term into the gradient (later ones are chosen under no_grad); step_t makes
+        # the last step land on ρ_b instead of stepping past it and interpolating back.
+        options = dict(first_step=abs(h) / 16.0, step_t=span[1:])
         return odeint(rhs, y, span, method="dopri5", rtol=self.rtol, atol=self.atol,
-                      options=dict(first_step=first))[-1]
+                      options=options)[-1]
 
     def solve(self, field, y, nodes, cond, uncond, *, store=False, callback=None):
         stored = [] if store else None

@@ -1,0 +1,27 @@
+"""House rules: core/ never imports the gRPC layer; the SDK imports neither torch nor the server."""
+
+import subprocess
+import sys
+
+
+def _modules_after(statement: str) -> set[str]:
+    code = f"import sys; {statement}; print('\\n'.join(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    return set(out.split())
+
+
+def test_core_does_not_import_grpc():
+    mods = _modules_after("import adjointdpm_server.core")
+    assert "torch" in mods
+    assert not {m for m in mods if m == "grpc" or m.startswith("grpc.")}
+
+
+def test_sdk_imports_neither_torch_nor_the_server():
+    mods = _modules_after("import adjointdpm")
+    assert "adjointdpm" in mods
+    assert "torch" not in mods and "adjointdpm_server" not in mods
+
+
+def test_sdk_imports_with_torch_unavailable():
+    code = "import sys; sys.modules['torch'] = None; import adjointdpm; print(adjointdpm.__version__)"
+    subprocess.run([sys.executable, "-c", code], check=True)
