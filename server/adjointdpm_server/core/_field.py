@@ -57,7 +57,9 @@ class GuidedEps:
     def __call__(self, y: torch.Tensor, node: Node, cond, uncond) -> torch.Tensor:
         x = y * node.alpha
         batch = x.shape[0]
-        t = torch.full((batch,), node.t, dtype=x.dtype, device=x.device)
+        # t stays at least float32: in fp16, t ≈ 999.3 would round to 999.5
+        t_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        t = torch.full((batch,), node.t, dtype=t_dtype, device=x.device)
         if self.guided:
             both = self.eps_fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, uncond]))
             self._check(both, (2 * batch,) + tuple(x.shape[1:]))
