@@ -63,18 +63,24 @@ def sample_torchdiffeq(eps_fn, x_T: torch.Tensor, cond=None, *, schedule: VPSche
         grid_pts, state = schedule.rho(ts), x_T / float(schedule.alpha(ts[0]))
     span = torch.tensor([float(grid_pts[0]), float(grid_pts[-1])], dtype=x_T.dtype, device=x_T.device)
     kwargs = dict(method=method, rtol=rtol, atol=atol)
+    # torchdiffeq runs a decreasing span negated; the adjoint solve of odeint_adjoint runs the
+    # reversed span in those negated coordinates, hence the signs of its options below.
     if fixed:
         pts = grid_pts.to(dtype=x_T.dtype, device=x_T.device)
         kwargs["options"] = dict(grid_constructor=lambda f, y0, t: pts)
+        adjoint_options = dict(grid_constructor=lambda f, y0, t: -pts.flip(0))
     else:
         # land on the end point (eq. 4 is undefined past t_min = 0 of a discrete schedule or
         # below t = 0), and fix the first step so that no step-size term leaks into gradients
-        kwargs["options"] = dict(step_t=span[1:], first_step=abs(float(span[1] - span[0])) / 16.0)
+        first = abs(float(span[1] - span[0])) / 16.0
+        kwargs["options"] = dict(step_t=span[1:], first_step=first)
+        adjoint_options = dict(step_t=-span[:1], first_step=first)
     if grad_mode == "adjoint" and torch.is_grad_enabled():
         theta = list(eps_fn.parameters()) if isinstance(eps_fn, torch.nn.Module) else []
         theta += [c for c in (cond, uncond) if isinstance(c, torch.Tensor) and c.requires_grad]
         theta = tuple(p for p in theta if p.requires_grad)
-        out = odeint_adjoint(rhs, state, span, adjoint_params=theta, **kwargs)[-1]
+        out = odeint_adjoint(rhs, state, span, adjoint_params=theta, adjoint_options=adjoint_options,
+                             **kwargs)[-1]
     elif grad_mode == "none":
         with torch.no_grad():
             out = odeint(rhs, state, span, **kwargs)[-1]
