@@ -24,9 +24,12 @@ Method.
 - Time: for every (steps, solver) one more fresh subprocess
   (``--time STEPS SOLVER``) times forward + backward of all four modes interleaved round-robin
   (the order rotates each round) after a short warm-up pass per mode, and reports the median
-  of ``--repeats`` rounds. The modes thus share the machine's conditions, so the ratios
-  gradient time / backprop time and gradient time / no-grad time are meaningful even when the
-  absolute times drift (the load average is recorded in the results header).
+  of ``--repeats`` rounds (and, separately, the fastest round). The modes thus share the
+  machine's conditions, so the ratios gradient time / backprop time and gradient time / no-grad
+  time stay meaningful when the absolute times drift (the load average is recorded in the
+  results header). On a shared 2-core machine, another busy process stalls two-thread OpenMP
+  code in bursts (one thread spins while the other is descheduled), hence the fastest-round
+  table beside the medians.
 - ``torch.set_num_threads(2)`` everywhere. torch offers no reliable CPU-allocator statistics
   (the profiler's memory events miss most allocations), so instead the bytes autograd saves for
   one UNet call are measured once with ``saved_tensors_hooks`` and shown for reference.
@@ -218,6 +221,7 @@ def child_time(steps: int, solver: str, repeats: int) -> dict:
             cpus[mode].append(time.process_time() - c0)
     return dict(steps=steps, solver=solver, repeats=repeats,
                 wall_s={m: statistics.median(v) for m, v in walls.items()},
+                wall_min_s={m: min(v) for m, v in walls.items()},
                 cpu_s={m: statistics.median(v) for m, v in cpus.items()},
                 wall_all_s=walls)
 
@@ -321,7 +325,8 @@ def growth_table(memory, configs, state_kib: float) -> list[str]:
     return lines
 
 
-def time_table(timing, configs) -> list[str]:
+def time_table(timing, configs, stat: str = "wall_s") -> list[str]:
+    """Times per mode and their ratios; ``stat`` is ``wall_s`` (median) or ``wall_min_s``."""
     lines = ["| solver | steps | none s | backprop s | checkpoint s | adjoint s | "
              "backprop/none | checkpoint/none | adjoint/none | checkpoint/backprop | "
              "adjoint/backprop |", "|---|---:|" + "---:|" * 9]
@@ -330,24 +335,10 @@ def time_table(timing, configs) -> list[str]:
         if r is None or "error" in r:
             lines.append(f"| {solver} | {steps} | " + " | ".join(["—"] * 9) + " |")
             continue
-        w = r["wall_s"]
+        w = r[stat]
         cells = [f"{w[m]:.2f}" for m in MODES]
         cells += [f"{w[m] / w['none']:.2f}" for m in GRAD_MODES]
         cells += [f"{w[m] / w['backprop']:.2f}" for m in ("checkpoint", "adjoint")]
-        lines.append(f"| {solver} | {steps} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def cpu_ratio_table(timing, configs) -> list[str]:
-    lines = ["| solver | steps | backprop/none | checkpoint/none | adjoint/none | "
-             "checkpoint/backprop | adjoint/backprop |", "|---|---:|" + "---:|" * 5]
-    for solver, steps in configs:
-        r = timing.get((solver, steps))
-        if r is None or "error" in r:
-            continue
-        c = r["cpu_s"]
-        cells = [f"{c[m] / c['none']:.2f}" for m in GRAD_MODES]
-        cells += [f"{c[m] / c['backprop']:.2f}" for m in ("checkpoint", "adjoint")]
         lines.append(f"| {solver} | {steps} | " + " | ".join(cells) + " |")
     return lines
 
@@ -415,9 +406,10 @@ def report(command, probe, memory, timing, configs, repeats, started, elapsed, l
         "",
         *time_table(timing, configs),
         "",
-        "The same ratios in process CPU time (less sensitive to other load on the machine):",
+        "The same from the fastest round per mode (less sensitive to bursts of load from other "
+        "processes on the machine, which stall two-thread OpenMP code badly):",
         "",
-        *cpu_ratio_table(timing, configs),
+        *time_table(timing, configs, "wall_min_s"),
     ]
     if failures:
         out += ["", "## Failed runs", "", *failures]
