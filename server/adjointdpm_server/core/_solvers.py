@@ -22,7 +22,7 @@ import torch
 from ._field import GuidedEps, Node, node_at_rho
 from ._schedule import VPSchedule
 
-__all__ = ["SOLVERS", "get_solver", "LinearMultistep", "OneStep"]
+__all__ = ["SOLVERS", "get_solver", "LinearMultistep", "OneStep", "Heun", "Dopri5"]
 
 _GAUSS_X, _GAUSS_W = np.polynomial.legendre.leggauss(32)  # exact for poly × exp on any grid here
 
@@ -127,30 +127,10 @@ class OneStep:
     """One-step methods: ``y_{i+1} = Φ(y_i; ρ_i → ρ_{i+1})``; the VJP recomputes one step."""
 
     kind = "onestep"
-
-    def __init__(self, name: str, schedule: VPSchedule | None = None, rtol: float = 1e-5,
-                 atol: float = 1e-5):
-        self.name, self.schedule, self.rtol, self.atol = name, schedule, rtol, atol
-        self.order = 2 if name == "heun" else 5
+    name = "onestep"
 
     def step(self, field: GuidedEps, y, a: Node, b: Node, cond, uncond):
-        h = b.rho - a.rho
-        if self.name == "heun":
-            e_a = field(y, a, cond, uncond)
-            e_b = field(y + h * e_a, b, cond, uncond)
-            return y + 0.5 * h * (e_a + e_b)
-        from torchdiffeq import odeint
-
-        def rhs(rho, state):
-            return field(state, node_at_rho(self.schedule, float(rho.detach())), cond, uncond)
-
-        span = torch.tensor([a.rho, b.rho], dtype=y.dtype, device=y.device)
-        # A fixed first step: torchdiffeq's automatic one depends on y, which would leak a
-        # step-size term into the gradient (later ones are chosen under no_grad); step_t makes
-        # the last step land on ρ_b instead of stepping past it and interpolating back.
-        options = dict(first_step=abs(h) / 16.0, step_t=span[1:])
-        return odeint(rhs, y, span, method="dopri5", rtol=self.rtol, atol=self.atol,
-                      options=options)[-1]
+        raise NotImplementedError
 
     def solve(self, field, y, nodes, cond, uncond, *, store=False, callback=None):
         stored = [] if store else None
@@ -164,6 +144,7 @@ class OneStep:
         return y, stored
 
     def backward(self, field, vjp, nodes, y_end, ybar, stored=None, callback=None):
+        """As :meth:`LinearMultistep.backward`; ``adjoint`` re-solves each step by ``Φ`` reversed."""
         n = len(nodes) - 1
         y_hat = y_end
         for i in reversed(range(n)):
@@ -179,18 +160,58 @@ class OneStep:
         return ybar
 
 
-SOLVERS = ("euler", "dpm2", "dpm3", "ab2", "ab3", "ab4", "heun", "dopri5")
+class Heun(OneStep):
+    """Explicit trapezoid (Heun / Karras et al. 2022 Alg. 1 without churn) in ρ: 2 NFE a step."""
+
+    name, order = "heun", 2
+
+    def step(self, field, y, a, b, cond, uncond):
+        h = b.rho - a.rho
+        e_a = field(y, a, cond, uncond)
+        e_b = field(y + h * e_a, b, cond, uncond)
+        return y + 0.5 * h * (e_a + e_b)
+
+
+class Dopri5(OneStep):
+    """Adaptive Dormand–Prince 5(4) via torchdiffeq, restarted at every grid node."""
+
+    name, order = "dopri5", 5
+
+    def __init__(self, schedule: VPSchedule, rtol: float = 1e-5, atol: float = 1e-5):
+        self.schedule, self.rtol, self.atol = schedule, rtol, atol
+
+    def step(self, field, y, a, b, cond, uncond):
+        from torchdiffeq import odeint
+
+        def rhs(rho, state):
+            return field(state, node_at_rho(self.schedule, float(rho.detach())), cond, uncond)
+
+        span = torch.tensor([a.rho, b.rho], dtype=y.dtype, device=y.device)
+        # A fixed first step: torchdiffeq's automatic one depends on y, which would leak a
+        # step-size term into the gradient (later ones are chosen under no_grad); step_t makes
+        # the last step land on ρ_b instead of stepping past it and interpolating back.
+        options = dict(first_step=abs(b.rho - a.rho) / 16.0, step_t=span[1:])
+        return odeint(rhs, y, span, method="dopri5", rtol=self.rtol, atol=self.atol,
+                      options=options)[-1]
+
+
+_REGISTRY = {
+    "euler": lambda schedule, **tol: LinearMultistep("euler", 1, "rho"),
+    "dpm2": lambda schedule, **tol: LinearMultistep("dpm2", 2, "lambda"),
+    "dpm3": lambda schedule, **tol: LinearMultistep("dpm3", 3, "lambda"),
+    "ab2": lambda schedule, **tol: LinearMultistep("ab2", 2, "rho"),
+    "ab3": lambda schedule, **tol: LinearMultistep("ab3", 3, "rho"),
+    "ab4": lambda schedule, **tol: LinearMultistep("ab4", 4, "rho"),
+    "heun": lambda schedule, **tol: Heun(),
+    "dopri5": lambda schedule, **tol: Dopri5(schedule, **tol),
+}
+SOLVERS = tuple(_REGISTRY)
+_ALIASES = {"ddim": "euler", "dpm1": "euler"}
 
 
 def get_solver(name: str, schedule: VPSchedule, *, rtol: float = 1e-5, atol: float = 1e-5):
     """The solver registered under ``name`` (``ddim`` and ``dpm1`` are aliases of ``euler``)."""
-    name = {"ddim": "euler", "dpm1": "euler"}.get(name, name)
-    if name == "euler":
-        return LinearMultistep("euler", 1, "rho")
-    if name in ("dpm2", "dpm3"):
-        return LinearMultistep(name, int(name[-1]), "lambda")
-    if name in ("ab2", "ab3", "ab4"):
-        return LinearMultistep(name, int(name[-1]), "rho")
-    if name in ("heun", "dopri5"):
-        return OneStep(name, schedule, rtol=rtol, atol=atol)
-    raise ValueError(f"unknown solver {name!r}; choose one of {', '.join(SOLVERS)}")
+    factory = _REGISTRY.get(_ALIASES.get(name, name))
+    if factory is None:
+        raise ValueError(f"unknown solver {name!r}; choose one of {', '.join(SOLVERS)}")
+    return factory(schedule, rtol=rtol, atol=atol)
