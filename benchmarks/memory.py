@@ -120,19 +120,11 @@ def build_problem():
     from diffusers import UNet2DConditionModel
 
     from adjointdpm_server.core import VPSchedule
-
-    class UNetEps(torch.nn.Module):
-        """``eps_fn(x, t, cond)``: an nn.Module, so that ``sample`` differentiates its weights."""
-
-        def __init__(self, unet):
-            super().__init__()
-            self.unet = unet
-
-        def forward(self, x, t, cond):
-            return self.unet(x, t, encoder_hidden_states=cond).sample
+    # eps_fn(x, t, cond): an nn.Module, so that ``sample`` differentiates the UNet's weights
+    from adjointdpm_server.models._diffusers import TextConditionalEps
 
     torch.manual_seed(SEED)
-    eps_fn = UNetEps(UNet2DConditionModel(**UNET_CONFIG)).train(False)
+    eps_fn = TextConditionalEps(UNet2DConditionModel(**UNET_CONFIG)).train(False)
     x_T = torch.randn(LATENT_SHAPE).requires_grad_(True)
     cond = torch.randn(COND_SHAPE).requires_grad_(True)
     weight = torch.randn(LATENT_SHAPE)

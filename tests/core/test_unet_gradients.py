@@ -11,17 +11,7 @@ import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
 from adjointdpm_server.core import SOLVERS, VPSchedule, sample
-
-
-class UNetEps(torch.nn.Module):
-    """``eps_fn(x, t, cond)`` around a diffusers UNet."""
-
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, x, t, cond):
-        return self.unet(x, t, encoder_hidden_states=cond).sample
+from adjointdpm_server.models._diffusers import TextConditionalEps as UNetEps  # eps_fn(x, t, cond)
 
 
 def tiny_unet(seed=0):

@@ -1,0 +1,64 @@
+"""The one interface every model backend implements (DESIGN.md §4).
+
+A backend owns a noise predictor ``eps_fn(x, t, cond)`` (an ``nn.Module`` so that ``sample``
+differentiates its weights), the VP schedule it was trained with, the shape of ``x_T``, a way to
+turn prompts or class labels into conditioning tensors (plus the unconditional ones for CFG), and
+a differentiable ``decode`` from ``x_0`` to an image in [0, 1].
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..core import VPSchedule
+
+__all__ = ["Conditioning", "ModelBackend"]
+
+
+@dataclass
+class Conditioning:
+    """``cond`` for the request and ``uncond`` for classifier-free guidance (either may be None)."""
+
+    cond: torch.Tensor | None
+    uncond: torch.Tensor | None = None
+
+
+class ModelBackend(abc.ABC):
+    """A resident model: schedule, ε-prediction, conditioning and differentiable decoding."""
+
+    name: str
+    schedule: VPSchedule
+    eps_fn: nn.Module
+    latent_shape: tuple[int, ...]  # one sample's x_T
+    image_shape: tuple[int, ...]  # one decoded image, (C, H, W)
+    default_steps: int = 20
+    default_guidance: float | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.eps_fn.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.eps_fn.parameters()).dtype
+
+    def noise(self, batch: int, seed: int | None = None) -> torch.Tensor:
+        """``x_T ~ N(0, I)`` of this model's latent shape, seeded on the CPU for reproducibility."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        x = torch.randn((batch, *self.latent_shape), generator=gen, dtype=torch.float32)
+        return x.to(self.device, self.dtype)
+
+    @abc.abstractmethod
+    def encode(self, batch: int, *, prompt=None, labels=None, negative_prompt=None) -> Conditioning:
+        """Conditioning for ``batch`` samples from a prompt (str or list) or class labels."""
+
+    @abc.abstractmethod
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """``x_0`` → image in [0, 1], shape (B, C, H, W), differentiable."""
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+        return self.eps_fn(x, t, cond)

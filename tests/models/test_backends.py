@@ -1,0 +1,66 @@
+"""The shared backend contract for the analytic and the embedded models, and the registry."""
+
+import pytest
+import torch
+
+from adjointdpm_server.models import load_model
+
+from .contract import BackendContract
+from .tiny_sd import build_tiny_sd
+
+
+class TestGaussianMixture(BackendContract):
+    @pytest.fixture(scope="class")
+    @classmethod
+    def backend(cls):
+        return load_model("gaussian-mixture")
+
+    def conditioning(self, backend, batch):
+        offset = torch.zeros((batch, *backend.latent_shape), requires_grad=True)
+        return offset, torch.zeros_like(offset), offset
+
+
+class TestDigits(BackendContract):
+    @pytest.fixture(scope="class")
+    @classmethod
+    def backend(cls):
+        return load_model("digits")
+
+    def conditioning(self, backend, batch):
+        c = backend.encode(batch, labels=list(range(batch)))
+        table = backend.eps_fn.unet.class_embedding.weight  # the conditioning's learnable part
+        return c.cond, c.uncond, table
+
+
+class TestStableDiffusionTiny(BackendContract):
+    """The tiny SD pipeline built from config, loaded through ``diffusers:<dir>``."""
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def backend(cls, tmp_path_factory):
+        return load_model(f"diffusers:{build_tiny_sd(tmp_path_factory.mktemp('sd'))}")
+
+    def conditioning(self, backend, batch):
+        c = backend.encode(batch, prompt="a photo of a cat")
+        cond = c.cond.detach().requires_grad_()
+        return cond, c.uncond, cond
+
+
+def test_registry_errors():
+    with pytest.raises(ValueError, match="unknown model 'sd'; choose one of digits, gaussian-mixture, diffusers"):
+        load_model("sd")
+    with pytest.raises(ValueError, match="local directory"):
+        load_model("diffusers")
+    with pytest.raises(ValueError, match="takes no argument"):
+        load_model("gaussian-mixture:x")
+
+
+def test_digits_conditioning_parsing():
+    backend = load_model("digits")
+    assert backend.encode(3, labels=4).cond.tolist() == [4, 4, 4]
+    assert backend.encode(2, prompt=["1", "7"]).cond.tolist() == [1, 7]
+    assert backend.encode(2).cond.tolist() == [10, 10]  # unconditional
+    assert backend.encode(2, labels=[1, 2]).uncond.tolist() == [10, 10]
+    for bad in (dict(labels=[1, 2, 3]), dict(labels=12), dict(prompt="a cat")):
+        with pytest.raises(ValueError):
+            backend.encode(2, **bad)
