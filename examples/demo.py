@@ -3,8 +3,8 @@
 In-process for now (the gRPC server and SDK come next):
 1. samples a 10×8 grid of digits from the embedded `digits` model (dpm3, 20 steps, CFG 2) and
    writes it to out/digits_grid.png, with the classifier's verdict;
-2. steers x_T of a few samples toward another digit by gradient descent on the classifier's loss
-   through sampling and decoding (checkpoint mode), writing before/after pictures;
+2. steers x_T of unconditional samples toward an "8" by gradient descent on the classifier's loss
+   through sampling and decoding (checkpoint mode, x_T kept on its sphere), writing before/after;
 3. on the analytic Gaussian mixture, differentiates a loss on x_0 w.r.t. x_T, the conditioning
    and the model's parameters with each gradient mode, against a float64 reference.
 
@@ -55,29 +55,31 @@ def digits_demo(steps: int = 20) -> None:
     print(f"digits: 80 samples (dpm3, {steps} steps, CFG 2) in {time.perf_counter() - start:.1f}s; "
           f"classifier agrees with the requested digit on {acc:.0%} → {OUT / 'digits_grid.png'}")
 
-    # Steer x_T of eight "3"s toward "8": gradient of the classifier loss through decode and sampling.
-    labels = torch.full((8,), 3)
+    # Steer x_T of eight unconditional samples toward "8": gradient of the classifier's loss
+    # through decode and sampling (guided generation by optimizing the initial noise).
     target = torch.full((8,), 8)
-    c = backend.encode(8, labels=labels)
+    c = backend.encode(8)  # no class: the unconditional model
     x_T = backend.noise(8, seed=1).requires_grad_()
     opt = torch.optim.Adam([x_T], lr=0.1)
+    radius = x_T.detach().flatten(1).norm(dim=1).reshape(-1, 1, 1, 1)
     backend.eps_fn.requires_grad_(False)
-    for it in range(11):
-        x0 = sample(backend.eps_fn, x_T, c.cond, schedule=backend.schedule, steps=10, guidance_scale=2.0,
-                    uncond=c.uncond, grad_mode="checkpoint")
+    for it in range(16):
+        x0 = sample(backend.eps_fn, x_T, c.cond, schedule=backend.schedule, steps=10, grad_mode="checkpoint")
         image = backend.decode(x0)
         logits = backend.classify(image)
         loss = torch.nn.functional.cross_entropy(logits, target)
         if it == 0:
             before = image.detach()
-        if it % 5 == 0:
+        if it % 5 == 0:  # the last iteration (15) is reported too
             share = float((logits.argmax(1) == target).float().mean())
-            print(f"  steer 3 → 8, iteration {it:2d}: loss {float(loss):.3f}, classified as 8: {share:.0%}")
+            print(f"  steer → 8, iteration {it:2d}: loss {loss.item():.3f}, classified as 8: {share:.0%}")
         opt.zero_grad()
         loss.backward()
         opt.step()
-    save_grid(torch.cat([before, image.detach()]), 2, OUT / "digits_steer_3_to_8.png")
-    print(f"  before (top) / after (bottom) → {OUT / 'digits_steer_3_to_8.png'}")
+        with torch.no_grad():  # stay on the sphere where Gaussian noise lives: no adversarial drift
+            x_T *= radius / x_T.flatten(1).norm(dim=1).reshape(-1, 1, 1, 1)
+    save_grid(torch.cat([before, image.detach()]), 2, OUT / "digits_steer_to_8.png")
+    print(f"  before (top) / after (bottom) → {OUT / 'digits_steer_to_8.png'}")
 
 
 def make_problem(seed: int, dim: int, batch: int):
