@@ -66,5 +66,6 @@ class SolveFunction(torch.autograd.Function):
         grads = iter(vjp.grads)
         cond_bar = next(grads) if needs[2] else None
         uncond_bar = next(grads) if needs[3] else None
-        ctx.stored = ctx.y_end = None  # release the states as soon as they are used
+        # ctx (and the states it holds) is freed with the graph; clearing it here would make a
+        # second backward (retain_graph=True) silently fall back to the re-solved trajectory.
         return (None, y0bar if needs[1] else None, cond_bar, uncond_bar, *grads)
