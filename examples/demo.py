@@ -62,7 +62,6 @@ def digits_demo(steps: int = 20) -> None:
     x_T = backend.noise(8, seed=1).requires_grad_()
     opt = torch.optim.Adam([x_T], lr=0.1)
     radius = x_T.detach().flatten(1).norm(dim=1).reshape(-1, 1, 1, 1)
-    backend.eps_fn.requires_grad_(False)
     for it in range(16):
         x0 = sample(backend.eps_fn, x_T, c.cond, schedule=backend.schedule, steps=10, grad_mode="checkpoint")
         image = backend.decode(x0)

@@ -51,3 +51,14 @@ def test_backward_twice_with_retain_graph_gives_the_same_gradient():
         second = torch.autograd.grad(x0.sum(), [x_T, w])
         for a, b in zip(first, second):
             assert torch.equal(a, b), mode
+
+
+def test_a_tensor_listed_twice_counts_once():
+    sch = VPSchedule.linear()
+    w = torch.tensor([0.7, -0.3, 1.2], dtype=torch.float64, requires_grad=True)
+    x_T = torch.randn(2, 3, dtype=torch.float64)
+    grads = []
+    for mode, params in (("backprop", None), ("checkpoint", [w, w])):
+        x0 = sample(lambda x, t, c: torch.tanh(x * w), x_T, schedule=sch, steps=4, grad_mode=mode, params=params)
+        grads.append(torch.autograd.grad(x0.sum(), w)[0])
+    assert torch.allclose(grads[0], grads[1], rtol=1e-10)

@@ -36,6 +36,7 @@ def test_steps_must_be_a_positive_integer(model, steps):
     (dict(cond=torch.zeros(3, 4)), "cond has batch 3 but x_T has batch 2"),
     (dict(steps=None, timesteps=[0.9, 0.5, 0.7]), "strictly decreasing"),
     (dict(steps=5, timesteps=[0.9, 0.5, 0.1]), "steps=5 but 3 timesteps give 2 steps"),
+    (dict(steps=None, timesteps=[0.9, 0.5, 0.1], t_start=0.9), "either timesteps or t_start/t_end"),
 ])
 def test_bad_arguments(model, kw, match):
     with pytest.raises(ValueError, match=match):

@@ -28,7 +28,8 @@ class TestDigits(BackendContract):
 
     def conditioning(self, backend, batch):
         c = backend.encode(batch, labels=list(range(batch)))
-        table = backend.eps_fn.unet.class_embedding.weight  # the conditioning's learnable part
+        # the conditioning's learnable part (this test's own instance: the served model stays frozen)
+        table = backend.eps_fn.unet.class_embedding.weight.requires_grad_(True)
         return c.cond, c.uncond, table
 
 
@@ -44,6 +45,19 @@ class TestStableDiffusionTiny(BackendContract):
         c = backend.encode(batch, prompt="a photo of a cat")
         cond = c.cond.detach().requires_grad_()
         return cond, c.uncond, cond
+
+
+@pytest.mark.parametrize("spec", ["digits", "gaussian-mixture"])
+def test_resident_weights_are_frozen(spec):
+    backend = load_model(spec)
+    assert not any(p.requires_grad for p in backend.eps_fn.parameters())
+    x_T = backend.noise(2, seed=0).requires_grad_()
+    c = backend.encode(2)
+    from adjointdpm_server.core import sample
+
+    sample(backend.eps_fn, x_T, c.cond, schedule=backend.schedule, steps=3).sum().backward()
+    assert x_T.grad is not None
+    assert all(p.grad is None for p in backend.eps_fn.parameters())
 
 
 def test_registry_errors():

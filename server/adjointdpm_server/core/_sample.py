@@ -71,6 +71,8 @@ def sample(eps_fn, x_T: torch.Tensor, cond=None, *, schedule: VPSchedule, steps:
         raise ValueError(f"unknown grid {grid!r}; choose one of {', '.join(GRIDS)}")
     step_solver = get_solver(solver, schedule, rtol=rtol, atol=atol)
     if timesteps is not None:
+        if t_start is not None or t_end is not None:
+            raise ValueError("give either timesteps or t_start/t_end, not both")
         ts = torch.as_tensor([float(t) for t in timesteps], dtype=torch.float64)
         if ts.numel() < 2:
             raise ValueError("timesteps needs at least 2 entries")
@@ -110,9 +112,10 @@ def sample(eps_fn, x_T: torch.Tensor, cond=None, *, schedule: VPSchedule, steps:
     elif grad_mode == "backprop":
         y_end, _ = step_solver.solve(field, y0, nodes, cond, uncond, callback=progress)
     else:
-        theta = list(eps_fn.parameters()) if isinstance(eps_fn, torch.nn.Module) else []
-        theta += [p for p in (params or []) if all(p is not q for q in theta)]
-        theta = [p for p in theta if p.requires_grad]
+        candidates = list(eps_fn.parameters()) if isinstance(eps_fn, torch.nn.Module) else []
+        candidates += list(params or [])
+        unique = {id(p): p for p in candidates}  # a tensor listed twice must not count twice
+        theta = [p for p in unique.values() if p.requires_grad]
         tensors = [c for c in (cond, uncond) if isinstance(c, torch.Tensor)]
         if not (y0.requires_grad or theta or any(c.requires_grad for c in tensors)):
             with torch.no_grad():

@@ -69,7 +69,7 @@ class VPSchedule:
         t = _as_tensor(t)
         if self.kind == "linear":
             return -(self.beta_max - self.beta_min) * t * t / 4.0 - self.beta_min * t / 2.0
-        la = self._log_alphas.to(t.dtype if t.is_floating_point() else torch.float64)
+        la = self._log_alphas.to(t.device, t.dtype if t.is_floating_point() else torch.float64)
         tc = t.clamp(0.0, self.t_max)
         lo = tc.floor().clamp(max=self.t_max - 1).long()
         frac = tc - lo.to(tc.dtype)
@@ -80,7 +80,7 @@ class VPSchedule:
         t = _as_tensor(t)
         if self.kind == "linear":
             return -(self.beta_max - self.beta_min) * t / 2.0 - self.beta_min / 2.0
-        la = self._log_alphas.to(t.dtype if t.is_floating_point() else torch.float64)
+        la = self._log_alphas.to(t.device, t.dtype if t.is_floating_point() else torch.float64)
         lo = t.clamp(0.0, self.t_max).floor().clamp(max=self.t_max - 1).long()
         return la[lo + 1] - la[lo]
 
@@ -106,7 +106,7 @@ class VPSchedule:
             b = self.beta_min / 2.0
             c = -la
             return 2.0 * c / (b + torch.sqrt(b * b + 4.0 * a * c))
-        table = self._log_alphas.to(la.dtype if la.is_floating_point() else torch.float64)
+        table = self._log_alphas.to(la.device, la.dtype if la.is_floating_point() else torch.float64)
         # log α is strictly decreasing in t: invert the piecewise-linear interpolation exactly.
         rev = torch.flip(table, [0])
         idx = torch.searchsorted(rev, la.clamp(rev[0], rev[-1]).contiguous(), right=True)

@@ -78,7 +78,8 @@ class DigitsBackend(ModelBackend):
 
         path = Path(path)
         unet = UNet2DModel.from_pretrained(path / "unet", local_files_only=True)
-        self.eps_fn = ClassConditionalEps(unet).to(device=device, dtype=dtype).eval()
+        # frozen: a request differentiates x_T or the conditioning, never the shared weights
+        self.eps_fn = ClassConditionalEps(unet).to(device=device, dtype=dtype).eval().requires_grad_(False)
         scheduler = DDPMScheduler.from_pretrained(path / "scheduler", local_files_only=True)
         self.schedule = VPSchedule.from_alphas_cumprod(_drop_clipped_tail(scheduler.alphas_cumprod))
         self.classifier = DigitsClassifier()

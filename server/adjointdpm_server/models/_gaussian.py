@@ -28,6 +28,7 @@ class GaussianMixtureBackend(ModelBackend):
         means = torch.stack([data["train_x"][data["train_y"] == k].mean(0) for k in range(10)])
         self.schedule = VPSchedule.linear()
         self.eps_fn = GaussianMixture(self.schedule, means, torch.full((10,), scale)).to(device, dtype)
+        self.eps_fn.requires_grad_(False)  # the resident model is never trained in place
 
     def encode(self, batch: int, *, prompt=None, labels=None, negative_prompt=None) -> Conditioning:
         if prompt is not None or labels is not None:
