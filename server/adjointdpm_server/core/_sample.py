@@ -60,6 +60,8 @@ def sample(eps_fn, x_T: torch.Tensor, cond=None, *, schedule: VPSchedule, steps:
     when it is an ``nn.Module`` and any extra ``params``, in every ``grad_mode`` but ``none``.
     ``timesteps`` (decreasing, ``steps + 1`` of them if both are given) overrides the grid.
     ``callback`` receives :class:`Progress`; raising from it aborts the solve (cancellation).
+    ``adjoint`` re-solves the trajectory backward: exact where that reconstruction is, but
+    ill-conditioned for strongly contracting flows (strong guidance) — prefer ``checkpoint`` there.
     """
     if not isinstance(x_T, torch.Tensor) or not x_T.is_floating_point():
         raise TypeError("x_T must be a floating-point tensor")
