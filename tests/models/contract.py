@@ -5,7 +5,6 @@ A subclass provides a ``backend`` fixture and ``conditioning(backend, batch)`` r
 conditioning is differentiated (an embedding output, a class-embedding table, an offset).
 """
 
-import pytest
 import torch
 
 from adjointdpm_server.core import sample

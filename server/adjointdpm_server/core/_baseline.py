@@ -8,7 +8,6 @@ or by backprop through ``odeint``. Kept for benchmarks; use :func:`sample` for r
 
 from __future__ import annotations
 
-import math
 
 import torch
 

@@ -24,10 +24,6 @@ class Node:
     rho: float
     alpha: float
 
-    @property
-    def lam(self) -> float:
-        return -math.log(self.rho)
-
 
 def nodes_from_times(schedule: VPSchedule, ts: torch.Tensor) -> list[Node]:
     ts = ts.to(torch.float64)

@@ -11,7 +11,7 @@ from ._field import GuidedEps, nodes_from_times
 from ._gradients import SolveFunction
 from ._grids import GRIDS, time_grid
 from ._schedule import VPSchedule
-from ._solvers import SOLVERS, get_solver
+from ._solvers import get_solver
 
 __all__ = ["sample", "Progress", "GRAD_MODES"]
 
