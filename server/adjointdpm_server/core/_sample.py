@@ -48,6 +48,14 @@ def _expand_batch(c: torch.Tensor | None, batch: int, name: str):
     raise ValueError(f"{name} has batch {c.shape[0]} but x_T has batch {batch}")
 
 
+def _differentiable_params(eps_fn, params) -> list[torch.Tensor]:
+    """The module's parameters and the extra ``params`` that require grad, each once."""
+    candidates = list(eps_fn.parameters()) if isinstance(eps_fn, torch.nn.Module) else []
+    candidates += list(params or [])
+    unique = {id(p): p for p in candidates}  # a tensor listed twice must not count twice
+    return [p for p in unique.values() if p.requires_grad]
+
+
 def sample(eps_fn, x_T: torch.Tensor, cond=None, *, schedule: VPSchedule, steps: int | None,
            solver: str = "dpm3", grad_mode: str = "checkpoint", guidance_scale: float | None = None,
            uncond=None, grid: str = "logsnr", t_start: float | None = None,
@@ -108,21 +116,16 @@ def sample(eps_fn, x_T: torch.Tensor, cond=None, *, schedule: VPSchedule, steps:
             callback(Progress(phase, step, total, t, field.nfe))
 
     y0 = x_T / nodes[0].alpha
-    if grad_mode == "none" or not torch.is_grad_enabled():
+    theta = _differentiable_params(eps_fn, params) if grad_mode in ("checkpoint", "adjoint") else []
+    conds = [c for c in (cond, uncond) if isinstance(c, torch.Tensor)]
+    wants_grad = torch.is_grad_enabled() and grad_mode != "none" and (
+        y0.requires_grad or bool(theta) or any(c.requires_grad for c in conds) or grad_mode == "backprop")
+    if not wants_grad:
         with torch.no_grad():
             y_end, _ = step_solver.solve(field, y0, nodes, cond, uncond, callback=progress)
     elif grad_mode == "backprop":
         y_end, _ = step_solver.solve(field, y0, nodes, cond, uncond, callback=progress)
     else:
-        candidates = list(eps_fn.parameters()) if isinstance(eps_fn, torch.nn.Module) else []
-        candidates += list(params or [])
-        unique = {id(p): p for p in candidates}  # a tensor listed twice must not count twice
-        theta = [p for p in unique.values() if p.requires_grad]
-        tensors = [c for c in (cond, uncond) if isinstance(c, torch.Tensor)]
-        if not (y0.requires_grad or theta or any(c.requires_grad for c in tensors)):
-            with torch.no_grad():
-                y_end, _ = step_solver.solve(field, y0, nodes, cond, uncond, callback=progress)
-        else:
-            engine = _Engine(step_solver, field, nodes, grad_mode, progress)
-            y_end = SolveFunction.apply(engine, y0, cond, uncond, *theta)
+        engine = _Engine(step_solver, field, nodes, grad_mode, progress)
+        y_end = SolveFunction.apply(engine, y0, cond, uncond, *theta)
     return y_end * nodes[-1].alpha

@@ -14,6 +14,7 @@ gradient is the same recursion run on a trajectory re-solved backward (DESIGN.md
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -41,6 +42,31 @@ def _lagrange_integrals(nodes: np.ndarray, a: float, b: float, measure) -> np.nd
     return out
 
 
+@functools.lru_cache(maxsize=256)
+def _multistep_weights(order: int, basis: str, rho_nodes: tuple[float, ...]) -> tuple[tuple[float, ...], ...]:
+    """``W[i][j]`` on the grid ``rho_nodes``: ε through the last ``order`` nodes, polynomial in
+    λ (``basis="lambda"``, DPM-Solver) or in ρ (``"rho"``, Adams–Bashforth), integrated over dρ."""
+    rhos = np.array(rho_nodes, dtype=np.float64)
+    out = []
+    for i in range(len(rhos) - 1):
+        k = min(order, i + 1)
+        if k == 1:
+            out.append((float(rhos[i + 1] - rhos[i]),))  # Euler in ρ: exactly DDIM
+            continue
+        if basis == "lambda":
+            # dρ = −e^{−λ} dλ; shift λ by λ_i so the exponential stays O(1).
+            lam = -np.log(rhos[i - k + 1:i + 1][::-1])
+            shift = lam[0]
+            w = _lagrange_integrals(lam - shift, 0.0, -np.log(rhos[i + 1]) - shift,
+                                    lambda s: -np.exp(-s))
+            out.append(tuple(float(x) for x in w * math.exp(-shift)))
+        else:
+            nodes_rho = rhos[i - k + 1:i + 1][::-1]
+            out.append(tuple(float(x) for x in _lagrange_integrals(
+                nodes_rho, rhos[i], rhos[i + 1], lambda s: np.ones_like(s))))
+    return tuple(out)
+
+
 class LinearMultistep:
     """``y_{i+1} = y_i + Σ_j W_ij ε_{i−j}``: ε interpolated through the last K nodes in ``basis``."""
 
@@ -49,27 +75,12 @@ class LinearMultistep:
     def __init__(self, name: str, order: int, basis: str):
         self.name, self.order, self.basis = name, order, basis
 
-    def weights(self, nodes: list[Node]) -> list[list[float]]:
-        """``W[i][j]``: the weight of ``ε_{i−j}`` in step i (float64 Python floats)."""
-        rhos = np.array([n.rho for n in nodes], dtype=np.float64)
-        out = []
-        for i in range(len(nodes) - 1):
-            k = min(self.order, i + 1)
-            if k == 1:
-                out.append([rhos[i + 1] - rhos[i]])  # Euler in ρ: exactly DDIM
-                continue
-            if self.basis == "lambda":
-                # dρ = −e^{−λ} dλ; shift λ by λ_i so the exponential stays O(1).
-                lam = -np.log(rhos[i - k + 1:i + 1][::-1])
-                shift = lam[0]
-                w = _lagrange_integrals(lam - shift, 0.0, -np.log(rhos[i + 1]) - shift,
-                                        lambda s: -np.exp(-s))
-                out.append(list(w * math.exp(-shift)))
-            else:
-                nodes_rho = rhos[i - k + 1:i + 1][::-1]
-                out.append(list(_lagrange_integrals(nodes_rho, rhos[i], rhos[i + 1],
-                                                    lambda s: np.ones_like(s))))
-        return out
+    def weights(self, nodes: list[Node]) -> tuple[tuple[float, ...], ...]:
+        """``W[i][j]``: the weight of ``ε_{i−j}`` in step i (float64 Python floats).
+
+        Cached per grid: forward and backward (and every request on the same grid) share it.
+        """
+        return _multistep_weights(self.order, self.basis, tuple(n.rho for n in nodes))
 
     def solve(self, field: GuidedEps, y: torch.Tensor, nodes, cond, uncond, *, store=False,
               callback=None):
