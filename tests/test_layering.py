@@ -25,3 +25,9 @@ def test_sdk_imports_neither_torch_nor_the_server():
 def test_sdk_imports_with_torch_unavailable():
     code = "import sys; sys.modules['torch'] = None; import adjointdpm; print(adjointdpm.__version__)"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_tasks_and_losses_do_not_import_grpc():
+    """The gRPC layer only translates: tasks, losses and models work without it."""
+    mods = _modules_after("import adjointdpm_server.tasks, adjointdpm_server.losses, adjointdpm_server.models")
+    assert not {m for m in mods if m == "grpc" or m.startswith("grpc.")}

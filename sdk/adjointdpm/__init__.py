@@ -1,4 +1,28 @@
-"""AdjointDPM SDK: a light client for the AdjointDPM gRPC service (imports neither torch nor the server)."""
+"""AdjointDPM SDK: a light client for the AdjointDPM gRPC service.
+
+    import adjointdpm
+    client = adjointdpm.Client("localhost:50051")
+    grid = client.sample(labels=range(10), seed=0)
+
+    @adjointdpm.loss("darker")
+    def darker(image):                     # a torch tensor when torch is installed …
+        return image.mean()
+    result = client.compute_gradient("darker", labels=3, seed=0)
+    result.gradients["x_T"]                # numpy
+
+Imports neither torch nor the server; torch is used only if installed, for client-side losses.
+"""
+
+from ._client import AdjointDPMError, Call, Client
+from ._losses import ClientLoss, ServerLoss, loss, registered_losses
+from ._results import ArtifactInfo, GradientResult, OptimizeResult, SampleResult
+from ._tensors import TensorError, decode_tensor, encode_tensor
 
 __version__ = "0.1.0"
-__all__ = ["__version__"]
+__all__ = [
+    "Client", "Call", "AdjointDPMError",
+    "loss", "registered_losses", "ClientLoss", "ServerLoss",
+    "SampleResult", "GradientResult", "OptimizeResult", "ArtifactInfo",
+    "encode_tensor", "decode_tensor", "TensorError",
+    "__version__",
+]

@@ -37,6 +37,8 @@ class ModelBackend(abc.ABC):
     image_shape: tuple[int, ...]  # one decoded image, (C, H, W)
     default_steps: int = 20
     default_guidance: float | None = None
+    conditioning: str = "tensor"  # what encode() takes: "labels", "prompt" or "tensor"
+    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 
     @property
     def device(self) -> torch.device:
@@ -59,6 +61,20 @@ class ModelBackend(abc.ABC):
     @abc.abstractmethod
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """``x_0`` → image in [0, 1], shape (B, C, H, W), differentiable."""
+
+    @property
+    def cond_shape(self) -> tuple[int, ...]:
+        """One sample's continuous conditioning (what ``embed`` returns, without the batch)."""
+        return tuple(self.latent_shape)
+
+    def embed(self, c: Conditioning) -> Conditioning:
+        """The continuous form of a conditioning, to differentiate (labels → vectors)."""
+        return c
+
+    def style_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Feature maps (B, C, H, W) for Gram-matrix style losses (paper eq. 13; VGG cannot be
+        downloaded here, so each backend offers an offline network). Default: pixels at two scales."""
+        return [images, torch.nn.functional.avg_pool2d(images, 2)]
 
     def eps(self, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
         return self.eps_fn(x, t, cond)

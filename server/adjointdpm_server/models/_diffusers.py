@@ -145,6 +145,24 @@ class StableDiffusionBackend(ModelBackend):
     name = "diffusers"
     default_steps = 20
     default_guidance = 7.5
+    conditioning = "prompt"
+    lora_targets = LORA_TARGETS
+
+    @property
+    def cond_shape(self) -> tuple[int, ...]:
+        return (self.max_length, self.text_encoder.config.hidden_size)
+
+    @property
+    def token_dim(self) -> int:
+        return self.text_encoder.get_input_embeddings().embedding_dim
+
+    def token_init(self, word: str) -> torch.Tensor:
+        """The input embedding of ``word`` (the mean over its tokens): a start for inversion."""
+        ids = self._tokenize(word, add_special_tokens=False)
+        if not ids:
+            raise ValueError(f"{word!r} has no tokens")
+        table = self.text_encoder.get_input_embeddings().weight.detach()
+        return table[torch.tensor(ids, device=table.device)].mean(0).clone()
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu",
                  dtype: torch.dtype | str = torch.float32, *, height: int | None = None,
@@ -309,6 +327,16 @@ class StableDiffusionBackend(ModelBackend):
             latents = latents + config.shift_factor
         image = self.vae.decode(latents).sample
         return (image / 2 + 0.5).clamp(0, 1)
+
+    def style_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Activations of the VAE encoder's down blocks: an offline stand-in for VGG features."""
+        encoder = self.vae.encoder
+        h = encoder.conv_in(images.to(self.vae.dtype) * 2 - 1)
+        feats = []
+        for block in encoder.down_blocks:
+            h = block(h)
+            feats.append(h)
+        return feats
 
     # -- fine-tuning ----------------------------------------------------------------------------
     def add_lora(self, rank: int = 4, alpha: float | None = None,

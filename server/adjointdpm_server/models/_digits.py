@@ -16,17 +16,34 @@ from ..core import VPSchedule
 from ._base import Conditioning, ModelBackend
 from ._digits_classifier import DigitsClassifier
 
-__all__ = ["DigitsBackend", "DIGITS_WEIGHTS"]
+__all__ = ["DigitsBackend", "DIGITS_WEIGHTS", "NULL_CLASS"]
 
 DIGITS_WEIGHTS = Path(__file__).resolve().parent / "weights" / "digits"
 NULL_CLASS = 10
 
 
+class LabelOrVectorEmbedding(nn.Embedding):
+    """The class embedding, which also passes float rows through unchanged.
+
+    A learned conditioning vector (``OptimizeEmbedding``, gradients w.r.t. the conditioning)
+    then stands in for a label in ``unet(x, t, class_labels=...)``; state-dict keys stay those of
+    ``nn.Embedding``.
+    """
+
+    def forward(self, labels_or_vectors: torch.Tensor) -> torch.Tensor:
+        if labels_or_vectors.is_floating_point():
+            return labels_or_vectors.to(self.weight.dtype)
+        return super().forward(labels_or_vectors)
+
+
 class ClassConditionalEps(nn.Module):
-    """``eps_fn(x, t, labels)`` around a diffusers ``UNet2DModel`` with a class embedding."""
+    """``eps_fn(x, t, cond)`` around a diffusers ``UNet2DModel`` with a class embedding;
+    ``cond`` is class labels (long) or class-embedding vectors (float, (B, embedding_dim))."""
 
     def __init__(self, unet):
         super().__init__()
+        if type(unet.class_embedding) is nn.Embedding:
+            unet.class_embedding.__class__ = LabelOrVectorEmbedding
         self.unet = unet
 
     def forward(self, x, t, labels):
@@ -71,6 +88,7 @@ class DigitsBackend(ModelBackend):
     image_shape = (1, 8, 8)
     default_steps = 20
     default_guidance = 2.0
+    conditioning = "labels"
 
     def __init__(self, path: str | Path = DIGITS_WEIGHTS, device="cpu", dtype=torch.float32):
         from diffusers import DDPMScheduler, UNet2DModel
@@ -90,8 +108,30 @@ class DigitsBackend(ModelBackend):
         cond = parse_labels(batch, labels, prompt).to(self.device)
         return Conditioning(cond, torch.full_like(cond, NULL_CLASS))
 
+    @property
+    def cond_shape(self) -> tuple[int, ...]:
+        return (self.eps_fn.unet.class_embedding.embedding_dim,)
+
+    def embed(self, c: Conditioning) -> Conditioning:
+        """Labels → their class-embedding vectors, the continuous conditioning to differentiate."""
+        table = self.eps_fn.unet.class_embedding.weight.detach()
+
+        def vectors(labels):
+            return labels if labels is None or labels.is_floating_point() else table[labels].clone()
+
+        return Conditioning(vectors(c.cond), vectors(c.uncond))
+
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         return ((x0 + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    def style_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The digits classifier's convolutional activations (8×8×32, 8×8×32, 4×4×64)."""
+        h, feats = images * 2.0 - 1.0, []
+        for k, layer in enumerate(self.classifier.body):
+            h = layer(h)
+            if k in (1, 3, 6):
+                feats.append(h)
+        return feats
 
     def classify(self, images: torch.Tensor) -> torch.Tensor:
         """Logits of the digits classifier for images in [0, 1]."""

@@ -1,0 +1,101 @@
+"""Loss terms as the SDK sees them: client-side functions (registered with ``@loss``) and
+server-side plugins by name. A client loss never leaves this process: the server sends x_0 and
+this process answers with the value and the gradient."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+__all__ = ["loss", "registered_losses", "ClientLoss", "ServerLoss", "evaluate_client_loss"]
+
+_REGISTRY: dict[str, "ClientLoss"] = {}
+
+
+def _torch_available() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@dataclass
+class ClientLoss:
+    """``fn(x)`` on the image in [0, 1] (B, C, H, W) or on x_0 (``domain="latent"``).
+
+    ``autograd=True``: ``x`` is a float32 torch tensor and ``fn`` returns a scalar tensor (the SDK
+    differentiates it); ``autograd=False``: ``x`` is a numpy array and ``fn`` returns
+    ``(value, grad)``. The default is torch when it is installed.
+    """
+
+    fn: Callable
+    name: str = ""
+    weight: float = 1.0
+    domain: str = "image"
+    autograd: bool | None = None
+
+    def __post_init__(self):
+        self.name = self.name or getattr(self.fn, "__name__", "loss")
+        if self.autograd is None:
+            self.autograd = _torch_available()
+
+
+@dataclass
+class ServerLoss:
+    """A plugin on the server (``Client.list_losses()`` names them) with its inputs."""
+
+    name: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+    tensors: Mapping[str, Any] = field(default_factory=dict)
+    weight: float = 1.0
+    domain: str = "image"
+
+
+def loss(name: str | None = None, *, domain: str = "image", autograd: bool | None = None):
+    """Register a client-side loss under ``name``: ``@adjointdpm.loss("to_eight")``."""
+    def register(fn: Callable) -> Callable:
+        term = ClientLoss(fn, name or fn.__name__, 1.0, domain, autograd)
+        _REGISTRY[term.name] = term
+        fn.adjointdpm_loss = term
+        return fn
+    return register
+
+
+def registered_losses() -> dict[str, ClientLoss]:
+    return dict(_REGISTRY)
+
+
+def as_term(item) -> ClientLoss | ServerLoss:
+    """A loss given as a term, a registered name, a decorated or a plain function."""
+    if isinstance(item, (ClientLoss, ServerLoss)):
+        return item
+    if isinstance(item, str):
+        if item not in _REGISTRY:
+            raise KeyError(f"no client loss {item!r} is registered (use @adjointdpm.loss); for a "
+                           "server plugin pass adjointdpm.ServerLoss(name)")
+        return _REGISTRY[item]
+    if callable(item):
+        return getattr(item, "adjointdpm_loss", None) or ClientLoss(item)
+    raise TypeError(f"not a loss: {item!r}")
+
+
+def evaluate_client_loss(term: ClientLoss, x: np.ndarray) -> tuple[float, np.ndarray]:
+    """The value and ∂L/∂x of a client loss at ``x``."""
+    if term.autograd:
+        import torch
+
+        t = torch.from_numpy(np.array(x, dtype=np.float32)).requires_grad_()
+        out = term.fn(t)
+        if isinstance(out, tuple):
+            value, grad = out
+            return float(value), np.asarray(grad, dtype=np.float32)
+        if not isinstance(out, torch.Tensor) or out.numel() != 1:
+            raise TypeError(f"client loss {term.name!r} must return a scalar tensor or (value, grad)")
+        (grad,) = torch.autograd.grad(out.reshape(()), t, allow_unused=True)
+        grad = torch.zeros_like(t) if grad is None else grad
+        return float(out.detach()), grad.detach().numpy()
+    value, grad = term.fn(np.array(x))
+    return float(value), np.asarray(grad, dtype=np.float32)

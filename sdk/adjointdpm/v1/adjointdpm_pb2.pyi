@@ -1,0 +1,519 @@
+from google.protobuf import struct_pb2 as _struct_pb2
+from adjointdpm.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Domain(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    IMAGE: _ClassVar[Domain]
+    LATENT: _ClassVar[Domain]
+
+class Target(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    X_T: _ClassVar[Target]
+    COND: _ClassVar[Target]
+    TOKEN: _ClassVar[Target]
+    WEIGHTS: _ClassVar[Target]
+IMAGE: Domain
+LATENT: Domain
+X_T: Target
+COND: Target
+TOKEN: Target
+WEIGHTS: Target
+
+class Generation(_message.Message):
+    __slots__ = ("model", "adapter", "prompt", "negative_prompt", "labels", "cond", "embedding", "batch", "seed", "x_T", "steps", "solver", "guidance_scale", "grid", "t_start")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    COND_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    X_T_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    SOLVER_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    GRID_FIELD_NUMBER: _ClassVar[int]
+    T_START_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    adapter: str
+    prompt: _containers.RepeatedScalarFieldContainer[str]
+    negative_prompt: _containers.RepeatedScalarFieldContainer[str]
+    labels: _containers.RepeatedScalarFieldContainer[int]
+    cond: _tensor_pb2.Tensor
+    embedding: str
+    batch: int
+    seed: int
+    x_T: _tensor_pb2.Tensor
+    steps: int
+    solver: str
+    guidance_scale: float
+    grid: str
+    t_start: float
+    def __init__(self, model: _Optional[str] = ..., adapter: _Optional[str] = ..., prompt: _Optional[_Iterable[str]] = ..., negative_prompt: _Optional[_Iterable[str]] = ..., labels: _Optional[_Iterable[int]] = ..., cond: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., embedding: _Optional[str] = ..., batch: _Optional[int] = ..., seed: _Optional[int] = ..., x_T: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., steps: _Optional[int] = ..., solver: _Optional[str] = ..., guidance_scale: _Optional[float] = ..., grid: _Optional[str] = ..., t_start: _Optional[float] = ...) -> None: ...
+
+class ServerLoss(_message.Message):
+    __slots__ = ("name", "params", "tensors")
+    class TensorsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    params: _struct_pb2.Struct
+    tensors: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    def __init__(self, name: _Optional[str] = ..., params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., tensors: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ...) -> None: ...
+
+class LossTerm(_message.Message):
+    __slots__ = ("weight", "client", "server", "domain")
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_FIELD_NUMBER: _ClassVar[int]
+    SERVER_FIELD_NUMBER: _ClassVar[int]
+    DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    weight: float
+    client: str
+    server: ServerLoss
+    domain: Domain
+    def __init__(self, weight: _Optional[float] = ..., client: _Optional[str] = ..., server: _Optional[_Union[ServerLoss, _Mapping]] = ..., domain: _Optional[_Union[Domain, str]] = ...) -> None: ...
+
+class LossQuery(_message.Message):
+    __slots__ = ("term", "name", "domain", "x", "iteration")
+    TERM_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    X_FIELD_NUMBER: _ClassVar[int]
+    ITERATION_FIELD_NUMBER: _ClassVar[int]
+    term: int
+    name: str
+    domain: Domain
+    x: _tensor_pb2.Tensor
+    iteration: int
+    def __init__(self, term: _Optional[int] = ..., name: _Optional[str] = ..., domain: _Optional[_Union[Domain, str]] = ..., x: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., iteration: _Optional[int] = ...) -> None: ...
+
+class LossReply(_message.Message):
+    __slots__ = ("term", "value", "grad")
+    TERM_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    GRAD_FIELD_NUMBER: _ClassVar[int]
+    term: int
+    value: float
+    grad: _tensor_pb2.Tensor
+    def __init__(self, term: _Optional[int] = ..., value: _Optional[float] = ..., grad: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class SampleRequest(_message.Message):
+    __slots__ = ("generation", "no_images", "return_pixels")
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    NO_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    RETURN_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    generation: Generation
+    no_images: bool
+    return_pixels: bool
+    def __init__(self, generation: _Optional[_Union[Generation, _Mapping]] = ..., no_images: _Optional[bool] = ..., return_pixels: _Optional[bool] = ...) -> None: ...
+
+class TokenSpec(_message.Message):
+    __slots__ = ("placeholder", "initializer", "embedding")
+    PLACEHOLDER_FIELD_NUMBER: _ClassVar[int]
+    INITIALIZER_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    placeholder: str
+    initializer: str
+    embedding: _tensor_pb2.Tensor
+    def __init__(self, placeholder: _Optional[str] = ..., initializer: _Optional[str] = ..., embedding: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class WeightsSpec(_message.Message):
+    __slots__ = ("parameters", "lora_rank", "inline")
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    LORA_RANK_FIELD_NUMBER: _ClassVar[int]
+    INLINE_FIELD_NUMBER: _ClassVar[int]
+    parameters: _containers.RepeatedScalarFieldContainer[str]
+    lora_rank: int
+    inline: bool
+    def __init__(self, parameters: _Optional[_Iterable[str]] = ..., lora_rank: _Optional[int] = ..., inline: _Optional[bool] = ...) -> None: ...
+
+class GradientRequest(_message.Message):
+    __slots__ = ("generation", "losses", "targets", "grad_mode", "token", "weights", "return_images")
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    LOSSES_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    GRAD_MODE_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    RETURN_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    generation: Generation
+    losses: _containers.RepeatedCompositeFieldContainer[LossTerm]
+    targets: _containers.RepeatedScalarFieldContainer[Target]
+    grad_mode: str
+    token: TokenSpec
+    weights: WeightsSpec
+    return_images: bool
+    def __init__(self, generation: _Optional[_Union[Generation, _Mapping]] = ..., losses: _Optional[_Iterable[_Union[LossTerm, _Mapping]]] = ..., targets: _Optional[_Iterable[_Union[Target, str]]] = ..., grad_mode: _Optional[str] = ..., token: _Optional[_Union[TokenSpec, _Mapping]] = ..., weights: _Optional[_Union[WeightsSpec, _Mapping]] = ..., return_images: _Optional[bool] = ...) -> None: ...
+
+class GradientMessage(_message.Message):
+    __slots__ = ("request", "loss_reply")
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    LOSS_REPLY_FIELD_NUMBER: _ClassVar[int]
+    request: GradientRequest
+    loss_reply: LossReply
+    def __init__(self, request: _Optional[_Union[GradientRequest, _Mapping]] = ..., loss_reply: _Optional[_Union[LossReply, _Mapping]] = ...) -> None: ...
+
+class Optimizer(_message.Message):
+    __slots__ = ("name", "lr", "iterations", "momentum")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    MOMENTUM_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    lr: float
+    iterations: int
+    momentum: float
+    def __init__(self, name: _Optional[str] = ..., lr: _Optional[float] = ..., iterations: _Optional[int] = ..., momentum: _Optional[float] = ...) -> None: ...
+
+class Constraint(_message.Message):
+    __slots__ = ("norm", "epsilon")
+    NORM_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_FIELD_NUMBER: _ClassVar[int]
+    norm: str
+    epsilon: float
+    def __init__(self, norm: _Optional[str] = ..., epsilon: _Optional[float] = ...) -> None: ...
+
+class GuidedSampling(_message.Message):
+    __slots__ = ("every", "scale", "inner_steps", "grad_steps")
+    EVERY_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    INNER_STEPS_FIELD_NUMBER: _ClassVar[int]
+    GRAD_STEPS_FIELD_NUMBER: _ClassVar[int]
+    every: int
+    scale: float
+    inner_steps: int
+    grad_steps: int
+    def __init__(self, every: _Optional[int] = ..., scale: _Optional[float] = ..., inner_steps: _Optional[int] = ..., grad_steps: _Optional[int] = ...) -> None: ...
+
+class OptimizeLatentRequest(_message.Message):
+    __slots__ = ("generation", "losses", "optimizer", "constraint", "norm_weight", "image_every", "grad_mode", "guided")
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    LOSSES_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    CONSTRAINT_FIELD_NUMBER: _ClassVar[int]
+    NORM_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_EVERY_FIELD_NUMBER: _ClassVar[int]
+    GRAD_MODE_FIELD_NUMBER: _ClassVar[int]
+    GUIDED_FIELD_NUMBER: _ClassVar[int]
+    generation: Generation
+    losses: _containers.RepeatedCompositeFieldContainer[LossTerm]
+    optimizer: Optimizer
+    constraint: Constraint
+    norm_weight: float
+    image_every: int
+    grad_mode: str
+    guided: GuidedSampling
+    def __init__(self, generation: _Optional[_Union[Generation, _Mapping]] = ..., losses: _Optional[_Iterable[_Union[LossTerm, _Mapping]]] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., constraint: _Optional[_Union[Constraint, _Mapping]] = ..., norm_weight: _Optional[float] = ..., image_every: _Optional[int] = ..., grad_mode: _Optional[str] = ..., guided: _Optional[_Union[GuidedSampling, _Mapping]] = ...) -> None: ...
+
+class OptimizeLatentMessage(_message.Message):
+    __slots__ = ("request", "loss_reply")
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    LOSS_REPLY_FIELD_NUMBER: _ClassVar[int]
+    request: OptimizeLatentRequest
+    loss_reply: LossReply
+    def __init__(self, request: _Optional[_Union[OptimizeLatentRequest, _Mapping]] = ..., loss_reply: _Optional[_Union[LossReply, _Mapping]] = ...) -> None: ...
+
+class FinetuneExample(_message.Message):
+    __slots__ = ("seed", "x_T", "prompt", "label")
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    X_T_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    seed: int
+    x_T: _tensor_pb2.Tensor
+    prompt: str
+    label: int
+    def __init__(self, seed: _Optional[int] = ..., x_T: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., prompt: _Optional[str] = ..., label: _Optional[int] = ...) -> None: ...
+
+class FinetuneRequest(_message.Message):
+    __slots__ = ("generation", "examples", "losses", "optimizer", "method", "lora_rank", "lora_alpha", "target_modules", "checkpoint_every", "name", "batch_size", "grad_mode")
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    LOSSES_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    LORA_RANK_FIELD_NUMBER: _ClassVar[int]
+    LORA_ALPHA_FIELD_NUMBER: _ClassVar[int]
+    TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_EVERY_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    GRAD_MODE_FIELD_NUMBER: _ClassVar[int]
+    generation: Generation
+    examples: _containers.RepeatedCompositeFieldContainer[FinetuneExample]
+    losses: _containers.RepeatedCompositeFieldContainer[LossTerm]
+    optimizer: Optimizer
+    method: str
+    lora_rank: int
+    lora_alpha: float
+    target_modules: _containers.RepeatedScalarFieldContainer[str]
+    checkpoint_every: int
+    name: str
+    batch_size: int
+    grad_mode: str
+    def __init__(self, generation: _Optional[_Union[Generation, _Mapping]] = ..., examples: _Optional[_Iterable[_Union[FinetuneExample, _Mapping]]] = ..., losses: _Optional[_Iterable[_Union[LossTerm, _Mapping]]] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., method: _Optional[str] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., checkpoint_every: _Optional[int] = ..., name: _Optional[str] = ..., batch_size: _Optional[int] = ..., grad_mode: _Optional[str] = ...) -> None: ...
+
+class FinetuneMessage(_message.Message):
+    __slots__ = ("request", "loss_reply")
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    LOSS_REPLY_FIELD_NUMBER: _ClassVar[int]
+    request: FinetuneRequest
+    loss_reply: LossReply
+    def __init__(self, request: _Optional[_Union[FinetuneRequest, _Mapping]] = ..., loss_reply: _Optional[_Union[LossReply, _Mapping]] = ...) -> None: ...
+
+class OptimizeEmbeddingRequest(_message.Message):
+    __slots__ = ("generation", "losses", "target_image", "optimizer", "token", "name", "grad_mode", "image_every")
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    LOSSES_FIELD_NUMBER: _ClassVar[int]
+    TARGET_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    GRAD_MODE_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_EVERY_FIELD_NUMBER: _ClassVar[int]
+    generation: Generation
+    losses: _containers.RepeatedCompositeFieldContainer[LossTerm]
+    target_image: _tensor_pb2.Tensor
+    optimizer: Optimizer
+    token: TokenSpec
+    name: str
+    grad_mode: str
+    image_every: int
+    def __init__(self, generation: _Optional[_Union[Generation, _Mapping]] = ..., losses: _Optional[_Iterable[_Union[LossTerm, _Mapping]]] = ..., target_image: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., token: _Optional[_Union[TokenSpec, _Mapping]] = ..., name: _Optional[str] = ..., grad_mode: _Optional[str] = ..., image_every: _Optional[int] = ...) -> None: ...
+
+class OptimizeEmbeddingMessage(_message.Message):
+    __slots__ = ("request", "loss_reply")
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    LOSS_REPLY_FIELD_NUMBER: _ClassVar[int]
+    request: OptimizeEmbeddingRequest
+    loss_reply: LossReply
+    def __init__(self, request: _Optional[_Union[OptimizeEmbeddingRequest, _Mapping]] = ..., loss_reply: _Optional[_Union[LossReply, _Mapping]] = ...) -> None: ...
+
+class Progress(_message.Message):
+    __slots__ = ("phase", "step", "total", "t", "nfe", "iteration")
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    T_FIELD_NUMBER: _ClassVar[int]
+    NFE_FIELD_NUMBER: _ClassVar[int]
+    ITERATION_FIELD_NUMBER: _ClassVar[int]
+    phase: str
+    step: int
+    total: int
+    t: float
+    nfe: int
+    iteration: int
+    def __init__(self, phase: _Optional[str] = ..., step: _Optional[int] = ..., total: _Optional[int] = ..., t: _Optional[float] = ..., nfe: _Optional[int] = ..., iteration: _Optional[int] = ...) -> None: ...
+
+class QueuePosition(_message.Message):
+    __slots__ = ("position",)
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    position: int
+    def __init__(self, position: _Optional[int] = ...) -> None: ...
+
+class Iteration(_message.Message):
+    __slots__ = ("iteration", "loss", "loss_terms", "grad_norm", "images")
+    ITERATION_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    LOSS_TERMS_FIELD_NUMBER: _ClassVar[int]
+    GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    iteration: int
+    loss: float
+    loss_terms: _containers.RepeatedScalarFieldContainer[float]
+    grad_norm: float
+    images: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, iteration: _Optional[int] = ..., loss: _Optional[float] = ..., loss_terms: _Optional[_Iterable[float]] = ..., grad_norm: _Optional[float] = ..., images: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class ArtifactInfo(_message.Message):
+    __slots__ = ("id", "kind", "model", "size", "name", "iteration", "metadata")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ITERATION_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    kind: str
+    model: str
+    size: int
+    name: str
+    iteration: int
+    metadata: _struct_pb2.Struct
+    def __init__(self, id: _Optional[str] = ..., kind: _Optional[str] = ..., model: _Optional[str] = ..., size: _Optional[int] = ..., name: _Optional[str] = ..., iteration: _Optional[int] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
+class SampleResult(_message.Message):
+    __slots__ = ("images", "x0", "x_T", "pixels")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    X0_FIELD_NUMBER: _ClassVar[int]
+    X_T_FIELD_NUMBER: _ClassVar[int]
+    PIXELS_FIELD_NUMBER: _ClassVar[int]
+    images: _containers.RepeatedScalarFieldContainer[bytes]
+    x0: _tensor_pb2.Tensor
+    x_T: _tensor_pb2.Tensor
+    pixels: _tensor_pb2.Tensor
+    def __init__(self, images: _Optional[_Iterable[bytes]] = ..., x0: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., x_T: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., pixels: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class GradientResult(_message.Message):
+    __slots__ = ("loss", "loss_terms", "x0", "images", "gradients", "weight_gradients", "weights_artifact", "nfe")
+    class GradientsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    class WeightGradientsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    LOSS_TERMS_FIELD_NUMBER: _ClassVar[int]
+    X0_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    GRADIENTS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_ARTIFACT_FIELD_NUMBER: _ClassVar[int]
+    NFE_FIELD_NUMBER: _ClassVar[int]
+    loss: float
+    loss_terms: _containers.RepeatedScalarFieldContainer[float]
+    x0: _tensor_pb2.Tensor
+    images: _containers.RepeatedScalarFieldContainer[bytes]
+    gradients: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    weight_gradients: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    weights_artifact: ArtifactInfo
+    nfe: int
+    def __init__(self, loss: _Optional[float] = ..., loss_terms: _Optional[_Iterable[float]] = ..., x0: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., images: _Optional[_Iterable[bytes]] = ..., gradients: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., weight_gradients: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., weights_artifact: _Optional[_Union[ArtifactInfo, _Mapping]] = ..., nfe: _Optional[int] = ...) -> None: ...
+
+class OptimizeResult(_message.Message):
+    __slots__ = ("loss", "history", "x_T", "x0", "images", "initial_images", "artifact")
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
+    X_T_FIELD_NUMBER: _ClassVar[int]
+    X0_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACT_FIELD_NUMBER: _ClassVar[int]
+    loss: float
+    history: _containers.RepeatedScalarFieldContainer[float]
+    x_T: _tensor_pb2.Tensor
+    x0: _tensor_pb2.Tensor
+    images: _containers.RepeatedScalarFieldContainer[bytes]
+    initial_images: _containers.RepeatedScalarFieldContainer[bytes]
+    artifact: ArtifactInfo
+    def __init__(self, loss: _Optional[float] = ..., history: _Optional[_Iterable[float]] = ..., x_T: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., x0: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., images: _Optional[_Iterable[bytes]] = ..., initial_images: _Optional[_Iterable[bytes]] = ..., artifact: _Optional[_Union[ArtifactInfo, _Mapping]] = ...) -> None: ...
+
+class Event(_message.Message):
+    __slots__ = ("progress", "queued", "loss_query", "iteration", "checkpoint", "sample", "gradient", "optimized")
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    LOSS_QUERY_FIELD_NUMBER: _ClassVar[int]
+    ITERATION_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZED_FIELD_NUMBER: _ClassVar[int]
+    progress: Progress
+    queued: QueuePosition
+    loss_query: LossQuery
+    iteration: Iteration
+    checkpoint: ArtifactInfo
+    sample: SampleResult
+    gradient: GradientResult
+    optimized: OptimizeResult
+    def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., queued: _Optional[_Union[QueuePosition, _Mapping]] = ..., loss_query: _Optional[_Union[LossQuery, _Mapping]] = ..., iteration: _Optional[_Union[Iteration, _Mapping]] = ..., checkpoint: _Optional[_Union[ArtifactInfo, _Mapping]] = ..., sample: _Optional[_Union[SampleResult, _Mapping]] = ..., gradient: _Optional[_Union[GradientResult, _Mapping]] = ..., optimized: _Optional[_Union[OptimizeResult, _Mapping]] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("name", "spec", "is_default", "latent_shape", "image_shape", "conditioning", "default_steps", "default_guidance", "solvers", "grad_modes", "adapters")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    LATENT_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    CONDITIONING_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_STEPS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_GUIDANCE_FIELD_NUMBER: _ClassVar[int]
+    SOLVERS_FIELD_NUMBER: _ClassVar[int]
+    GRAD_MODES_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    spec: str
+    is_default: bool
+    latent_shape: _containers.RepeatedScalarFieldContainer[int]
+    image_shape: _containers.RepeatedScalarFieldContainer[int]
+    conditioning: str
+    default_steps: int
+    default_guidance: float
+    solvers: _containers.RepeatedScalarFieldContainer[str]
+    grad_modes: _containers.RepeatedScalarFieldContainer[str]
+    adapters: _containers.RepeatedCompositeFieldContainer[ArtifactInfo]
+    def __init__(self, name: _Optional[str] = ..., spec: _Optional[str] = ..., is_default: _Optional[bool] = ..., latent_shape: _Optional[_Iterable[int]] = ..., image_shape: _Optional[_Iterable[int]] = ..., conditioning: _Optional[str] = ..., default_steps: _Optional[int] = ..., default_guidance: _Optional[float] = ..., solvers: _Optional[_Iterable[str]] = ..., grad_modes: _Optional[_Iterable[str]] = ..., adapters: _Optional[_Iterable[_Union[ArtifactInfo, _Mapping]]] = ...) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+
+class ListLossesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class LossInfo(_message.Message):
+    __slots__ = ("name", "description", "params", "tensors", "domain")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    description: str
+    params: _containers.RepeatedScalarFieldContainer[str]
+    tensors: _containers.RepeatedScalarFieldContainer[str]
+    domain: Domain
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., params: _Optional[_Iterable[str]] = ..., tensors: _Optional[_Iterable[str]] = ..., domain: _Optional[_Union[Domain, str]] = ...) -> None: ...
+
+class ListLossesResponse(_message.Message):
+    __slots__ = ("losses",)
+    LOSSES_FIELD_NUMBER: _ClassVar[int]
+    losses: _containers.RepeatedCompositeFieldContainer[LossInfo]
+    def __init__(self, losses: _Optional[_Iterable[_Union[LossInfo, _Mapping]]] = ...) -> None: ...
+
+class GetArtifactRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class ArtifactChunk(_message.Message):
+    __slots__ = ("info", "data")
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    info: ArtifactInfo
+    data: bytes
+    def __init__(self, info: _Optional[_Union[ArtifactInfo, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...

@@ -1,0 +1,168 @@
+"""Messages ↔ task specs and results: the only place that knows both the proto and the tasks.
+
+Tensors are decoded with the server's limits (size checked before allocation); anything that
+does not fit becomes ``InvalidArgument`` with the field's name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import numpy as np
+import torch
+from google.protobuf import json_format, struct_pb2
+
+from adjointdpm._tensors import TensorError, decode_tensor, encode_tensor
+from adjointdpm.v1 import adjointdpm_pb2 as pb
+
+from .errors import InvalidArgument
+from .tasks import (Checkpoint, ClientQuery, ExampleSpec, GenerationSpec, GuidedSpec,
+                    IterationReport, LossSpec, OptimizerSpec, TokenSpec, WeightsSpec)
+from .tasks._generation import IterationProgress
+
+DOMAINS = {pb.IMAGE: "image", pb.LATENT: "latent"}
+TARGET_NAMES = {pb.X_T: "x_T", pb.COND: "cond", pb.TOKEN: "token", pb.WEIGHTS: "weights"}
+
+
+def tensor(msg, name: str, limits, *, shape=None) -> torch.Tensor:
+    try:
+        array = decode_tensor(msg, name=name, max_elements=limits.max_tensor_elements, shape=shape,
+                              dtypes=("float16", "float32", "float64"))
+    except TensorError as err:
+        raise InvalidArgument(str(err)) from err
+    return torch.from_numpy(array)
+
+
+def maybe_tensor(parent, field: str, limits, name: str | None = None):
+    return tensor(getattr(parent, field), name or field, limits) if parent.HasField(field) else None
+
+
+def to_tensor(t: torch.Tensor):
+    t = t.detach().to("cpu")
+    return encode_tensor((t.float() if t.dtype == torch.bfloat16 else t).numpy())
+
+
+def generation(msg: pb.Generation, limits) -> GenerationSpec:
+    return GenerationSpec(
+        model=msg.model, adapter=msg.adapter, prompt=list(msg.prompt),
+        negative_prompt=list(msg.negative_prompt), labels=list(msg.labels),
+        cond=maybe_tensor(msg, "cond", limits), embedding=msg.embedding, batch=msg.batch,
+        seed=msg.seed if msg.HasField("seed") else None, x_T=maybe_tensor(msg, "x_T", limits),
+        steps=msg.steps, solver=msg.solver,
+        guidance_scale=msg.guidance_scale if msg.HasField("guidance_scale") else None,
+        grid=msg.grid, t_start=msg.t_start if msg.HasField("t_start") else None)
+
+
+def losses(terms, limits) -> list[LossSpec]:
+    specs = []
+    for k, term in enumerate(terms):
+        weight = term.weight or 1.0
+        domain = DOMAINS.get(term.domain)
+        if domain is None:
+            raise InvalidArgument(f"losses[{k}]: unknown domain {term.domain}")
+        kind = term.WhichOneof("kind")
+        if kind == "client":
+            if not term.client:
+                raise InvalidArgument(f"losses[{k}]: a client loss needs a name")
+            specs.append(LossSpec("client", term.client, weight, domain))
+        elif kind == "server":
+            params = json_format.MessageToDict(term.server.params) if term.server.HasField("params") else {}
+            tensors = {key: tensor(value, f"losses[{k}].tensors[{key!r}]", limits)
+                       for key, value in term.server.tensors.items()}
+            specs.append(LossSpec("server", term.server.name, weight, domain, params, tensors))
+        else:
+            raise InvalidArgument(f"losses[{k}] is neither a client nor a server loss")
+    return specs
+
+
+def optimizer(msg: pb.Optimizer) -> OptimizerSpec:
+    return OptimizerSpec(name=msg.name or "adam", lr=msg.lr or 0.05, iterations=msg.iterations or 10,
+                         momentum=msg.momentum)
+
+
+def token(msg: pb.TokenSpec, limits) -> TokenSpec:
+    return TokenSpec(placeholder=msg.placeholder or "<*>", initializer=msg.initializer,
+                     embedding=maybe_tensor(msg, "embedding", limits, "token.embedding"))
+
+
+def weights(msg: pb.WeightsSpec) -> WeightsSpec:
+    return WeightsSpec(parameters=list(msg.parameters), lora_rank=msg.lora_rank, inline=msg.inline)
+
+
+def targets(values) -> list[str]:
+    names = []
+    for v in values:
+        if v not in TARGET_NAMES:
+            raise InvalidArgument(f"unknown gradient target {v}")
+        names.append(TARGET_NAMES[v])
+    return names or ["x_T"]
+
+
+def guided(msg: pb.GuidedSampling) -> GuidedSpec:
+    return GuidedSpec(every=msg.every or 1, scale=msg.scale, inner_steps=msg.inner_steps or 1,
+                      grad_steps=msg.grad_steps)
+
+
+def examples(items, limits) -> list[ExampleSpec]:
+    if len(items) > limits.max_examples:
+        raise InvalidArgument(f"at most {limits.max_examples} examples; got {len(items)}")
+    return [ExampleSpec(seed=e.seed if e.HasField("seed") else None,
+                        x_T=maybe_tensor(e, "x_T", limits, f"examples[{k}].x_T"), prompt=e.prompt,
+                        label=e.label if e.HasField("label") else None)
+            for k, e in enumerate(items)]
+
+
+# ---- results and events -------------------------------------------------------------------------
+
+def artifact_info(info) -> pb.ArtifactInfo:
+    if info is None:
+        return pb.ArtifactInfo()
+    d = asdict(info)
+    meta = struct_pb2.Struct()
+    meta.update({k: v for k, v in d["metadata"].items() if v is not None})
+    return pb.ArtifactInfo(id=d["id"], kind=d["kind"], model=d["model"], size=d["size"],
+                           name=d["name"], iteration=d["iteration"], metadata=meta)
+
+
+def event(item) -> pb.Event:
+    """A task's event → an Event message."""
+    if isinstance(item, IterationProgress):
+        return pb.Event(progress=pb.Progress(phase=item.phase, step=item.step, total=item.total,
+                                             t=item.t, nfe=item.nfe, iteration=item.iteration))
+    if isinstance(item, ClientQuery):
+        return pb.Event(loss_query=pb.LossQuery(term=item.term, name=item.name,
+                                                domain=pb.IMAGE if item.domain == "image" else pb.LATENT,
+                                                x=encode_tensor(np.asarray(item.x, dtype=np.float32)),
+                                                iteration=item.iteration))
+    if isinstance(item, IterationReport):
+        return pb.Event(iteration=pb.Iteration(iteration=item.iteration, loss=item.loss,
+                                               loss_terms=item.loss_terms, grad_norm=item.grad_norm,
+                                               images=item.images))
+    if isinstance(item, Checkpoint):
+        return pb.Event(checkpoint=artifact_info(item.info))
+    raise TypeError(f"no message for event {type(item).__name__}")
+
+
+def sample_result(r) -> pb.Event:
+    return pb.Event(sample=pb.SampleResult(images=r.images, x0=to_tensor(r.x0), x_T=to_tensor(r.x_T),
+                                           pixels=to_tensor(r.pixels) if r.pixels is not None else None))
+
+
+def gradient_result(r) -> pb.Event:
+    msg = pb.GradientResult(loss=r.loss, loss_terms=r.loss_terms, x0=to_tensor(r.x0), images=r.images,
+                            nfe=r.nfe)
+    for key, value in r.gradients.items():
+        msg.gradients[key].CopyFrom(to_tensor(value))
+    for key, value in r.weight_gradients.items():
+        msg.weight_gradients[key].CopyFrom(to_tensor(value))
+    if r.weights_artifact is not None:
+        msg.weights_artifact.CopyFrom(artifact_info(r.weights_artifact))
+    return pb.Event(gradient=msg)
+
+
+def optimize_result(r) -> pb.Event:
+    msg = pb.OptimizeResult(loss=r.loss, history=r.history, x_T=to_tensor(r.x_T), x0=to_tensor(r.x0),
+                            images=r.images, initial_images=r.initial_images)
+    if r.artifact is not None:
+        msg.artifact.CopyFrom(artifact_info(r.artifact))
+    return pb.Event(optimized=msg)

@@ -1,0 +1,42 @@
+"""Errors a request can end with, each naming its gRPC status code by name.
+
+Tasks and losses raise these (no gRPC import below the service layer); the service maps
+``code`` to ``grpc.StatusCode[code]`` and sends ``str(error)`` as the message a user acts on.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ServiceError", "InvalidArgument", "NotFound", "FailedPrecondition",
+           "ResourceExhausted", "Cancelled", "Unavailable", "DeadlineExceeded"]
+
+
+class ServiceError(Exception):
+    code = "INTERNAL"
+
+
+class InvalidArgument(ServiceError, ValueError):
+    code = "INVALID_ARGUMENT"
+
+
+class NotFound(ServiceError, LookupError):
+    code = "NOT_FOUND"
+
+
+class FailedPrecondition(ServiceError):
+    code = "FAILED_PRECONDITION"
+
+
+class ResourceExhausted(ServiceError):
+    code = "RESOURCE_EXHAUSTED"
+
+
+class Cancelled(ServiceError):
+    code = "CANCELLED"
+
+
+class Unavailable(ServiceError):
+    code = "UNAVAILABLE"
+
+
+class DeadlineExceeded(ServiceError):
+    code = "DEADLINE_EXCEEDED"

@@ -1,0 +1,124 @@
+"""A task running for one gRPC stream: its own thread, events out, loss replies in.
+
+The handler's generator yields the task's events as they come; a reader thread takes the
+client's LossReply messages off a bidi stream; ``context.add_callback`` marks the job cancelled
+when the client cancels or goes away, and the task stops at its next solver step.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import traceback
+
+import numpy as np
+
+from adjointdpm._tensors import TensorError, decode_tensor
+
+from .errors import Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument, ServiceError
+from .tasks import ClientQuery, Job
+
+log = logging.getLogger("adjointdpm.jobs")
+
+__all__ = ["StreamJob"]
+
+_END = object()
+
+
+class StreamJob(Job):
+    def __init__(self, context, limits, slots: threading.Semaphore):
+        super().__init__()
+        self.limits = limits
+        self.slots = slots
+        self._out: queue.Queue = queue.Queue()
+        self._replies: queue.Queue = queue.Queue()
+        self._reader_done = threading.Event()
+        context.add_callback(self.cancelled.set)
+
+    # -- Job interface (called from the task's thread) ------------------------------------------
+    def emit(self, event) -> None:
+        self._out.put(("event", event))
+
+    def ask(self, query: ClientQuery) -> tuple[float, np.ndarray]:
+        self._out.put(("event", query))
+        deadline = time.monotonic() + self.limits.client_loss_timeout_s
+        while True:
+            self.check()
+            try:
+                reply = self._replies.get(timeout=0.2)
+                break
+            except queue.Empty:
+                if self._reader_done.is_set() and self._replies.empty():
+                    raise FailedPrecondition(f"the client closed its stream without answering the "
+                                             f"loss query for {query.name!r}")
+                if time.monotonic() > deadline:
+                    raise DeadlineExceeded(f"no answer to the loss query for {query.name!r} within "
+                                           f"{self.limits.client_loss_timeout_s:.0f} s")
+        if reply.term != query.term:
+            raise InvalidArgument(f"loss reply for term {reply.term}, but term {query.term} was asked")
+        if not reply.HasField("grad"):
+            raise InvalidArgument(f"the loss reply for {query.name!r} carries no gradient")
+        try:
+            grad = decode_tensor(reply.grad, name=f"gradient of {query.name!r}",
+                                 max_elements=self.limits.max_tensor_elements, shape=query.x.shape,
+                                 dtypes=("float16", "float32", "float64"))
+        except TensorError as err:
+            raise InvalidArgument(str(err)) from err
+        return reply.value, grad
+
+    # -- the stream side -------------------------------------------------------------------------
+    def read_replies(self, request_iterator) -> None:
+        """Take LossReply messages off a bidi stream, in a thread of its own."""
+        def reader():
+            try:
+                for msg in request_iterator:
+                    if msg.WhichOneof("kind") == "loss_reply":
+                        self._replies.put(msg.loss_reply)
+                    else:
+                        log.warning("ignoring a second request on one stream")
+            except Exception:  # the stream broke: the client went away
+                self.cancelled.set()
+            finally:
+                self._reader_done.set()
+
+        threading.Thread(target=reader, name="adjointdpm-reader", daemon=True).start()
+
+    def run(self, task, to_event, to_result):
+        """Yield event messages while ``task(job)`` runs in a thread, then its result message.
+
+        Raises ServiceError (or an unexpected exception) from the task in the caller's thread.
+        """
+        def work():
+            try:
+                with self.slots:
+                    self.check()
+                    self._out.put(("result", task(self)))
+            except BaseException as err:  # noqa: BLE001 — delivered to the handler, not lost
+                self._out.put(("error", err))
+            finally:
+                self._out.put(("end", _END))
+
+        thread = threading.Thread(target=work, name="adjointdpm-task", daemon=True)
+        thread.start()
+        outcome = None
+        while True:
+            kind, item = self._out.get()
+            if kind == "event":
+                yield to_event(item)
+            elif kind == "result":
+                outcome = ("result", item)
+            elif kind == "error":
+                outcome = ("error", item)
+            else:
+                break
+        thread.join()
+        if outcome is None:
+            raise Cancelled("the task ended without a result")
+        if outcome[0] == "error":
+            err = outcome[1]
+            if not isinstance(err, ServiceError):
+                log.error("task failed:\n%s", "".join(traceback.format_exception(err)))
+            raise err
+        yield to_result(outcome[1])

@@ -1,0 +1,73 @@
+"""``clip_similarity``: 1 − cos(CLIP image embedding, CLIP text embedding), from a local CLIP.
+
+Offered only when the server is started with ``--clip-model-dir`` (a transformers ``CLIPModel``
+and its processor files; nothing is downloaded). The audit of §4.1.2 uses it with a negative
+weight (push away from a prompt).
+"""
+
+from __future__ import annotations
+
+import threading
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from ..errors import FailedPrecondition, InvalidArgument
+from ._base import LossPlugin
+
+__all__ = ["ClipSimilarityLoss"]
+
+_lock = threading.Lock()
+
+
+@lru_cache(maxsize=2)
+def _load(directory: str):
+    from transformers import CLIPModel, CLIPTokenizer
+
+    path = Path(directory)
+    if not path.is_dir():
+        raise FailedPrecondition(f"the CLIP model directory {directory} does not exist")
+    model = CLIPModel.from_pretrained(path, local_files_only=True).eval().requires_grad_(False)
+    tokenizer = CLIPTokenizer.from_pretrained(path, local_files_only=True)
+    return model, tokenizer
+
+
+class ClipSimilarityLoss(LossPlugin):
+    name = "clip_similarity"
+    description = "1 − cosine similarity between CLIP's embeddings of the image and of `text`"
+    params = {"text": "the prompt to compare with"}
+
+    @classmethod
+    def available(cls, settings) -> bool:
+        return bool(settings.get("clip_model_dir"))
+
+    def __init__(self, context, params, tensors):
+        super().__init__(context, params, tensors)
+        text = params.get("text")
+        if not isinstance(text, str) or not text:
+            raise InvalidArgument("clip_similarity needs the parameter 'text' (a non-empty string)")
+        with _lock:
+            self.model, tokenizer = _load(str(context.settings["clip_model_dir"]))
+            ids = tokenizer([text], padding="max_length", truncation=True,
+                            max_length=self.model.config.text_config.max_position_embeddings,
+                            return_tensors="pt").input_ids
+        with torch.no_grad():
+            t = self.model.get_text_features(input_ids=ids)
+            t = getattr(t, "pooler_output", t)
+        self.text = torch.nn.functional.normalize(t, dim=-1)
+        size = self.model.config.vision_config.image_size
+        self.size = size
+        self.mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+        self.std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        x = torch.nn.functional.interpolate(x.float(), size=(self.size, self.size), mode="bicubic",
+                                            align_corners=False)
+        x = (x - self.mean.to(x.device)) / self.std.to(x.device)
+        features = self.model.get_image_features(pixel_values=x)
+        features = getattr(features, "pooler_output", features)
+        image = torch.nn.functional.normalize(features, dim=-1)
+        return (1 - (image * self.text.to(image.device)).sum(-1)).mean()

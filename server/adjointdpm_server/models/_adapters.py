@@ -1,0 +1,105 @@
+"""Adapted copies of a resident ``eps_fn``: LoRA (peft) or full fine-tuning, never in place.
+
+The resident model serves every request, so a fine-tune works on a copy: a LoRA copy shares the
+frozen base tensors with the resident module (zero weight memory; peft wraps layers, it does not
+write to their weights), a full copy owns its weights.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["with_lora", "full_copy", "trainable_state", "load_adapter", "with_trainable_view"]
+
+
+def _shared_copy(module: nn.Module) -> nn.Module:
+    memo = {id(t): t for t in (*module.parameters(), *module.buffers())}
+    return copy.deepcopy(module, memo)
+
+
+def with_lora(eps_fn: nn.Module, rank: int, alpha: float | None = None,
+              targets: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0")) -> nn.Module:
+    """A copy of ``eps_fn`` with a fresh LoRA adapter (B = 0: it starts equal to the base);
+    only the LoRA weights require grad."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1; got {rank}")
+    names = [n for n, _ in eps_fn.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing or not targets:
+        raise ValueError(f"LoRA target modules {missing or list(targets)} are not in this model")
+    model = _shared_copy(eps_fn)
+    config = LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, target_modules=list(targets))
+    model = inject_adapter_in_model(config, model)
+    for name, param in model.named_parameters():
+        param.requires_grad_("lora_" in name)
+    return model
+
+
+def full_copy(eps_fn: nn.Module) -> nn.Module:
+    """An independent copy whose floating-point parameters all require grad."""
+    model = copy.deepcopy(eps_fn)
+    for param in model.parameters():
+        param.requires_grad_(param.is_floating_point())
+    return model
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters being trained (LoRA weights, or all), detached, on the CPU, contiguous."""
+    return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_adapter(eps_fn: nn.Module, method: str, state: Mapping[str, torch.Tensor], *,
+                 rank: int = 0, alpha: float | None = None, targets: Sequence[str] = ()) -> nn.Module:
+    """``eps_fn`` with a saved adapter applied, frozen (for sampling and further gradients)."""
+    if method == "lora":
+        model = with_lora(eps_fn, rank, alpha, targets)
+    elif method == "full":
+        model = full_copy(eps_fn)
+    else:
+        raise ValueError(f"unknown adapter method {method!r}")
+    own = dict(model.named_parameters())
+    expected = [k for k, p in own.items() if p.requires_grad]
+    unknown = [k for k in state if k not in expected]  # never a shared base tensor of a LoRA copy
+    missing = [k for k in expected if k not in state]
+    if unknown or missing:
+        raise ValueError(f"adapter does not fit this model: {len(unknown)} unknown and "
+                         f"{len(missing)} missing tensors (e.g. {(unknown or missing)[0]})")
+    with torch.no_grad():
+        for key, value in state.items():
+            if tuple(value.shape) != tuple(own[key].shape):
+                raise ValueError(f"adapter tensor {key} has shape {tuple(value.shape)}, "
+                                 f"the model's {tuple(own[key].shape)}")
+            own[key].copy_(value)
+    return model.requires_grad_(False).eval()
+
+
+def with_trainable_view(eps_fn: nn.Module, patterns: Sequence[str]) -> tuple[nn.Module, dict]:
+    """A copy of ``eps_fn`` sharing every tensor, whose parameters matching ``patterns``
+    (fnmatch; empty = all floating-point ones) are fresh leaves aliasing the resident storage.
+
+    Gradients w.r.t. the resident weights without copying them and without flipping
+    ``requires_grad`` on the shared module (other requests use it at the same time).
+    """
+    from fnmatch import fnmatch
+
+    model = _shared_copy(eps_fn)
+    chosen = {}
+    for name, param in list(model.named_parameters()):
+        if not param.is_floating_point():
+            continue
+        if patterns and not any(fnmatch(name, p) for p in patterns):
+            continue
+        owner_name, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        view = nn.Parameter(param.detach(), requires_grad=True)
+        setattr(owner, leaf, view)
+        chosen[name] = view
+    if not chosen:
+        raise ValueError(f"no parameter matches {list(patterns)}")
+    return model, chosen

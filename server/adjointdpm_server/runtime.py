@@ -1,0 +1,86 @@
+"""What the server keeps resident: the models, the artifact store and adapted copies.
+
+The gRPC layer hands this to tasks; tasks never modify a resident model (adapters are applied to
+copies, cached here by artifact id).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from .artifacts import ArtifactStore
+from .config import ServerConfig
+from .errors import FailedPrecondition, InvalidArgument, NotFound
+from .models import ModelBackend, load_model
+from .models._adapters import load_adapter
+
+__all__ = ["Runtime", "model_name"]
+
+
+def model_name(spec: str) -> tuple[str, str]:
+    """``name=spec`` or ``spec`` → (name, spec); a diffusers directory is named after itself."""
+    name, eq, rest = spec.partition("=")
+    if eq:
+        return name, rest
+    kind, _, arg = spec.partition(":")
+    return (Path(arg).name or kind) if kind == "diffusers" and arg else kind, spec
+
+
+class Runtime:
+    def __init__(self, config: ServerConfig, models: dict[str, ModelBackend] | None = None,
+                 adapter_cache: int = 4):
+        self.config = config
+        if models is None:
+            dtype = getattr(torch, config.dtype)
+            models = {}
+            for spec in config.models:
+                name, spec = model_name(spec)
+                models[name] = load_model(spec, device=config.device, dtype=dtype)
+        if not models:
+            raise ValueError("the server needs at least one model")
+        self.models = dict(models)
+        self.default_model = next(iter(self.models))
+        self.artifacts = ArtifactStore(config.artifact_dir)
+        self.settings = config.loss_settings()
+        self.limits = config.limits
+        self._adapters: OrderedDict[str, torch.nn.Module] = OrderedDict()
+        self._adapter_cache = adapter_cache
+        self._lock = threading.Lock()
+
+    def model(self, name: str = "") -> tuple[str, ModelBackend]:
+        name = name or self.default_model
+        backend = self.models.get(name)
+        if backend is None:
+            raise NotFound(f"no model {name!r} on this server; it serves {', '.join(self.models)}")
+        return name, backend
+
+    def adapted(self, model: str, adapter_id: str) -> torch.nn.Module:
+        """The resident ``eps_fn`` of ``model`` with the adapter applied (a cached copy)."""
+        with self._lock:
+            if adapter_id in self._adapters:
+                self._adapters.move_to_end(adapter_id)
+                return self._adapters[adapter_id]
+        backend = self.models[model]
+        info = self.artifacts.info(adapter_id)
+        if info.kind not in ("lora", "full", "checkpoint"):
+            raise InvalidArgument(f"artifact {adapter_id} is a {info.kind}, not an adapter")
+        if info.model != model:
+            raise FailedPrecondition(f"adapter {adapter_id} was trained on model {info.model!r}, "
+                                     f"not {model!r}")
+        state, info = self.artifacts.load(adapter_id, device=backend.device)
+        meta = info.metadata
+        try:
+            eps = load_adapter(backend.eps_fn, meta.get("method", info.kind), state,
+                               rank=int(meta.get("rank", 0)), alpha=meta.get("alpha"),
+                               targets=tuple(meta.get("targets", ())))
+        except ValueError as err:
+            raise FailedPrecondition(f"adapter {adapter_id}: {err}") from err
+        with self._lock:
+            self._adapters[adapter_id] = eps
+            while len(self._adapters) > self._adapter_cache:
+                self._adapters.popitem(last=False)
+        return eps

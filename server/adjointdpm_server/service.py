@@ -1,0 +1,162 @@
+"""The gRPC servicer: each RPC translates its messages into a task and streams the task's events.
+
+Errors become statuses here and only here: a ServiceError carries its code; any other exception
+is a bug, logged with its traceback and answered INTERNAL — the server and other jobs go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import grpc
+
+from adjointdpm.v1 import adjointdpm_pb2 as pb
+from adjointdpm.v1 import adjointdpm_pb2_grpc as pb_grpc
+
+from . import convert
+from .core import GRAD_MODES, SOLVERS
+from .errors import InvalidArgument, ServiceError
+from .jobs import StreamJob
+from .losses import available_losses
+from .runtime import Runtime
+from .tasks import (run_finetune, run_gradient, run_optimize_embedding, run_optimize_latent,
+                    run_sample)
+
+log = logging.getLogger("adjointdpm.service")
+
+__all__ = ["AdjointDPMService"]
+
+CHUNK = 1 << 20
+
+
+def _abort(context, err: Exception):
+    if isinstance(err, ServiceError):
+        context.abort(grpc.StatusCode[err.code], str(err))
+    log.exception("internal error", exc_info=err)
+    context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}")
+
+
+def _first_request(request_iterator, name: str):
+    """The opening message of a bidi stream must be the request."""
+    try:
+        first = next(request_iterator)
+    except StopIteration:
+        raise InvalidArgument(f"{name}: the stream closed before the request") from None
+    if first.WhichOneof("kind") != "request":
+        raise InvalidArgument(f"{name}: the first message must be the request")
+    return first.request
+
+
+class AdjointDPMService(pb_grpc.AdjointDPMServicer):
+    def __init__(self, runtime: Runtime):
+        self.rt = runtime
+        self.slots = threading.BoundedSemaphore(runtime.config.max_concurrent_jobs)
+
+    def _stream(self, context, build, to_result, request_iterator=None):
+        """Run ``build()``'s task as a job on this stream, yielding events, aborting on errors."""
+        try:
+            task = build()
+            job = StreamJob(context, self.rt.limits, self.slots)
+            if request_iterator is not None:
+                job.read_replies(request_iterator)
+            yield from job.run(task, convert.event, to_result)
+        except Exception as err:  # noqa: BLE001 — every failure becomes a status
+            if context.is_active():
+                _abort(context, err)
+
+    # -- streaming RPCs -------------------------------------------------------------------------
+    def Sample(self, request, context):
+        def build():
+            spec = convert.generation(request.generation, self.rt.limits)
+            return lambda job: run_sample(self.rt, spec, job, images=not request.no_images,
+                                          pixels=request.return_pixels)
+        return self._stream(context, build, convert.sample_result)
+
+    def ComputeGradient(self, request_iterator, context):
+        def build():
+            r = _first_request(request_iterator, "ComputeGradient")
+            limits = self.rt.limits
+            spec, losses = convert.generation(r.generation, limits), convert.losses(r.losses, limits)
+            targets = convert.targets(r.targets)
+            token, weights = convert.token(r.token, limits), convert.weights(r.weights)
+            return lambda job: run_gradient(self.rt, spec, losses, job, targets=targets,
+                                            grad_mode=r.grad_mode, token=token, weights=weights,
+                                            images=r.return_images)
+        return self._stream(context, build, convert.gradient_result, request_iterator)
+
+    def OptimizeLatent(self, request_iterator, context):
+        def build():
+            r = _first_request(request_iterator, "OptimizeLatent")
+            limits = self.rt.limits
+            spec, losses = convert.generation(r.generation, limits), convert.losses(r.losses, limits)
+            guided = convert.guided(r.guided) if r.HasField("guided") else None
+            return lambda job: run_optimize_latent(
+                self.rt, spec, losses, job, optimizer=convert.optimizer(r.optimizer),
+                norm=r.constraint.norm, epsilon=r.constraint.epsilon, norm_weight=r.norm_weight,
+                image_every=r.image_every, grad_mode=r.grad_mode, guided=guided)
+        return self._stream(context, build, convert.optimize_result, request_iterator)
+
+    def FinetuneWeights(self, request_iterator, context):
+        def build():
+            r = _first_request(request_iterator, "FinetuneWeights")
+            limits = self.rt.limits
+            spec, losses = convert.generation(r.generation, limits), convert.losses(r.losses, limits)
+            examples = convert.examples(r.examples, limits)
+            return lambda job: run_finetune(
+                self.rt, spec, examples, losses, job, optimizer=convert.optimizer(r.optimizer),
+                method=r.method or "lora", lora_rank=r.lora_rank or 4, lora_alpha=r.lora_alpha or None,
+                target_modules=list(r.target_modules), checkpoint_every=r.checkpoint_every,
+                name=r.name, batch_size=r.batch_size, grad_mode=r.grad_mode)
+        return self._stream(context, build, convert.optimize_result, request_iterator)
+
+    def OptimizeEmbedding(self, request_iterator, context):
+        def build():
+            r = _first_request(request_iterator, "OptimizeEmbedding")
+            limits = self.rt.limits
+            spec, losses = convert.generation(r.generation, limits), convert.losses(r.losses, limits)
+            target = convert.maybe_tensor(r, "target_image", limits)
+            token = convert.token(r.token, limits) if r.HasField("token") else None
+            return lambda job: run_optimize_embedding(
+                self.rt, spec, losses, job, optimizer=convert.optimizer(r.optimizer), token=token,
+                target_image=target, name=r.name, grad_mode=r.grad_mode, image_every=r.image_every)
+        return self._stream(context, build, convert.optimize_result, request_iterator)
+
+    # -- unary ----------------------------------------------------------------------------------
+    def ListModels(self, request, context):
+        models = []
+        for name, backend in self.rt.models.items():
+            adapters = [convert.artifact_info(i) for i in self.rt.artifacts.list(model=name)
+                        if i.kind in ("lora", "full", "embedding")]
+            models.append(pb.ModelInfo(
+                name=name, spec=getattr(backend, "name", name), is_default=name == self.rt.default_model,
+                latent_shape=list(backend.latent_shape), image_shape=list(backend.image_shape),
+                conditioning=backend.conditioning, default_steps=backend.default_steps,
+                default_guidance=backend.default_guidance or 0.0, solvers=list(SOLVERS),
+                grad_modes=list(GRAD_MODES), adapters=adapters))
+        return pb.ListModelsResponse(models=models)
+
+    def ListLosses(self, request, context):
+        losses = [pb.LossInfo(name=name, description=cls.description, params=list(cls.params),
+                              tensors=list(cls.tensors),
+                              domain=pb.IMAGE if cls.domain == "image" else pb.LATENT)
+                  for name, cls in available_losses(self.rt.settings).items()]
+        return pb.ListLossesResponse(losses=losses)
+
+    def GetArtifact(self, request, context):
+        try:
+            info = self.rt.artifacts.info(request.id)
+            path = self.rt.artifacts.path(request.id)
+            with open(path, "rb") as f:
+                first = True
+                while True:
+                    data = f.read(CHUNK)
+                    if not data and not first:
+                        break
+                    yield pb.ArtifactChunk(info=convert.artifact_info(info) if first else None,
+                                           data=data)
+                    first = False
+                    if not data:
+                        break
+        except Exception as err:  # noqa: BLE001
+            _abort(context, err)

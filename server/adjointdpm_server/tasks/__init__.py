@@ -1,0 +1,22 @@
+"""Tasks: what each RPC does, in terms of the core and a model backend (no gRPC here).
+
+Each ``run_*`` takes the server's ``Runtime``, plain specs and a ``Job`` (events, client
+losses, cancellation) and returns a result dataclass; the service translates both ways.
+"""
+
+from ._job import Checkpoint, ClientQuery, IterationReport, Job, LocalJob
+from ._specs import (ExampleSpec, GenerationSpec, GuidedSpec, LossSpec, OptimizerSpec, TokenSpec,
+                     WeightsSpec)
+from .embedding import run_optimize_embedding
+from .finetune import run_finetune
+from .gradient import TARGETS, GradientResult, run_gradient
+from .optimize_latent import OptimizeResult, run_optimize_latent
+from .sample import SampleResult, run_sample
+
+__all__ = [
+    "Job", "LocalJob", "ClientQuery", "IterationReport", "Checkpoint",
+    "GenerationSpec", "LossSpec", "OptimizerSpec", "TokenSpec", "WeightsSpec", "GuidedSpec",
+    "ExampleSpec", "TARGETS",
+    "run_sample", "run_gradient", "run_optimize_latent", "run_finetune", "run_optimize_embedding",
+    "SampleResult", "GradientResult", "OptimizeResult",
+]

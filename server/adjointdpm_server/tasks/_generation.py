@@ -1,0 +1,191 @@
+"""From a GenerationSpec to the arguments of ``core.sample``: model, noise, conditioning, solver.
+
+Every size is checked against the server's limits before a tensor is made.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..core import GRIDS, SOLVERS, Progress, sample
+from ..errors import InvalidArgument
+from ..models import Conditioning, ModelBackend
+from ._job import Job
+from ._specs import GenerationSpec
+
+__all__ = ["Prepared", "prepare", "run_sampler", "progress_callback"]
+
+
+@dataclass
+class Prepared:
+    model: str
+    backend: ModelBackend
+    eps_fn: torch.nn.Module
+    x_T: torch.Tensor
+    cond: object
+    uncond: object
+    steps: int
+    solver: str
+    grid: str
+    guidance_scale: float | None
+    t_start: float | None
+    batch: int
+    prompts: list[str] = field(default_factory=list)
+
+
+def _batch(spec: GenerationSpec, limits) -> int:
+    if spec.x_T is not None:
+        batch = int(spec.x_T.shape[0]) if spec.x_T.dim() else 0
+        if spec.batch and spec.batch != batch:
+            raise InvalidArgument(f"batch {spec.batch} disagrees with x_T's batch {batch}")
+    else:
+        batch = spec.batch or max(1, len(spec.labels), len(spec.prompt))
+    if not 1 <= batch <= limits.max_batch:
+        raise InvalidArgument(f"batch must lie in 1…{limits.max_batch}; got {batch}")
+    return batch
+
+
+def _per_sample(values: list, batch: int, name: str) -> list:
+    if len(values) not in (0, 1, batch):
+        raise InvalidArgument(f"give one {name} or one per sample ({batch}); got {len(values)}")
+    return values
+
+
+def _conditioning(rt, spec: GenerationSpec, name: str, backend: ModelBackend, batch: int) -> Conditioning:
+    prompt = _per_sample(list(spec.prompt), batch, "prompt")
+    negative = _per_sample(list(spec.negative_prompt), batch, "negative prompt")
+    labels = _per_sample(list(spec.labels), batch, "label")
+    given = sum(map(bool, (prompt, labels, spec.cond is not None, spec.embedding)))
+    if given > 1 and not (spec.embedding and prompt):
+        raise InvalidArgument("give one of prompt, labels, cond and embedding")
+    kwargs = {}
+    if negative:
+        kwargs["negative_prompt"] = negative[0] if len(negative) == 1 else negative
+    try:
+        if spec.embedding:
+            return _learned_embedding(rt, spec.embedding, name, backend, batch, prompt, kwargs)
+        if spec.cond is not None:
+            shape = (batch, *backend.cond_shape)
+            cond = spec.cond
+            if tuple(cond.shape) not in (shape, shape[1:], (1, *shape[1:])):
+                raise InvalidArgument(f"cond has shape {tuple(cond.shape)}; model {name!r} takes "
+                                      f"{tuple(backend.cond_shape)} per sample")
+            cond = cond.to(backend.device, backend.dtype).expand(shape).clone()
+            base = backend.embed(backend.encode(batch, **kwargs))
+            return Conditioning(cond, base.uncond)
+        if prompt:
+            kwargs["prompt"] = prompt[0] if len(prompt) == 1 else prompt
+        if labels:
+            kwargs["labels"] = labels
+        return backend.encode(batch, **kwargs)
+    except InvalidArgument:
+        raise
+    except ValueError as err:
+        raise InvalidArgument(f"model {name!r}: {err}") from err
+
+
+def _learned_embedding(rt, artifact_id, name, backend, batch, prompt, kwargs) -> Conditioning:
+    tensors, info = rt.artifacts.load(artifact_id, device=backend.device)
+    if info.kind != "embedding":
+        raise InvalidArgument(f"artifact {artifact_id} is a {info.kind}, not an embedding")
+    if info.model != name:
+        raise InvalidArgument(f"embedding {artifact_id} was learned on {info.model!r}, not {name!r}")
+    if "token" in tensors:
+        placeholder = info.metadata.get("placeholder", "<*>")
+        text = prompt or [info.metadata.get("prompt", placeholder)]
+        return backend.encode_with_token(batch, text[0] if len(text) == 1 else text,
+                                         tensors["token"].to(backend.dtype),
+                                         placeholder=placeholder, **kwargs)
+    cond = tensors["cond"].to(backend.dtype)
+    base = backend.embed(backend.encode(batch, **kwargs))
+    return Conditioning(cond.expand(batch, *cond.shape[1:]).clone(), base.uncond)
+
+
+def prepare(rt, spec: GenerationSpec) -> Prepared:
+    """Validate against the limits, then resolve model, adapter, x_T and conditioning."""
+    limits = rt.limits
+    name, backend = rt.model(spec.model)
+    batch = _batch(spec, limits)
+    steps = spec.steps or backend.default_steps
+    if not 1 <= steps <= limits.max_steps:
+        raise InvalidArgument(f"steps must lie in 1…{limits.max_steps}; got {steps}")
+    solver = spec.solver or "dpm3"
+    if solver not in SOLVERS:
+        raise InvalidArgument(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    grid = spec.grid or "logsnr"
+    if grid not in GRIDS:
+        raise InvalidArgument(f"unknown grid {grid!r}; choose one of {', '.join(GRIDS)}")
+    scale = backend.default_guidance if spec.guidance_scale is None else spec.guidance_scale
+    if scale is not None and (not math.isfinite(scale) or abs(scale) > 100):
+        raise InvalidArgument(f"guidance_scale must be finite and at most 100; got {scale}")
+    if scale is not None and backend.conditioning == "tensor" and spec.guidance_scale is None:
+        scale = None
+    t_start = spec.t_start
+    if t_start is not None:
+        if spec.x_T is None:
+            raise InvalidArgument("t_start needs the state x_t at that time (x_T)")
+        if not backend.schedule.t_min < t_start <= backend.schedule.t_max:
+            raise InvalidArgument(f"t_start must lie in ({backend.schedule.t_min}, "
+                                  f"{backend.schedule.t_max}]; got {t_start}")
+    if spec.x_T is not None:
+        if tuple(spec.x_T.shape[1:]) != tuple(backend.latent_shape):
+            raise InvalidArgument(f"x_T has shape {tuple(spec.x_T.shape)}; model {name!r} takes "
+                                  f"(B, {', '.join(map(str, backend.latent_shape))})")
+        if not bool(torch.isfinite(spec.x_T).all()):
+            raise InvalidArgument("x_T has NaN or Inf entries")
+        x_T = spec.x_T.to(backend.device, backend.dtype)
+    else:
+        x_T = backend.noise(batch, spec.seed)
+    c = _conditioning(rt, spec, name, backend, batch)
+    eps_fn = rt.adapted(name, spec.adapter) if spec.adapter else backend.eps_fn
+    return Prepared(name, backend, eps_fn, x_T, c.cond, c.uncond, steps, solver, grid,
+                    None if scale == 1 else scale, t_start, batch, list(spec.prompt))
+
+
+def progress_callback(job: Job, iteration: int = 0):
+    """Core progress → job events, and the cancellation check between solver steps."""
+
+    base = job.nfe  # network evaluations of earlier solves in this job
+
+    def callback(p: Progress) -> None:
+        job.check()
+        job.nfe = base + p.nfe
+        job.emit(_with_iteration(p, iteration))
+
+    return callback
+
+
+@dataclass(frozen=True)
+class IterationProgress:
+    phase: str
+    step: int
+    total: int
+    t: float
+    nfe: int
+    iteration: int
+
+
+def _with_iteration(p: Progress, iteration: int) -> IterationProgress:
+    return IterationProgress(p.phase, p.step, p.total, p.t, p.nfe, iteration)
+
+
+def run_sampler(prep: Prepared, job: Job, *, x_T=None, cond=None, uncond=None, eps_fn=None,
+                grad_mode: str = "checkpoint", iteration: int = 0, steps: int | None = None,
+                t_start: float | None = None) -> torch.Tensor:
+    """``core.sample`` with the prepared arguments (any of them overridden)."""
+    try:
+        return sample(prep.eps_fn if eps_fn is None else eps_fn,
+                      prep.x_T if x_T is None else x_T,
+                      prep.cond if cond is None else cond,
+                      schedule=prep.backend.schedule, steps=steps or prep.steps, solver=prep.solver,
+                      grad_mode=grad_mode, guidance_scale=prep.guidance_scale,
+                      uncond=prep.uncond if uncond is None else uncond, grid=prep.grid,
+                      t_start=prep.t_start if t_start is None else t_start,
+                      callback=progress_callback(job, iteration))
+    except ValueError as err:
+        if isinstance(err, InvalidArgument):
+            raise
+        raise InvalidArgument(str(err)) from err

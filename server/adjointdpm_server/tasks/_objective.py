@@ -1,0 +1,70 @@
+"""The request's loss: a weighted sum of client-side and server-side terms on the image or x_0.
+
+Client terms become ``RemoteLoss`` calls that send ``x`` over the job's stream and wait for the
+answer; server terms are plugins from the registry.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import InvalidArgument
+from ..losses import LossContext, RemoteLoss, build_loss
+from ._job import ClientQuery, Job
+from ._specs import LossSpec
+
+__all__ = ["Objective"]
+
+
+class Objective:
+    def __init__(self, rt, backend, specs: list[LossSpec], job: Job, *, reference=None):
+        if not specs:
+            raise InvalidArgument("give at least one loss term")
+        if len(specs) > 16:
+            raise InvalidArgument(f"at most 16 loss terms; got {len(specs)}")
+        self.backend, self.job, self.specs = backend, job, specs
+        self.iteration = 0
+        self.terms, self.contexts = [], []
+        for index, spec in enumerate(specs):
+            if spec.domain not in ("image", "latent"):
+                raise InvalidArgument(f"loss domain must be image or latent; got {spec.domain!r}")
+            if not math.isfinite(spec.weight):
+                raise InvalidArgument(f"loss term {index} has a non-finite weight")
+            if spec.kind == "client":
+                self.terms.append(RemoteLoss(self._asker(index, spec), f"client loss {spec.name!r}"))
+            elif spec.kind == "server":
+                context = LossContext(backend, rt.settings, reference and reference[spec.domain])
+                self.contexts.append((spec.domain, context))
+                self.terms.append(build_loss(spec.name, context, spec.params, spec.tensors))
+            else:
+                raise InvalidArgument(f"loss term {index} is neither a client nor a server loss")
+
+    def set_reference(self, reference: dict | None) -> None:
+        """The unmodified outputs (by domain) matching the next call's batch, for content terms."""
+        for domain, context in self.contexts:
+            context.reference = None if reference is None else reference[domain]
+
+    @property
+    def needs_image(self) -> bool:
+        return any(s.domain == "image" for s in self.specs)
+
+    def _asker(self, index: int, spec: LossSpec):
+        def ask(x):
+            self.job.check()
+            return self.job.ask(ClientQuery(index, spec.name, spec.domain, x, self.iteration))
+        return ask
+
+    def __call__(self, x0: torch.Tensor, images: torch.Tensor | None = None):
+        """(total loss, [term values]); ``images`` = decode(x0) when already computed."""
+        if images is None and self.needs_image:
+            images = self.backend.decode(x0)
+        total, values = 0.0, []
+        for spec, term in zip(self.specs, self.terms):
+            value = term(images if spec.domain == "image" else x0)
+            if value.dim() != 0:
+                raise InvalidArgument(f"loss {spec.name!r} did not return a scalar")
+            values.append(float(value.detach()))
+            total = total + spec.weight * value
+        return total, values

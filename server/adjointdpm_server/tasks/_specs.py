@@ -1,0 +1,80 @@
+"""What a task is asked to do, in plain Python (the service translates messages into these)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["GenerationSpec", "LossSpec", "OptimizerSpec", "TokenSpec", "WeightsSpec",
+           "GuidedSpec", "ExampleSpec"]
+
+
+@dataclass
+class GenerationSpec:
+    model: str = ""
+    adapter: str = ""
+    prompt: list[str] = field(default_factory=list)
+    negative_prompt: list[str] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    cond: torch.Tensor | None = None
+    embedding: str = ""
+    batch: int = 0
+    seed: int | None = None
+    x_T: torch.Tensor | None = None
+    steps: int = 0
+    solver: str = ""
+    guidance_scale: float | None = None
+    grid: str = ""
+    t_start: float | None = None
+
+
+@dataclass
+class LossSpec:
+    """One weighted term: ``kind`` "client" (answered by the caller) or "server" (a plugin)."""
+
+    kind: str
+    name: str
+    weight: float = 1.0
+    domain: str = "image"
+    params: dict[str, Any] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class OptimizerSpec:
+    name: str = "adam"
+    lr: float = 0.05
+    iterations: int = 10
+    momentum: float = 0.0
+
+
+@dataclass
+class TokenSpec:
+    placeholder: str = "<*>"
+    initializer: str = ""
+    embedding: torch.Tensor | None = None
+
+
+@dataclass
+class WeightsSpec:
+    parameters: list[str] = field(default_factory=list)
+    lora_rank: int = 0
+    inline: bool = False
+
+
+@dataclass
+class GuidedSpec:
+    every: int = 1
+    scale: float = 0.0
+    inner_steps: int = 1
+    grad_steps: int = 0
+
+
+@dataclass
+class ExampleSpec:
+    seed: int | None = None
+    x_T: torch.Tensor | None = None
+    prompt: str = ""
+    label: int | None = None

@@ -1,0 +1,143 @@
+"""ComputeGradient: ∂L/∂(x_T or x_t, conditioning, a new token, weights) of a loss on x_0.
+
+The sample runs in the requested grad mode (``checkpoint``: the exact gradient of the discrete
+sampler at flat memory; ``adjoint``: paper eq. 11, re-solved trajectory), the loss terms run on
+the decoded image or on x_0, and one ``torch.autograd.grad`` gives every requested gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..core import GRAD_MODES
+from ..errors import InvalidArgument
+from ..models import Conditioning
+from ..models._adapters import with_lora, with_trainable_view
+from ._generation import Prepared, prepare, run_sampler
+from ._images import to_png
+from ._job import Job
+from ._objective import Objective
+from ._specs import GenerationSpec, LossSpec, TokenSpec, WeightsSpec
+
+__all__ = ["TARGETS", "GradientResult", "run_gradient", "check_grad_mode", "token_leaf"]
+
+TARGETS = ("x_T", "cond", "token", "weights")
+
+
+@dataclass
+class GradientResult:
+    loss: float
+    loss_terms: list[float]
+    x0: torch.Tensor
+    images: list[bytes]
+    gradients: dict[str, torch.Tensor]
+    weight_gradients: dict[str, torch.Tensor] = field(default_factory=dict)
+    weights_artifact: object = None
+    nfe: int = 0
+
+
+def check_grad_mode(mode: str) -> str:
+    mode = mode or "checkpoint"
+    if mode not in GRAD_MODES or mode == "none":
+        raise InvalidArgument(f"grad_mode must be one of checkpoint, adjoint, backprop; got {mode!r}")
+    return mode
+
+
+def token_leaf(prep: Prepared, token: TokenSpec) -> torch.Tensor:
+    """The starting embedding of a new token (textual inversion), a leaf requiring grad."""
+    backend = prep.backend
+    if not hasattr(backend, "encode_with_token"):
+        raise InvalidArgument(f"model {prep.model!r} has no text encoder: a token target needs a "
+                              "prompt-conditioned (Stable Diffusion) model")
+    if token.embedding is not None:
+        if tuple(token.embedding.shape) != (backend.token_dim,):
+            raise InvalidArgument(f"the token embedding must have shape ({backend.token_dim},)")
+        start = token.embedding.to(backend.device, backend.dtype)
+    elif token.initializer:
+        try:
+            start = backend.token_init(token.initializer)
+        except ValueError as err:
+            raise InvalidArgument(str(err)) from err
+    else:
+        table = backend.text_encoder.get_input_embeddings().weight.detach()
+        start = torch.randn(backend.token_dim, generator=torch.Generator().manual_seed(0)).to(table) * table.std()
+    return start.clone().requires_grad_()
+
+
+def encode_token(prep: Prepared, token: TokenSpec, leaf: torch.Tensor) -> Conditioning:
+    placeholder = token.placeholder or "<*>"
+    if not prep.prompts:
+        raise InvalidArgument(f"a token target needs a prompt containing {placeholder!r}")
+    text = prep.prompts[0] if len(prep.prompts) == 1 else prep.prompts
+    try:
+        return prep.backend.encode_with_token(prep.batch, text, leaf, placeholder=placeholder)
+    except ValueError as err:
+        raise InvalidArgument(str(err)) from err
+
+
+def run_gradient(rt, spec: GenerationSpec, losses: list[LossSpec], job: Job, *,
+                 targets=("x_T",), grad_mode: str = "", token: TokenSpec | None = None,
+                 weights: WeightsSpec | None = None, images: bool = False) -> GradientResult:
+    targets = tuple(dict.fromkeys(targets or ("x_T",)))
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown:
+        raise InvalidArgument(f"unknown gradient targets {unknown}; choose from {', '.join(TARGETS)}")
+    mode = check_grad_mode(grad_mode)
+    prep = prepare(rt, spec)
+    objective = Objective(rt, prep.backend, losses, job)
+    leaves: dict[str, torch.Tensor] = {}
+
+    x_T = prep.x_T.clone().requires_grad_("x_T" in targets)
+    if "x_T" in targets:
+        leaves["x_T"] = x_T
+    cond, uncond = prep.cond, prep.uncond
+    if "cond" in targets:
+        if "token" in targets:
+            raise InvalidArgument("choose cond or token, not both (the token acts through cond)")
+        c = prep.backend.embed(Conditioning(cond, uncond))
+        cond, uncond = c.cond.detach().clone().requires_grad_(), c.uncond
+        leaves["cond"] = cond
+    if "token" in targets:
+        leaf = token_leaf(prep, token or TokenSpec())
+        c = encode_token(prep, token or TokenSpec(), leaf)
+        cond, uncond = c.cond, c.uncond
+        leaves["token"] = leaf
+    prep.uncond = uncond
+    eps_fn, weight_leaves = prep.eps_fn, {}
+    if "weights" in targets:
+        weights = weights or WeightsSpec()
+        try:
+            if weights.lora_rank:
+                eps_fn = with_lora(prep.eps_fn, weights.lora_rank, targets=prep.backend.lora_targets)
+                weight_leaves = {n: p for n, p in eps_fn.named_parameters() if p.requires_grad}
+            else:
+                eps_fn, weight_leaves = with_trainable_view(prep.eps_fn, weights.parameters)
+        except ValueError as err:
+            raise InvalidArgument(str(err)) from err
+
+    x0 = run_sampler(prep, job, x_T=x_T, cond=cond, eps_fn=eps_fn, grad_mode=mode)
+    decoded = prep.backend.decode(x0) if objective.needs_image or images else None
+    total, values = objective(x0, decoded)
+    inputs = list(leaves.values()) + list(weight_leaves.values())
+    if not isinstance(total, torch.Tensor) or not total.requires_grad:
+        raise InvalidArgument("the loss does not depend on the requested targets")
+    grads = torch.autograd.grad(total, inputs, allow_unused=True)
+    grads = [torch.zeros_like(i) if g is None else g for i, g in zip(inputs, grads)]
+    job.check()
+    named = dict(zip(leaves, grads[:len(leaves)]))
+    weight_grads = dict(zip(weight_leaves, grads[len(leaves):]))
+    result = GradientResult(float(total.detach()), values, x0.detach(),
+                            to_png(decoded) if images else [], {k: v.detach() for k, v in named.items()},
+                            nfe=job.nfe)
+    if weight_grads:
+        count = sum(g.numel() for g in weight_grads.values())
+        if weights.inline and count <= rt.limits.max_inline_weight_elements:
+            result.weight_gradients = {k: v.detach() for k, v in weight_grads.items()}
+        else:
+            result.weights_artifact = rt.artifacts.save(
+                "weight_gradients", weight_grads, model=prep.model,
+                metadata={"lora_rank": weights.lora_rank, "parameters": list(weights.parameters),
+                          "loss": result.loss, "elements": count})
+    return result

@@ -1,0 +1,32 @@
+"""Sample: x_T → x_0 → images, no gradient (the cheapest way through the model)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._generation import prepare, run_sampler
+from ._images import to_png
+from ._job import Job
+from ._specs import GenerationSpec
+
+__all__ = ["SampleResult", "run_sample"]
+
+
+@dataclass
+class SampleResult:
+    x0: torch.Tensor
+    x_T: torch.Tensor
+    images: list[bytes]
+    pixels: torch.Tensor | None
+
+
+def run_sample(rt, spec: GenerationSpec, job: Job, *, images: bool = True,
+               pixels: bool = False) -> SampleResult:
+    prep = prepare(rt, spec)
+    with torch.no_grad():
+        x0 = run_sampler(prep, job, grad_mode="none")
+        decoded = prep.backend.decode(x0) if images or pixels else None
+    return SampleResult(x0, prep.x_T, to_png(decoded) if images else [],
+                        decoded.float() if pixels else None)
