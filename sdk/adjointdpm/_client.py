@@ -81,8 +81,9 @@ def _optimizer(name="adam", lr=0.05, iterations=10, momentum=0.0) -> pb.Optimize
 class Call:
     """The events of one streaming call; after iteration, ``result`` holds the result object."""
 
-    def __init__(self, events: Iterable, to_result: Callable, on_event=None, progress=False):
-        self._events, self._to_result = events, to_result
+    def __init__(self, events: Iterable, to_result: Callable, on_event=None, progress=False,
+                 grpc_call=None):
+        self._events, self._to_result, self._grpc_call = events, to_result, grpc_call
         self._on_event, self._progress = on_event, progress
         self.result = None
         self.checkpoints: list[ArtifactInfo] = []
@@ -121,6 +122,11 @@ class Call:
         bar.set_postfix(nfe=p.nfe, iteration=p.iteration, refresh=False)
         bar.refresh()
         return bar
+
+    def cancel(self) -> None:
+        """Cancel the call: the server stops the job within one solver step."""
+        if self._grpc_call is not None:
+            self._grpc_call.cancel()
 
     def wait(self):
         for _ in self:
@@ -205,10 +211,11 @@ class Client:
             finally:
                 outbox.put(None)
 
-        return events()
+        return events(), call
 
     def _run(self, events, to_result, stream, on_event, progress):
-        c = Call(events, to_result, on_event, progress)
+        events, grpc_call = events if isinstance(events, tuple) else (events, events)
+        c = Call(events, to_result, on_event, progress, grpc_call)
         return c if stream else c.wait()
 
     # -- RPCs -----------------------------------------------------------------------------------

@@ -25,8 +25,9 @@ SERVICE_NAME = adjointdpm_pb2.DESCRIPTOR.services_by_name["AdjointDPM"].full_nam
 class Server:
     """A started server: ``port`` (the bound one), ``runtime``, ``stop(grace)``, ``wait()``."""
 
-    def __init__(self, grpc_server, port: int, runtime: Runtime, health_servicer):
-        self.grpc_server, self.port, self.runtime, self.health = grpc_server, port, runtime, health_servicer
+    def __init__(self, grpc_server, port: int, runtime: Runtime, health_servicer, service):
+        self.grpc_server, self.port, self.runtime = grpc_server, port, runtime
+        self.health, self.service = health_servicer, service
 
     def stop(self, grace: float | None = None) -> None:
         self.health.enter_graceful_shutdown()
@@ -43,7 +44,8 @@ def build_server(config: ServerConfig, runtime: Runtime | None = None) -> Server
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="adjointdpm-rpc"),
         options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)])
-    adjointdpm_pb2_grpc.add_AdjointDPMServicer_to_server(AdjointDPMService(runtime), server)
+    service = AdjointDPMService(runtime)
+    adjointdpm_pb2_grpc.add_AdjointDPMServicer_to_server(service, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -56,4 +58,4 @@ def build_server(config: ServerConfig, runtime: Runtime | None = None) -> Server
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving %s on %s:%d (models: %s)", SERVICE_NAME, config.host, port, ", ".join(runtime.models))
-    return Server(server, port, runtime, health_servicer)
+    return Server(server, port, runtime, health_servicer, service)

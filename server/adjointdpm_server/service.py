@@ -52,6 +52,24 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
     def __init__(self, runtime: Runtime):
         self.rt = runtime
         self.slots = threading.BoundedSemaphore(runtime.config.max_concurrent_jobs)
+        self._active = 0
+        self._active_lock = threading.Lock()
+
+    @property
+    def active_jobs(self) -> int:
+        """Jobs whose task thread is still running (cancelled ones count until they stop)."""
+        return self._active
+
+    def _track(self, task):
+        def tracked(job):
+            with self._active_lock:
+                self._active += 1
+            try:
+                return task(job)
+            finally:
+                with self._active_lock:
+                    self._active -= 1
+        return tracked
 
     def _stream(self, context, build, to_result, request_iterator=None):
         """Run ``build()``'s task as a job on this stream, yielding events, aborting on errors."""
@@ -60,7 +78,7 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
             job = StreamJob(context, self.rt.limits, self.slots)
             if request_iterator is not None:
                 job.read_replies(request_iterator)
-            yield from job.run(task, convert.event, to_result)
+            yield from job.run(self._track(task), convert.event, to_result)
         except Exception as err:  # noqa: BLE001 — every failure becomes a status
             if context.is_active():
                 _abort(context, err)
