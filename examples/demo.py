@@ -1,154 +1,152 @@
-"""The demo: real digits from the embedded model, and gradients in every mode against a reference.
+"""The demo: start the server on the embedded digits model and drive it with the SDK.
 
-In-process for now (the gRPC server and SDK come next):
-1. samples a 10×8 grid of digits from the embedded `digits` model (dpm3, 20 steps, CFG 2) and
-   writes it to out/digits_grid.png, with the classifier's verdict;
-2. steers x_T of unconditional samples toward an "8" by gradient descent on the classifier's loss
-   through sampling and decoding (checkpoint mode, x_T kept on its sphere), writing before/after;
-3. on the analytic Gaussian mixture, differentiates a loss on x_0 w.r.t. x_T, the conditioning
-   and the model's parameters with each gradient mode, against a float64 reference.
+1. starts ``adjointdpm-server --model digits`` on a free loopback port (a real gRPC server);
+2. samples a grid of digits through ``Client.sample`` → out/digits_grid.png;
+3. steers the noise of eight unconditional samples toward a chosen digit with a *client-side*
+   loss (a small CNN classifier that runs here, in this process, with torch autograd): the
+   server samples, sends x_0's image over the stream, this process answers with the loss and
+   ∂L/∂image, the server propagates it back to x_T (AdjointDPM) and takes an Adam step; x_T stays
+   on its sphere → out/digits_steer_to_<digit>.png (before above, after below);
+4. asks for one gradient with a server-side loss, and prints its norm and the network calls.
 
-    ./scripts/demo.sh            # or: .venv/bin/python examples/demo.py --steps 20 --solver ab4
+    ./scripts/demo.sh                 # or: .venv/bin/python examples/demo.py --digit 3
 """
 
 from __future__ import annotations
 
 import argparse
+import io
+import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
-from adjointdpm_server.core import GRAD_MODES, GaussianMixture, VPSchedule, sample, sample_torchdiffeq
-from adjointdpm_server.models import load_model
+import adjointdpm
 
-OUT = Path(__file__).resolve().parents[1] / "out"
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "out"
+CLASSIFIER = ROOT / "server" / "adjointdpm_server" / "models" / "weights" / "digits" / "classifier.safetensors"
 
 
-def save_grid(images: torch.Tensor, rows: int, path: Path, scale: int = 8) -> None:
-    """(N, 1, 8, 8) images in [0, 1] → one PNG, ``rows`` rows, upscaled for viewing."""
-    n, _, h, w = images.shape
-    cols = -(-n // rows)
-    grid = np.ones((rows * (h + 1) + 1, cols * (w + 1) + 1), dtype=np.float32)
-    for k, img in enumerate(images[:, 0].detach().cpu().numpy()):
+def start_server(log_path: Path) -> tuple[subprocess.Popen, str]:
+    """The server in its own process; returns it and its address once it listens."""
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, "-m", "adjointdpm_server", "--model", "digits", "--port", "0",
+                             "--max-batch", "80", "--artifact-dir", str(OUT / "artifacts")],
+                            stdout=subprocess.PIPE, stderr=log, text=True)
+    line = proc.stdout.readline()
+    match = re.search(r"listening on (\S+)", line)
+    if not match:
+        proc.kill()
+        raise SystemExit(f"the server did not start; see {log_path}")
+    return proc, match.group(1)
+
+
+def grid_png(images: list[bytes], rows: int, path: Path, scale: int = 8) -> None:
+    """PNG tiles (8×8 grey) → one picture, ``rows`` rows, dark ink on white, upscaled."""
+    tiles = [np.asarray(Image.open(io.BytesIO(png)), dtype=np.float32) / 255 for png in images]
+    h, w = tiles[0].shape
+    cols = -(-len(tiles) // rows)
+    grid = np.ones((rows * (h + 1) + 1, cols * (w + 1) + 1), np.float32)
+    for k, tile in enumerate(tiles):
         r, c = divmod(k, cols)
-        grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + c * (w + 1):1 + c * (w + 1) + w] = img
-    picture = Image.fromarray((255 * (1 - grid)).astype(np.uint8)).resize(
-        (grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    picture.save(path)
+        grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + c * (w + 1):1 + c * (w + 1) + w] = tile
+    picture = Image.fromarray((255 * (1 - grid)).astype(np.uint8))
+    picture.resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
 
 
-def digits_demo(steps: int = 20) -> None:
-    backend = load_model("digits")
-    labels = torch.arange(10).repeat_interleave(8)
-    c = backend.encode(len(labels), labels=labels)
-    start = time.perf_counter()
-    with torch.no_grad():
-        x0 = sample(backend.eps_fn, backend.noise(len(labels), seed=0), c.cond, schedule=backend.schedule,
-                    steps=steps, guidance_scale=2.0, uncond=c.uncond, grad_mode="none")
-        images = backend.decode(x0)
-        acc = float((backend.classify(images).argmax(1) == labels).float().mean())
-    save_grid(images.reshape(10, 8, 1, 8, 8).transpose(0, 1).reshape(80, 1, 8, 8), 8, OUT / "digits_grid.png")
-    print(f"digits: 80 samples (dpm3, {steps} steps, CFG 2) in {time.perf_counter() - start:.1f}s; "
-          f"classifier agrees with the requested digit on {acc:.0%} → {OUT / 'digits_grid.png'}")
+def client_classifier():
+    """The client's own model: a small digits CNN, weights read from a local file."""
+    import torch
+    from safetensors.torch import load_file
+    from torch import nn
 
-    # Steer x_T of eight unconditional samples toward "8": gradient of the classifier's loss
-    # through decode and sampling (guided generation by optimizing the initial noise).
-    target = torch.full((8,), 8)
-    c = backend.encode(8)  # no class: the unconditional model
-    x_T = backend.noise(8, seed=1).requires_grad_()
-    opt = torch.optim.Adam([x_T], lr=0.1)
-    radius = x_T.detach().flatten(1).norm(dim=1).reshape(-1, 1, 1, 1)
-    for it in range(16):
-        x0 = sample(backend.eps_fn, x_T, c.cond, schedule=backend.schedule, steps=10, grad_mode="checkpoint")
-        image = backend.decode(x0)
-        logits = backend.classify(image)
-        loss = torch.nn.functional.cross_entropy(logits, target)
-        if it == 0:
-            before = image.detach()
-        if it % 5 == 0:  # the last iteration (15) is reported too
-            share = float((logits.argmax(1) == target).float().mean())
-            print(f"  steer → 8, iteration {it:2d}: loss {loss.item():.3f}, classified as 8: {share:.0%}")
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        with torch.no_grad():  # stay on the sphere where Gaussian noise lives: no adversarial drift
-            x_T *= radius / x_T.flatten(1).norm(dim=1).reshape(-1, 1, 1, 1)
-    save_grid(torch.cat([before, image.detach()]), 2, OUT / "digits_steer_to_8.png")
-    print(f"  before (top) / after (bottom) → {OUT / 'digits_steer_to_8.png'}")
-
-
-def make_problem(seed: int, dim: int, batch: int):
-    g = torch.Generator().manual_seed(seed)
-    schedule = VPSchedule.linear()
-    means = torch.randn(4, dim, generator=g, dtype=torch.float64)
-    means = 4.0 * means / means.norm(dim=1, keepdim=True)
-    model = GaussianMixture(schedule, means, torch.tensor([0.3, 0.4, 0.5, 0.35], dtype=torch.float64))
-    x_T = torch.randn(batch, dim, generator=g, dtype=torch.float64)
-    cond = 0.2 * torch.randn(batch, dim, generator=g, dtype=torch.float64)
-    target = means[0].expand(batch, dim)  # loss: pull every sample towards component 0
-    return schedule, model, x_T, cond, target
-
-
-def loss_fn(x0, target):
-    return 0.5 * (x0 - target).square().sum()
-
-
-def gradients(model, x_T, cond, target, schedule, **kwargs):
-    """x_0, the loss and its gradients w.r.t. x_T, cond and the mixture means."""
-    x = x_T.clone().requires_grad_()
-    c = cond.clone().requires_grad_()
-    if "ode" in kwargs:
-        x0 = sample_torchdiffeq(model, x, c, schedule=schedule, **kwargs)
-    else:
-        x0 = sample(model, x, c, schedule=schedule, **kwargs)
-    loss = loss_fn(x0, target)
-    if not x0.requires_grad:
-        return x0, loss, None
-    grads = torch.autograd.grad(loss, [x, c, model.means])
-    return x0.detach(), loss.detach(), grads
-
-
-def rel(a, b):
-    return float((a - b).norm() / b.norm())
+    net = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.GELU(), nn.Conv2d(32, 32, 3, padding=1),
+                        nn.GELU(), nn.AvgPool2d(2), nn.Conv2d(32, 64, 3, padding=1), nn.GELU(),
+                        nn.AvgPool2d(2), nn.Flatten(), nn.Linear(256, 128), nn.GELU(), nn.Linear(128, 10))
+    state = load_file(str(CLASSIFIER))
+    net.load_state_dict({k.replace("body.", "").replace("head.", "11."): v for k, v in state.items()})
+    return net.eval().requires_grad_(False)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--solver", default="dpm3")
-    parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--digit", type=int, default=8, help="the class to steer toward")
+    parser.add_argument("--iterations", type=int, default=15)
+    parser.add_argument("--target", help="use a running server (host:port) instead of starting one")
     args = parser.parse_args()
+    OUT.mkdir(exist_ok=True)
 
-    digits_demo()
-    schedule, model, x_T, cond, target = make_problem(args.seed, args.dim, args.batch)
-    print(f"\nGaussian mixture, 4 components, d={args.dim}, batch {args.batch}; "
-          f"{args.solver} on the log-SNR grid, {args.steps} steps; loss = ½‖x_0 − μ_0‖²")
-    print("reference: torchdiffeq dopri8 at rtol=atol=1e-11 with its continuous adjoint (float64)")
-    x0_ref, loss_ref, g_ref = gradients(model, x_T, cond, target, schedule, ode="reparameterized",
-                                        method="dopri8", rtol=1e-11, atol=1e-11, grad_mode="adjoint")
-    print(f"  loss {float(loss_ref):.6f}")
-    header = f"{'mode':>10} {'time':>7} {'x_0 err':>9} {'∂/∂x_T err':>11} {'∂/∂cond err':>12} {'∂/∂means err':>13}"
-    print(header)
-    for mode in GRAD_MODES:
+    import torch
+
+    proc = None
+    if args.target is None:
         start = time.perf_counter()
-        x0, loss, grads = gradients(model, x_T, cond, target, schedule, steps=args.steps,
-                                    solver=args.solver, grad_mode=mode)
-        elapsed = time.perf_counter() - start
-        cols = [f"{rel(g, r):.2e}" for g, r in zip(grads, g_ref)] if grads else ["—"] * 3
-        print(f"{mode:>10} {elapsed:6.3f}s {rel(x0, x0_ref):9.2e} {cols[0]:>11} {cols[1]:>12} {cols[2]:>13}")
-    print("checkpoint is the exact gradient of the discrete sampler (equal to backprop); adjoint "
-          "re-solves the trajectory backward and keeps only the current state.")
-    print(f"\nconvergence of the checkpoint gradient ({args.solver}): gradients through a sharp "
-          "mixture are far harder than samples")
-    for steps in (10, 20, 50, 100, 200):
-        x0, _, grads = gradients(model, x_T, cond, target, schedule, steps=steps, solver=args.solver)
-        print(f"  {steps:4d} steps: x_0 err {rel(x0, x0_ref):.2e}   ∂/∂x_T err {rel(grads[0], g_ref[0]):.2e}")
+        proc, target = start_server(OUT / "server.log")
+        print(f"server: digits model resident on {target} (started in {time.perf_counter() - start:.1f} s; "
+              f"log in {OUT / 'server.log'})")
+    else:
+        target = args.target
+    try:
+        with adjointdpm.Client(target, timeout=600) as client:
+            model = client.list_models()[0]
+            print(f"model {model['name']}: latents {model['latent_shape']}, default "
+                  f"{model['default_steps']} steps, CFG {model['default_guidance']}")
+
+            start = time.perf_counter()
+            labels = [d for d in range(10) for _ in range(8)]
+            grid = client.sample(labels=labels, seed=0, steps=20)
+            column_major = [grid.images[d * 8 + r] for r in range(8) for d in range(10)]
+            grid_png(column_major, 8, OUT / "digits_grid.png")
+            print(f"sample: 80 digits (dpm3, 20 steps, CFG 2) in {time.perf_counter() - start:.1f} s "
+                  f"→ {OUT / 'digits_grid.png'}")
+
+            net = client_classifier()
+            digit = args.digit
+
+            @adjointdpm.loss("to_digit")
+            def to_digit(image):  # runs here, on the client; the server only sees numbers
+                logits = net(image * 2 - 1)
+                return torch.nn.functional.cross_entropy(logits, torch.full((len(image),), digit))
+
+            def show(event):
+                if event.WhichOneof("kind") == "iteration" and event.iteration.iteration % 5 == 0:
+                    it = event.iteration
+                    print(f"  iteration {it.iteration:2d}: loss {it.loss:.3f}  |∂L/∂x_T| {it.grad_norm:.3f}")
+
+            start = time.perf_counter()
+            steered = client.optimize_latent("to_digit", iterations=args.iterations, lr=0.1,
+                                             constraint="sphere", seed=1, batch=8, steps=10,
+                                             guidance_scale=1.0, on_event=show)
+            before = _predict(net, steered.initial_images)
+            after = _predict(net, steered.images)
+            path = OUT / f"digits_steer_to_{digit}.png"
+            grid_png(steered.initial_images + steered.images, 2, path)
+            print(f"optimize_latent → {digit} with a client-side loss: loss {steered.history[0]:.3f} → "
+                  f"{steered.loss:.3f}; classified as {digit}: {np.mean(before == digit):.0%} → "
+                  f"{np.mean(after == digit):.0%} ({time.perf_counter() - start:.1f} s) → {path}")
+
+            grad = client.compute_gradient(adjointdpm.ServerLoss("classifier", {"label": digit}),
+                                           targets=["x_T", "cond"], labels=3, seed=0, steps=20)
+            print(f"compute_gradient (server-side classifier loss, checkpoint mode): loss {grad.loss:.3f}, "
+                  f"|∂L/∂x_T| {np.linalg.norm(grad.gradients['x_T']):.3f}, "
+                  f"|∂L/∂cond| {np.linalg.norm(grad.gradients['cond']):.3f}, {grad.nfe} network calls")
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(30)
+
+
+def _predict(net, pngs: list[bytes]) -> np.ndarray:
+    import torch
+
+    x = np.stack([np.asarray(Image.open(io.BytesIO(p)), dtype=np.float32)[None] / 255 for p in pngs])
+    with torch.no_grad():
+        return net(torch.from_numpy(x) * 2 - 1).argmax(1).numpy()
 
 
 if __name__ == "__main__":

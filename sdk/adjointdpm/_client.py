@@ -312,7 +312,12 @@ class Client:
         from google.protobuf.json_format import MessageToDict
 
         reply = self._unary(self.stub.ListModels, pb.ListModelsRequest())
-        return [MessageToDict(m, preserving_proto_field_name=True) for m in reply.models]
+        models = []
+        for m in reply.models:
+            d = MessageToDict(m, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+            d["latent_shape"], d["image_shape"] = list(m.latent_shape), list(m.image_shape)  # not strings
+            models.append(d)
+        return models
 
     def list_losses(self) -> list[dict[str, Any]]:
         from google.protobuf.json_format import MessageToDict
