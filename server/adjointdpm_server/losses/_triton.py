@@ -1,0 +1,111 @@
+"""``triton``: a loss computed by a model on a Triton Inference Server, which returns ∂L/∂x too.
+
+So a loss can live in any framework Triton serves, on another machine, without the server
+importing it. The remote model's contract (no batching, ``max_batch_size: 0``):
+
+* input ``x`` (name: param ``input``), FP32, shape (B, C, H, W): the whole batch, images in [0, 1];
+* output ``loss`` (param ``loss_output``), shape [1]: the batch's loss, a scalar that averages
+  over the batch like every loss here;
+* output ``grad`` (param ``grad_output``), shape (B, C, H, W): ∂loss/∂x of that same scalar.
+
+Anything else (another shape, NaN or Inf) is refused with InvalidArgument. tritonclient is
+imported only when a loss is built, so that importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from ..errors import InvalidArgument, NotFound, Unavailable
+from ._base import LossContext, LossPlugin
+from ._remote import RemoteLoss
+
+__all__ = ["TritonLoss"]
+
+
+def _text(params: Mapping[str, Any], key: str, default: str | None) -> str | None:
+    value = params.get(key, default)
+    if value is not None and not isinstance(value, str):
+        raise InvalidArgument(f"parameter {key!r} must be a string; got {value!r}")
+    return value
+
+
+class TritonLoss(LossPlugin):
+    name = "triton"
+    description = ("a model on a Triton Inference Server returns the loss of x and its gradient "
+                   "(the server is reached over gRPC)")
+    params = {
+        "url": "host:port of Triton's gRPC endpoint (default: the server's triton_url setting)",
+        "model": "the model's name on the Triton server (required)",
+        "version": "the model version (default: the server's choice)",
+        "input": "the model's input tensor that receives x, FP32 (B, C, H, W) (default 'x')",
+        "loss_output": "the output holding the batch's loss, shape [1] (default 'loss')",
+        "grad_output": "the output holding ∂loss/∂x, shaped like x (default 'grad')",
+        "timeout": "seconds to wait for one answer (default 30)",
+    }
+    tensors = {}
+    domain = "image"
+
+    def __init__(self, context: LossContext, params: Mapping[str, Any],
+                 tensors: Mapping[str, torch.Tensor]):
+        super().__init__(context, params, tensors)
+        self.url = _text(params, "url", context.settings.get("triton_url"))
+        if not self.url:
+            raise InvalidArgument("loss 'triton' needs a Triton gRPC address: pass the parameter "
+                                  "'url' (host:port) or configure the server's triton_url")
+        self.model = _text(params, "model", None)
+        if not self.model:
+            raise InvalidArgument("loss 'triton' needs the parameter 'model' (the model's name)")
+        self.version = _text(params, "version", "")
+        self.input = _text(params, "input", "x")
+        self.loss_output = _text(params, "loss_output", "loss")
+        self.grad_output = _text(params, "grad_output", "grad")
+        self.timeout = self.number(params, "timeout", 30.0, low=1e-3)
+        self.who = f"Triton model {self.model!r} at {self.url}"
+
+        import tritonclient.grpc as grpcclient
+
+        self._client = grpcclient.InferenceServerClient(self.url)  # connects on first use
+        self._loss = RemoteLoss(self._ask, self.who)
+
+    @classmethod
+    def available(cls, settings: Mapping[str, Any]) -> bool:
+        return True  # without triton_url, requests may still name a url
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self._loss(x)
+
+    def _ask(self, x: np.ndarray) -> tuple[float, np.ndarray]:
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException
+
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        request = grpcclient.InferInput(self.input, list(x.shape), "FP32")
+        request.set_data_from_numpy(x)
+        outputs = [grpcclient.InferRequestedOutput(n) for n in (self.loss_output, self.grad_output)]
+        try:
+            reply = self._client.infer(self.model, [request], model_version=self.version,
+                                       outputs=outputs, client_timeout=self.timeout)
+        except InferenceServerException as e:
+            raise self._error(e) from e
+        value, grad = reply.as_numpy(self.loss_output), reply.as_numpy(self.grad_output)
+        if value is None or grad is None:
+            raise InvalidArgument(f"{self.who} did not return the outputs "
+                                  f"{self.loss_output!r} and {self.grad_output!r}")
+        if value.shape != (1,):
+            raise InvalidArgument(f"{self.who} returned a loss of shape {value.shape}; expected "
+                                  f"[1] (the batch's loss)")
+        return float(value[0]), np.array(grad)  # a writable copy of a read-only view
+
+    def _error(self, e) -> Exception:
+        """The server's status, as the error the user acts on: fix the request or retry later."""
+        status, message = str(e.status() or ""), e.message()
+        text = f"{self.who}: {message}"
+        if status.endswith("NOT_FOUND"):  # no such model or version
+            return NotFound(text)
+        if status.endswith("INVALID_ARGUMENT"):  # wrong input/output names, x's shape
+            return InvalidArgument(text)
+        return Unavailable(f"{text} ({status or 'no status'})")
