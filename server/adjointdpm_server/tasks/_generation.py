@@ -121,8 +121,6 @@ def prepare(rt, spec: GenerationSpec) -> Prepared:
     scale = backend.default_guidance if spec.guidance_scale is None else spec.guidance_scale
     if scale is not None and (not math.isfinite(scale) or abs(scale) > 100):
         raise InvalidArgument(f"guidance_scale must be finite and at most 100; got {scale}")
-    if scale is not None and backend.conditioning == "tensor" and spec.guidance_scale is None:
-        scale = None
     t_start = spec.t_start
     if t_start is not None:
         if spec.x_T is None:
