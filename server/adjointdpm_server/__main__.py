@@ -1,7 +1,12 @@
 """``adjointdpm-server`` / ``python -m adjointdpm_server``: load the models and serve.
 
     adjointdpm-server --model digits --port 50051
-    adjointdpm-server --model sd15=diffusers:/models/sd-1.5 --device cuda --dtype float16
+    adjointdpm-server --model sd15=diffusers:/models/sd-1.5 --device cuda --dtype float16 \\
+        --tokens-file /etc/adjointdpm/tokens --tls-cert tls.crt --tls-key tls.key --metrics-port 9090
+
+SIGTERM (or Ctrl-C) drains gracefully: health turns NOT_SERVING, new work is refused, running
+jobs get ``--shutdown-grace`` seconds (fine-tunes write a checkpoint first), then the process
+exits 0.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import argparse
 import logging
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from .config import Limits, ServerConfig
@@ -25,34 +31,66 @@ def parse_args(argv=None) -> ServerConfig:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16", "float64"))
     p.add_argument("--artifact-dir", type=Path, default=Path("artifacts"))
+    p.add_argument("--artifact-retention-hours", type=float, default=24 * 7, help="0 = keep forever")
     p.add_argument("--max-concurrent-jobs", type=int, default=1)
-    p.add_argument("--workers", type=int, default=32)
+    p.add_argument("--max-queue", type=int, default=16, help="waiting jobs; beyond: RESOURCE_EXHAUSTED")
+    p.add_argument("--max-request-seconds", type=float, default=3600.0)
+    p.add_argument("--workers", type=int, default=64, help="gRPC handler threads")
+    p.add_argument("--tokens-file", type=Path, help="bearer tokens, one per line (also: ADJOINTDPM_TOKENS)")
+    p.add_argument("--protect-health", action="store_true", help="health checks need a token too")
+    p.add_argument("--tls-cert", type=Path)
+    p.add_argument("--tls-key", type=Path)
+    p.add_argument("--tls-client-ca", type=Path, help="require client certificates (mTLS)")
+    p.add_argument("--health-port", type=int, help="also serve health on this plaintext port (probes)")
+    p.add_argument("--metrics-port", type=int, help="Prometheus /metrics on this port")
+    p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds to drain on SIGTERM")
     p.add_argument("--triton-url", help="host:port of a Triton server for the 'triton' loss")
     p.add_argument("--clip-model-dir", type=Path, help="a local CLIP directory for 'clip_similarity'")
     p.add_argument("--max-batch", type=int, default=Limits.max_batch)
     p.add_argument("--max-steps", type=int, default=Limits.max_steps)
     p.add_argument("--max-iterations", type=int, default=Limits.max_iterations)
+    p.add_argument("--max-examples", type=int, default=Limits.max_examples)
+    p.add_argument("--max-tensor-elements", type=int, default=Limits.max_tensor_elements)
+    p.add_argument("--max-message-mib", type=int, default=Limits.max_message_bytes >> 20)
+    p.add_argument("--log-format", choices=("json", "text"), default="json")
     a = p.parse_args(argv)
-    limits = Limits(max_batch=a.max_batch, max_steps=a.max_steps, max_iterations=a.max_iterations)
-    return ServerConfig(models=tuple(a.models or ["digits"]), host=a.host, port=a.port,
-                        device=a.device, dtype=a.dtype, artifact_dir=a.artifact_dir,
-                        max_concurrent_jobs=a.max_concurrent_jobs, workers=a.workers,
-                        triton_url=a.triton_url, clip_model_dir=a.clip_model_dir, limits=limits)
+    from .auth import load_tokens
+
+    if bool(a.tls_cert) != bool(a.tls_key):
+        p.error("--tls-cert and --tls-key go together")
+    limits = Limits(max_batch=a.max_batch, max_steps=a.max_steps, max_iterations=a.max_iterations,
+                    max_examples=a.max_examples, max_tensor_elements=a.max_tensor_elements,
+                    max_message_bytes=a.max_message_mib << 20)
+    config = ServerConfig(
+        models=tuple(a.models or ["digits"]), host=a.host, port=a.port, device=a.device, dtype=a.dtype,
+        artifact_dir=a.artifact_dir, artifact_retention_s=a.artifact_retention_hours * 3600,
+        max_concurrent_jobs=a.max_concurrent_jobs, max_queue=a.max_queue,
+        max_request_s=a.max_request_seconds, workers=a.workers,
+        tokens=load_tokens(a.tokens_file), health_open=not a.protect_health, tls_cert=a.tls_cert,
+        tls_key=a.tls_key, tls_client_ca=a.tls_client_ca, health_port=a.health_port,
+        metrics_port=a.metrics_port, shutdown_grace_s=a.shutdown_grace, triton_url=a.triton_url,
+        clip_model_dir=a.clip_model_dir, limits=limits)
+    return config, a.log_format
 
 
 def main(argv=None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = parse_args(argv)
+    config, log_format = parse_args(argv)
+    from .telemetry import configure_logging
+
+    configure_logging(logging.INFO, json_lines=log_format == "json")
     from .server import build_server
 
     server = build_server(config)
     print(f"adjointdpm-server listening on {config.host}:{server.port}", flush=True)
+    done = threading.Event()
 
-    def stop(signum, frame):
-        server.stop(grace=10.0)
+    def on_signal(signum, frame):
+        if not done.is_set():
+            done.set()
+            threading.Thread(target=server.shutdown, name="adjointdpm-shutdown").start()
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     server.wait()
     sys.exit(0)
 

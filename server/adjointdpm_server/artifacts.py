@@ -86,6 +86,18 @@ class ArtifactStore:
         path = self.path(artifact_id)
         return load_file(str(path), device=str(device)), self.info(artifact_id)
 
+    def expire(self, retention_s: float) -> list[str]:
+        """Delete artifacts older than ``retention_s`` seconds (0 = keep all); returns their ids."""
+        if not retention_s or retention_s <= 0:
+            return []
+        cutoff, gone = time.time() - retention_s, []
+        for info in self.list():
+            if info.created < cutoff:
+                for suffix in (".safetensors", ".json"):
+                    (self.root / f"{info.id}{suffix}").unlink(missing_ok=True)
+                gone.append(info.id)
+        return gone
+
     def list(self, kind: str | None = None, model: str | None = None) -> list[ArtifactInfo]:
         found = []
         for sidecar in sorted(self.root.glob("*.json")):

@@ -28,8 +28,19 @@ class ServerConfig:
     device: str = "cpu"
     dtype: str = "float32"
     artifact_dir: Path = Path("artifacts")
+    artifact_retention_s: float = 7 * 24 * 3600.0  # 0 = keep forever
     max_concurrent_jobs: int = 1
-    workers: int = 32                          # gRPC handler threads
+    max_queue: int = 16                        # waiting jobs beyond the running ones
+    max_request_s: float = 3600.0              # a job's wall-clock cap (the client's deadline may be shorter)
+    workers: int = 64                          # gRPC handler threads
+    tokens: tuple[str, ...] = ()               # bearer tokens; empty = no authentication
+    health_open: bool = True                   # health checks need no token
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None          # set: mutual TLS
+    health_port: int | None = None             # a plaintext health-only port (kubelet probes under TLS)
+    metrics_port: int | None = None            # Prometheus /metrics; None = off
+    shutdown_grace_s: float = 30.0             # SIGTERM: drain this long, then cancel
     triton_url: str | None = None
     clip_model_dir: Path | None = None
     limits: Limits = field(default_factory=Limits)

@@ -17,7 +17,7 @@ from adjointdpm.v1 import adjointdpm_pb2 as pb
 
 from .errors import InvalidArgument
 from .tasks import (Checkpoint, ClientQuery, ExampleSpec, GenerationSpec, GuidedSpec,
-                    IterationReport, LossSpec, OptimizerSpec, TokenSpec, WeightsSpec)
+                    IterationReport, LossSpec, OptimizerSpec, Queued, TokenSpec, WeightsSpec)
 from .tasks._generation import IterationProgress
 
 DOMAINS = {pb.IMAGE: "image", pb.LATENT: "latent"}
@@ -140,6 +140,8 @@ def event(item) -> pb.Event:
                                                images=item.images))
     if isinstance(item, Checkpoint):
         return pb.Event(checkpoint=artifact_info(item.info))
+    if isinstance(item, Queued):
+        return pb.Event(queued=pb.QueuePosition(position=item.position))
     raise TypeError(f"no message for event {type(item).__name__}")
 
 

@@ -7,6 +7,7 @@ when the client cancels or goes away, and the task stops at its next solver step
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import queue
 import threading
@@ -18,7 +19,7 @@ import numpy as np
 from adjointdpm._tensors import TensorError, decode_tensor
 
 from .errors import Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument, ServiceError
-from .tasks import ClientQuery, Job
+from .tasks import ClientQuery, Job, Queued
 
 log = logging.getLogger("adjointdpm.jobs")
 
@@ -28,14 +29,23 @@ _END = object()
 
 
 class StreamJob(Job):
-    def __init__(self, context, limits, slots: threading.Semaphore):
-        super().__init__()
-        self.limits = limits
-        self.slots = slots
+    """``scheduler`` bounds concurrent work; ``metrics`` (optional) counts NFE and queue time;
+    the deadline is the client's, capped at ``max_request_s``."""
+
+    def __init__(self, context, limits, scheduler, *, metrics=None, rpc: str = "",
+                 max_request_s: float | None = None):
+        now = time.monotonic()
+        limits_s = [s for s in (context.time_remaining(), max_request_s) if s is not None]
+        super().__init__(deadline=now + min(limits_s) if limits_s else None)
+        self.limits, self.scheduler, self.metrics, self.rpc = limits, scheduler, metrics, rpc
         self._out: queue.Queue = queue.Queue()
         self._replies: queue.Queue = queue.Queue()
         self._reader_done = threading.Event()
         context.add_callback(self.cancelled.set)
+
+    def count_nfe(self, phase: str, n: int) -> None:
+        if self.metrics is not None and n > 0:
+            self.metrics.nfe.labels(phase=phase).inc(n)
 
     # -- Job interface (called from the task's thread) ------------------------------------------
     def emit(self, event) -> None:
@@ -91,16 +101,21 @@ class StreamJob(Job):
         Raises ServiceError (or an unexpected exception) from the task in the caller's thread.
         """
         def work():
+            queued_at = time.monotonic()
             try:
-                with self.slots:
+                with self.scheduler.slot(self.check, lambda k: self.emit(Queued(k))):
+                    if self.metrics is not None:
+                        self.metrics.queue_time.labels(rpc=self.rpc).observe(time.monotonic() - queued_at)
                     self.check()
                     self._out.put(("result", task(self)))
             except BaseException as err:  # noqa: BLE001 — delivered to the handler, not lost
                 self._out.put(("error", err))
             finally:
+                _release_accelerator_cache()
                 self._out.put(("end", _END))
 
-        thread = threading.Thread(target=work, name="adjointdpm-task", daemon=True)
+        context = contextvars.copy_context()  # the request ID follows the task into its thread
+        thread = threading.Thread(target=context.run, args=(work,), name="adjointdpm-task", daemon=True)
         thread.start()
         outcome = None
         while True:
@@ -122,3 +137,11 @@ class StreamJob(Job):
                 log.error("task failed:\n%s", "".join(traceback.format_exception(err)))
             raise err
         yield to_result(outcome[1])
+
+
+def _release_accelerator_cache() -> None:
+    """A finished (or cancelled) job's CUDA blocks go back to the device, not only to torch's cache."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -72,6 +72,7 @@ class Runtime:
             raise FailedPrecondition(f"adapter {adapter_id} was trained on model {info.model!r}, "
                                      f"not {model!r}")
         state, info = self.artifacts.load(adapter_id, device=backend.device)
+        state = {k: v for k, v in state.items() if not k.startswith("__optim__/")}  # checkpoints
         meta = info.metadata
         try:
             eps = load_adapter(backend.eps_fn, meta.get("method", info.kind), state,

@@ -1,8 +1,10 @@
-"""Build and run the gRPC server: the service, standard health checking and reflection."""
+"""Build and run the gRPC server: the service behind telemetry and auth interceptors, standard
+health checking and reflection, TLS/mTLS, Prometheus metrics, graceful shutdown."""
 
 from __future__ import annotations
 
 import logging
+import threading
 from concurrent import futures
 
 import grpc
@@ -11,51 +13,111 @@ from grpc_reflection.v1alpha import reflection
 
 from adjointdpm.v1 import adjointdpm_pb2, adjointdpm_pb2_grpc
 
+from .auth import TokenAuthInterceptor, server_credentials
 from .config import ServerConfig
+from .metrics import Metrics
 from .runtime import Runtime
 from .service import AdjointDPMService
+from .telemetry import TelemetryInterceptor
 
 log = logging.getLogger("adjointdpm.server")
 
 __all__ = ["SERVICE_NAME", "build_server", "Server"]
 
 SERVICE_NAME = adjointdpm_pb2.DESCRIPTOR.services_by_name["AdjointDPM"].full_name
+HEALTH_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
 class Server:
-    """A started server: ``port`` (the bound one), ``runtime``, ``stop(grace)``, ``wait()``."""
+    """A started server: ``port`` (bound), ``health_port``, ``metrics_port``, ``runtime``,
+    ``service``; ``shutdown(grace)`` drains gracefully, ``stop(grace)`` just stops."""
 
-    def __init__(self, grpc_server, port: int, runtime: Runtime, health_servicer, service):
+    def __init__(self, grpc_server, port, runtime, health_servicer, service, metrics,
+                 health_server=None, health_port=None, metrics_port=None):
         self.grpc_server, self.port, self.runtime = grpc_server, port, runtime
-        self.health, self.service = health_servicer, service
+        self.health, self.service, self.metrics = health_servicer, service, metrics
+        self.health_server, self.health_port, self.metrics_port = health_server, health_port, metrics_port
+        self._stopped = threading.Event()
+        self._janitor = threading.Thread(target=self._expire_artifacts, daemon=True,
+                                         name="adjointdpm-artifact-expiry")
+        self._janitor.start()
+
+    def _expire_artifacts(self) -> None:
+        retention = self.runtime.config.artifact_retention_s
+        while retention > 0 and not self._stopped.wait(min(600.0, retention / 10)):
+            self.runtime.artifacts.expire(retention)
+
+    def shutdown(self, grace: float | None = None) -> bool:
+        """SIGTERM: health → NOT_SERVING, refuse new work, drain running jobs (fine-tunes write a
+        checkpoint first) within ``grace`` seconds, cancel the rest, stop. True if all drained."""
+        grace = self.runtime.config.shutdown_grace_s if grace is None else grace
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        log.info("draining for up to %.0f s", grace)
+        drained = self.service.drain(grace)
+        log.info("drained" if drained else "grace period over: remaining jobs cancelled")
+        self.stop(5.0)
+        return drained
 
     def stop(self, grace: float | None = None) -> None:
+        self._stopped.set()
         self.health.enter_graceful_shutdown()
         self.grpc_server.stop(grace).wait()
+        if self.health_server is not None:
+            self.health_server.stop(None).wait()
+        if self.metrics is not None:
+            self.metrics.close()
 
     def wait(self) -> None:
         self.grpc_server.wait_for_termination()
 
 
+def _bind(server, address: str, config: ServerConfig) -> int:
+    if config.tls_cert:
+        creds = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+        port = server.add_secure_port(address, creds)
+    else:
+        port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind {address}")
+    return port
+
+
 def build_server(config: ServerConfig, runtime: Runtime | None = None) -> Server:
     """Load the models (unless a runtime is given), bind ``host:port`` (0 = any free port), start."""
+    if bool(config.tls_cert) != bool(config.tls_key):
+        raise ValueError("TLS needs both a certificate and a key")
     runtime = runtime or Runtime(config)
+    runtime.artifacts.expire(config.artifact_retention_s)
+    metrics = Metrics(device=config.device)
+    service = AdjointDPMService(runtime, metrics)
+    metrics.jobs_running.set_function(lambda: service.scheduler.running)
+    metrics.jobs_queued.set_function(lambda: service.scheduler.queued)
+    interceptors = [TelemetryInterceptor(metrics)]
+    if config.tokens:
+        interceptors.append(TokenAuthInterceptor(config.tokens, health_open=config.health_open))
     size = config.limits.max_message_bytes
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="adjointdpm-rpc"),
+        interceptors=interceptors,
         options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)])
-    service = AdjointDPMService(runtime)
     adjointdpm_pb2_grpc.add_AdjointDPMServicer_to_server(service, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
-    if port == 0:
-        raise OSError(f"could not bind {config.host}:{config.port}")
+    reflection.enable_server_reflection((SERVICE_NAME, HEALTH_NAME, reflection.SERVICE_NAME), server)
+    port = _bind(server, f"{config.host}:{config.port}", config)
+    health_server = health_port = None
+    if config.health_port is not None:  # plaintext, health only: for kubelet probes under TLS/auth
+        health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        health_port = health_server.add_insecure_port(f"{config.host}:{config.health_port}")
+        health_server.start()
+    metrics_port = metrics.serve(config.metrics_port, config.host) if config.metrics_port is not None else None
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving %s on %s:%d (models: %s)", SERVICE_NAME, config.host, port, ", ".join(runtime.models))
-    return Server(server, port, runtime, health_servicer, service)
+    log.info("serving %s on %s:%d (models: %s; tls: %s; auth: %s; metrics: %s)", SERVICE_NAME,
+             config.host, port, ", ".join(runtime.models), bool(config.tls_cert), bool(config.tokens),
+             metrics_port)
+    return Server(server, port, runtime, health_servicer, service, metrics, health_server,
+                  health_port, metrics_port)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import grpc
 
@@ -20,6 +21,7 @@ from .errors import InvalidArgument, ServiceError
 from .jobs import StreamJob
 from .losses import available_losses
 from .runtime import Runtime
+from .scheduler import Scheduler
 from .tasks import (run_finetune, run_gradient, run_optimize_embedding, run_optimize_latent,
                     run_sample)
 
@@ -49,9 +51,12 @@ def _first_request(request_iterator, name: str):
 
 
 class AdjointDPMService(pb_grpc.AdjointDPMServicer):
-    def __init__(self, runtime: Runtime):
+    def __init__(self, runtime: Runtime, metrics=None):
         self.rt = runtime
-        self.slots = threading.BoundedSemaphore(runtime.config.max_concurrent_jobs)
+        config = runtime.config
+        self.scheduler = Scheduler(config.max_concurrent_jobs, config.max_queue)
+        self.metrics = metrics
+        self.jobs: set[StreamJob] = set()
         self._active = 0
         self._active_lock = threading.Lock()
 
@@ -71,17 +76,52 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
                     self._active -= 1
         return tracked
 
-    def _stream(self, context, build, to_result, request_iterator=None):
+    def _stream(self, context, build, to_result, request_iterator=None, rpc: str = ""):
         """Run ``build()``'s task as a job on this stream, yielding events, aborting on errors."""
+        job = None
         try:
             task = build()
-            job = StreamJob(context, self.rt.limits, self.slots)
+            job = StreamJob(context, self.rt.limits, self.scheduler, metrics=self.metrics, rpc=rpc,
+                            max_request_s=self.rt.config.max_request_s)
+            with self._active_lock:
+                self.jobs.add(job)
             if request_iterator is not None:
                 job.read_replies(request_iterator)
             yield from job.run(self._track(task), convert.event, to_result)
         except Exception as err:  # noqa: BLE001 — every failure becomes a status
             if context.is_active():
                 _abort(context, err)
+        finally:
+            if job is not None:
+                with self._active_lock:
+                    self.jobs.discard(job)
+
+    def drain(self, grace: float) -> bool:
+        """Graceful shutdown: refuse new jobs, ask running fine-tunes for a checkpoint, wait up
+        to ``grace`` seconds, then cancel what is left. True when everything finished in time."""
+        self.scheduler.close()
+        with self._active_lock:
+            jobs = list(self.jobs)
+        for job in jobs:
+            job.checkpoint_now.set()
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            if self.idle:
+                return True
+            time.sleep(0.05)
+        with self._active_lock:
+            jobs = list(self.jobs)
+        for job in jobs:
+            job.cancelled.set()
+        stop = time.monotonic() + 30
+        while not self.idle and time.monotonic() < stop:
+            time.sleep(0.05)
+        return False
+
+    @property
+    def idle(self) -> bool:
+        """No task thread running and nothing queued."""
+        return not self._active and not self.scheduler.running and not self.scheduler.queued
 
     # -- streaming RPCs -------------------------------------------------------------------------
     def Sample(self, request, context):
@@ -89,7 +129,7 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
             spec = convert.generation(request.generation, self.rt.limits)
             return lambda job: run_sample(self.rt, spec, job, images=not request.no_images,
                                           pixels=request.return_pixels)
-        return self._stream(context, build, convert.sample_result)
+        return self._stream(context, build, convert.sample_result, rpc="Sample")
 
     def ComputeGradient(self, request_iterator, context):
         def build():
@@ -101,7 +141,7 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
             return lambda job: run_gradient(self.rt, spec, losses, job, targets=targets,
                                             grad_mode=r.grad_mode, token=token, weights=weights,
                                             images=r.return_images)
-        return self._stream(context, build, convert.gradient_result, request_iterator)
+        return self._stream(context, build, convert.gradient_result, request_iterator, "ComputeGradient")
 
     def OptimizeLatent(self, request_iterator, context):
         def build():
@@ -113,7 +153,7 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
                 self.rt, spec, losses, job, optimizer=convert.optimizer(r.optimizer),
                 norm=r.constraint.norm, epsilon=r.constraint.epsilon, norm_weight=r.norm_weight,
                 image_every=r.image_every, grad_mode=r.grad_mode, guided=guided)
-        return self._stream(context, build, convert.optimize_result, request_iterator)
+        return self._stream(context, build, convert.optimize_result, request_iterator, "OptimizeLatent")
 
     def FinetuneWeights(self, request_iterator, context):
         def build():
@@ -125,8 +165,8 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
                 self.rt, spec, examples, losses, job, optimizer=convert.optimizer(r.optimizer),
                 method=r.method or "lora", lora_rank=r.lora_rank or 4, lora_alpha=r.lora_alpha or None,
                 target_modules=list(r.target_modules), checkpoint_every=r.checkpoint_every,
-                name=r.name, batch_size=r.batch_size, grad_mode=r.grad_mode)
-        return self._stream(context, build, convert.optimize_result, request_iterator)
+                name=r.name, batch_size=r.batch_size, grad_mode=r.grad_mode, resume_from=r.resume_from)
+        return self._stream(context, build, convert.optimize_result, request_iterator, "FinetuneWeights")
 
     def OptimizeEmbedding(self, request_iterator, context):
         def build():
@@ -138,7 +178,7 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
             return lambda job: run_optimize_embedding(
                 self.rt, spec, losses, job, optimizer=convert.optimizer(r.optimizer), token=token,
                 target_image=target, name=r.name, grad_mode=r.grad_mode, image_every=r.image_every)
-        return self._stream(context, build, convert.optimize_result, request_iterator)
+        return self._stream(context, build, convert.optimize_result, request_iterator, "OptimizeEmbedding")
 
     # -- unary ----------------------------------------------------------------------------------
     def ListModels(self, request, context):

@@ -4,7 +4,7 @@ Each ``run_*`` takes the server's ``Runtime``, plain specs and a ``Job`` (events
 losses, cancellation) and returns a result dataclass; the service translates both ways.
 """
 
-from ._job import Checkpoint, ClientQuery, IterationReport, Job, LocalJob
+from ._job import Checkpoint, ClientQuery, IterationReport, Job, LocalJob, Queued
 from ._specs import (ExampleSpec, GenerationSpec, GuidedSpec, LossSpec, OptimizerSpec, TokenSpec,
                      WeightsSpec)
 from .embedding import run_optimize_embedding
@@ -14,7 +14,7 @@ from .optimize_latent import OptimizeResult, run_optimize_latent
 from .sample import SampleResult, run_sample
 
 __all__ = [
-    "Job", "LocalJob", "ClientQuery", "IterationReport", "Checkpoint",
+    "Job", "LocalJob", "ClientQuery", "IterationReport", "Checkpoint", "Queued",
     "GenerationSpec", "LossSpec", "OptimizerSpec", "TokenSpec", "WeightsSpec", "GuidedSpec",
     "ExampleSpec", "TARGETS",
     "run_sample", "run_gradient", "run_optimize_latent", "run_finetune", "run_optimize_embedding",

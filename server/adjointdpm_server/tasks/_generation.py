@@ -147,9 +147,12 @@ def progress_callback(job: Job, iteration: int = 0):
     """Core progress → job events, and the cancellation check between solver steps."""
 
     base = job.nfe  # network evaluations of earlier solves in this job
+    last = [0]
 
     def callback(p: Progress) -> None:
         job.check()
+        job.count_nfe(p.phase, p.nfe - last[0])
+        last[0] = p.nfe
         job.nfe = base + p.nfe
         job.emit(_with_iteration(p, iteration))
 

@@ -7,14 +7,20 @@ The service implements ``Job`` over a gRPC stream; in-process callers (tests, ex
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import Cancelled, FailedPrecondition
+from ..errors import Cancelled, DeadlineExceeded, FailedPrecondition
 
-__all__ = ["Job", "LocalJob", "ClientQuery", "Checkpoint", "IterationReport"]
+__all__ = ["Job", "LocalJob", "ClientQuery", "Checkpoint", "IterationReport", "Queued"]
+
+
+@dataclass
+class Queued:
+    position: int  # 1-based while waiting; 0 when the job starts
 
 
 @dataclass
@@ -41,11 +47,20 @@ class Checkpoint:
 
 
 class Job:
-    """Base: events go nowhere, no client to ask, never cancelled."""
+    """Base: events go nowhere, no client to ask, never cancelled.
 
-    def __init__(self):
+    ``deadline`` (time.monotonic) ends the job with DEADLINE_EXCEEDED at its next check;
+    ``checkpoint_now`` asks a fine-tune to write a checkpoint at its next iteration (shutdown).
+    """
+
+    def __init__(self, deadline: float | None = None):
         self.cancelled = threading.Event()
+        self.checkpoint_now = threading.Event()
+        self.deadline = deadline
         self.nfe = 0
+
+    def count_nfe(self, phase: str, n: int) -> None:
+        """Network evaluations done in ``phase`` (forward / backward), for metrics."""
 
     def emit(self, event) -> None:
         pass
@@ -57,6 +72,8 @@ class Job:
     def check(self) -> None:
         if self.cancelled.is_set():
             raise Cancelled("the request was cancelled")
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise DeadlineExceeded("the request ran past its deadline")
 
 
 class LocalJob(Job):

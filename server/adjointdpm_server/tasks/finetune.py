@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import InvalidArgument
+from ..errors import Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument
 from ..models._adapters import full_copy, trainable_state, with_lora
 from ._generation import prepare, run_sampler
 from ._images import to_png
@@ -21,9 +21,40 @@ from ._specs import ExampleSpec, GenerationSpec, LossSpec, OptimizerSpec
 from .gradient import check_grad_mode
 from .optimize_latent import OptimizeResult
 
-__all__ = ["run_finetune", "METHODS"]
+__all__ = ["run_finetune", "METHODS", "OPTIM_PREFIX"]
 
 METHODS = ("lora", "full")
+OPTIM_PREFIX = "__optim__/"  # optimizer state in a checkpoint: __optim__/<param>/<key>
+
+
+def _checkpoint_tensors(model, opt) -> dict[str, torch.Tensor]:
+    """The trained weights plus the optimizer's per-parameter state, so a resumed run continues
+    exactly (Adam's moments and step count included)."""
+    tensors = trainable_state(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for param, state in opt.state.items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{OPTIM_PREFIX}{names[id(param)]}/{key}"] = value.detach().to("cpu").reshape(value.shape)
+    return tensors
+
+
+def _restore(model, opt, tensors: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in tensors.items():
+            if name.startswith(OPTIM_PREFIX):
+                pname, _, key = name[len(OPTIM_PREFIX):].rpartition("/")
+                param = params.get(pname)
+                if param is None:
+                    raise FailedPrecondition(f"checkpoint optimizer state for unknown parameter {pname}")
+                opt.state[param][key] = value.to(param.device)
+            elif name in params and params[name].requires_grad:
+                if params[name].shape != value.shape:
+                    raise FailedPrecondition(f"checkpoint tensor {name} has shape {tuple(value.shape)}")
+                params[name].copy_(value)
+            else:
+                raise FailedPrecondition(f"checkpoint tensor {name} does not fit this fine-tune")
 
 
 def _examples_generation(rt, spec: GenerationSpec, examples: list[ExampleSpec]) -> GenerationSpec:
@@ -55,7 +86,8 @@ def _examples_generation(rt, spec: GenerationSpec, examples: list[ExampleSpec]) 
 def run_finetune(rt, spec: GenerationSpec, examples: list[ExampleSpec], losses: list[LossSpec],
                  job: Job, *, optimizer: OptimizerSpec, method: str = "lora", lora_rank: int = 4,
                  lora_alpha: float | None = None, target_modules=(), checkpoint_every: int = 0,
-                 name: str = "", batch_size: int = 0, grad_mode: str = "") -> OptimizeResult:
+                 name: str = "", batch_size: int = 0, grad_mode: str = "",
+                 resume_from: str = "") -> OptimizeResult:
     check_iterations(optimizer, rt.limits)
     mode = check_grad_mode(grad_mode)
     if method not in METHODS:
@@ -81,29 +113,44 @@ def run_finetune(rt, spec: GenerationSpec, examples: list[ExampleSpec], losses: 
     opt = make_optimizer(optimizer, params)
     n = prep.batch
     size = min(batch_size or n, n)
-    history = []
-    for it in range(optimizer.iterations):
-        job.check()
-        idx = torch.arange(it * size, (it + 1) * size) % n
-        objective.iteration = it
-        objective.set_reference({k: v[idx] for k, v in reference.items()})
-        cond = prep.cond[idx] if isinstance(prep.cond, torch.Tensor) else prep.cond
-        uncond = prep.uncond[idx] if isinstance(prep.uncond, torch.Tensor) else prep.uncond
-        x0 = run_sampler(prep, job, x_T=prep.x_T[idx], cond=cond, eps_fn=model, grad_mode=mode,
-                         iteration=it, uncond=uncond)
-        total, values = objective(x0)
-        opt.zero_grad()
-        total.backward()
-        grad_norm = float(torch.sqrt(sum((p.grad.square().sum() for p in params if p.grad is not None),
-                                         torch.tensor(0.0))))
-        history.append(report(job, it, total, values, grad_norm))
-        opt.step()
-        if checkpoint_every and (it + 1) % checkpoint_every == 0 and it + 1 < optimizer.iterations:
-            info = rt.artifacts.save("checkpoint", trainable_state(model), model=prep.model,
-                                     name=name, iteration=it + 1, metadata=meta)
-            job.emit(Checkpoint(info))
+    history, first = [], 0
+    if resume_from:
+        history, first = _resume(rt, resume_from, prep.model, meta, model, opt, optimizer.iterations)
+
+    def checkpoint(done: int):
+        info = rt.artifacts.save("checkpoint", _checkpoint_tensors(model, opt), model=prep.model,
+                                 name=name, iteration=done, metadata={**meta, "history": history})
+        job.emit(Checkpoint(info))
+
+    it = first
+    try:
+        for it in range(first, optimizer.iterations):
+            job.check()
+            idx = torch.arange(it * size, (it + 1) * size) % n
+            objective.iteration = it
+            objective.set_reference({k: v[idx] for k, v in reference.items()})
+            cond = prep.cond[idx] if isinstance(prep.cond, torch.Tensor) else prep.cond
+            uncond = prep.uncond[idx] if isinstance(prep.uncond, torch.Tensor) else prep.uncond
+            x0 = run_sampler(prep, job, x_T=prep.x_T[idx], cond=cond, eps_fn=model, grad_mode=mode,
+                             iteration=it, uncond=uncond)
+            total, values = objective(x0)
+            opt.zero_grad()
+            total.backward()
+            grad_norm = float(torch.sqrt(sum((p.grad.square().sum() for p in params if p.grad is not None),
+                                             torch.tensor(0.0))))
+            history.append(report(job, it, total, values, grad_norm))
+            opt.step()
+            done = it + 1
+            periodic = checkpoint_every and done % checkpoint_every == 0
+            if done < optimizer.iterations and (periodic or job.checkpoint_now.is_set()):
+                job.checkpoint_now.clear()
+                checkpoint(done)
+    except (Cancelled, DeadlineExceeded):
+        if len(history) > first:
+            checkpoint(len(history))  # durable: a stopped fine-tune resumes from here
+        raise
     info = rt.artifacts.save(method, trainable_state(model), model=prep.model, name=name,
-                             iteration=optimizer.iterations, metadata=meta)
+                             iteration=optimizer.iterations, metadata={**meta, "history": history})
     model.requires_grad_(False)
     with torch.no_grad():
         objective.set_reference(reference)
@@ -111,3 +158,22 @@ def run_finetune(rt, spec: GenerationSpec, examples: list[ExampleSpec], losses: 
         images = prep.backend.decode(x0)
     return OptimizeResult(history[-1], history, prep.x_T, x0, to_png(images),
                           to_png(reference["image"]), info)
+
+
+def _resume(rt, checkpoint_id, model_name, meta, model, opt, iterations) -> tuple[list, int]:
+    """Load a checkpoint of the same run: weights, optimizer state, loss history so far."""
+    tensors, info = rt.artifacts.load(checkpoint_id)
+    if info.kind != "checkpoint":
+        raise InvalidArgument(f"resume_from must be a checkpoint; {checkpoint_id} is a {info.kind}")
+    if info.model != model_name:
+        raise FailedPrecondition(f"checkpoint {checkpoint_id} belongs to model {info.model!r}")
+    for key in ("method", "rank", "alpha", "targets"):
+        if info.metadata.get(key) != meta.get(key):
+            raise FailedPrecondition(f"checkpoint {checkpoint_id} was made with {key}="
+                                     f"{info.metadata.get(key)!r}, this request has {meta.get(key)!r}")
+    if info.iteration >= iterations:
+        raise InvalidArgument(f"checkpoint {checkpoint_id} is at iteration {info.iteration}; "
+                              f"ask for more than that many iterations")
+    _restore(model, opt, tensors)
+    history = [float(v) for v in info.metadata.get("history", [])][:info.iteration]
+    return history, info.iteration
