@@ -145,9 +145,12 @@ class Client:
     """
 
     def __init__(self, target: str, token: str | None = None, tls: bool | dict = False,
-                 timeout: float | None = None, max_message_bytes: int = 64 * 2**20):
+                 timeout: float | None = None, max_message_bytes: int = 64 * 2**20,
+                 load_balancing: str | None = None, options=()):
         options = [("grpc.max_receive_message_length", max_message_bytes),
-                   ("grpc.max_send_message_length", max_message_bytes)]
+                   ("grpc.max_send_message_length", max_message_bytes), *options]
+        if load_balancing:  # e.g. "round_robin" over dns:///adjointdpm-headless.ns.svc:50051
+            options.append(("grpc.lb_policy_name", load_balancing))
         if tls:
             files = tls if isinstance(tls, dict) else {}
             creds = grpc.ssl_channel_credentials(**{k: _pem(v) for k, v in files.items()})

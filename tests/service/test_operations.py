@@ -182,3 +182,13 @@ def test_graceful_drain_checkpoints_a_running_fine_tune(tmp_path):
             pass
     checkpoints = srv.runtime.artifacts.list(kind="checkpoint")
     assert checkpoints and checkpoints[-1].iteration >= 1
+
+
+def test_round_robin_client_over_a_dns_target(tmp_path):
+    """The SDK's load-balancing option works with a dns:/// target (the headless-Service setup)."""
+    srv = _server(tmp_path)
+    try:
+        client = adjointdpm.Client(f"dns:///127.0.0.1:{srv.port}", load_balancing="round_robin")
+        assert client.sample(seed=0, steps=2).x0.shape == (1, 1, 8, 8)
+    finally:
+        srv.stop(0)
