@@ -105,6 +105,8 @@ class Call:
         except grpc.RpcError as err:
             raise AdjointDPMError(err.code(), err.details()) from None
         finally:
+            if self.result is None:  # abandoned (break, an exception, Ctrl-C): free the server's slot
+                self.cancel()
             if bar is not None:
                 bar.close()
 
@@ -205,14 +207,16 @@ class Client:
 
                         try:
                             value, grad = evaluate_client_loss(term, decode_tensor(q.x))
+                            reply = pb.LossReply(term=q.term, value=value, grad=encode_tensor(grad))
                         except Exception:
                             call.cancel()
                             raise
-                        outbox.put(wrapper(loss_reply=pb.LossReply(term=q.term, value=value,
-                                                                   grad=encode_tensor(grad))))
+                        outbox.put(wrapper(loss_reply=reply))
                     yield event
             finally:
-                outbox.put(None)
+                outbox.put(None)  # ends the request stream; an unfinished call is cancelled
+                if not call.done():
+                    call.cancel()
 
         return events(), call
 

@@ -15,11 +15,10 @@ _REGISTRY: dict[str, "ClientLoss"] = {}
 
 
 def _torch_available() -> bool:
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether torch is installed, without importing it (defining a loss stays cheap)."""
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
 
 
 @dataclass

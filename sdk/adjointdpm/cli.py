@@ -13,6 +13,7 @@ import argparse
 import itertools
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -198,6 +199,8 @@ def _write_tensors(tensors: dict[str, np.ndarray], out: Path, stem: str) -> Path
 
 
 def _download(client, artifact_id: str, path: Path) -> None:
+    if not re.fullmatch(r"[a-z_]+-[0-9a-f]{32}", artifact_id):  # ids name local files: no paths
+        raise ValueError(f"{artifact_id!r} is not an artifact id")
     path.parent.mkdir(parents=True, exist_ok=True)
     info, data = client.download_artifact(artifact_id, path)
     print(f"wrote {path} ({len(data)} bytes, {info.kind if info else 'artifact'})")

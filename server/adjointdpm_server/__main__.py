@@ -45,6 +45,8 @@ def parse_args(argv=None) -> ServerConfig:
     p.add_argument("--metrics-port", type=int, help="Prometheus /metrics on this port")
     p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds to drain on SIGTERM")
     p.add_argument("--triton-url", help="host:port of a Triton server for the 'triton' loss")
+    p.add_argument("--triton-allow", action="append", default=[], metavar="HOST:PORT",
+                   help="another Triton address a request's 'url' parameter may name (repeatable)")
     p.add_argument("--clip-model-dir", type=Path, help="a local CLIP directory for 'clip_similarity'")
     p.add_argument("--max-batch", type=int, default=Limits.max_batch)
     p.add_argument("--max-steps", type=int, default=Limits.max_steps)
@@ -68,7 +70,7 @@ def parse_args(argv=None) -> ServerConfig:
         max_request_s=a.max_request_seconds, workers=a.workers,
         tokens=load_tokens(a.tokens_file), health_open=not a.protect_health, tls_cert=a.tls_cert,
         tls_key=a.tls_key, tls_client_ca=a.tls_client_ca, health_port=a.health_port,
-        metrics_port=a.metrics_port, shutdown_grace_s=a.shutdown_grace, triton_url=a.triton_url,
+        metrics_port=a.metrics_port, shutdown_grace_s=a.shutdown_grace, triton_url=a.triton_url, triton_allowed_urls=tuple(a.triton_allow),
         clip_model_dir=a.clip_model_dir, limits=limits)
     return config, a.log_format
 

@@ -77,7 +77,10 @@ class ArtifactStore:
 
     def info(self, artifact_id: str) -> ArtifactInfo:
         self.path(artifact_id)
-        data = json.loads((self.root / f"{artifact_id}.json").read_text())
+        try:
+            data = json.loads((self.root / f"{artifact_id}.json").read_text())
+        except (OSError, ValueError) as err:  # expired meanwhile, or a damaged sidecar
+            raise NotFound(f"no artifact {artifact_id!r} on this server") from err
         return ArtifactInfo(**data)
 
     def load(self, artifact_id: str, device="cpu") -> tuple[dict[str, torch.Tensor], ArtifactInfo]:

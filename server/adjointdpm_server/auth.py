@@ -8,6 +8,7 @@ Health checking may stay open so that kubelet probes need no secret.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
 from pathlib import Path
@@ -17,7 +18,7 @@ import grpc
 
 __all__ = ["load_tokens", "TokenAuthInterceptor", "server_credentials"]
 
-HEALTH_PREFIX = "/grpc.health.v1.Health/"
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"  # open; Watch (a long stream) needs a token
 
 
 def load_tokens(path: str | Path | None = None, env: str = "ADJOINTDPM_TOKENS") -> tuple[str, ...]:
@@ -49,20 +50,21 @@ def _deny(handler, code: grpc.StatusCode, details: str):
 
 class TokenAuthInterceptor(grpc.ServerInterceptor):
     def __init__(self, tokens: Iterable[str], *, health_open: bool = True):
-        self._tokens = [t.encode() for t in tokens]
-        if not self._tokens:
+        self._digests = [hashlib.sha256(t.encode()).digest() for t in tokens]
+        if not self._digests:
             raise ValueError("token authentication needs at least one token")
         self._health_open = health_open
 
     def _valid(self, presented: str) -> bool:
-        candidate = presented.encode()
+        # digests of equal length: the comparison's time reveals neither which token nor its length
+        candidate = hashlib.sha256(presented.encode()).digest()
         ok = False
-        for token in self._tokens:  # no early exit: the time spent does not depend on which matched
+        for token in self._digests:  # no early exit
             ok |= hmac.compare_digest(candidate, token)
         return ok
 
     def intercept_service(self, continuation, handler_call_details):
-        if self._health_open and handler_call_details.method.startswith(HEALTH_PREFIX):
+        if self._health_open and handler_call_details.method == HEALTH_CHECK:
             return continuation(handler_call_details)
         metadata = dict(handler_call_details.invocation_metadata or ())
         header = metadata.get("authorization", "")

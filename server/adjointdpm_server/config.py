@@ -17,6 +17,7 @@ class Limits:
     max_tensor_elements: int = 16 * 2**20       # one tensor in a request
     max_message_bytes: int = 64 * 2**20         # a gRPC message, either way
     max_inline_weight_elements: int = 4 * 2**20  # weight gradients sent inline (else an artifact)
+    max_lora_rank: int = 256
     client_loss_timeout_s: float = 300.0         # how long to wait for a client's LossReply
 
 
@@ -42,10 +43,11 @@ class ServerConfig:
     metrics_port: int | None = None            # Prometheus /metrics; None = off
     shutdown_grace_s: float = 30.0             # SIGTERM: drain this long, then cancel
     triton_url: str | None = None
+    triton_allowed_urls: tuple[str, ...] = ()  # other Triton addresses a request may name
     clip_model_dir: Path | None = None
     limits: Limits = field(default_factory=Limits)
 
     def loss_settings(self) -> dict:
         """What loss plugins may read (DESIGN.md §4: server-side plugins)."""
-        return {"triton_url": self.triton_url,
+        return {"triton_url": self.triton_url, "triton_allowed_urls": self.triton_allowed_urls,
                 "clip_model_dir": str(self.clip_model_dir) if self.clip_model_dir else None}

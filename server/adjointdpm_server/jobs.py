@@ -39,9 +39,12 @@ class StreamJob(Job):
         super().__init__(deadline=now + min(limits_s) if limits_s else None)
         self.limits, self.scheduler, self.metrics, self.rpc = limits, scheduler, metrics, rpc
         self._out: queue.Queue = queue.Queue()
-        self._replies: queue.Queue = queue.Queue()
+        self._replies: queue.Queue = queue.Queue(maxsize=1)  # at most the one reply asked for
         self._reader_done = threading.Event()
-        context.add_callback(self.cancelled.set)
+        self._asking = threading.Event()
+        if not context.add_callback(self.cancelled.set):  # the call already ended
+            self.cancelled.set()
+        self._protocol_error: str | None = None
 
     def count_nfe(self, phase: str, n: int) -> None:
         if self.metrics is not None and n > 0:
@@ -51,7 +54,13 @@ class StreamJob(Job):
     def emit(self, event) -> None:
         self._out.put(("event", event))
 
+    def check(self) -> None:
+        if self._protocol_error:
+            raise InvalidArgument(f"the client sent {self._protocol_error}")
+        super().check()
+
     def ask(self, query: ClientQuery) -> tuple[float, np.ndarray]:
+        self._asking.set()
         self._out.put(("event", query))
         deadline = time.monotonic() + self.limits.client_loss_timeout_s
         while True:
@@ -60,7 +69,7 @@ class StreamJob(Job):
                 reply = self._replies.get(timeout=0.2)
                 break
             except queue.Empty:
-                if self._reader_done.is_set() and self._replies.empty():
+                if self._reader_done.is_set() and self._replies.empty() and not self._protocol_error:
                     raise FailedPrecondition(f"the client closed its stream without answering the "
                                              f"loss query for {query.name!r}")
                 if time.monotonic() > deadline:
@@ -84,10 +93,15 @@ class StreamJob(Job):
         def reader():
             try:
                 for msg in request_iterator:
-                    if msg.WhichOneof("kind") == "loss_reply":
-                        self._replies.put(msg.loss_reply)
+                    if msg.WhichOneof("kind") != "loss_reply":
+                        self._protocol_error = "a second request on one stream"
+                    elif not self._asking.is_set():
+                        self._protocol_error = "a loss reply nobody asked for"
                     else:
-                        log.warning("ignoring a second request on one stream")
+                        self._asking.clear()
+                        self._replies.put_nowait(msg.loss_reply)
+                    if self._protocol_error:
+                        return
             except Exception:  # the stream broke: the client went away
                 self.cancelled.set()
             finally:

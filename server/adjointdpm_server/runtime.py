@@ -47,7 +47,7 @@ class Runtime:
         self.artifacts = ArtifactStore(config.artifact_dir)
         self.settings = config.loss_settings()
         self.limits = config.limits
-        self._adapters: OrderedDict[str, torch.nn.Module] = OrderedDict()
+        self._adapters: OrderedDict[tuple[str, str], torch.nn.Module] = OrderedDict()
         self._adapter_cache = adapter_cache
         self._lock = threading.Lock()
 
@@ -61,9 +61,9 @@ class Runtime:
     def adapted(self, model: str, adapter_id: str) -> torch.nn.Module:
         """The resident ``eps_fn`` of ``model`` with the adapter applied (a cached copy)."""
         with self._lock:
-            if adapter_id in self._adapters:
-                self._adapters.move_to_end(adapter_id)
-                return self._adapters[adapter_id]
+            if (model, adapter_id) in self._adapters:
+                self._adapters.move_to_end((model, adapter_id))
+                return self._adapters[model, adapter_id]
         backend = self.models[model]
         info = self.artifacts.info(adapter_id)
         if info.kind not in ("lora", "full", "checkpoint"):
@@ -81,7 +81,7 @@ class Runtime:
         except ValueError as err:
             raise FailedPrecondition(f"adapter {adapter_id}: {err}") from err
         with self._lock:
-            self._adapters[adapter_id] = eps
+            self._adapters[model, adapter_id] = eps
             while len(self._adapters) > self._adapter_cache:
                 self._adapters.popitem(last=False)
         return eps

@@ -99,7 +99,7 @@ def build_server(config: ServerConfig, runtime: Runtime | None = None) -> Server
     size = config.limits.max_message_bytes
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="adjointdpm-rpc"),
-        interceptors=interceptors,
+        interceptors=interceptors, maximum_concurrent_rpcs=config.workers,  # beyond: RESOURCE_EXHAUSTED
         options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)])
     adjointdpm_pb2_grpc.add_AdjointDPMServicer_to_server(service, server)
     health_servicer = health.HealthServicer()
@@ -108,7 +108,7 @@ def build_server(config: ServerConfig, runtime: Runtime | None = None) -> Server
     port = _bind(server, f"{config.host}:{config.port}", config)
     health_server = health_port = None
     if config.health_port is not None:  # plaintext, health only: for kubelet probes under TLS/auth
-        health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), maximum_concurrent_rpcs=8)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
         health_port = health_server.add_insecure_port(f"{config.host}:{config.health_port}")
         health_server.start()

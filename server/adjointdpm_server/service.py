@@ -7,6 +7,7 @@ is a bug, logged with its traceback and answered INTERNAL — the server and oth
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 
@@ -39,12 +40,29 @@ def _abort(context, err: Exception):
     context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}")
 
 
+FIRST_MESSAGE_S = 30.0
+
+
 def _first_request(request_iterator, name: str):
-    """The opening message of a bidi stream must be the request."""
+    """The opening message of a bidi stream must be the request, within FIRST_MESSAGE_S (a
+    client that opens a stream and says nothing must not hold a handler thread forever)."""
+    box: queue.Queue = queue.Queue()
+
+    def read():
+        try:
+            box.put(next(request_iterator))
+        except BaseException as err:  # noqa: BLE001 — StopIteration, or the RPC ended
+            box.put(err)
+
+    threading.Thread(target=read, daemon=True, name="adjointdpm-first-message").start()
     try:
-        first = next(request_iterator)
-    except StopIteration:
-        raise InvalidArgument(f"{name}: the stream closed before the request") from None
+        first = box.get(timeout=FIRST_MESSAGE_S)
+    except queue.Empty:
+        raise InvalidArgument(f"{name}: no request within {FIRST_MESSAGE_S:.0f} s of opening the stream") from None
+    if isinstance(first, StopIteration):
+        raise InvalidArgument(f"{name}: the stream closed before the request")
+    if isinstance(first, BaseException):
+        raise first
     if first.WhichOneof("kind") != "request":
         raise InvalidArgument(f"{name}: the first message must be the request")
     return first.request
@@ -93,6 +111,7 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
                 _abort(context, err)
         finally:
             if job is not None:
+                job.cancelled.set()  # the stream is over: whatever still runs for it stops
                 with self._active_lock:
                     self.jobs.discard(job)
 

@@ -106,10 +106,18 @@ def test_value_and_gradient_match_closed_form_mse(triton_url, shape):
     torch.testing.assert_close(x.grad.double(), 3 * ref_x.grad, rtol=1e-6, atol=1e-9)
 
 
-def test_url_parameter_overrides_the_setting(triton_url):
+def test_url_parameter_picks_an_allowed_server(triton_url):
     dead = f"127.0.0.1:{_free_ports(1)[0]}"
     x = torch.full((1, 1, 2, 2), 1.5)
-    assert _loss(dead, url=triton_url, model="mse_loss")(x).item() == pytest.approx(1.0)
+    settings = {"triton_url": dead, "triton_allowed_urls": (triton_url,)}
+    loss = TritonLoss(LossContext(backend=None, settings=settings), {"url": triton_url, "model": "mse_loss"}, {})
+    assert loss(x).item() == pytest.approx(1.0)
+
+
+def test_url_parameter_outside_the_allowlist_is_refused(triton_url):
+    """No request may point the server at an arbitrary host (server-side request forgery)."""
+    with pytest.raises(InvalidArgument, match="not a Triton address this server allows"):
+        _loss(triton_url, url="169.254.169.254:80", model="mse_loss")
 
 
 def test_unknown_model_is_not_found(triton_url):

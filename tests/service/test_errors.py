@@ -134,3 +134,69 @@ def test_client_closing_without_answering(server):
             assert "loss_query" in kinds
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "without answering" in err.value.details()
+
+
+def test_unsolicited_loss_reply_ends_that_job_only(client, server):
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.AdjointDPMStub(channel)
+        request = pb.GradientRequest(generation=pb.Generation(seed=0, steps=50),
+                                     losses=[pb.LossTerm(server=pb.ServerLoss(name="classifier"))])
+        request.losses[0].server.params.update({"label": 1})
+        flood = [pb.GradientMessage(request=request)] + [
+            pb.GradientMessage(loss_reply=pb.LossReply(term=0, value=1.0))] * 5
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.ComputeGradient(iter(flood), timeout=60))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "nobody asked for" in err.value.details()
+    _healthy(client)
+
+
+def test_bounds_on_lora_rank_and_guided_steps(client):
+    code, details = _code(client.compute_gradient, MSE, targets=["weights"], weights={"lora_rank": 10**6},
+                          seed=0, steps=2)
+    assert code == "INVALID_ARGUMENT" and "lora_rank" in details
+    code, _ = _code(client.finetune_weights, MSE, [{"seed": 0}], lora_rank=10**6, iterations=1, steps=2)
+    assert code == "INVALID_ARGUMENT"
+    code, details = _code(client.optimize_latent, MSE, guided={"grad_steps": 4_000_000_000}, seed=0, steps=2)
+    assert code == "INVALID_ARGUMENT" and "grad_steps" in details
+
+
+def test_adapter_of_another_model_is_refused_even_when_cached(client):
+    tuned = client.finetune_weights(MSE, [{"seed": 0}], method="full", iterations=1, steps=2,
+                                    model="gaussian-mixture")
+    client.sample(model="gaussian-mixture", seed=0, steps=2, adapter=tuned.artifact.id)  # now cached
+    code, details = _code(client.sample, seed=0, steps=2, adapter=tuned.artifact.id)  # digits
+    assert code == "FAILED_PRECONDITION" and "gaussian-mixture" in details
+    code, details = _code(client.compute_gradient, MSE, targets=["weights"], weights={"lora_rank": 2},
+                          model="gaussian-mixture", adapter=tuned.artifact.id, seed=0, steps=2)
+    assert code == "INVALID_ARGUMENT" and "adapter" in details
+
+
+def test_abandoned_stream_is_cancelled_by_the_sdk(client, server):
+    call = client.optimize_latent(MSE, iterations=50, seed=0, steps=20, stream=True)
+    for event in call:
+        if event.WhichOneof("kind") == "progress":
+            break  # abandon: the SDK cancels the call
+    deadline = time.time() + 10
+    while not server.service.idle and time.time() < deadline:
+        time.sleep(0.05)
+    assert server.service.idle
+
+
+def test_silent_stream_is_closed_after_the_first_message_timeout(server, monkeypatch):
+    from adjointdpm_server import service
+
+    monkeypatch.setattr(service, "FIRST_MESSAGE_S", 0.5)
+    never = threading.Event()
+
+    def silent():
+        never.wait(30)
+        return
+        yield
+
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        start = time.time()
+        with pytest.raises(grpc.RpcError) as err:
+            list(pb_grpc.AdjointDPMStub(channel).ComputeGradient(silent(), timeout=20))
+        never.set()
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and time.time() - start < 10

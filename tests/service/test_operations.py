@@ -87,7 +87,8 @@ def test_queue_positions_full_queue_and_deadlines(tmp_path):
     try:
         client = adjointdpm.Client(f"127.0.0.1:{srv.port}")
         long = client.optimize_latent(MSE, iterations=200, seed=0, steps=30, stream=True)
-        first = next(iter(long))  # it runs (a progress event arrived)
+        events = iter(long)  # keep the iterator: dropping it abandons (cancels) the call
+        first = next(events)  # it runs (a progress event arrived)
         assert first.WhichOneof("kind") in ("progress", "queued")
         positions, results = [], {}
 
@@ -110,7 +111,7 @@ def test_queue_positions_full_queue_and_deadlines(tmp_path):
         assert _code(short.sample, seed=3, steps=2) in ("DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED")
         long.cancel()
         with pytest.raises(adjointdpm.AdjointDPMError):
-            for _ in long:
+            for _ in events:
                 pass
         for t in threads:
             t.join(60)
@@ -190,5 +191,20 @@ def test_round_robin_client_over_a_dns_target(tmp_path):
     try:
         client = adjointdpm.Client(f"dns:///127.0.0.1:{srv.port}", load_balancing="round_robin")
         assert client.sample(seed=0, steps=2).x0.shape == (1, 1, 8, 8)
+    finally:
+        srv.stop(0)
+
+
+def test_only_health_check_is_open_without_a_token(tmp_path):
+    """Watch is a long stream that holds a handler thread: it needs a token like everything else."""
+    srv = _server(tmp_path, tokens=("s3cret",))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            assert stub.Check(health_pb2.HealthCheckRequest(), timeout=10).status == \
+                health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.RpcError) as err:
+                next(iter(stub.Watch(health_pb2.HealthCheckRequest(), timeout=10)))
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     finally:
         srv.stop(0)

@@ -38,7 +38,7 @@ class TritonLoss(LossPlugin):
     description = ("a model on a Triton Inference Server returns the loss of x and its gradient "
                    "(the server is reached over gRPC)")
     params = {
-        "url": "host:port of Triton's gRPC endpoint (default: the server's triton_url setting)",
+        "url": "host:port of Triton's gRPC endpoint, one the server allows (default: its triton_url)",
         "model": "the model's name on the Triton server (required)",
         "version": "the model version (default: the server's choice)",
         "input": "the model's input tensor that receives x, FP32 (B, C, H, W) (default 'x')",
@@ -52,10 +52,15 @@ class TritonLoss(LossPlugin):
     def __init__(self, context: LossContext, params: Mapping[str, Any],
                  tensors: Mapping[str, torch.Tensor]):
         super().__init__(context, params, tensors)
-        self.url = _text(params, "url", context.settings.get("triton_url"))
+        default = context.settings.get("triton_url")
+        self.url = _text(params, "url", default)
         if not self.url:
-            raise InvalidArgument("loss 'triton' needs a Triton gRPC address: pass the parameter "
-                                  "'url' (host:port) or configure the server's triton_url")
+            raise InvalidArgument("loss 'triton' needs a Triton gRPC address: the server has no "
+                                  "triton_url configured")
+        allowed = {default, *(context.settings.get("triton_allowed_urls") or ())} - {None}
+        if self.url not in allowed:  # no request may make the server connect anywhere it likes
+            raise InvalidArgument(f"loss 'triton': {self.url!r} is not a Triton address this server "
+                                  f"allows (--triton-url / --triton-allow)")
         self.model = _text(params, "model", None)
         if not self.model:
             raise InvalidArgument("loss 'triton' needs the parameter 'model' (the model's name)")
@@ -73,7 +78,7 @@ class TritonLoss(LossPlugin):
 
     @classmethod
     def available(cls, settings: Mapping[str, Any]) -> bool:
-        return True  # without triton_url, requests may still name a url
+        return bool(settings.get("triton_url") or settings.get("triton_allowed_urls"))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self._loss(x)

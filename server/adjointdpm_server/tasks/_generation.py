@@ -88,11 +88,12 @@ def _conditioning(rt, spec: GenerationSpec, name: str, backend: ModelBackend, ba
 
 
 def _learned_embedding(rt, artifact_id, name, backend, batch, prompt, kwargs) -> Conditioning:
-    tensors, info = rt.artifacts.load(artifact_id, device=backend.device)
+    info = rt.artifacts.info(artifact_id)  # check what it is before loading any tensor
     if info.kind != "embedding":
         raise InvalidArgument(f"artifact {artifact_id} is a {info.kind}, not an embedding")
     if info.model != name:
         raise InvalidArgument(f"embedding {artifact_id} was learned on {info.model!r}, not {name!r}")
+    tensors, info = rt.artifacts.load(artifact_id, device=backend.device)
     if "token" in tensors:
         placeholder = info.metadata.get("placeholder", "<*>")
         text = prompt or [info.metadata.get("prompt", placeholder)]

@@ -94,6 +94,8 @@ def run_finetune(rt, spec: GenerationSpec, examples: list[ExampleSpec], losses: 
         raise InvalidArgument(f"method must be lora or full; got {method!r}")
     if spec.adapter:
         raise InvalidArgument("fine-tuning starts from the base model; adapter must be empty")
+    if method == "lora" and lora_rank > rt.limits.max_lora_rank:
+        raise InvalidArgument(f"lora_rank must be at most {rt.limits.max_lora_rank}")
     prep = prepare(rt, _examples_generation(rt, spec, examples))
     targets = tuple(target_modules) or prep.backend.lora_targets
     try:

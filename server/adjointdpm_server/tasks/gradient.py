@@ -110,6 +110,10 @@ def run_gradient(rt, spec: GenerationSpec, losses: list[LossSpec], job: Job, *,
         weights = weights or WeightsSpec()
         try:
             if weights.lora_rank:
+                if weights.lora_rank > rt.limits.max_lora_rank:
+                    raise InvalidArgument(f"lora_rank must be at most {rt.limits.max_lora_rank}")
+                if spec.adapter:
+                    raise InvalidArgument("a fresh LoRA goes on the base model: leave adapter unset")
                 eps_fn = with_lora(prep.eps_fn, weights.lora_rank, targets=prep.backend.lora_targets)
                 weight_leaves = {n: p for n, p in eps_fn.named_parameters() if p.requires_grad}
             else:

@@ -65,7 +65,7 @@ def run_optimize_latent(rt, spec: GenerationSpec, losses: list[LossSpec], job: J
     prep = prepare(rt, spec)
     objective = Objective(rt, prep.backend, losses, job)
     if guided is not None:
-        return _guided(prep, objective, job, optimizer, guided, mode)
+        return _guided(prep, objective, job, optimizer, guided, mode, rt.limits)
 
     with torch.no_grad():
         x0_start = run_sampler(prep, job, grad_mode="none")
@@ -101,11 +101,13 @@ def run_optimize_latent(rt, spec: GenerationSpec, losses: list[LossSpec], job: J
     return OptimizeResult(float(total), history, x.detach(), x0, to_png(images), initial)
 
 
-def _guided(prep, objective, job, optimizer: OptimizerSpec, guided: GuidedSpec, mode: str):
+def _guided(prep, objective, job, optimizer: OptimizerSpec, guided: GuidedSpec, mode: str, limits):
     """Guided sampling: x_t ← x_t − scale·∂L/∂x_t at every ``every``-th node (§4.1.1)."""
     every = guided.every or 1
     scale = guided.scale or optimizer.lr
     inner = guided.inner_steps or 1
+    if guided.grad_steps > limits.max_steps:
+        raise InvalidArgument(f"guided grad_steps must be at most {limits.max_steps}")
     if inner * -(-prep.steps // every) > 10_000:
         raise InvalidArgument("too many guidance gradients (steps / every × inner_steps)")
     schedule = prep.backend.schedule
