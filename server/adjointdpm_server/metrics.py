@@ -25,7 +25,7 @@ def _peak_memory_bytes(device: str) -> float:
 
 
 class Metrics:
-    def __init__(self, scheduler=None, device: str = "cpu"):
+    def __init__(self, device: str = "cpu"):
         self.registry = r = CollectorRegistry()
         self.requests = Counter("adjointdpm_requests", "RPCs finished, by method and status code",
                                 ["rpc", "code"], registry=r)
@@ -41,11 +41,13 @@ class Metrics:
         self.memory_peak = Gauge("adjointdpm_accelerator_memory_peak_bytes",
                                  "peak accelerator memory allocated by torch (CPU: peak RSS)",
                                  ["device"], registry=r)
-        if scheduler is not None:
-            self.jobs_running.set_function(lambda: scheduler.running)
-            self.jobs_queued.set_function(lambda: scheduler.queued)
         self.memory_peak.labels(device=device).set_function(lambda: _peak_memory_bytes(device))
         self._http = None
+
+    def watch(self, scheduler) -> None:
+        """Running and queued jobs are read from the scheduler at scrape time."""
+        self.jobs_running.set_function(lambda: scheduler.running)
+        self.jobs_queued.set_function(lambda: scheduler.queued)
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
         """Expose /metrics on ``port`` (0 = any free port); returns the bound port."""

@@ -91,8 +91,7 @@ def build_server(config: ServerConfig, runtime: Runtime | None = None) -> Server
     runtime.artifacts.expire(config.artifact_retention_s)
     metrics = Metrics(device=config.device)
     service = AdjointDPMService(runtime, metrics)
-    metrics.jobs_running.set_function(lambda: service.scheduler.running)
-    metrics.jobs_queued.set_function(lambda: service.scheduler.queued)
+    metrics.watch(service.scheduler)
     interceptors = [TelemetryInterceptor(metrics)]
     if config.tokens:
         interceptors.append(TokenAuthInterceptor(config.tokens, health_open=config.health_open))

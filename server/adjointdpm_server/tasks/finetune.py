@@ -124,7 +124,6 @@ def run_finetune(rt, spec: GenerationSpec, examples: list[ExampleSpec], losses: 
                                  name=name, iteration=done, metadata={**meta, "history": history})
         job.emit(Checkpoint(info))
 
-    it = first
     try:
         for it in range(first, optimizer.iterations):
             job.check()
