@@ -32,8 +32,15 @@ def parse_args(argv=None) -> ServerConfig:
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16", "float64"))
     p.add_argument("--artifact-dir", type=Path, default=Path("artifacts"))
     p.add_argument("--artifact-retention-hours", type=float, default=24 * 7, help="0 = keep forever")
-    p.add_argument("--max-concurrent-jobs", type=int, default=1)
-    p.add_argument("--max-queue", type=int, default=16, help="waiting jobs; beyond: RESOURCE_EXHAUSTED")
+    p.add_argument("--max-active-jobs", "--max-concurrent-jobs", type=int, default=16,
+                   help="jobs whose states are held in memory (their network calls are batched)")
+    p.add_argument("--max-queue", type=int, default=32, help="waiting jobs; beyond: RESOURCE_EXHAUSTED")
+    p.add_argument("--max-network-batch", type=int, default=64,
+                   help="samples in one batched network call")
+    p.add_argument("--batch-window-ms", type=float, default=5.0,
+                   help="how long a network call may wait for other jobs' calls; 0 = no batching")
+    p.add_argument("--client-loss-timeout", type=float, default=Limits.client_loss_timeout_s,
+                   help="seconds to wait for a client's loss reply (then DEADLINE_EXCEEDED)")
     p.add_argument("--max-request-seconds", type=float, default=3600.0)
     p.add_argument("--workers", type=int, default=64, help="gRPC handler threads")
     p.add_argument("--tokens-file", type=Path, help="bearer tokens, one per line (also: ADJOINTDPM_TOKENS)")
@@ -62,11 +69,13 @@ def parse_args(argv=None) -> ServerConfig:
         p.error("--tls-cert and --tls-key go together")
     limits = Limits(max_batch=a.max_batch, max_steps=a.max_steps, max_iterations=a.max_iterations,
                     max_examples=a.max_examples, max_tensor_elements=a.max_tensor_elements,
-                    max_message_bytes=a.max_message_mib << 20)
+                    max_message_bytes=a.max_message_mib << 20,
+                    client_loss_timeout_s=a.client_loss_timeout)
     config = ServerConfig(
         models=tuple(a.models or ["digits"]), host=a.host, port=a.port, device=a.device, dtype=a.dtype,
         artifact_dir=a.artifact_dir, artifact_retention_s=a.artifact_retention_hours * 3600,
-        max_concurrent_jobs=a.max_concurrent_jobs, max_queue=a.max_queue,
+        max_active_jobs=a.max_active_jobs, max_queue=a.max_queue,
+        max_network_batch=a.max_network_batch, batch_window_ms=a.batch_window_ms,
         max_request_s=a.max_request_seconds, workers=a.workers,
         tokens=load_tokens(a.tokens_file), health_open=not a.protect_health, tls_cert=a.tls_cert,
         tls_key=a.tls_key, tls_client_ca=a.tls_client_ca, health_port=a.health_port,

@@ -16,7 +16,7 @@ from typing import Iterable
 
 import grpc
 
-__all__ = ["load_tokens", "TokenAuthInterceptor", "server_credentials"]
+__all__ = ["load_tokens", "TokenAuthInterceptor", "server_credentials", "caller_of"]
 
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"  # open; Watch (a long stream) needs a token
 
@@ -30,6 +30,18 @@ def load_tokens(path: str | Path | None = None, env: str = "ADJOINTDPM_TOKENS") 
                 tokens.append(line)
     tokens += [t.strip() for t in os.environ.get(env, "").split(",") if t.strip()]
     return tuple(dict.fromkeys(tokens))
+
+
+def caller_of(context) -> str:
+    """Who a call is from, for fair sharing: a digest of its bearer token (never the token), or
+    the peer's address without the port when there is none."""
+    metadata = dict(context.invocation_metadata() or ())
+    scheme, _, token = metadata.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return "token:" + hashlib.sha256(token.strip().encode()).hexdigest()[:16]
+    peer = context.peer() or "unknown"
+    host = peer.rsplit(":", 1)[0] if peer.count(":") >= 2 else peer
+    return "peer:" + host
 
 
 def _deny(handler, code: grpc.StatusCode, details: str):

@@ -18,7 +18,7 @@ class Limits:
     max_message_bytes: int = 64 * 2**20         # a gRPC message, either way
     max_inline_weight_elements: int = 4 * 2**20  # weight gradients sent inline (else an artifact)
     max_lora_rank: int = 256
-    client_loss_timeout_s: float = 300.0         # how long to wait for a client's LossReply
+    client_loss_timeout_s: float = 60.0          # how long to wait for a client's LossReply
 
 
 @dataclass(frozen=True)
@@ -30,8 +30,10 @@ class ServerConfig:
     dtype: str = "float32"
     artifact_dir: Path = Path("artifacts")
     artifact_retention_s: float = 7 * 24 * 3600.0  # 0 = keep forever
-    max_concurrent_jobs: int = 1
-    max_queue: int = 16                        # waiting jobs beyond the running ones
+    max_active_jobs: int = 16                  # jobs whose states are held in memory
+    max_queue: int = 32                        # waiting jobs beyond the active ones
+    max_network_batch: int = 64                # samples in one batched network call
+    batch_window_ms: float = 5.0               # how long a network call waits for others; 0 = off
     max_request_s: float = 3600.0              # a job's wall-clock cap (the client's deadline may be shorter)
     workers: int = 64                          # gRPC handler threads
     tokens: tuple[str, ...] = ()               # bearer tokens; empty = no authentication

@@ -29,15 +29,17 @@ _END = object()
 
 
 class StreamJob(Job):
-    """``scheduler`` bounds concurrent work; ``metrics`` (optional) counts NFE and queue time;
-    the deadline is the client's, capped at ``max_request_s``."""
+    """``scheduler`` bounds the active jobs; ``engine`` runs their network calls (a job waiting
+    for its client is parked there); ``metrics`` (optional) counts NFE and queue time; the
+    deadline is the client's, capped at ``max_request_s``."""
 
-    def __init__(self, context, limits, scheduler, *, metrics=None, rpc: str = "",
-                 max_request_s: float | None = None):
+    def __init__(self, context, limits, scheduler, engine, *, metrics=None, rpc: str = "",
+                 max_request_s: float | None = None, caller: str = "local"):
         now = time.monotonic()
         limits_s = [s for s in (context.time_remaining(), max_request_s) if s is not None]
-        super().__init__(deadline=now + min(limits_s) if limits_s else None)
-        self.limits, self.scheduler, self.metrics, self.rpc = limits, scheduler, metrics, rpc
+        super().__init__(deadline=now + min(limits_s) if limits_s else None, caller=caller)
+        self.limits, self.scheduler, self.engine = limits, scheduler, engine
+        self.metrics, self.rpc = metrics, rpc
         self._out: queue.Queue = queue.Queue()
         self._replies: queue.Queue = queue.Queue(maxsize=1)  # at most the one reply asked for
         self._reader_done = threading.Event()
@@ -62,19 +64,8 @@ class StreamJob(Job):
     def ask(self, query: ClientQuery) -> tuple[float, np.ndarray]:
         self._asking.set()
         self._out.put(("event", query))
-        deadline = time.monotonic() + self.limits.client_loss_timeout_s
-        while True:
-            self.check()
-            try:
-                reply = self._replies.get(timeout=0.2)
-                break
-            except queue.Empty:
-                if self._reader_done.is_set() and self._replies.empty() and not self._protocol_error:
-                    raise FailedPrecondition(f"the client closed its stream without answering the "
-                                             f"loss query for {query.name!r}")
-                if time.monotonic() > deadline:
-                    raise DeadlineExceeded(f"no answer to the loss query for {query.name!r} within "
-                                           f"{self.limits.client_loss_timeout_s:.0f} s")
+        with self.engine.parked(self):  # waiting for the client holds no device turn
+            reply = self._await_reply(query)
         if reply.term != query.term:
             raise InvalidArgument(f"loss reply for term {reply.term}, but term {query.term} was asked")
         if not reply.HasField("grad"):
@@ -86,6 +77,20 @@ class StreamJob(Job):
         except TensorError as err:
             raise InvalidArgument(str(err)) from err
         return reply.value, grad
+
+    def _await_reply(self, query: ClientQuery):
+        deadline = time.monotonic() + self.limits.client_loss_timeout_s
+        while True:
+            self.check()
+            try:
+                return self._replies.get(timeout=0.2)
+            except queue.Empty:
+                if self._reader_done.is_set() and self._replies.empty() and not self._protocol_error:
+                    raise FailedPrecondition(f"the client closed its stream without answering the "
+                                             f"loss query for {query.name!r}")
+                if time.monotonic() > deadline:
+                    raise DeadlineExceeded(f"no answer to the loss query for {query.name!r} within "
+                                           f"{self.limits.client_loss_timeout_s:g} s")
 
     # -- the stream side -------------------------------------------------------------------------
     def read_replies(self, request_iterator) -> None:
@@ -117,7 +122,8 @@ class StreamJob(Job):
         def work():
             queued_at = time.monotonic()
             try:
-                with self.scheduler.slot(self.check, lambda k: self.emit(Queued(k))):
+                with self.scheduler.slot(self.check, lambda k: self.emit(Queued(k))), \
+                        self.engine.session(self):
                     if self.metrics is not None:
                         self.metrics.queue_time.labels(rpc=self.rpc).observe(time.monotonic() - queued_at)
                     self.check()

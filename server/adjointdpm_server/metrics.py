@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 __all__ = ["Metrics"]
 
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 
 
@@ -36,18 +37,37 @@ class Metrics:
         self.nfe = Counter("adjointdpm_nfe", "network function evaluations, by phase "
                            "(forward: sampling; backward: the gradient pass — adjoint or checkpoint)",
                            ["phase"], registry=r)
-        self.jobs_running = Gauge("adjointdpm_jobs_running", "jobs holding a GPU slot", registry=r)
-        self.jobs_queued = Gauge("adjointdpm_jobs_queued", "jobs waiting for a slot", registry=r)
+        self.jobs_running = Gauge("adjointdpm_jobs_running", "jobs admitted (states in memory)",
+                                  registry=r)
+        self.jobs_queued = Gauge("adjointdpm_jobs_queued", "jobs waiting to be admitted", registry=r)
+        self.jobs_active = Gauge("adjointdpm_jobs_active", "admitted jobs running on the engine",
+                                 registry=r)
+        self.jobs_waiting_client = Gauge("adjointdpm_jobs_waiting_client",
+                                         "active jobs parked on a client's loss reply", registry=r)
+        self.network_batch = Histogram("adjointdpm_network_batch_size",
+                                       "samples per network call (forward: sampling; vjp: backward)",
+                                       ["model", "kind"], buckets=BATCH_BUCKETS, registry=r)
+        self.network_calls = Counter("adjointdpm_network_calls", "network calls run by the engine",
+                                     ["model", "kind"], registry=r)
         self.memory_peak = Gauge("adjointdpm_accelerator_memory_peak_bytes",
                                  "peak accelerator memory allocated by torch (CPU: peak RSS)",
                                  ["device"], registry=r)
         self.memory_peak.labels(device=device).set_function(lambda: _peak_memory_bytes(device))
         self._http = None
 
-    def watch(self, scheduler) -> None:
-        """Running and queued jobs are read from the scheduler at scrape time."""
+    def watch(self, scheduler, engine) -> None:
+        """Job gauges are read from the scheduler and the engine at scrape time; the engine
+        reports each network call it runs."""
         self.jobs_running.set_function(lambda: scheduler.running)
         self.jobs_queued.set_function(lambda: scheduler.queued)
+        self.jobs_active.set_function(lambda: engine.active)
+        self.jobs_waiting_client.set_function(lambda: engine.waiting_client)
+        engine.observer = self.observe_network_call
+
+    def observe_network_call(self, model: str, kind: str, rows: int) -> None:
+        kind = "vjp" if kind == "vjp" else "forward"  # a solo call builds a graph: a forward
+        self.network_batch.labels(model=model, kind=kind).observe(rows)
+        self.network_calls.labels(model=model, kind=kind).inc()
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
         """Expose /metrics on ``port`` (0 = any free port); returns the bound port."""

@@ -1,7 +1,8 @@
-"""What the server keeps resident: the models, the artifact store and adapted copies.
+"""What the server keeps resident: the models, the engine that runs their network calls, the
+artifact store and adapted copies.
 
-The gRPC layer hands this to tasks; tasks never modify a resident model (adapters are applied to
-copies, cached here by artifact id).
+The gRPC layer hands this to tasks (it is their ``TaskContext``); tasks never modify a resident
+model (adapters are applied to copies, cached here by artifact id).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from .artifacts import ArtifactStore
 from .config import ServerConfig
+from .engine import NetworkEngine
 from .errors import FailedPrecondition, InvalidArgument, NotFound
 from .models import ModelBackend, load_model
 from .models._adapters import load_adapter
@@ -47,6 +49,8 @@ class Runtime:
         self.artifacts = ArtifactStore(config.artifact_dir)
         self.settings = config.loss_settings()
         self.limits = config.limits
+        self.engine = NetworkEngine(max_batch=config.max_network_batch,
+                                    window_ms=config.batch_window_ms)
         self._adapters: OrderedDict[tuple[str, str], torch.nn.Module] = OrderedDict()
         self._adapter_cache = adapter_cache
         self._lock = threading.Lock()

@@ -63,6 +63,7 @@ class Server:
         self._stopped.set()
         self.health.enter_graceful_shutdown()
         self.grpc_server.stop(grace).wait()
+        self.runtime.engine.close()
         if self.health_server is not None:
             self.health_server.stop(None).wait()
         if self.metrics is not None:
@@ -91,7 +92,7 @@ def build_server(config: ServerConfig, runtime: Runtime | None = None) -> Server
     runtime.artifacts.expire(config.artifact_retention_s)
     metrics = Metrics(device=config.device)
     service = AdjointDPMService(runtime, metrics)
-    metrics.watch(service.scheduler)
+    metrics.watch(service.scheduler, runtime.engine)
     interceptors = [TelemetryInterceptor(metrics)]
     if config.tokens:
         interceptors.append(TokenAuthInterceptor(config.tokens, health_open=config.health_open))

@@ -17,6 +17,7 @@ from adjointdpm.v1 import adjointdpm_pb2 as pb
 from adjointdpm.v1 import adjointdpm_pb2_grpc as pb_grpc
 
 from . import convert
+from .auth import caller_of
 from .core import GRAD_MODES, SOLVERS
 from .errors import InvalidArgument, ServiceError
 from .jobs import StreamJob
@@ -72,7 +73,7 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
     def __init__(self, runtime: Runtime, metrics=None):
         self.rt = runtime
         config = runtime.config
-        self.scheduler = Scheduler(config.max_concurrent_jobs, config.max_queue)
+        self.scheduler = Scheduler(config.max_active_jobs, config.max_queue)
         self.metrics = metrics
         self.jobs: set[StreamJob] = set()
         self._active = 0
@@ -99,8 +100,9 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
         job = None
         try:
             task = build()
-            job = StreamJob(context, self.rt.limits, self.scheduler, metrics=self.metrics, rpc=rpc,
-                            max_request_s=self.rt.config.max_request_s)
+            job = StreamJob(context, self.rt.limits, self.scheduler, self.rt.engine,
+                            metrics=self.metrics, rpc=rpc, max_request_s=self.rt.config.max_request_s,
+                            caller=caller_of(context))
             with self._active_lock:
                 self.jobs.add(job)
             if request_iterator is not None:

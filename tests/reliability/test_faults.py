@@ -32,7 +32,7 @@ def _np_loss(x):
 
 
 def test_32_concurrent_clients_mixing_rpcs(tmp_path):
-    srv = build_server(ServerConfig(models=("digits",), port=0, artifact_dir=tmp_path, max_concurrent_jobs=2,
+    srv = build_server(ServerConfig(models=("digits",), port=0, artifact_dir=tmp_path, max_active_jobs=2,
                                     max_queue=12))
     target = f"127.0.0.1:{srv.port}"
     calls = [
@@ -102,7 +102,7 @@ def _wait_idle(port: int, timeout: float = 60) -> None:
 
 
 def test_100_disconnects_leave_a_healthy_server_at_baseline_memory(tmp_path):
-    server = ServerProcess(tmp_path / "artifacts", "--metrics-port", "0", "--max-concurrent-jobs", "2",
+    server = ServerProcess(tmp_path / "artifacts", "--metrics-port", "0", "--max-active-jobs", "2",
                            "--max-queue", "64")
     try:
         with adjointdpm.Client(server.target, timeout=60) as client:

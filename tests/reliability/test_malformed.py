@@ -209,7 +209,7 @@ def _send(stub, rpc, gen, losses, extra):
 
 @pytest.fixture(scope="module")
 def stub(tmp_path_factory):
-    srv = build_server(ServerConfig(models=("digits",), port=0, limits=LIMITS, max_concurrent_jobs=2,
+    srv = build_server(ServerConfig(models=("digits",), port=0, limits=LIMITS, max_active_jobs=2,
                                     artifact_dir=tmp_path_factory.mktemp("artifacts")))
     channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}")
     yield pb_grpc.AdjointDPMStub(channel), srv

@@ -83,7 +83,7 @@ def test_tls_and_mutual_tls(tmp_path, pki):
 
 
 def test_queue_positions_full_queue_and_deadlines(tmp_path):
-    srv = _server(tmp_path, max_concurrent_jobs=1, max_queue=2)
+    srv = _server(tmp_path, max_active_jobs=1, max_queue=2)
     try:
         client = adjointdpm.Client(f"127.0.0.1:{srv.port}")
         long = client.optimize_latent(MSE, iterations=200, seed=0, steps=30, stream=True)

@@ -6,7 +6,7 @@
 """
 
 from ._baseline import sample_torchdiffeq
-from ._field import GuidedEps, Node
+from ._field import GuidedEps, NetworkVJP, Node
 from ._grids import GRIDS, time_grid
 from ._oracle import GaussianMixture, gaussian_solution
 from ._sample import GRAD_MODES, Progress, sample
@@ -24,6 +24,7 @@ __all__ = [
     "get_solver",
     "GuidedEps",
     "Node",
+    "NetworkVJP",
     "SOLVERS",
     "GRAD_MODES",
     "GRIDS",

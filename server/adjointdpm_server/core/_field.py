@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass
 
@@ -13,7 +14,7 @@ import torch
 
 from ._schedule import VPSchedule
 
-__all__ = ["Node", "GuidedEps", "nodes_from_times", "node_at_rho"]
+__all__ = ["Node", "GuidedEps", "NetworkVJP", "nodes_from_times", "node_at_rho"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,21 @@ def node_at_rho(schedule: VPSchedule, rho: float) -> Node:
     """The node at an arbitrary ρ (adaptive solvers); ``α = 1/√(1+ρ²)``."""
     t = float(schedule.t_from_rho(torch.tensor(rho, dtype=torch.float64)))
     return Node(t, rho, 1.0 / math.sqrt(1.0 + rho * rho))
+
+
+class NetworkVJP(abc.ABC):
+    """A network that computes its own vector–Jacobian product w.r.t. its inputs.
+
+    A wrapper declares this (the service's batching engine does) so that a backward step hands
+    the network call and its cotangent over in one piece — one forward with grad and one
+    ``autograd.grad``, which can then be batched with other requests' calls. Weight gradients
+    never take this path: a summed weight gradient could not be split between requests.
+    """
+
+    @abc.abstractmethod
+    def vjp(self, x: torch.Tensor, t: torch.Tensor, cond, cotangent: torch.Tensor,
+            cond_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(ε, cotangentᵀ ∂ε/∂x, cotangentᵀ ∂ε/∂cond if cond_grad else None)``."""
 
 
 class GuidedEps:
@@ -66,6 +82,38 @@ class GuidedEps:
             self._check(eps, tuple(x.shape))
         self.nfe += 1
         return eps
+
+    @property
+    def has_network_vjp(self) -> bool:
+        return isinstance(self.eps_fn, NetworkVJP)
+
+    def vjp(self, y: torch.Tensor, node: Node, cond, uncond, cotangent: torch.Tensor,
+            cond_grad: bool, uncond_grad: bool):
+        """``(ε̃, ȳ, c̄, ū)`` through the network's own VJP (``has_network_vjp``): with
+        ``x = α y`` and ``ε̃ = s ε_c + (1−s) ε_u`` the cotangents on the two halves of the CFG
+        batch are ``s·ε̄`` and ``(1−s)·ε̄``, and ``ȳ = α (x̄_c + x̄_u)``."""
+        x = y * node.alpha
+        batch = x.shape[0]
+        t_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        t = torch.full((batch,), node.t, dtype=t_dtype, device=x.device)
+        if self.guided:
+            s = self.guidance_scale
+            both, gx, gc = self.eps_fn.vjp(torch.cat([x, x]), torch.cat([t, t]),
+                                           torch.cat([cond, uncond]),
+                                           torch.cat([s * cotangent, (1.0 - s) * cotangent]),
+                                           cond_grad or uncond_grad)
+            self._check(both, (2 * batch,) + tuple(x.shape[1:]))
+            eps_c, eps_u = both.chunk(2)
+            eps = eps_u + s * (eps_c - eps_u)
+            gx_c, gx_u = gx.chunk(2)
+            grad_y = (gx_c + gx_u) * node.alpha
+            c_bar, u_bar = gc.chunk(2) if gc is not None else (None, None)
+        else:
+            eps, gx, c_bar = self.eps_fn.vjp(x, t, cond, cotangent, cond_grad)
+            self._check(eps, tuple(x.shape))
+            grad_y, u_bar = gx * node.alpha, None
+        self.nfe += 1
+        return eps, grad_y, c_bar if cond_grad else None, u_bar if uncond_grad else None
 
     def _check(self, eps, shape) -> None:
         if self._checked:

@@ -26,8 +26,29 @@ class VJP:
         self.cond = _leaf(cond, needs_cond)
         self.uncond = _leaf(uncond, needs_uncond)
         self.targets = ([self.cond] if needs_cond else []) + ([self.uncond] if needs_uncond else [])
-        self.targets += list(params)
+        self.needs_cond, self.needs_uncond = needs_cond, needs_uncond
+        self.params = list(params)
+        self.targets += self.params
         self.grads: list[torch.Tensor | None] = [None] * len(self.targets)
+
+    def _accumulate(self, k: int, g) -> None:
+        if g is not None:
+            self.grads[k] = g if self.grads[k] is None else self.grads[k] + g
+
+    def field(self, field, y: torch.Tensor, node, cotangent: torch.Tensor):
+        """``(ε̃(y), cotangentᵀ ∂ε̃/∂y)`` of one network call at ``node``: through the network's
+        own VJP when it declares one and no weight gradient is wanted, else through autograd."""
+        if self.params or not field.has_network_vjp:
+            return self(lambda y_, c, u: field(y_, node, c, u), y, cotangent)
+        eps, grad_y, c_bar, u_bar = field.vjp(y.detach(), node, self.cond, self.uncond, cotangent,
+                                              self.needs_cond, self.needs_uncond)
+        k = 0
+        if self.needs_cond:
+            self._accumulate(k, c_bar)
+            k += 1
+        if self.needs_uncond:
+            self._accumulate(k, u_bar)
+        return eps.detach(), grad_y
 
     def __call__(self, fn, y: torch.Tensor, cotangent: torch.Tensor):
         """``(fn(y), cotangentᵀ ∂fn/∂y)``; the θ-parts are added to ``self.grads``."""
@@ -36,8 +57,7 @@ class VJP:
             out = fn(y_leaf, self.cond, self.uncond)
             grads = torch.autograd.grad(out, [y_leaf] + self.targets, cotangent, allow_unused=True)
         for k, g in enumerate(grads[1:]):
-            if g is not None:
-                self.grads[k] = g if self.grads[k] is None else self.grads[k] + g
+            self._accumulate(k, g)
         grad_y = grads[0] if grads[0] is not None else torch.zeros_like(y)
         return out.detach(), grad_y
 

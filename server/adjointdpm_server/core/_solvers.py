@@ -123,7 +123,7 @@ class LinearMultistep:
             # ε̄_i = Σ_m W[m][m−i] ȳ_{m+1} over the steps m ≥ i whose update used ε_i.
             ebar = sum(weights[i + k][k] * ybars[k] for k in range(len(ybars))
                        if k < len(weights[i + k]))
-            eps_i, grad_y = vjp(lambda y, c, u: field(y, nodes[i], c, u), y_i, ebar)
+            eps_i, grad_y = vjp.field(field, y_i, nodes[i], ebar)
             ybars.insert(0, ybars[0] + grad_y)
             del ybars[self.order:]
             if stored is None:

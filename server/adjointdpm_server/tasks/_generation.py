@@ -34,6 +34,11 @@ class Prepared:
     t_start: float | None
     batch: int
     prompts: list[str] = field(default_factory=list)
+    engine: object = None  # the NetworkEngine every network call goes through (None: direct)
+
+    def network(self, eps_fn, job: Job):
+        """``eps_fn`` as this job calls it: through the engine, batched with other jobs."""
+        return eps_fn if self.engine is None else self.engine.network(eps_fn, job, self.model)
 
 
 def _batch(spec: GenerationSpec, limits) -> int:
@@ -141,7 +146,7 @@ def prepare(rt, spec: GenerationSpec) -> Prepared:
     c = _conditioning(rt, spec, name, backend, batch)
     eps_fn = rt.adapted(name, spec.adapter) if spec.adapter else backend.eps_fn
     return Prepared(name, backend, eps_fn, x_T, c.cond, c.uncond, steps, solver, grid,
-                    None if scale == 1 else scale, t_start, batch, list(spec.prompt))
+                    None if scale == 1 else scale, t_start, batch, list(spec.prompt), rt.engine)
 
 
 def progress_callback(job: Job, iteration: int = 0):
@@ -176,17 +181,20 @@ def _with_iteration(p: Progress, iteration: int) -> IterationProgress:
 
 def run_sampler(prep: Prepared, job: Job, *, x_T=None, cond=None, uncond=None, eps_fn=None,
                 grad_mode: str = "checkpoint", iteration: int = 0, steps: int | None = None,
-                t_start: float | None = None) -> torch.Tensor:
-    """``core.sample`` with the prepared arguments (any of them overridden)."""
+                t_start: float | None = None, timesteps=None, callback=None) -> torch.Tensor:
+    """``core.sample`` with the prepared arguments (any of them overridden), its network calls
+    going through the engine."""
     try:
-        return sample(prep.eps_fn if eps_fn is None else eps_fn,
+        return sample(prep.network(prep.eps_fn if eps_fn is None else eps_fn, job),
                       prep.x_T if x_T is None else x_T,
                       prep.cond if cond is None else cond,
                       schedule=prep.backend.schedule, steps=steps or prep.steps, solver=prep.solver,
                       grad_mode=grad_mode, guidance_scale=prep.guidance_scale,
                       uncond=prep.uncond if uncond is None else uncond, grid=prep.grid,
-                      t_start=prep.t_start if t_start is None else t_start,
-                      callback=progress_callback(job, iteration))
+                      t_start=None if timesteps is not None else (
+                          prep.t_start if t_start is None else t_start),
+                      timesteps=timesteps,
+                      callback=callback or progress_callback(job, iteration))
     except ValueError as err:
         if isinstance(err, InvalidArgument):
             raise

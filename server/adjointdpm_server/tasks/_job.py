@@ -50,10 +50,12 @@ class Job:
     """Base: events go nowhere, no client to ask, never cancelled.
 
     ``deadline`` (time.monotonic) ends the job with DEADLINE_EXCEEDED at its next check;
-    ``checkpoint_now`` asks a fine-tune to write a checkpoint at its next iteration (shutdown).
+    ``checkpoint_now`` asks a fine-tune to write a checkpoint at its next iteration (shutdown);
+    ``caller`` is who the engine shares the device fairly between (a token, a peer address).
     """
 
-    def __init__(self, deadline: float | None = None):
+    def __init__(self, deadline: float | None = None, caller: str = "local"):
+        self.caller = caller
         self.cancelled = threading.Event()
         self.checkpoint_now = threading.Event()
         self.deadline = deadline

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..core import sample, time_grid
+from ..core import time_grid
 from ..errors import InvalidArgument
 from ._generation import prepare, progress_callback, run_sampler
 from ._images import to_png
@@ -124,9 +124,8 @@ def _guided(prep, objective, job, optimizer: OptimizerSpec, guided: GuidedSpec, 
             objective.iteration = it
             xt = x.clone().requires_grad_()
             rest = guided.grad_steps or (prep.steps - i)
-            x0 = sample(prep.eps_fn, xt, prep.cond, schedule=schedule, steps=rest, solver=prep.solver,
-                        grad_mode=mode, guidance_scale=prep.guidance_scale, uncond=prep.uncond,
-                        grid=prep.grid, t_start=ts[i], callback=progress_callback(job, it))
+            x0 = run_sampler(prep, job, x_T=xt, steps=rest, grad_mode=mode, t_start=ts[i],
+                             iteration=it)
             total, values = objective(x0)
             (g,) = torch.autograd.grad(total, [xt])
             history.append(report(job, it, total, values, float(g.norm())))
@@ -134,9 +133,8 @@ def _guided(prep, objective, job, optimizer: OptimizerSpec, guided: GuidedSpec, 
             it += 1
         segment = ts[i:min(i + every, prep.steps) + 1]
         with torch.no_grad():
-            x = sample(prep.eps_fn, x, prep.cond, schedule=schedule, steps=len(segment) - 1,
-                       solver=prep.solver, grad_mode="none", guidance_scale=prep.guidance_scale,
-                       uncond=prep.uncond, timesteps=segment, callback=callback)
+            x = run_sampler(prep, job, x_T=x, steps=len(segment) - 1, grad_mode="none",
+                            timesteps=segment, callback=callback)
     with torch.no_grad():
         images = prep.backend.decode(x)
         total, _ = objective(x, images)

@@ -1,0 +1,281 @@
+"""``NetworkEngine``: one thread owns the device and runs network calls, batched across jobs.
+
+Jobs submit work items and wait. The engine thread takes the oldest item of the next caller in
+round-robin order, adds every compatible pending item (same network, dtype, per-sample shapes,
+kind) one per caller per round up to ``max_batch`` samples, concatenates, runs one call and
+splits the result. It waits at most ``window_ms`` for more work, and not at all once every
+runnable job has submitted. A job that waits for its client is *parked*: it holds no device
+turn and nobody waits for it. ``window_ms = 0`` runs every call alone (batching off).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter, deque
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..errors import Cancelled
+from ._network import EngineNetwork
+from ._work import FORWARD, SOLO, VJP, WorkItem
+
+__all__ = ["NetworkEngine", "EngineStats"]
+
+
+@dataclass
+class EngineStats:
+    """Counts for tests and benchmarks (Prometheus gets the same through ``observer``)."""
+
+    calls: Counter = field(default_factory=Counter)  # network calls by kind
+    rows: Counter = field(default_factory=Counter)   # samples through the network by kind
+    items: Counter = field(default_factory=Counter)  # job calls served, by kind
+    max_rows: int = 0
+    calls_by_job: Counter = field(default_factory=Counter)  # id(job) → calls that served it
+
+
+class NetworkEngine:
+    def __init__(self, *, max_batch: int = 64, window_ms: float = 5.0,
+                 observer: Callable[[str, str, int], None] | None = None):
+        if max_batch < 1 or window_ms < 0:
+            raise ValueError("max_batch must be >= 1 and window_ms >= 0")
+        self.max_batch, self.window_s = max_batch, window_ms / 1000.0
+        self.observer = observer
+        self.stats = EngineStats()
+        self._cond = threading.Condition()
+        self._queues: dict[str, deque[WorkItem]] = {}
+        self._rotation: deque[str] = deque()  # callers, the next to serve first
+        self._registered: Counter = Counter()  # job → sessions open (normally 1)
+        self._parked: Counter = Counter()
+        self._pending: Counter = Counter()     # job → items waiting
+        self._npending = 0
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    # -- what jobs do ----------------------------------------------------------------------------
+    def network(self, module, job, model: str = "") -> EngineNetwork:
+        """``module`` as ``eps_fn`` for ``job``: its calls go through this engine."""
+        return EngineNetwork(self, module, job, model)
+
+    @contextmanager
+    def session(self, job):
+        """``job`` is active: while it runs, a batch may wait (≤ window) for its next call."""
+        with self._cond:
+            self._registered[job] += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._registered[job] -= 1
+                if self._registered[job] <= 0:
+                    del self._registered[job]
+                self._cond.notify_all()
+
+    @contextmanager
+    def parked(self, job):
+        """``job`` waits for its client: nobody waits for it."""
+        with self._cond:
+            self._parked[job] += 1
+            self._cond.notify_all()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._parked[job] -= 1
+                if self._parked[job] <= 0:
+                    del self._parked[job]
+
+    @property
+    def active(self) -> int:
+        return len(self._registered)
+
+    @property
+    def waiting_client(self) -> int:
+        return len(self._parked)
+
+    def submit(self, item: WorkItem):
+        """Queue ``item`` and wait for its result; a cancelled job withdraws its pending item."""
+        with self._cond:
+            if self._closed:
+                raise Cancelled("the server is shutting down")
+            queue = self._queues.get(item.caller)
+            if queue is None:
+                queue = self._queues[item.caller] = deque()
+                self._rotation.append(item.caller)
+            queue.append(item)
+            self._pending[item.job] += 1
+            self._npending += 1
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="adjointdpm-engine", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+        check = getattr(item.job, "check", None)
+        while not item.done.wait(0.05):
+            try:
+                if check is not None:
+                    check()
+            except BaseException:
+                self._withdraw(item)
+                raise
+        if item.error is not None:
+            raise item.error
+        return item.result
+
+    def close(self) -> None:
+        """Stop the engine thread; pending items end with CANCELLED."""
+        with self._cond:
+            self._closed = True
+            items = [it for q in self._queues.values() for it in q]
+            for q in self._queues.values():
+                q.clear()
+            self._pending.clear()
+            self._npending = 0
+            self._cond.notify_all()
+        for it in items:
+            it.finish(error=Cancelled("the server is shutting down"))
+
+    # -- the engine thread -----------------------------------------------------------------------
+    def _withdraw(self, item: WorkItem) -> None:
+        with self._cond:
+            if item.state == "pending":
+                self._take(item)
+                item.state = "withdrawn"
+                self._cond.notify_all()
+
+    def _take(self, item: WorkItem) -> None:
+        self._queues[item.caller].remove(item)
+        self._pending[item.job] -= 1
+        if self._pending[item.job] <= 0:
+            del self._pending[item.job]
+        self._npending -= 1
+
+    def _ready(self) -> bool:
+        """Every runnable job has submitted, or a full batch is waiting."""
+        if sum(it.rows for q in self._queues.values() for it in q) >= self.max_batch:
+            return True
+        return all(job in self._pending or job in self._parked for job in self._registered)
+
+    def _select(self) -> list[WorkItem]:
+        """The next batch: the head of the next caller in turn, then compatible items, one per
+        caller per round, up to ``max_batch`` samples; that caller goes to the back."""
+        callers = [c for c in self._rotation if self._queues.get(c)]
+        first = callers[0]
+        head = self._queues[first][0]
+        batch, rows = [head], head.rows
+        if head.key is not None and self.window_s > 0:
+            taken = {id(head)}
+            grew = True
+            while grew and rows < self.max_batch:
+                grew = False
+                for caller in callers:
+                    for item in self._queues[caller]:
+                        if id(item) in taken or item.key != head.key:
+                            continue
+                        if rows + item.rows <= self.max_batch:
+                            batch.append(item)
+                            taken.add(id(item))
+                            rows += item.rows
+                            grew = True
+                        break  # one item per caller per round
+        self._rotation.remove(first)
+        self._rotation.append(first)
+        for item in batch:
+            self._take(item)
+            item.state = "running"
+        return batch
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and not self._npending:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                if self.window_s > 0:
+                    oldest = min(q[0].submitted for q in self._queues.values() if q)
+                    deadline = oldest + self.window_s
+                    while self._npending and not self._ready():
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            break
+                        self._cond.wait(remaining)
+                if not self._npending:  # everything was withdrawn meanwhile
+                    continue
+                batch = self._select()
+            self._execute(batch)
+
+    def _execute(self, batch: list[WorkItem]) -> None:
+        try:
+            outputs = _run(batch)
+        except BaseException as err:  # noqa: BLE001 — delivered to the jobs, the engine goes on
+            if len(batch) == 1:
+                self._record(batch)
+                batch[0].finish(error=err)
+                return
+            for item in batch:  # find whose input failed: nobody else's job is hurt
+                self._execute([item])
+            return
+        self._record(batch)
+        for item, out in zip(batch, outputs):
+            item.finish(result=out)
+
+    def _record(self, batch: list[WorkItem]) -> None:
+        kind, rows = batch[0].kind, sum(it.rows for it in batch)
+        with self._cond:
+            s = self.stats
+            s.calls[kind] += 1
+            s.rows[kind] += rows
+            s.items[kind] += len(batch)
+            s.max_rows = max(s.max_rows, rows)
+            for item in batch:
+                s.calls_by_job[id(item.job)] += 1
+        if self.observer is not None:
+            self.observer(batch[0].model, kind, rows)
+
+
+def _cat(values):
+    if len(values) == 1 or values[0] is None:
+        return values[0]
+    return torch.cat(values)
+
+
+def _run(batch: list[WorkItem]) -> list:
+    """One network call for the whole batch, split back per item."""
+    head = batch[0]
+    if head.kind == SOLO:
+        return [head.closure()]
+    rows = [it.rows for it in batch]
+    x, t = _cat([it.x for it in batch]), _cat([it.t for it in batch])
+    cond = _cat([it.cond for it in batch])
+    if head.kind == FORWARD:
+        with torch.no_grad():
+            out = head.module(x, t, cond)
+        _check_rows(out, sum(rows))
+        return list(out.split(rows)) if len(batch) > 1 else [out]
+    assert head.kind == VJP
+    with torch.enable_grad():
+        x = x.detach().requires_grad_()
+        if head.cond_grad:
+            cond = cond.detach().requires_grad_()
+        out = head.module(x, t, cond)
+        _check_rows(out, sum(rows))
+        inputs = [x, cond] if head.cond_grad else [x]
+        grads = torch.autograd.grad(out, inputs, _cat([it.cotangent for it in batch]), allow_unused=True)
+    out = out.detach()
+    gx = torch.zeros_like(x) if grads[0] is None else grads[0]
+    gc = None
+    if head.cond_grad:
+        gc = torch.zeros_like(cond) if grads[1] is None else grads[1]
+    if len(batch) == 1:
+        return [(out, gx, gc)]
+    parts = zip(out.split(rows), gx.split(rows), gc.split(rows) if gc is not None else [None] * len(rows))
+    return list(parts)
+
+
+def _check_rows(out, rows: int) -> None:
+    if not isinstance(out, torch.Tensor) or out.dim() < 1 or out.shape[0] != rows:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"the network returned {got} for a batch of {rows}")

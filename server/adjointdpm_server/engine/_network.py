@@ -1,0 +1,54 @@
+"""``EngineNetwork``: a job's view of a resident network whose calls go through the engine.
+
+An ``nn.Module`` around the network (so ``sample`` still sees, and differentiates, its
+parameters) that declares ``core.NetworkVJP``: the backward pass hands each network call over
+with its cotangent, and the engine batches it with other jobs' calls. A call that must build a
+graph (plain backprop, weight gradients, the VJP of a one-step solver) runs alone on the engine
+thread and keeps its graph; its backward then runs in the job's thread.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..core import NetworkVJP
+from ._work import FORWARD, SOLO, VJP, WorkItem, batch_key
+
+__all__ = ["EngineNetwork"]
+
+
+class EngineNetwork(nn.Module, NetworkVJP):
+    def __init__(self, engine, module: nn.Module, job, model: str = ""):
+        super().__init__()
+        self.inner = module  # a submodule: parameters() are the network's own, not copies
+        object.__setattr__(self, "_engine", engine)
+        object.__setattr__(self, "_job", job)
+        self.model = model
+        self.trainable = any(p.requires_grad for p in module.parameters())
+
+    def _item(self, kind: str, x, t, cond, **extra) -> WorkItem:
+        key = batch_key(kind, self.inner, x, t, cond, extra.get("cond_grad", False))
+        return WorkItem(kind, key, self._job, self._job.caller, self.model, int(x.shape[0]),
+                        module=self.inner, x=x, t=t, cond=cond, **extra)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
+        needs_graph = torch.is_grad_enabled() and (
+            self.trainable or x.requires_grad or (isinstance(cond, torch.Tensor) and cond.requires_grad))
+        if needs_graph:
+            def call(inner=self.inner):
+                with torch.enable_grad():
+                    return inner(x, t, cond)
+            item = WorkItem(SOLO, None, self._job, self._job.caller, self.model, int(x.shape[0]),
+                            closure=call)
+            return self._engine.submit(item)
+        return self._engine.submit(self._item(FORWARD, x.detach(), t, _detach(cond)))
+
+    def vjp(self, x, t, cond, cotangent, cond_grad: bool):
+        item = self._item(VJP, x.detach(), t, _detach(cond), cotangent=cotangent.detach(),
+                          cond_grad=bool(cond_grad))
+        return self._engine.submit(item)
+
+
+def _detach(value):
+    return value.detach() if isinstance(value, torch.Tensor) else value
