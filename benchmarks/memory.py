@@ -1,6 +1,6 @@
 """Peak memory and wall time of a gradient through sampling, versus the number of steps.
 
-What is measured (DESIGN.md §2, "Gradient modes"): the gradient of
+What is measured (docs/design.md §2, "Gradient modes"): the gradient of
 ``L = Σ x_0 · w`` (``w`` a fixed random tensor) with respect to the initial noise ``x_T``, the
 conditioning ``cond`` and every weight of the network, for the grad modes ``backprop`` (plain
 autograd through every step), ``checkpoint`` (the default: stored states, one network call
@@ -79,7 +79,7 @@ UNET_CONFIG = dict(
 )
 RESULTS = Path(__file__).resolve().parent / "results" / "memory.md"
 MIB = 2**20
-FLAT_TARGET = 1.3  # DESIGN.md §2: peak(100)/peak(5) for checkpoint and adjoint
+FLAT_TARGET = 1.3  # docs/design.md §2: peak(100)/peak(5) for checkpoint and adjoint
 
 
 # --------------------------------------------------------------------------- memory probes

@@ -50,6 +50,6 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
 
     def loss_settings(self) -> dict:
-        """What loss plugins may read (DESIGN.md §4: server-side plugins)."""
+        """What loss plugins may read (docs/design.md §4: server-side plugins)."""
         return {"triton_url": self.triton_url, "triton_allowed_urls": self.triton_allowed_urls,
                 "clip_model_dir": str(self.clip_model_dir) if self.clip_model_dir else None}

@@ -1,4 +1,4 @@
-"""Every solver and gradient mode against the closed-form single-Gaussian flow (DESIGN.md §2).
+"""Every solver and gradient mode against the closed-form single-Gaussian flow (docs/design.md §2).
 
 Data ``N(μ + c, s² I)``, d=64, float64, VP linear schedule from t=1 to t=1e-3, loss ``Σ v·x_0``.
 Reference: :func:`gaussian_solution` (``y(ρ) = μ + (y_T−μ)√(s²+ρ²)/√(s²+ρ_T²)``) differentiated by
@@ -91,7 +91,7 @@ def test_errors_shrink_with_steps(reference):
 
 @pytest.mark.parametrize("mode", ["checkpoint", "adjoint"])
 def test_dpm3_beats_prototype_figures(reference, mode):
-    """DESIGN.md §2 prototype (d=64): dpm3 x_0 8e-4 / 2.5e-5, ∂/∂x_T 2.2e-3 / 7e-5 at NFE 20 / 50."""
+    """docs/design.md §2 prototype (d=64): dpm3 x_0 8e-4 / 2.5e-5, ∂/∂x_T 2.2e-3 / 7e-5 at NFE 20 / 50."""
     for steps, (fwd, grad) in [(20, (8e-4, 2.2e-3)), (50, (2.5e-5, 7e-5))]:
         errors = _errors(reference, "dpm3", steps, mode)
         assert errors[0] <= fwd and errors[1] <= grad, (steps, errors)

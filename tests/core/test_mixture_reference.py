@@ -80,7 +80,7 @@ def test_mixture_within_bounds(reference, solver, steps, mode):
 
 
 def test_mixture_gradient_beats_prototype(reference):
-    """DESIGN.md §2 prototype, mixture, exact discrete dpm3 gradient: 8e-2 at NFE 20.
+    """docs/design.md §2 prototype, mixture, exact discrete dpm3 gradient: 8e-2 at NFE 20.
 
     (Its 9e-3 at NFE 50 was on a mixture whose parameters were not recorded; this one measures
     1.5e-2 there — see benchmarks/results/accuracy.md.)

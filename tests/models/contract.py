@@ -1,4 +1,4 @@
-"""The contract every model backend passes (DESIGN.md §4), as a base class to subclass per backend.
+"""The contract every model backend passes (docs/design.md §4), as a base class to subclass per backend.
 
 A subclass provides a ``backend`` fixture and ``conditioning(backend, batch)`` returning
 ``(cond, uncond, leaf)``: the tensors to pass to ``sample`` and the tensor through which the

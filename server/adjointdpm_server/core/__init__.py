@@ -1,4 +1,4 @@
-"""The AdjointDPM numerical library: pure math, no gRPC (DESIGN.md §2, §4).
+"""The AdjointDPM numerical library: pure math, no gRPC (docs/design.md §2, §4).
 
     from adjointdpm_server.core import VPSchedule, sample
     x0 = sample(eps_fn, x_T, cond, schedule=VPSchedule.linear(), steps=20)

@@ -63,7 +63,7 @@ class VJP:
 
 
 class SolveFunction(torch.autograd.Function):
-    """``y_N = solve(y_0; cond, uncond, θ)`` with a memory-light backward (DESIGN.md §2)."""
+    """``y_N = solve(y_0; cond, uncond, θ)`` with a memory-light backward (docs/design.md §2)."""
 
     @staticmethod
     def forward(ctx, engine, y0, cond, uncond, *params):

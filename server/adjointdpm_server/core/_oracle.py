@@ -1,4 +1,4 @@
-"""The analytic oracle: the optimal noise predictor of an isotropic Gaussian mixture (DESIGN.md §2).
+"""The analytic oracle: the optimal noise predictor of an isotropic Gaussian mixture (docs/design.md §2).
 
 For data ``Σ_k π_k N(μ_k + c, s_k² I)`` the marginal at t is ``Σ_k π_k N(α μ_k, (α² s_k² + σ²) I)``
 and ``ε*(x, t) = σ Σ_k w_k(x) (x − α μ_k)/(α² s_k² + σ²)`` with posterior weights ``w_k``. For one

@@ -1,4 +1,4 @@
-"""``sample``: solve the probability-flow ODE from ``x_T`` to ``x_0``, differentiably (DESIGN.md §4)."""
+"""``sample``: solve the probability-flow ODE from ``x_T`` to ``x_0``, differentiably (docs/design.md §4)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Two families, each with a forward solve and the vector–Jacobian recursion of its own update, so
 that the ``checkpoint`` gradient is the exact gradient of the discrete sampler and the ``adjoint``
-gradient is the same recursion run on a trajectory re-solved backward (DESIGN.md §2):
+gradient is the same recursion run on a trajectory re-solved backward (docs/design.md §2):
 
 - :class:`LinearMultistep`: ``y_{i+1} = y_i + Σ_j W_ij ε_{i−j}`` with weights fixed by the grid —
   ``euler`` (= DDIM), ``dpm2``/``dpm3`` (ε a polynomial in λ, integrated exactly against dρ:

@@ -35,6 +35,7 @@ class EngineStats:
     items: Counter = field(default_factory=Counter)  # job calls served, by kind
     max_rows: int = 0
     calls_by_job: Counter = field(default_factory=Counter)  # id(job) → calls that served it
+    recent: deque = field(default_factory=lambda: deque(maxlen=256))  # (kind, [caller per item])
 
 
 class NetworkEngine:
@@ -167,10 +168,11 @@ class NetworkEngine:
         batch, rows = [head], head.rows
         if head.key is not None and self.window_s > 0:
             taken = {id(head)}
+            order = callers[1:] + callers[:1]  # the head was the first caller's turn
             grew = True
             while grew and rows < self.max_batch:
                 grew = False
-                for caller in callers:
+                for caller in order:
                     for item in self._queues[caller]:
                         if id(item) in taken or item.key != head.key:
                             continue
@@ -232,6 +234,7 @@ class NetworkEngine:
             s.max_rows = max(s.max_rows, rows)
             for item in batch:
                 s.calls_by_job[id(item.job)] += 1
+            s.recent.append((kind, [item.caller for item in batch]))
         if self.observer is not None:
             self.observer(batch[0].model, kind, rows)
 

@@ -1,4 +1,4 @@
-"""The server-side loss plugin interface (DESIGN.md §4: named plugins with JSON-like parameters
+"""The server-side loss plugin interface (docs/design.md §4: named plugins with JSON-like parameters
 and tensor inputs, discovered through the entry-point group ``adjointdpm.losses``)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Model backends behind one interface (DESIGN.md §4), resolved from a spec string.
+"""Model backends behind one interface (docs/design.md §4), resolved from a spec string.
 
     load_model("digits")                     # the embedded default (weights ship with the repo)
     load_model("gaussian-mixture")           # the analytic oracle

@@ -1,4 +1,4 @@
-"""The one interface every model backend implements (DESIGN.md §4).
+"""The one interface every model backend implements (docs/design.md §4).
 
 A backend owns a noise predictor ``eps_fn(x, t, cond)`` (an ``nn.Module`` so that ``sample``
 differentiates its weights), the VP schedule it was trained with, the shape of ``x_T``, a way to

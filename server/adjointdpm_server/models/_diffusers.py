@@ -1,11 +1,11 @@
-"""`diffusers`: Stable Diffusion 1.x/2.x from a local diffusers-format directory (DESIGN.md §2, §4).
+"""`diffusers`: Stable Diffusion 1.x/2.x from a local diffusers-format directory (docs/design.md §2, §4).
 
 The directory holds ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/`` and ``scheduler/`` as
 ``StableDiffusionPipeline.save_pretrained`` writes them. Every part is read with
 ``local_files_only=True`` after checking that it exists, so nothing is ever fetched from a hub.
 
 What is differentiated, and how (AdjointDPM paper §3.1: gradients w.r.t. ``x_T``, the
-conditioning and the weights; DESIGN.md §2 "Stable Diffusion specifics"):
+conditioning and the weights; docs/design.md §2 "Stable Diffusion specifics"):
 
 - ``x_T`` (paper §4.1.2, security auditing): ``sample(backend.eps_fn, x_T.requires_grad_(), ...)``.
 - the prompt embedding: ``c = backend.encode(...)``; ``c.cond.requires_grad_()``.
@@ -19,7 +19,7 @@ The loss is usually on the decoded image, so ``∂L/∂x_0`` is the VJP of the V
 the decoder's cost in the forward and the backward pass).
 
 The resident model (UNet, VAE, text encoder, tokenizer) is frozen and never modified: fine-tunes
-and inversions work on copies, adapters or substituted activations (DESIGN.md §4, Operations).
+and inversions work on copies, adapters or substituted activations (docs/design.md §4, Operations).
 """
 
 from __future__ import annotations
@@ -297,7 +297,7 @@ class StableDiffusionBackend(ModelBackend):
 
         ``token_embedding`` (hidden_size,) becomes the input embedding at every placeholder slot
         and goes through the text encoder, so ``∂L/∂token_embedding`` comes out of
-        ``loss.backward()`` (DESIGN.md §2: "one new token's input embedding, through the
+        ``loss.backward()`` (docs/design.md §2: "one new token's input embedding, through the
         encoder"; paper Appendix A). The tokenizer and the encoder's weights stay as they are.
         """
         hidden = self.text_encoder.get_input_embeddings().embedding_dim

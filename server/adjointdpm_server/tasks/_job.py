@@ -81,8 +81,8 @@ class Job:
 class LocalJob(Job):
     """For in-process use: events to a list, client losses answered by Python callables."""
 
-    def __init__(self, client_losses: dict[str, Callable] | None = None):
-        super().__init__()
+    def __init__(self, client_losses: dict[str, Callable] | None = None, caller: str = "local"):
+        super().__init__(caller=caller)
         self.events: list = []
         self.client_losses = client_losses or {}
 
