@@ -28,6 +28,7 @@ def test_sdk_imports_with_torch_unavailable():
 
 
 def test_tasks_and_losses_do_not_import_grpc():
-    """The gRPC layer only translates: tasks, losses and models work without it."""
-    mods = _modules_after("import adjointdpm_server.tasks, adjointdpm_server.losses, adjointdpm_server.models")
+    """The gRPC layer only translates: tasks, losses, models and the engine work without it."""
+    mods = _modules_after("import adjointdpm_server.tasks, adjointdpm_server.losses, "
+                          "adjointdpm_server.models, adjointdpm_server.engine")
     assert not {m for m in mods if m == "grpc" or m.startswith("grpc.")}

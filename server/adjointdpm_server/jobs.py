@@ -1,8 +1,10 @@
-"""A task running for one gRPC stream: its own thread, events out, loss replies in.
+"""A task running for one gRPC stream: its own thread, events out, the request and loss
+replies in.
 
-The handler's generator yields the task's events as they come; a reader thread takes the
-client's LossReply messages off a bidi stream; ``context.add_callback`` marks the job cancelled
-when the client cancels or goes away, and the task stops at its next solver step.
+The handler's generator yields the task's events as they come; one reader thread owns the
+client's half of a bidi stream (the opening request, then LossReply messages);
+``context.add_callback`` marks the job cancelled when the client cancels or goes away, and the
+task stops at its next network call.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ log = logging.getLogger("adjointdpm.jobs")
 __all__ = ["StreamJob"]
 
 _END = object()
+FIRST_MESSAGE_S = 30.0
 
 
 class StreamJob(Job):
@@ -93,10 +96,19 @@ class StreamJob(Job):
                                            f"{self.limits.client_loss_timeout_s:g} s")
 
     # -- the stream side -------------------------------------------------------------------------
-    def read_replies(self, request_iterator) -> None:
-        """Take LossReply messages off a bidi stream, in a thread of its own."""
+    def receive(self, request_iterator, rpc: str):
+        """Own the client's half of a bidi stream: one reader thread takes the opening request
+        (which must come within FIRST_MESSAGE_S — a client that opens a stream and says nothing
+        must not hold a handler thread), then the LossReply messages, until the stream ends."""
+        first: queue.Queue = queue.Queue(maxsize=1)
+
         def reader():
             try:
+                try:
+                    first.put(next(request_iterator))
+                except BaseException as err:  # noqa: BLE001 — StopIteration, or the RPC ended
+                    first.put(err)
+                    return
                 for msg in request_iterator:
                     if msg.WhichOneof("kind") != "loss_reply":
                         self._protocol_error = "a second request on one stream"
@@ -113,6 +125,18 @@ class StreamJob(Job):
                 self._reader_done.set()
 
         threading.Thread(target=reader, name="adjointdpm-reader", daemon=True).start()
+        try:
+            msg = first.get(timeout=FIRST_MESSAGE_S)
+        except queue.Empty:
+            raise InvalidArgument(f"{rpc}: no request within {FIRST_MESSAGE_S:.0f} s of opening "
+                                  "the stream") from None
+        if isinstance(msg, StopIteration):
+            raise InvalidArgument(f"{rpc}: the stream closed before the request")
+        if isinstance(msg, BaseException):
+            raise msg
+        if msg.WhichOneof("kind") != "request":
+            raise InvalidArgument(f"{rpc}: the first message must be the request")
+        return msg.request
 
     def run(self, task, to_event, to_result):
         """Yield event messages while ``task(job)`` runs in a thread, then its result message.

@@ -7,7 +7,6 @@ is a bug, logged with its traceback and answered INTERNAL — the server and oth
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 
@@ -41,34 +40,6 @@ def _abort(context, err: Exception):
     context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}")
 
 
-FIRST_MESSAGE_S = 30.0
-
-
-def _first_request(request_iterator, name: str):
-    """The opening message of a bidi stream must be the request, within FIRST_MESSAGE_S (a
-    client that opens a stream and says nothing must not hold a handler thread forever)."""
-    box: queue.Queue = queue.Queue()
-
-    def read():
-        try:
-            box.put(next(request_iterator))
-        except BaseException as err:  # noqa: BLE001 — StopIteration, or the RPC ended
-            box.put(err)
-
-    threading.Thread(target=read, daemon=True, name="adjointdpm-first-message").start()
-    try:
-        first = box.get(timeout=FIRST_MESSAGE_S)
-    except queue.Empty:
-        raise InvalidArgument(f"{name}: no request within {FIRST_MESSAGE_S:.0f} s of opening the stream") from None
-    if isinstance(first, StopIteration):
-        raise InvalidArgument(f"{name}: the stream closed before the request")
-    if isinstance(first, BaseException):
-        raise first
-    if first.WhichOneof("kind") != "request":
-        raise InvalidArgument(f"{name}: the first message must be the request")
-    return first.request
-
-
 class AdjointDPMService(pb_grpc.AdjointDPMServicer):
     def __init__(self, runtime: Runtime, metrics=None):
         self.rt = runtime
@@ -95,18 +66,19 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
                     self._active -= 1
         return tracked
 
-    def _stream(self, context, build, to_result, request_iterator=None, rpc: str = ""):
-        """Run ``build()``'s task as a job on this stream, yielding events, aborting on errors."""
+    def _stream(self, context, rpc: str, build, to_result, *, request=None, request_iterator=None):
+        """Run ``build(request)``'s task as a job on this stream, yielding events, aborting on
+        errors. A bidi stream's request is read by the job, which owns the stream's reading."""
         job = None
         try:
-            task = build()
             job = StreamJob(context, self.rt.limits, self.scheduler, self.rt.engine,
                             metrics=self.metrics, rpc=rpc, max_request_s=self.rt.config.max_request_s,
                             caller=caller_of(context))
+            if request_iterator is not None:
+                request = job.receive(request_iterator, rpc)
+            task = build(request)
             with self._active_lock:
                 self.jobs.add(job)
-            if request_iterator is not None:
-                job.read_replies(request_iterator)
             yield from job.run(self._track(task), convert.event, to_result)
         except Exception as err:  # noqa: BLE001 — every failure becomes a status
             if context.is_active():
@@ -146,15 +118,14 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
 
     # -- streaming RPCs -------------------------------------------------------------------------
     def Sample(self, request, context):
-        def build():
+        def build(request):
             spec = convert.generation(request.generation, self.rt.limits)
             return lambda job: run_sample(self.rt, spec, job, images=not request.no_images,
                                           pixels=request.return_pixels)
-        return self._stream(context, build, convert.sample_result, rpc="Sample")
+        return self._stream(context, "Sample", build, convert.sample_result, request=request)
 
     def ComputeGradient(self, request_iterator, context):
-        def build():
-            r = _first_request(request_iterator, "ComputeGradient")
+        def build(r):
             limits = self.rt.limits
             spec, losses = convert.generation(r.generation, limits), convert.losses(r.losses, limits)
             targets = convert.targets(r.targets)
@@ -162,11 +133,10 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
             return lambda job: run_gradient(self.rt, spec, losses, job, targets=targets,
                                             grad_mode=r.grad_mode, token=token, weights=weights,
                                             images=r.return_images)
-        return self._stream(context, build, convert.gradient_result, request_iterator, "ComputeGradient")
+        return self._stream(context, "ComputeGradient", build, convert.gradient_result, request_iterator=request_iterator)
 
     def OptimizeLatent(self, request_iterator, context):
-        def build():
-            r = _first_request(request_iterator, "OptimizeLatent")
+        def build(r):
             limits = self.rt.limits
             spec, losses = convert.generation(r.generation, limits), convert.losses(r.losses, limits)
             guided = convert.guided(r.guided) if r.HasField("guided") else None
@@ -174,11 +144,10 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
                 self.rt, spec, losses, job, optimizer=convert.optimizer(r.optimizer),
                 norm=r.constraint.norm, epsilon=r.constraint.epsilon, norm_weight=r.norm_weight,
                 image_every=r.image_every, grad_mode=r.grad_mode, guided=guided)
-        return self._stream(context, build, convert.optimize_result, request_iterator, "OptimizeLatent")
+        return self._stream(context, "OptimizeLatent", build, convert.optimize_result, request_iterator=request_iterator)
 
     def FinetuneWeights(self, request_iterator, context):
-        def build():
-            r = _first_request(request_iterator, "FinetuneWeights")
+        def build(r):
             limits = self.rt.limits
             spec, losses = convert.generation(r.generation, limits), convert.losses(r.losses, limits)
             examples = convert.examples(r.examples, limits)
@@ -187,11 +156,10 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
                 method=r.method or "lora", lora_rank=r.lora_rank or 4, lora_alpha=r.lora_alpha or None,
                 target_modules=list(r.target_modules), checkpoint_every=r.checkpoint_every,
                 name=r.name, batch_size=r.batch_size, grad_mode=r.grad_mode, resume_from=r.resume_from)
-        return self._stream(context, build, convert.optimize_result, request_iterator, "FinetuneWeights")
+        return self._stream(context, "FinetuneWeights", build, convert.optimize_result, request_iterator=request_iterator)
 
     def OptimizeEmbedding(self, request_iterator, context):
-        def build():
-            r = _first_request(request_iterator, "OptimizeEmbedding")
+        def build(r):
             limits = self.rt.limits
             spec, losses = convert.generation(r.generation, limits), convert.losses(r.losses, limits)
             target = convert.maybe_tensor(r, "target_image", limits)
@@ -199,7 +167,7 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
             return lambda job: run_optimize_embedding(
                 self.rt, spec, losses, job, optimizer=convert.optimizer(r.optimizer), token=token,
                 target_image=target, name=r.name, grad_mode=r.grad_mode, image_every=r.image_every)
-        return self._stream(context, build, convert.optimize_result, request_iterator, "OptimizeEmbedding")
+        return self._stream(context, "OptimizeEmbedding", build, convert.optimize_result, request_iterator=request_iterator)
 
     # -- unary ----------------------------------------------------------------------------------
     def ListModels(self, request, context):
@@ -208,7 +176,7 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
             adapters = [convert.artifact_info(i) for i in self.rt.artifacts.list(model=name)
                         if i.kind in ("lora", "full", "embedding")]
             models.append(pb.ModelInfo(
-                name=name, spec=getattr(backend, "name", name), is_default=name == self.rt.default_model,
+                name=name, spec=backend.name, is_default=name == self.rt.default_model,
                 latent_shape=list(backend.latent_shape), image_shape=list(backend.image_shape),
                 conditioning=backend.conditioning, default_steps=backend.default_steps,
                 default_guidance=backend.default_guidance or 0.0, solvers=list(SOLVERS),

@@ -5,6 +5,7 @@ A subclass provides a ``backend`` fixture and ``conditioning(backend, batch)`` r
 conditioning is differentiated (an embedding output, a class-embedding table, an offset).
 """
 
+import pytest
 import torch
 
 from adjointdpm_server.core import sample
@@ -72,3 +73,22 @@ class BackendContract:
         _, _, _, g_adj = self._run(backend, "adjoint")
         cos = float(torch.nn.functional.cosine_similarity(g_adj[0].flatten(), g_bp[0].flatten(), dim=0))
         assert cos > 0.95  # measured at 10 steps: digits 0.956, mixture 0.9993
+
+    def test_declared_capabilities_are_the_real_ones(self, backend):
+        """Callers read ``has_classifier`` / ``has_text_encoder`` instead of probing: a declared
+        capability works, an undeclared one refuses plainly."""
+        images = backend.decode(backend.noise(2, seed=0))
+        if backend.has_classifier:
+            logits = backend.classify(images)
+            assert logits.shape[0] == 2 and logits.dim() == 2 and bool(torch.isfinite(logits).all())
+        else:
+            with pytest.raises(NotImplementedError):
+                backend.classify(images)
+        if backend.has_text_encoder:
+            assert isinstance(backend.token_dim, int) and backend.token_dim > 0
+            c = backend.encode_with_token(2, "a <*> photo", torch.zeros(backend.token_dim,
+                                                                         dtype=backend.dtype))
+            assert tuple(c.cond.shape) == (2, *backend.cond_shape)
+        else:
+            with pytest.raises(NotImplementedError):
+                backend.encode_with_token(2, "a <*> photo", torch.zeros(4))

@@ -10,6 +10,7 @@ turn and nobody waits for it. ``window_ms = 0`` runs every call alone (batching 
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import Counter, deque
@@ -24,6 +25,8 @@ from ._network import EngineNetwork
 from ._work import FORWARD, SOLO, VJP, WorkItem
 
 __all__ = ["NetworkEngine", "EngineStats"]
+
+log = logging.getLogger("adjointdpm.engine")
 
 
 @dataclass
@@ -236,7 +239,10 @@ class NetworkEngine:
                 s.calls_by_job[id(item.job)] += 1
             s.recent.append((kind, [item.caller for item in batch]))
         if self.observer is not None:
-            self.observer(batch[0].model, kind, rows)
+            try:
+                self.observer(batch[0].model, kind, rows)
+            except Exception:  # noqa: BLE001 — metrics must never stop the engine
+                log.exception("the engine's observer failed")
 
 
 def _cat(values):

@@ -21,7 +21,7 @@ class ClassifierLoss(LossPlugin):
 
     def __init__(self, context, params, tensors):
         super().__init__(context, params, tensors)
-        if not hasattr(context.backend, "classify"):
+        if not context.backend.has_classifier:
             raise InvalidArgument("the classifier loss needs a model with a classifier (digits)")
         label = params.get("label")
         labels = label if isinstance(label, list) else [label]

@@ -33,7 +33,7 @@ class GramStyleLoss(LossPlugin):
     def __init__(self, context, params, tensors):
         super().__init__(context, params, tensors)
         style = tensors.get("style")
-        shape = tuple(getattr(context.backend, "image_shape", ()))
+        shape = tuple(context.backend.image_shape)
         if style is None:
             raise InvalidArgument("gram_style needs the tensor input 'style'")
         if style.dim() == 3:

@@ -39,6 +39,9 @@ class ModelBackend(abc.ABC):
     default_guidance: float | None = None
     conditioning: str = "tensor"  # what encode() takes: "labels", "prompt" or "tensor"
     lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    # Optional capabilities, declared (callers read these flags, never probe with hasattr):
+    has_text_encoder: bool = False  # encode_with_token, token_init, token_dim (textual inversion)
+    has_classifier: bool = False    # classify (the classifier loss, audits)
 
     @property
     def device(self) -> torch.device:
@@ -75,6 +78,23 @@ class ModelBackend(abc.ABC):
         """Feature maps (B, C, H, W) for Gram-matrix style losses (paper eq. 13; VGG cannot be
         downloaded here, so each backend offers an offline network). Default: pixels at two scales."""
         return [images, torch.nn.functional.avg_pool2d(images, 2)]
+
+    # -- optional capabilities (see the flags above) ---------------------------------------------
+    @property
+    def token_dim(self) -> int:
+        raise NotImplementedError(f"{type(self).__name__} has no text encoder")
+
+    def token_init(self, word: str) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no text encoder")
+
+    def encode_with_token(self, batch: int, prompt, token_embedding: torch.Tensor, *,
+                          placeholder: str = "<*>", negative_prompt=None) -> Conditioning:
+        """Conditioning with a new token's input embedding placed at ``placeholder``."""
+        raise NotImplementedError(f"{type(self).__name__} has no text encoder")
+
+    def classify(self, images: torch.Tensor) -> torch.Tensor:
+        """Class logits of decoded images (differentiable)."""
+        raise NotImplementedError(f"{type(self).__name__} has no classifier")
 
     def eps(self, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
         return self.eps_fn(x, t, cond)

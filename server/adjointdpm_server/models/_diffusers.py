@@ -146,6 +146,7 @@ class StableDiffusionBackend(ModelBackend):
     default_steps = 20
     default_guidance = 7.5
     conditioning = "prompt"
+    has_text_encoder = True
     lora_targets = LORA_TARGETS
 
     @property

@@ -89,6 +89,7 @@ class DigitsBackend(ModelBackend):
     default_steps = 20
     default_guidance = 2.0
     conditioning = "labels"
+    has_classifier = True
 
     def __init__(self, path: str | Path = DIGITS_WEIGHTS, device="cpu", dtype=torch.float32):
         from diffusers import DDPMScheduler, UNet2DModel

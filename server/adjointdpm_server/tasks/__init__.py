@@ -1,9 +1,11 @@
 """Tasks: what each RPC does, in terms of the core and a model backend (no gRPC here).
 
-Each ``run_*`` takes the server's ``Runtime``, plain specs and a ``Job`` (events, client
-losses, cancellation) and returns a result dataclass; the service translates both ways.
+Each ``run_*`` takes a ``TaskContext`` (models, engine, artifacts, limits: the server's
+``Runtime`` is one), plain specs and a ``Job`` (events, client losses, cancellation) and returns
+a result dataclass; the service translates both ways.
 """
 
+from ._context import TaskContext
 from ._job import Checkpoint, ClientQuery, IterationReport, Job, LocalJob, Queued
 from ._specs import (ExampleSpec, GenerationSpec, GuidedSpec, LossSpec, OptimizerSpec, TokenSpec,
                      WeightsSpec)
@@ -14,7 +16,7 @@ from .optimize_latent import OptimizeResult, run_optimize_latent
 from .sample import SampleResult, run_sample
 
 __all__ = [
-    "Job", "LocalJob", "ClientQuery", "IterationReport", "Checkpoint", "Queued",
+    "TaskContext", "Job", "LocalJob", "ClientQuery", "IterationReport", "Checkpoint", "Queued",
     "GenerationSpec", "LossSpec", "OptimizerSpec", "TokenSpec", "WeightsSpec", "GuidedSpec",
     "ExampleSpec", "TARGETS",
     "run_sample", "run_gradient", "run_optimize_latent", "run_finetune", "run_optimize_embedding",

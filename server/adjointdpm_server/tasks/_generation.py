@@ -13,6 +13,7 @@ import torch
 from ..core import GRIDS, SOLVERS, Progress, sample
 from ..errors import InvalidArgument
 from ..models import Conditioning, ModelBackend
+from ._context import TaskContext
 from ._job import Job
 from ._specs import GenerationSpec
 
@@ -59,7 +60,7 @@ def _per_sample(values: list, batch: int, name: str) -> list:
     return values
 
 
-def _conditioning(rt, spec: GenerationSpec, name: str, backend: ModelBackend, batch: int) -> Conditioning:
+def _conditioning(ctx, spec: GenerationSpec, name: str, backend: ModelBackend, batch: int) -> Conditioning:
     prompt = _per_sample(list(spec.prompt), batch, "prompt")
     negative = _per_sample(list(spec.negative_prompt), batch, "negative prompt")
     labels = _per_sample(list(spec.labels), batch, "label")
@@ -71,7 +72,7 @@ def _conditioning(rt, spec: GenerationSpec, name: str, backend: ModelBackend, ba
         kwargs["negative_prompt"] = negative[0] if len(negative) == 1 else negative
     try:
         if spec.embedding:
-            return _learned_embedding(rt, spec.embedding, name, backend, batch, prompt, kwargs)
+            return _learned_embedding(ctx, spec.embedding, name, backend, batch, prompt, kwargs)
         if spec.cond is not None:
             shape = (batch, *backend.cond_shape)
             cond = spec.cond
@@ -92,13 +93,13 @@ def _conditioning(rt, spec: GenerationSpec, name: str, backend: ModelBackend, ba
         raise InvalidArgument(f"model {name!r}: {err}") from err
 
 
-def _learned_embedding(rt, artifact_id, name, backend, batch, prompt, kwargs) -> Conditioning:
-    info = rt.artifacts.info(artifact_id)  # check what it is before loading any tensor
+def _learned_embedding(ctx, artifact_id, name, backend, batch, prompt, kwargs) -> Conditioning:
+    info = ctx.artifacts.info(artifact_id)  # check what it is before loading any tensor
     if info.kind != "embedding":
         raise InvalidArgument(f"artifact {artifact_id} is a {info.kind}, not an embedding")
     if info.model != name:
         raise InvalidArgument(f"embedding {artifact_id} was learned on {info.model!r}, not {name!r}")
-    tensors, info = rt.artifacts.load(artifact_id, device=backend.device)
+    tensors, info = ctx.artifacts.load(artifact_id, device=backend.device)
     if "token" in tensors:
         placeholder = info.metadata.get("placeholder", "<*>")
         text = prompt or [info.metadata.get("prompt", placeholder)]
@@ -110,10 +111,10 @@ def _learned_embedding(rt, artifact_id, name, backend, batch, prompt, kwargs) ->
     return Conditioning(cond.expand(batch, *cond.shape[1:]).clone(), base.uncond)
 
 
-def prepare(rt, spec: GenerationSpec) -> Prepared:
+def prepare(ctx: TaskContext, spec: GenerationSpec) -> Prepared:
     """Validate against the limits, then resolve model, adapter, x_T and conditioning."""
-    limits = rt.limits
-    name, backend = rt.model(spec.model)
+    limits = ctx.limits
+    name, backend = ctx.model(spec.model)
     batch = _batch(spec, limits)
     steps = spec.steps or backend.default_steps
     if not 1 <= steps <= limits.max_steps:
@@ -143,10 +144,10 @@ def prepare(rt, spec: GenerationSpec) -> Prepared:
         x_T = spec.x_T.to(backend.device, backend.dtype)
     else:
         x_T = backend.noise(batch, spec.seed)
-    c = _conditioning(rt, spec, name, backend, batch)
-    eps_fn = rt.adapted(name, spec.adapter) if spec.adapter else backend.eps_fn
+    c = _conditioning(ctx, spec, name, backend, batch)
+    eps_fn = ctx.adapted(name, spec.adapter) if spec.adapter else backend.eps_fn
     return Prepared(name, backend, eps_fn, x_T, c.cond, c.uncond, steps, solver, grid,
-                    None if scale == 1 else scale, t_start, batch, list(spec.prompt), rt.engine)
+                    None if scale == 1 else scale, t_start, batch, list(spec.prompt), ctx.engine)
 
 
 def progress_callback(job: Job, iteration: int = 0):

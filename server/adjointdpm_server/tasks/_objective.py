@@ -19,7 +19,7 @@ __all__ = ["Objective"]
 
 
 class Objective:
-    def __init__(self, rt, backend, specs: list[LossSpec], job: Job, *, reference=None):
+    def __init__(self, ctx, backend, specs: list[LossSpec], job: Job, *, reference=None):
         if not specs:
             raise InvalidArgument("give at least one loss term")
         if len(specs) > 16:
@@ -35,7 +35,7 @@ class Objective:
             if spec.kind == "client":
                 self.terms.append(RemoteLoss(self._asker(index, spec), f"client loss {spec.name!r}"))
             elif spec.kind == "server":
-                context = LossContext(backend, rt.settings, reference and reference[spec.domain])
+                context = LossContext(backend, ctx.settings, reference and reference[spec.domain])
                 self.contexts.append((spec.domain, context))
                 self.terms.append(build_loss(spec.name, context, spec.params, spec.tensors))
             else:

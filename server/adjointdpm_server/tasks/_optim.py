@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -11,7 +12,7 @@ from ._images import to_png
 from ._job import IterationReport, Job
 from ._specs import OptimizerSpec
 
-__all__ = ["make_optimizer", "check_iterations", "report"]
+__all__ = ["make_optimizer", "check_iterations", "report", "optimize"]
 
 
 def check_iterations(spec: OptimizerSpec, limits) -> None:
@@ -38,3 +39,23 @@ def report(job: Job, iteration: int, total, values, grad_norm: float, images=Non
     job.emit(IterationReport(iteration, loss, list(values), grad_norm,
                              to_png(images) if images is not None else []))
     return loss
+
+
+def optimize(job: Job, opt: torch.optim.Optimizer, params, iterations: int,
+             loss_at: Callable[[int], tuple], *, first: int = 0, history: list | None = None,
+             after_step: Callable[[int], None] | None = None) -> list[float]:
+    """The loop every optimizing task shares: ``loss_at(it) → (total, term values, images to
+    report or None)``, backward, report, step, then ``after_step(iterations done)`` (a
+    projection, a checkpoint). The job is checked between iterations (cancel, deadline)."""
+    history = [] if history is None else history
+    for it in range(first, iterations):
+        job.check()
+        total, values, images = loss_at(it)
+        opt.zero_grad()
+        total.backward()
+        grad_norm = math.sqrt(sum(float(p.grad.square().sum()) for p in params if p.grad is not None))
+        history.append(report(job, it, total, values, grad_norm, images))
+        opt.step()
+        if after_step is not None:
+            after_step(it + 1)
+    return history

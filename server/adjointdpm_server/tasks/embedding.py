@@ -11,11 +11,12 @@ from __future__ import annotations
 import torch
 
 from ..errors import InvalidArgument
+from ._context import TaskContext
 from ._generation import prepare, run_sampler
 from ._images import to_png
 from ._job import Job
 from ._objective import Objective
-from ._optim import check_iterations, make_optimizer, report
+from ._optim import check_iterations, make_optimizer, optimize
 from ._specs import GenerationSpec, LossSpec, OptimizerSpec, TokenSpec
 from .gradient import check_grad_mode, encode_token, token_leaf
 from .optimize_latent import OptimizeResult
@@ -23,20 +24,20 @@ from .optimize_latent import OptimizeResult
 __all__ = ["run_optimize_embedding"]
 
 
-def run_optimize_embedding(rt, spec: GenerationSpec, losses: list[LossSpec], job: Job, *,
+def run_optimize_embedding(ctx: TaskContext, spec: GenerationSpec, losses: list[LossSpec], job: Job, *,
                            optimizer: OptimizerSpec, token: TokenSpec | None = None,
                            target_image: torch.Tensor | None = None, name: str = "",
                            grad_mode: str = "", image_every: int = 0) -> OptimizeResult:
-    check_iterations(optimizer, rt.limits)
+    check_iterations(optimizer, ctx.limits)
     mode = check_grad_mode(grad_mode)
     if spec.embedding or spec.cond is not None:
         raise InvalidArgument("the embedding is what this call learns: leave embedding and cond unset")
-    prep = prepare(rt, spec)
+    prep = prepare(ctx, spec)
     losses = list(losses)
     if target_image is not None:
         losses.append(LossSpec("server", "mse", 1.0, "image", {}, {"target": target_image}))
-    objective = Objective(rt, prep.backend, losses, job)
-    textual = hasattr(prep.backend, "encode_with_token")
+    objective = Objective(ctx, prep.backend, losses, job)
+    textual = prep.backend.has_text_encoder
     token = token or TokenSpec()
     if textual:
         leaf = token_leaf(prep, token)
@@ -54,24 +55,21 @@ def run_optimize_embedding(rt, spec: GenerationSpec, losses: list[LossSpec], job
             return c.cond, c.uncond
         return leaf.expand(prep.batch, *leaf.shape[1:]), uncond
 
-    history = []
     with torch.no_grad():
         initial = to_png(prep.backend.decode(run_sampler(prep, job, cond=conditioning()[0],
                                                          uncond=conditioning()[1], grad_mode="none")))
-    for it in range(optimizer.iterations):
-        job.check()
+
+    def loss_at(it):
         objective.iteration = it
         cond, uncond_now = conditioning()
         x0 = run_sampler(prep, job, cond=cond, uncond=uncond_now, grad_mode=mode, iteration=it)
         images = prep.backend.decode(x0)
         total, values = objective(x0, images)
-        opt.zero_grad()
-        total.backward()
-        show = image_every and it % image_every == 0
-        history.append(report(job, it, total, values, float(leaf.grad.norm()), images if show else None))
-        opt.step()
+        return total, values, images if image_every and it % image_every == 0 else None
+
+    history = optimize(job, opt, [leaf], optimizer.iterations, loss_at)
     key = "token" if textual else "cond"
-    info = rt.artifacts.save("embedding", {key: leaf.detach()}, model=prep.model, name=name,
+    info = ctx.artifacts.save("embedding", {key: leaf.detach()}, model=prep.model, name=name,
                              iteration=optimizer.iterations, metadata=meta)
     with torch.no_grad():
         cond, uncond_now = conditioning()

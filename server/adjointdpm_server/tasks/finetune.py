@@ -12,11 +12,12 @@ import torch
 
 from ..errors import Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument
 from ..models._adapters import full_copy, trainable_state, with_lora
+from ._context import TaskContext
 from ._generation import prepare, run_sampler
 from ._images import to_png
 from ._job import Checkpoint, Job
 from ._objective import Objective
-from ._optim import check_iterations, make_optimizer, report
+from ._optim import check_iterations, make_optimizer, optimize
 from ._specs import ExampleSpec, GenerationSpec, LossSpec, OptimizerSpec
 from .gradient import check_grad_mode
 from .optimize_latent import OptimizeResult
@@ -57,11 +58,11 @@ def _restore(model, opt, tensors: dict[str, torch.Tensor]) -> None:
                 raise FailedPrecondition(f"checkpoint tensor {name} does not fit this fine-tune")
 
 
-def _examples_generation(rt, spec: GenerationSpec, examples: list[ExampleSpec]) -> GenerationSpec:
+def _examples_generation(ctx, spec: GenerationSpec, examples: list[ExampleSpec]) -> GenerationSpec:
     """All examples as one batch: x_T stacked (seeded ones drawn here) and their conditioning."""
-    if not 1 <= len(examples) <= rt.limits.max_examples:
-        raise InvalidArgument(f"give 1…{rt.limits.max_examples} examples; got {len(examples)}")
-    _, backend = rt.model(spec.model)
+    if not 1 <= len(examples) <= ctx.limits.max_examples:
+        raise InvalidArgument(f"give 1…{ctx.limits.max_examples} examples; got {len(examples)}")
+    _, backend = ctx.model(spec.model)
     states = []
     for k, ex in enumerate(examples):
         if ex.x_T is not None:
@@ -83,20 +84,20 @@ def _examples_generation(rt, spec: GenerationSpec, examples: list[ExampleSpec]) 
                           grid=spec.grid)
 
 
-def run_finetune(rt, spec: GenerationSpec, examples: list[ExampleSpec], losses: list[LossSpec],
+def run_finetune(ctx: TaskContext, spec: GenerationSpec, examples: list[ExampleSpec], losses: list[LossSpec],
                  job: Job, *, optimizer: OptimizerSpec, method: str = "lora", lora_rank: int = 4,
                  lora_alpha: float | None = None, target_modules=(), checkpoint_every: int = 0,
                  name: str = "", batch_size: int = 0, grad_mode: str = "",
                  resume_from: str = "") -> OptimizeResult:
-    check_iterations(optimizer, rt.limits)
+    check_iterations(optimizer, ctx.limits)
     mode = check_grad_mode(grad_mode)
     if method not in METHODS:
         raise InvalidArgument(f"method must be lora or full; got {method!r}")
     if spec.adapter:
         raise InvalidArgument("fine-tuning starts from the base model; adapter must be empty")
-    if method == "lora" and lora_rank > rt.limits.max_lora_rank:
-        raise InvalidArgument(f"lora_rank must be at most {rt.limits.max_lora_rank}")
-    prep = prepare(rt, _examples_generation(rt, spec, examples))
+    if method == "lora" and lora_rank > ctx.limits.max_lora_rank:
+        raise InvalidArgument(f"lora_rank must be at most {ctx.limits.max_lora_rank}")
+    prep = prepare(ctx, _examples_generation(ctx, spec, examples))
     targets = tuple(target_modules) or prep.backend.lora_targets
     try:
         model = (with_lora(prep.eps_fn, lora_rank or 4, lora_alpha or None, targets)
@@ -111,46 +112,44 @@ def run_finetune(rt, spec: GenerationSpec, examples: list[ExampleSpec], losses: 
     with torch.no_grad():
         x0_base = run_sampler(prep, job, grad_mode="none")
         reference = {"latent": x0_base, "image": prep.backend.decode(x0_base)}
-    objective = Objective(rt, prep.backend, losses, job, reference=reference)
+    objective = Objective(ctx, prep.backend, losses, job, reference=reference)
     opt = make_optimizer(optimizer, params)
     n = prep.batch
     size = min(batch_size or n, n)
     history, first = [], 0
     if resume_from:
-        history, first = _resume(rt, resume_from, prep.model, meta, model, opt, optimizer.iterations)
+        history, first = _resume(ctx, resume_from, prep.model, meta, model, opt, optimizer.iterations)
 
     def checkpoint(done: int):
-        info = rt.artifacts.save("checkpoint", _checkpoint_tensors(model, opt), model=prep.model,
+        info = ctx.artifacts.save("checkpoint", _checkpoint_tensors(model, opt), model=prep.model,
                                  name=name, iteration=done, metadata={**meta, "history": history})
         job.emit(Checkpoint(info))
 
+    def loss_at(it):
+        idx = torch.arange(it * size, (it + 1) * size) % n
+        objective.iteration = it
+        objective.set_reference({k: v[idx] for k, v in reference.items()})
+        cond = prep.cond[idx] if isinstance(prep.cond, torch.Tensor) else prep.cond
+        uncond = prep.uncond[idx] if isinstance(prep.uncond, torch.Tensor) else prep.uncond
+        x0 = run_sampler(prep, job, x_T=prep.x_T[idx], cond=cond, eps_fn=model, grad_mode=mode,
+                         iteration=it, uncond=uncond)
+        total, values = objective(x0)
+        return total, values, None
+
+    def maybe_checkpoint(done):
+        periodic = checkpoint_every and done % checkpoint_every == 0
+        if done < optimizer.iterations and (periodic or job.checkpoint_now.is_set()):
+            job.checkpoint_now.clear()
+            checkpoint(done)
+
     try:
-        for it in range(first, optimizer.iterations):
-            job.check()
-            idx = torch.arange(it * size, (it + 1) * size) % n
-            objective.iteration = it
-            objective.set_reference({k: v[idx] for k, v in reference.items()})
-            cond = prep.cond[idx] if isinstance(prep.cond, torch.Tensor) else prep.cond
-            uncond = prep.uncond[idx] if isinstance(prep.uncond, torch.Tensor) else prep.uncond
-            x0 = run_sampler(prep, job, x_T=prep.x_T[idx], cond=cond, eps_fn=model, grad_mode=mode,
-                             iteration=it, uncond=uncond)
-            total, values = objective(x0)
-            opt.zero_grad()
-            total.backward()
-            grad_norm = float(torch.sqrt(sum((p.grad.square().sum() for p in params if p.grad is not None),
-                                             torch.tensor(0.0))))
-            history.append(report(job, it, total, values, grad_norm))
-            opt.step()
-            done = it + 1
-            periodic = checkpoint_every and done % checkpoint_every == 0
-            if done < optimizer.iterations and (periodic or job.checkpoint_now.is_set()):
-                job.checkpoint_now.clear()
-                checkpoint(done)
+        optimize(job, opt, params, optimizer.iterations, loss_at, first=first, history=history,
+                 after_step=maybe_checkpoint)
     except (Cancelled, DeadlineExceeded):
         if len(history) > first:
             checkpoint(len(history))  # durable: a stopped fine-tune resumes from here
         raise
-    info = rt.artifacts.save(method, trainable_state(model), model=prep.model, name=name,
+    info = ctx.artifacts.save(method, trainable_state(model), model=prep.model, name=name,
                              iteration=optimizer.iterations, metadata={**meta, "history": history})
     model.requires_grad_(False)
     with torch.no_grad():
@@ -161,9 +160,9 @@ def run_finetune(rt, spec: GenerationSpec, examples: list[ExampleSpec], losses: 
                           to_png(reference["image"]), info)
 
 
-def _resume(rt, checkpoint_id, model_name, meta, model, opt, iterations) -> tuple[list, int]:
+def _resume(ctx, checkpoint_id, model_name, meta, model, opt, iterations) -> tuple[list, int]:
     """Load a checkpoint of the same run: weights, optimizer state, loss history so far."""
-    tensors, info = rt.artifacts.load(checkpoint_id)
+    tensors, info = ctx.artifacts.load(checkpoint_id)
     if info.kind != "checkpoint":
         raise InvalidArgument(f"resume_from must be a checkpoint; {checkpoint_id} is a {info.kind}")
     if info.model != model_name:

@@ -15,6 +15,7 @@ from ..core import GRAD_MODES
 from ..errors import InvalidArgument
 from ..models import Conditioning
 from ..models._adapters import with_lora, with_trainable_view
+from ._context import TaskContext
 from ._generation import Prepared, prepare, run_sampler
 from ._images import to_png
 from ._job import Job
@@ -48,7 +49,7 @@ def check_grad_mode(mode: str) -> str:
 def token_leaf(prep: Prepared, token: TokenSpec) -> torch.Tensor:
     """The starting embedding of a new token (textual inversion), a leaf requiring grad."""
     backend = prep.backend
-    if not hasattr(backend, "encode_with_token"):
+    if not backend.has_text_encoder:
         raise InvalidArgument(f"model {prep.model!r} has no text encoder: a token target needs a "
                               "prompt-conditioned (Stable Diffusion) model")
     if token.embedding is not None:
@@ -77,7 +78,7 @@ def encode_token(prep: Prepared, token: TokenSpec, leaf: torch.Tensor) -> Condit
         raise InvalidArgument(str(err)) from err
 
 
-def run_gradient(rt, spec: GenerationSpec, losses: list[LossSpec], job: Job, *,
+def run_gradient(ctx: TaskContext, spec: GenerationSpec, losses: list[LossSpec], job: Job, *,
                  targets=("x_T",), grad_mode: str = "", token: TokenSpec | None = None,
                  weights: WeightsSpec | None = None, images: bool = False) -> GradientResult:
     targets = tuple(dict.fromkeys(targets or ("x_T",)))
@@ -85,8 +86,8 @@ def run_gradient(rt, spec: GenerationSpec, losses: list[LossSpec], job: Job, *,
     if unknown:
         raise InvalidArgument(f"unknown gradient targets {unknown}; choose from {', '.join(TARGETS)}")
     mode = check_grad_mode(grad_mode)
-    prep = prepare(rt, spec)
-    objective = Objective(rt, prep.backend, losses, job)
+    prep = prepare(ctx, spec)
+    objective = Objective(ctx, prep.backend, losses, job)
     leaves: dict[str, torch.Tensor] = {}
 
     x_T = prep.x_T.clone().requires_grad_("x_T" in targets)
@@ -110,8 +111,8 @@ def run_gradient(rt, spec: GenerationSpec, losses: list[LossSpec], job: Job, *,
         weights = weights or WeightsSpec()
         try:
             if weights.lora_rank:
-                if weights.lora_rank > rt.limits.max_lora_rank:
-                    raise InvalidArgument(f"lora_rank must be at most {rt.limits.max_lora_rank}")
+                if weights.lora_rank > ctx.limits.max_lora_rank:
+                    raise InvalidArgument(f"lora_rank must be at most {ctx.limits.max_lora_rank}")
                 if spec.adapter:
                     raise InvalidArgument("a fresh LoRA goes on the base model: leave adapter unset")
                 eps_fn = with_lora(prep.eps_fn, weights.lora_rank, targets=prep.backend.lora_targets)
@@ -137,10 +138,10 @@ def run_gradient(rt, spec: GenerationSpec, losses: list[LossSpec], job: Job, *,
                             nfe=job.nfe)
     if weight_grads:
         count = sum(g.numel() for g in weight_grads.values())
-        if weights.inline and count <= rt.limits.max_inline_weight_elements:
+        if weights.inline and count <= ctx.limits.max_inline_weight_elements:
             result.weight_gradients = {k: v.detach() for k, v in weight_grads.items()}
         else:
-            result.weights_artifact = rt.artifacts.save(
+            result.weights_artifact = ctx.artifacts.save(
                 "weight_gradients", weight_grads, model=prep.model,
                 metadata={"lora_rank": weights.lora_rank, "parameters": list(weights.parameters),
                           "loss": result.loss, "elements": count})

@@ -14,11 +14,12 @@ import torch
 
 from ..core import time_grid
 from ..errors import InvalidArgument
+from ._context import TaskContext
 from ._generation import prepare, progress_callback, run_sampler
 from ._images import to_png
 from ._job import Job
 from ._objective import Objective
-from ._optim import check_iterations, make_optimizer, report
+from ._optim import check_iterations, make_optimizer, optimize, report
 from ._specs import GenerationSpec, GuidedSpec, LossSpec, OptimizerSpec
 from .gradient import check_grad_mode
 
@@ -52,20 +53,20 @@ def project(x: torch.Tensor, start: torch.Tensor, norm: str, eps: float) -> torc
     return x
 
 
-def run_optimize_latent(rt, spec: GenerationSpec, losses: list[LossSpec], job: Job, *,
+def run_optimize_latent(ctx: TaskContext, spec: GenerationSpec, losses: list[LossSpec], job: Job, *,
                         optimizer: OptimizerSpec, norm: str = "", epsilon: float = 0.0,
                         norm_weight: float = 0.0, image_every: int = 0, grad_mode: str = "",
                         guided: GuidedSpec | None = None) -> OptimizeResult:
-    check_iterations(optimizer, rt.limits)
+    check_iterations(optimizer, ctx.limits)
     mode = check_grad_mode(grad_mode)
     if norm not in NORMS:
         raise InvalidArgument(f"constraint norm must be one of linf, l2, sphere; got {norm!r}")
     if norm in ("linf", "l2") and not epsilon > 0:
         raise InvalidArgument(f"a {norm} constraint needs epsilon > 0")
-    prep = prepare(rt, spec)
-    objective = Objective(rt, prep.backend, losses, job)
+    prep = prepare(ctx, spec)
+    objective = Objective(ctx, prep.backend, losses, job)
     if guided is not None:
-        return _guided(prep, objective, job, optimizer, guided, mode, rt.limits)
+        return _guided(prep, objective, job, optimizer, guided, mode, ctx.limits)
 
     with torch.no_grad():
         x0_start = run_sampler(prep, job, grad_mode="none")
@@ -76,23 +77,21 @@ def run_optimize_latent(rt, spec: GenerationSpec, losses: list[LossSpec], job: J
     x = start.clone().requires_grad_()
     opt = make_optimizer(optimizer, [x])
     dim = x[0].numel()
-    history = []
-    for it in range(optimizer.iterations):
-        job.check()
+
+    def loss_at(it):
         objective.iteration = it
         x0 = run_sampler(prep, job, x_T=x, grad_mode=mode, iteration=it)
         images = prep.backend.decode(x0) if objective.needs_image or image_every else None
         total, values = objective(x0, images)
         if norm_weight:
             total = total + norm_weight * ((x.flatten(1).square().sum(1) / dim - 1).square()).mean()
-        opt.zero_grad()
-        total.backward()
-        show = image_every and it % image_every == 0
-        history.append(report(job, it, total, values, float(x.grad.norm()),
-                              images if show else None))
-        opt.step()
+        return total, values, images if image_every and it % image_every == 0 else None
+
+    def keep_feasible(done):
         with torch.no_grad():
             x.copy_(project(x, start, norm, epsilon))
+
+    history = optimize(job, opt, [x], optimizer.iterations, loss_at, after_step=keep_feasible)
     with torch.no_grad():
         objective.iteration = optimizer.iterations
         x0 = run_sampler(prep, job, x_T=x.detach(), grad_mode="none", iteration=optimizer.iterations)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._context import TaskContext
 from ._generation import prepare, run_sampler
 from ._images import to_png
 from ._job import Job
@@ -22,9 +23,9 @@ class SampleResult:
     pixels: torch.Tensor | None
 
 
-def run_sample(rt, spec: GenerationSpec, job: Job, *, images: bool = True,
+def run_sample(ctx: TaskContext, spec: GenerationSpec, job: Job, *, images: bool = True,
                pixels: bool = False) -> SampleResult:
-    prep = prepare(rt, spec)
+    prep = prepare(ctx, spec)
     with torch.no_grad():
         x0 = run_sampler(prep, job, grad_mode="none")
         decoded = prep.backend.decode(x0) if images or pixels else None
