@@ -273,11 +273,13 @@ class Client:
                          lora_rank: int = 4, lora_alpha: float = 0.0, target_modules=(),
                          optimizer: str = "adam", lr: float = 1e-3, iterations: int = 10,
                          checkpoint_every: int = 0, name: str = "", batch_size: int = 0,
-                         grad_mode: str = "", resume_from: str = "", stream: bool = False, on_event=None,
+                         grad_mode: str = "", resume_from: str = "", keep_checkpoints: int = 0,
+                         stream: bool = False, on_event=None,
                          progress: bool = False, **generation) -> OptimizeResult:
         """Fine-tune (LoRA or full) on ``examples`` = [{"seed"|"x_T", "prompt"|"label"}, …];
         the result's ``artifact.id`` is an adapter for ``sample(adapter=...)``. ``resume_from``:
-        a checkpoint id of the same run (sent again with the same arguments) to continue."""
+        a checkpoint id of the same run (sent again with the same arguments) to continue;
+        ``keep_checkpoints``: this run's newest checkpoints the server keeps (0 = 3)."""
         terms, client = _loss_terms(losses)
         pbs = []
         for ex in examples:
@@ -294,7 +296,7 @@ class Client:
             optimizer=_optimizer(optimizer, lr, iterations), method=method, lora_rank=lora_rank,
             lora_alpha=lora_alpha, target_modules=list(target_modules),
             checkpoint_every=checkpoint_every, name=name, batch_size=batch_size, grad_mode=grad_mode,
-            resume_from=resume_from)
+            resume_from=resume_from, keep_checkpoints=keep_checkpoints)
         events = self._bidi(self.stub.FinetuneWeights, pb.FinetuneMessage, request, client)
         return self._run(events, OptimizeResult.from_message, stream, on_event, progress)
 

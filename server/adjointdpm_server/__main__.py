@@ -43,7 +43,16 @@ def parse_args(argv=None) -> ServerConfig:
                    help="seconds to wait for a client's loss reply (then DEADLINE_EXCEEDED)")
     p.add_argument("--max-request-seconds", type=float, default=3600.0)
     p.add_argument("--workers", type=int, default=64, help="gRPC handler threads")
-    p.add_argument("--tokens-file", type=Path, help="bearer tokens, one per line (also: ADJOINTDPM_TOKENS)")
+    p.add_argument("--tokens-file", type=Path,
+                   help="bearer tokens, one per line as TENANT:TOKEN or TOKEN (tenant 'default'); "
+                        "also ADJOINTDPM_TOKENS=a,b")
+    p.add_argument("--shared-artifacts", action="store_true",
+                   help="every tenant sees every artifact (single-team deployments)")
+    p.add_argument("--tenant-max-jobs", type=int, help="a tenant's active + queued jobs")
+    p.add_argument("--tenant-storage-mib", type=float, help="a tenant's artifact storage")
+    p.add_argument("--artifact-storage-mib", type=float, help="all artifacts together")
+    p.add_argument("--max-health-watches", type=int, default=8,
+                   help="concurrent Health/Watch streams (counted apart from other calls)")
     p.add_argument("--protect-health", action="store_true", help="health checks need a token too")
     p.add_argument("--tls-cert", type=Path)
     p.add_argument("--tls-key", type=Path)
@@ -77,7 +86,10 @@ def parse_args(argv=None) -> ServerConfig:
         max_active_jobs=a.max_active_jobs, max_queue=a.max_queue,
         max_network_batch=a.max_network_batch, batch_window_ms=a.batch_window_ms,
         max_request_s=a.max_request_seconds, workers=a.workers,
-        tokens=load_tokens(a.tokens_file), health_open=not a.protect_health, tls_cert=a.tls_cert,
+        tokens=load_tokens(a.tokens_file), shared_artifacts=a.shared_artifacts,
+        tenant_max_jobs=a.tenant_max_jobs, tenant_storage_mib=a.tenant_storage_mib,
+        artifact_storage_mib=a.artifact_storage_mib, max_health_watches=a.max_health_watches,
+        health_open=not a.protect_health, tls_cert=a.tls_cert,
         tls_key=a.tls_key, tls_client_ca=a.tls_client_ca, health_port=a.health_port,
         metrics_port=a.metrics_port, shutdown_grace_s=a.shutdown_grace, triton_url=a.triton_url, triton_allowed_urls=tuple(a.triton_allow),
         clip_model_dir=a.clip_model_dir, limits=limits)

@@ -3,27 +3,36 @@
 Each artifact is ``<root>/<id>.safetensors`` with its description in the file's metadata and in a
 ``<id>.json`` beside it (for listing without opening the tensors). IDs are ``<kind>-<32 hex>``:
 anything else is refused before it can name a path.
+
+Every artifact belongs to the tenant that made it; a view scoped to a tenant (``scoped``) finds
+only that tenant's artifacts, and another tenant's is NOT_FOUND exactly like a missing one.
+Writes are checked against the storage quotas before a byte is written, are fsync'd and atomic
+(temporary file, then rename), and a full or read-only disk is a plain RESOURCE_EXHAUSTED or
+UNAVAILABLE that leaves every earlier artifact intact. Orphans of a crash are removed at start.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
-from .errors import InvalidArgument, NotFound
+from .errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 
-__all__ = ["ArtifactInfo", "ArtifactStore", "KINDS"]
+__all__ = ["ArtifactInfo", "ArtifactStore", "ScopedArtifacts", "KINDS", "DEFAULT_TENANT"]
 
 KINDS = ("lora", "full", "embedding", "weight_gradients", "checkpoint")
-_ID = re.compile(r"^(%s)-[0-9a-f]{32}$" % "|".join(KINDS))
+_ID = re.compile(r"(%s)-[0-9a-f]{32}" % "|".join(KINDS))
+DEFAULT_TENANT = "default"
+_HEADER_BYTES = 64 * 1024  # safetensors header and metadata, generously
 
 
 @dataclass
@@ -36,58 +45,157 @@ class ArtifactInfo:
     iteration: int = 0
     created: float = 0.0
     metadata: dict = field(default_factory=dict)
+    tenant: str = DEFAULT_TENANT
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ArtifactInfo":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _missing(artifact_id: str) -> NotFound:
+    return NotFound(f"no artifact {artifact_id} on this server")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_failed(err: OSError) -> Exception:
+    name = errno.errorcode.get(err.errno or 0, "an I/O error")
+    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return ResourceExhausted(f"the server's artifact storage is full ({name}); nothing was "
+                                 "written and earlier artifacts are intact")
+    return Unavailable(f"the server cannot write artifacts now ({name}); earlier artifacts are intact")
 
 
 class ArtifactStore:
-    def __init__(self, root: str | Path):
+    """``tenant_quota_bytes`` bounds each tenant's artifacts, ``quota_bytes`` all of them."""
+
+    def __init__(self, root: str | Path, *, quota_bytes: int | None = None,
+                 tenant_quota_bytes: int | None = None):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.quota_bytes, self.tenant_quota_bytes = quota_bytes, tenant_quota_bytes
         self._lock = threading.Lock()
+        self.removed_orphans = self._sweep()
 
+    def _sweep(self) -> list[str]:
+        """Remove what a crash can leave: temporary files, data without its description and
+        descriptions without their data."""
+        gone = []
+        for path in self.root.iterdir():
+            stem = path.name.split(".", 1)[0]
+            if path.name.endswith(".tmp"):
+                orphan = True
+            elif path.suffix == ".safetensors":
+                orphan = not (self.root / f"{stem}.json").exists()
+            elif path.suffix == ".json":
+                orphan = not (self.root / f"{stem}.safetensors").exists()
+            else:
+                continue
+            if orphan and _ID.fullmatch(stem):
+                path.unlink(missing_ok=True)
+                gone.append(path.name)
+        return gone
+
+    # -- usage and quotas ---------------------------------------------------------------------------
+    def usage(self, tenant: str | None = None) -> int:
+        """Bytes of artifacts (of ``tenant``, or of everyone)."""
+        return sum(i.size for i in self.list(tenant=tenant))
+
+    def _check_quota(self, tenant: str, needed: int) -> None:
+        if self.tenant_quota_bytes is not None:
+            used = self.usage(tenant)
+            if used + needed > self.tenant_quota_bytes:
+                raise ResourceExhausted(
+                    f"tenant storage quota: {used / 2**20:.1f} MiB used of "
+                    f"{self.tenant_quota_bytes / 2**20:.1f} MiB; this artifact needs "
+                    f"{needed / 2**20:.1f} MiB (delete or let old artifacts expire)")
+        if self.quota_bytes is not None:
+            used = self.usage()
+            if used + needed > self.quota_bytes:
+                raise ResourceExhausted(
+                    f"server artifact storage quota: {used / 2**20:.1f} MiB used of "
+                    f"{self.quota_bytes / 2**20:.1f} MiB; this artifact needs {needed / 2**20:.1f} MiB")
+
+    def check_room(self, needed: int, tenant: str = DEFAULT_TENANT) -> None:
+        """RESOURCE_EXHAUSTED now when ``needed`` more bytes would exceed a storage quota."""
+        with self._lock:
+            self._check_quota(tenant, needed)
+
+    # -- writing ------------------------------------------------------------------------------------
     def save(self, kind: str, tensors: dict[str, torch.Tensor], *, model: str, name: str = "",
-             iteration: int = 0, metadata: dict | None = None) -> ArtifactInfo:
-        """Write atomically (temporary file, then rename): a crash leaves no half artifact."""
+             iteration: int = 0, metadata: dict | None = None,
+             tenant: str = DEFAULT_TENANT) -> ArtifactInfo:
+        """Check the quotas, then write atomically and durably; a failure leaves nothing behind."""
         from safetensors.torch import save_file
 
         if kind not in KINDS:
             raise ValueError(f"unknown artifact kind {kind!r}")
+        needed = sum(t.numel() * t.element_size() for t in tensors.values()) + _HEADER_BYTES
         info = ArtifactInfo(id=f"{kind}-{uuid.uuid4().hex}", kind=kind, model=model, name=name,
-                            iteration=iteration, created=time.time(), metadata=dict(metadata or {}))
+                            iteration=iteration, created=time.time(), metadata=dict(metadata or {}),
+                            tenant=tenant)
         path = self.root / f"{info.id}.safetensors"
-        tmp = path.with_suffix(".tmp")
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        save_file(tensors, str(tmp), metadata={"adjointdpm": json.dumps(asdict(info))})
-        info.size = tmp.stat().st_size
-        os.replace(tmp, path)
         sidecar = self.root / f"{info.id}.json"
-        sidecar.with_suffix(".json.tmp").write_text(json.dumps(asdict(info)))
-        os.replace(sidecar.with_suffix(".json.tmp"), sidecar)
+        tmp, sidecar_tmp = path.with_suffix(".safetensors.tmp"), sidecar.with_suffix(".json.tmp")
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        with self._lock:  # quota check and write together: two saves cannot both squeeze in
+            self._check_quota(tenant, needed)
+            try:
+                save_file(tensors, str(tmp), metadata={"adjointdpm": json.dumps(asdict(info))})
+                info.size = tmp.stat().st_size
+                _fsync(tmp)
+                sidecar_tmp.write_text(json.dumps(asdict(info)))
+                _fsync(sidecar_tmp)
+                os.replace(tmp, path)
+                os.replace(sidecar_tmp, sidecar)  # the description last: listed only when whole
+                _fsync(self.root)
+            except OSError as err:
+                for leftover in (tmp, sidecar_tmp, path, sidecar):
+                    leftover.unlink(missing_ok=True)
+                raise _write_failed(err) from err
         return info
 
+    def delete(self, artifact_id: str, tenant: str | None = None) -> None:
+        self.info(artifact_id, tenant)
+        with self._lock:
+            for suffix in (".json", ".safetensors"):
+                (self.root / f"{artifact_id}{suffix}").unlink(missing_ok=True)
+
+    # -- reading ------------------------------------------------------------------------------------
     def _check_id(self, artifact_id: str) -> None:
-        if not isinstance(artifact_id, str) or not _ID.match(artifact_id):
-            raise InvalidArgument(f"{artifact_id!r} is not an artifact id (expected <kind>-<32 hex>)")
+        if not isinstance(artifact_id, str) or not _ID.fullmatch(artifact_id):
+            raise InvalidArgument("not an artifact id (expected <kind>-<32 hex>)")
 
-    def path(self, artifact_id: str) -> Path:
+    def info(self, artifact_id: str, tenant: str | None = None) -> ArtifactInfo:
+        """The description; NOT_FOUND when missing or (``tenant`` given) another tenant's."""
         self._check_id(artifact_id)
-        path = self.root / f"{artifact_id}.safetensors"
-        if not path.exists():
-            raise NotFound(f"no artifact {artifact_id!r} on this server")
-        return path
-
-    def info(self, artifact_id: str) -> ArtifactInfo:
-        self.path(artifact_id)
+        if not (self.root / f"{artifact_id}.safetensors").exists():
+            raise _missing(artifact_id)
         try:
-            data = json.loads((self.root / f"{artifact_id}.json").read_text())
-        except (OSError, ValueError) as err:  # expired meanwhile, or a damaged sidecar
-            raise NotFound(f"no artifact {artifact_id!r} on this server") from err
-        return ArtifactInfo(**data)
+            info = ArtifactInfo.from_dict(json.loads((self.root / f"{artifact_id}.json").read_text()))
+        except (OSError, ValueError, TypeError) as err:  # expired meanwhile, or a damaged sidecar
+            raise _missing(artifact_id) from err
+        if tenant is not None and info.tenant != tenant:
+            raise _missing(artifact_id)  # indistinguishable from a missing one
+        return info
 
-    def load(self, artifact_id: str, device="cpu") -> tuple[dict[str, torch.Tensor], ArtifactInfo]:
+    def path(self, artifact_id: str, tenant: str | None = None) -> Path:
+        self.info(artifact_id, tenant)
+        return self.root / f"{artifact_id}.safetensors"
+
+    def load(self, artifact_id: str, device="cpu",
+             tenant: str | None = None) -> tuple[dict[str, torch.Tensor], ArtifactInfo]:
         from safetensors.torch import load_file
 
-        path = self.path(artifact_id)
-        return load_file(str(path), device=str(device)), self.info(artifact_id)
+        info = self.info(artifact_id, tenant)
+        return load_file(str(self.root / f"{artifact_id}.safetensors"), device=str(device)), info
 
     def expire(self, retention_s: float) -> list[str]:
         """Delete artifacts older than ``retention_s`` seconds (0 = keep all); returns their ids."""
@@ -96,18 +204,52 @@ class ArtifactStore:
         cutoff, gone = time.time() - retention_s, []
         for info in self.list():
             if info.created < cutoff:
-                for suffix in (".safetensors", ".json"):
+                for suffix in (".json", ".safetensors"):
                     (self.root / f"{info.id}{suffix}").unlink(missing_ok=True)
                 gone.append(info.id)
         return gone
 
-    def list(self, kind: str | None = None, model: str | None = None) -> list[ArtifactInfo]:
+    def list(self, kind: str | None = None, model: str | None = None,
+             tenant: str | None = None) -> list[ArtifactInfo]:
         found = []
         for sidecar in sorted(self.root.glob("*.json")):
             try:
-                info = ArtifactInfo(**json.loads(sidecar.read_text()))
+                info = ArtifactInfo.from_dict(json.loads(sidecar.read_text()))
             except (OSError, ValueError, TypeError):
                 continue
-            if (kind is None or info.kind == kind) and (model is None or info.model == model):
+            if ((kind is None or info.kind == kind) and (model is None or info.model == model)
+                    and (tenant is None or info.tenant == tenant)):
                 found.append(info)
         return sorted(found, key=lambda i: i.created)
+
+    def scoped(self, tenant: str | None) -> "ScopedArtifacts":
+        return ScopedArtifacts(self, tenant)
+
+
+class ScopedArtifacts:
+    """The store as one tenant sees it (``tenant=None``: shared, everything visible). New
+    artifacts belong to the tenant (``default`` when shared)."""
+
+    def __init__(self, store: ArtifactStore, tenant: str | None):
+        self.store, self.tenant = store, tenant
+
+    def save(self, kind: str, tensors: dict[str, torch.Tensor], **kw) -> ArtifactInfo:
+        return self.store.save(kind, tensors, tenant=self.tenant or DEFAULT_TENANT, **kw)
+
+    def info(self, artifact_id: str) -> ArtifactInfo:
+        return self.store.info(artifact_id, self.tenant)
+
+    def path(self, artifact_id: str) -> Path:
+        return self.store.path(artifact_id, self.tenant)
+
+    def load(self, artifact_id: str, device="cpu"):
+        return self.store.load(artifact_id, device, self.tenant)
+
+    def delete(self, artifact_id: str) -> None:
+        self.store.delete(artifact_id, self.tenant)
+
+    def check_room(self, needed: int) -> None:
+        self.store.check_room(needed, self.tenant or DEFAULT_TENANT)
+
+    def list(self, kind: str | None = None, model: str | None = None) -> list[ArtifactInfo]:
+        return self.store.list(kind, model, self.tenant)

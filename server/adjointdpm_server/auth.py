@@ -1,9 +1,10 @@
-"""Bearer-token authentication as one server interceptor (grpc's auth example), and TLS/mTLS
-server credentials from PEM files.
+"""Bearer-token authentication as one server interceptor (grpc's auth example), tenants, and
+TLS/mTLS server credentials from PEM files.
 
 Tokens come from a file (one per line, ``#`` comments) and/or ``ADJOINTDPM_TOKENS`` (comma
-separated); each presented token is compared with every configured one in constant time.
-Health checking may stay open so that kubelet probes need no secret.
+separated), each ``TENANT:TOKEN`` or a bare ``TOKEN`` (tenant ``default``); a presented token is
+compared with every configured one in constant time. Health checking may stay open so that
+kubelet probes need no secret.
 """
 
 from __future__ import annotations
@@ -11,12 +12,17 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 from pathlib import Path
 from typing import Iterable
 
 import grpc
 
-__all__ = ["load_tokens", "TokenAuthInterceptor", "server_credentials", "caller_of"]
+__all__ = ["load_tokens", "Tenants", "TokenAuthInterceptor", "server_credentials", "caller_of",
+           "DEFAULT_TENANT"]
+
+DEFAULT_TENANT = "default"
+_TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"  # open; Watch (a long stream) needs a token
 
@@ -32,13 +38,48 @@ def load_tokens(path: str | Path | None = None, env: str = "ADJOINTDPM_TOKENS") 
     return tuple(dict.fromkeys(tokens))
 
 
-def caller_of(context) -> str:
-    """Who a call is from, for fair sharing: a digest of its bearer token (never the token), or
-    the peer's address without the port when there is none."""
-    metadata = dict(context.invocation_metadata() or ())
-    scheme, _, token = metadata.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return "token:" + hashlib.sha256(token.strip().encode()).hexdigest()[:16]
+def _bearer(metadata) -> str:
+    scheme, _, token = dict(metadata or ()).get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+class Tenants:
+    """Token → tenant, by SHA-256 digests compared in constant time over every entry."""
+
+    def __init__(self, entries: Iterable[str]):
+        self._table: list[tuple[bytes, str]] = []
+        for entry in entries:
+            name, sep, token = entry.partition(":")
+            if not (sep and token and _TENANT.fullmatch(name)):
+                name, token = DEFAULT_TENANT, entry
+            self._table.append((hashlib.sha256(token.encode()).digest(), name))
+        if not self._table:
+            raise ValueError("token authentication needs at least one token")
+
+    @property
+    def names(self) -> list[str]:
+        return sorted({name for _, name in self._table})
+
+    def tenant_of(self, presented: str) -> str | None:
+        """The tenant of a presented token, or None; the time taken reveals neither which token
+        matched nor any length (digests of equal length, no early exit)."""
+        candidate = hashlib.sha256(presented.encode()).digest()
+        found = None
+        for digest, name in self._table:
+            if hmac.compare_digest(candidate, digest):
+                found = name
+        return found
+
+    def of_metadata(self, metadata) -> str | None:
+        token = _bearer(metadata)
+        return self.tenant_of(token) if token else None
+
+
+def caller_of(context, tenant: str | None = None) -> str:
+    """Who a call is from, for fair sharing: its tenant when tokens are configured, else the
+    peer's address without the port."""
+    if tenant is not None:
+        return "tenant:" + tenant
     peer = context.peer() or "unknown"
     host = peer.rsplit(":", 1)[0] if peer.count(":") >= 2 else peer
     return "peer:" + host
@@ -61,28 +102,17 @@ def _deny(handler, code: grpc.StatusCode, details: str):
 
 
 class TokenAuthInterceptor(grpc.ServerInterceptor):
-    def __init__(self, tokens: Iterable[str], *, health_open: bool = True):
-        self._digests = [hashlib.sha256(t.encode()).digest() for t in tokens]
-        if not self._digests:
-            raise ValueError("token authentication needs at least one token")
+    def __init__(self, tenants: Tenants | Iterable[str], *, health_open: bool = True):
+        self.tenants = tenants if isinstance(tenants, Tenants) else Tenants(tenants)
         self._health_open = health_open
-
-    def _valid(self, presented: str) -> bool:
-        # digests of equal length: the comparison's time reveals neither which token nor its length
-        candidate = hashlib.sha256(presented.encode()).digest()
-        ok = False
-        for token in self._digests:  # no early exit
-            ok |= hmac.compare_digest(candidate, token)
-        return ok
 
     def intercept_service(self, continuation, handler_call_details):
         if self._health_open and handler_call_details.method == HEALTH_CHECK:
             return continuation(handler_call_details)
-        metadata = dict(handler_call_details.invocation_metadata or ())
-        header = metadata.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() == "bearer" and token and self._valid(token.strip()):
+        metadata = handler_call_details.invocation_metadata
+        if self.tenants.of_metadata(metadata) is not None:
             return continuation(handler_call_details)
+        header = dict(metadata or ()).get("authorization", "")
         reason = "missing bearer token" if not header else "invalid bearer token"
         return _deny(continuation(handler_call_details), grpc.StatusCode.UNAUTHENTICATED,
                      f"{reason}: send 'authorization: Bearer <token>'")

@@ -19,6 +19,7 @@ class Limits:
     max_inline_weight_elements: int = 4 * 2**20  # weight gradients sent inline (else an artifact)
     max_lora_rank: int = 256
     client_loss_timeout_s: float = 60.0          # how long to wait for a client's LossReply
+    working_dtype: str = "float32"               # client numbers must be finite and safe in it
 
 
 @dataclass(frozen=True)
@@ -35,8 +36,13 @@ class ServerConfig:
     max_network_batch: int = 64                # samples in one batched network call
     batch_window_ms: float = 5.0               # how long a network call waits for others; 0 = off
     max_request_s: float = 3600.0              # a job's wall-clock cap (the client's deadline may be shorter)
-    workers: int = 64                          # gRPC handler threads
-    tokens: tuple[str, ...] = ()               # bearer tokens; empty = no authentication
+    workers: int = 64                          # concurrent calls (health checks are not counted)
+    max_health_watches: int = 8                # concurrent Health/Watch streams, counted apart
+    tokens: tuple[str, ...] = ()               # "TENANT:TOKEN" or "TOKEN" (tenant default); empty = no auth
+    shared_artifacts: bool = False             # every tenant sees every artifact (single-team servers)
+    tenant_max_jobs: int | None = None         # a tenant's active + queued jobs
+    tenant_storage_mib: float | None = None    # a tenant's artifact bytes, checkpoints included
+    artifact_storage_mib: float | None = None  # all artifacts together
     health_open: bool = True                   # health checks need no token
     tls_cert: Path | None = None
     tls_key: Path | None = None

@@ -16,6 +16,7 @@ from adjointdpm._tensors import TensorError, decode_tensor, encode_tensor
 from adjointdpm.v1 import adjointdpm_pb2 as pb
 
 from .errors import InvalidArgument
+from .integrity import MAX_PARAM, MAX_WEIGHT, check_input, check_number
 from .tasks import (Checkpoint, ClientQuery, ExampleSpec, GenerationSpec, GuidedSpec,
                     IterationReport, LossSpec, OptimizerSpec, Queued, TokenSpec, WeightsSpec)
 from .tasks._generation import IterationProgress
@@ -25,12 +26,27 @@ TARGET_NAMES = {pb.X_T: "x_T", pb.COND: "cond", pb.TOKEN: "token", pb.WEIGHTS: "
 
 
 def tensor(msg, name: str, limits, *, shape=None) -> torch.Tensor:
+    """A client's tensor: size checked before allocation, then finite and within the safe range
+    of the server's working dtype."""
     try:
         array = decode_tensor(msg, name=name, max_elements=limits.max_tensor_elements, shape=shape,
                               dtypes=("float16", "float32", "float64"))
     except TensorError as err:
         raise InvalidArgument(str(err)) from err
+    check_input(name, array, getattr(torch, limits.working_dtype))
     return torch.from_numpy(array)
+
+
+def _numbers(value, name: str):
+    """Every number in a loss's JSON-like parameters is finite and bounded."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _numbers(item, f"{name}.{key}")
+    elif isinstance(value, list):
+        for k, item in enumerate(value):
+            _numbers(item, f"{name}[{k}]")
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        check_number(name, value, MAX_PARAM)
 
 
 def maybe_tensor(parent, field: str, limits, name: str | None = None):
@@ -56,7 +72,7 @@ def generation(msg: pb.Generation, limits) -> GenerationSpec:
 def losses(terms, limits) -> list[LossSpec]:
     specs = []
     for k, term in enumerate(terms):
-        weight = term.weight or 1.0
+        weight = check_number(f"losses[{k}].weight", term.weight or 1.0, MAX_WEIGHT)
         domain = DOMAINS.get(term.domain)
         if domain is None:
             raise InvalidArgument(f"losses[{k}]: unknown domain {term.domain}")
@@ -67,6 +83,7 @@ def losses(terms, limits) -> list[LossSpec]:
             specs.append(LossSpec("client", term.client, weight, domain))
         elif kind == "server":
             params = json_format.MessageToDict(term.server.params) if term.server.HasField("params") else {}
+            _numbers(params, f"losses[{k}].params")
             tensors = {key: tensor(value, f"losses[{k}].tensors[{key!r}]", limits)
                        for key, value in term.server.tensors.items()}
             specs.append(LossSpec("server", term.server.name, weight, domain, params, tensors))
@@ -76,8 +93,9 @@ def losses(terms, limits) -> list[LossSpec]:
 
 
 def optimizer(msg: pb.Optimizer) -> OptimizerSpec:
-    return OptimizerSpec(name=msg.name or "adam", lr=msg.lr or 0.05, iterations=msg.iterations or 10,
-                         momentum=msg.momentum)
+    return OptimizerSpec(name=msg.name or "adam", lr=check_number("optimizer.lr", msg.lr or 0.05, 1e6),
+                         iterations=msg.iterations or 10,
+                         momentum=check_number("optimizer.momentum", msg.momentum, 1e3))
 
 
 def token(msg: pb.TokenSpec, limits) -> TokenSpec:
@@ -99,7 +117,8 @@ def targets(values) -> list[str]:
 
 
 def guided(msg: pb.GuidedSampling) -> GuidedSpec:
-    return GuidedSpec(every=msg.every or 1, scale=msg.scale, inner_steps=msg.inner_steps or 1,
+    return GuidedSpec(every=msg.every or 1, scale=check_number("guided.scale", msg.scale, 1e6),
+                      inner_steps=msg.inner_steps or 1,
                       grad_steps=msg.grad_steps)
 
 

@@ -20,7 +20,8 @@ import numpy as np
 
 from adjointdpm._tensors import TensorError, decode_tensor
 
-from .errors import Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument, ServiceError
+from .errors import (Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument,
+                     ResourceExhausted, ServiceError)
 from .tasks import ClientQuery, Job, Queued
 
 log = logging.getLogger("adjointdpm.jobs")
@@ -180,7 +181,14 @@ class StreamJob(Job):
             if not isinstance(err, ServiceError):
                 log.error("task failed:\n%s", "".join(traceback.format_exception(err)))
             raise err
-        yield to_result(outcome[1])
+        message = to_result(outcome[1])
+        size = message.ByteSize()
+        if size > self.limits.max_message_bytes:  # gRPC would fail it as "CANCELLED" for the log
+            raise ResourceExhausted(
+                f"the result is {size / 2**20:.1f} MiB, over the server's message limit of "
+                f"{self.limits.max_message_bytes / 2**20:.1f} MiB: ask for fewer samples or "
+                "outputs (weight gradients: as an artifact)")
+        yield message
 
 
 def _release_accelerator_cache() -> None:

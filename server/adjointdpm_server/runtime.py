@@ -7,6 +7,7 @@ model (adapters are applied to copies, cached here by artifact id).
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -46,9 +47,11 @@ class Runtime:
             raise ValueError("the server needs at least one model")
         self.models = dict(models)
         self.default_model = next(iter(self.models))
-        self.artifacts = ArtifactStore(config.artifact_dir)
+        mib = lambda v: None if v is None else int(v * 2**20)  # noqa: E731
+        self.artifacts = ArtifactStore(config.artifact_dir, quota_bytes=mib(config.artifact_storage_mib),
+                                       tenant_quota_bytes=mib(config.tenant_storage_mib))
         self.settings = config.loss_settings()
-        self.limits = config.limits
+        self.limits = dataclasses.replace(config.limits, working_dtype=config.dtype)
         self.engine = NetworkEngine(max_batch=config.max_network_batch,
                                     window_ms=config.batch_window_ms)
         self._adapters: OrderedDict[tuple[str, str], torch.nn.Module] = OrderedDict()
@@ -62,14 +65,20 @@ class Runtime:
             raise NotFound(f"no model {name!r} on this server; it serves {', '.join(self.models)}")
         return name, backend
 
-    def adapted(self, model: str, adapter_id: str) -> torch.nn.Module:
-        """The resident ``eps_fn`` of ``model`` with the adapter applied (a cached copy)."""
+    def for_tenant(self, tenant: str) -> "TenantContext":
+        """What one tenant's tasks see: its own artifacts only (all of them with
+        ``--shared-artifacts``), everything else shared."""
+        return TenantContext(self, tenant)
+
+    def adapted(self, model: str, adapter_id: str, artifacts=None) -> torch.nn.Module:
+        """The resident ``eps_fn`` of ``model`` with the adapter applied (a cached copy); the
+        adapter is looked up in ``artifacts`` (a tenant's view) when given."""
+        info = (artifacts or self.artifacts).info(adapter_id)  # NOT_FOUND before any cache hit
         with self._lock:
             if (model, adapter_id) in self._adapters:
                 self._adapters.move_to_end((model, adapter_id))
                 return self._adapters[model, adapter_id]
         backend = self.models[model]
-        info = self.artifacts.info(adapter_id)
         if info.kind not in ("lora", "full", "checkpoint"):
             raise InvalidArgument(f"artifact {adapter_id} is a {info.kind}, not an adapter")
         if info.model != model:
@@ -89,3 +98,19 @@ class Runtime:
             while len(self._adapters) > self._adapter_cache:
                 self._adapters.popitem(last=False)
         return eps
+
+
+class TenantContext:
+    """A ``TaskContext`` for one tenant: the runtime's models, engine, limits and settings, and
+    the artifact store scoped to the tenant."""
+
+    def __init__(self, runtime: Runtime, tenant: str):
+        self.runtime, self.tenant = runtime, tenant
+        self.limits, self.settings, self.engine = runtime.limits, runtime.settings, runtime.engine
+        self.artifacts = runtime.artifacts.scoped(None if runtime.config.shared_artifacts else tenant)
+
+    def model(self, name: str = ""):
+        return self.runtime.model(name)
+
+    def adapted(self, model: str, adapter_id: str):
+        return self.runtime.adapted(model, adapter_id, self.artifacts)

@@ -13,7 +13,8 @@ from grpc_reflection.v1alpha import reflection
 
 from adjointdpm.v1 import adjointdpm_pb2, adjointdpm_pb2_grpc
 
-from .auth import TokenAuthInterceptor, server_credentials
+from .admission import CallLimitInterceptor, pool_size
+from .auth import Tenants, TokenAuthInterceptor, server_credentials
 from .config import ServerConfig
 from .metrics import Metrics
 from .runtime import Runtime
@@ -93,13 +94,16 @@ def build_server(config: ServerConfig, runtime: Runtime | None = None) -> Server
     metrics = Metrics(device=config.device)
     service = AdjointDPMService(runtime, metrics)
     metrics.watch(service.scheduler, runtime.engine)
-    interceptors = [TelemetryInterceptor(metrics)]
-    if config.tokens:
-        interceptors.append(TokenAuthInterceptor(config.tokens, health_open=config.health_open))
+    tenants = Tenants(config.tokens) if config.tokens else None
+    interceptors = [TelemetryInterceptor(metrics, tenants)]
+    if tenants is not None:
+        interceptors.append(TokenAuthInterceptor(tenants, health_open=config.health_open))
+    interceptors.append(CallLimitInterceptor(config.workers, config.max_health_watches))
     size = config.limits.max_message_bytes
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="adjointdpm-rpc"),
-        interceptors=interceptors, maximum_concurrent_rpcs=config.workers,  # beyond: RESOURCE_EXHAUSTED
+    server = grpc.server(  # no maximum_concurrent_rpcs: it would count health checks too
+        futures.ThreadPoolExecutor(max_workers=pool_size(config.workers, config.max_health_watches),
+                                   thread_name_prefix="adjointdpm-rpc"),
+        interceptors=interceptors,
         options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)])
     adjointdpm_pb2_grpc.add_AdjointDPMServicer_to_server(service, server)
     health_servicer = health.HealthServicer()
@@ -108,7 +112,8 @@ def build_server(config: ServerConfig, runtime: Runtime | None = None) -> Server
     port = _bind(server, f"{config.host}:{config.port}", config)
     health_server = health_port = None
     if config.health_port is not None:  # plaintext, health only: for kubelet probes under TLS/auth
-        health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), maximum_concurrent_rpcs=8)
+        health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=pool_size(0, 2)),
+                                    interceptors=[CallLimitInterceptor(0, 2)])
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
         health_port = health_server.add_insecure_port(f"{config.host}:{config.health_port}")
         health_server.start()

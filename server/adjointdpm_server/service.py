@@ -16,13 +16,14 @@ from adjointdpm.v1 import adjointdpm_pb2 as pb
 from adjointdpm.v1 import adjointdpm_pb2_grpc as pb_grpc
 
 from . import convert
-from .auth import caller_of
+from .auth import DEFAULT_TENANT, caller_of
 from .core import GRAD_MODES, SOLVERS
-from .errors import InvalidArgument, ServiceError
+from .errors import ResourceExhausted, ServiceError
 from .jobs import StreamJob
 from .losses import available_losses
 from .runtime import Runtime
 from .scheduler import Scheduler
+from .telemetry import TENANT
 from .tasks import (run_finetune, run_gradient, run_optimize_embedding, run_optimize_latent,
                     run_sample)
 
@@ -33,11 +34,23 @@ __all__ = ["AdjointDPMService"]
 CHUNK = 1 << 20
 
 
+MAX_DETAILS = 1024  # bytes of an error message: never a megabyte of echoed input
+
+
+def _details(text: str) -> str:
+    data = text.encode()
+    if len(data) <= MAX_DETAILS:
+        return text
+    return data[:MAX_DETAILS - 3].decode(errors="ignore") + "…"
+
+
 def _abort(context, err: Exception):
     if isinstance(err, ServiceError):
-        context.abort(grpc.StatusCode[err.code], str(err))
+        if err.code == "INTERNAL":
+            log.error("internal error: %s", err)
+        context.abort(grpc.StatusCode[err.code], _details(str(err)))
     log.exception("internal error", exc_info=err)
-    context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}")
+    context.abort(grpc.StatusCode.INTERNAL, _details(f"internal error: {type(err).__name__}: {err}"))
 
 
 class AdjointDPMService(pb_grpc.AdjointDPMServicer):
@@ -66,19 +79,30 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
                     self._active -= 1
         return tracked
 
+    def _tenant(self) -> str:
+        return TENANT.get() or DEFAULT_TENANT
+
     def _stream(self, context, rpc: str, build, to_result, *, request=None, request_iterator=None):
-        """Run ``build(request)``'s task as a job on this stream, yielding events, aborting on
-        errors. A bidi stream's request is read by the job, which owns the stream's reading."""
+        """Run ``build(request, ctx)``'s task as a job on this stream (``ctx``: the tenant's view
+        of the runtime), yielding events, aborting on errors. A bidi stream's request is read by
+        the job, which owns the stream's reading."""
         job = None
+        tenant = self._tenant()
+        config = self.rt.config
         try:
             job = StreamJob(context, self.rt.limits, self.scheduler, self.rt.engine,
-                            metrics=self.metrics, rpc=rpc, max_request_s=self.rt.config.max_request_s,
-                            caller=caller_of(context))
+                            metrics=self.metrics, rpc=rpc, max_request_s=config.max_request_s,
+                            caller=caller_of(context, tenant if config.tokens else None))
+            job.tenant = tenant
+            with self._active_lock:
+                held = sum(1 for j in self.jobs if j.tenant == tenant)
+                if config.tenant_max_jobs is not None and held >= config.tenant_max_jobs:
+                    raise ResourceExhausted(f"tenant job quota: {held} of {config.tenant_max_jobs} "
+                                            "jobs active or queued; retry when one ends")
+                self.jobs.add(job)
             if request_iterator is not None:
                 request = job.receive(request_iterator, rpc)
-            task = build(request)
-            with self._active_lock:
-                self.jobs.add(job)
+            task = build(request, self.rt.for_tenant(tenant))
             yield from job.run(self._track(task), convert.event, to_result)
         except Exception as err:  # noqa: BLE001 — every failure becomes a status
             if context.is_active():
@@ -118,62 +142,64 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
 
     # -- streaming RPCs -------------------------------------------------------------------------
     def Sample(self, request, context):
-        def build(request):
-            spec = convert.generation(request.generation, self.rt.limits)
-            return lambda job: run_sample(self.rt, spec, job, images=not request.no_images,
+        def build(request, ctx):
+            spec = convert.generation(request.generation, ctx.limits)
+            return lambda job: run_sample(ctx, spec, job, images=not request.no_images,
                                           pixels=request.return_pixels)
         return self._stream(context, "Sample", build, convert.sample_result, request=request)
 
     def ComputeGradient(self, request_iterator, context):
-        def build(r):
-            limits = self.rt.limits
+        def build(r, ctx):
+            limits = ctx.limits
             spec, losses = convert.generation(r.generation, limits), convert.losses(r.losses, limits)
             targets = convert.targets(r.targets)
             token, weights = convert.token(r.token, limits), convert.weights(r.weights)
-            return lambda job: run_gradient(self.rt, spec, losses, job, targets=targets,
+            return lambda job: run_gradient(ctx, spec, losses, job, targets=targets,
                                             grad_mode=r.grad_mode, token=token, weights=weights,
                                             images=r.return_images)
         return self._stream(context, "ComputeGradient", build, convert.gradient_result, request_iterator=request_iterator)
 
     def OptimizeLatent(self, request_iterator, context):
-        def build(r):
-            limits = self.rt.limits
+        def build(r, ctx):
+            limits = ctx.limits
             spec, losses = convert.generation(r.generation, limits), convert.losses(r.losses, limits)
             guided = convert.guided(r.guided) if r.HasField("guided") else None
             return lambda job: run_optimize_latent(
-                self.rt, spec, losses, job, optimizer=convert.optimizer(r.optimizer),
+                ctx, spec, losses, job, optimizer=convert.optimizer(r.optimizer),
                 norm=r.constraint.norm, epsilon=r.constraint.epsilon, norm_weight=r.norm_weight,
                 image_every=r.image_every, grad_mode=r.grad_mode, guided=guided)
         return self._stream(context, "OptimizeLatent", build, convert.optimize_result, request_iterator=request_iterator)
 
     def FinetuneWeights(self, request_iterator, context):
-        def build(r):
-            limits = self.rt.limits
+        def build(r, ctx):
+            limits = ctx.limits
             spec, losses = convert.generation(r.generation, limits), convert.losses(r.losses, limits)
             examples = convert.examples(r.examples, limits)
             return lambda job: run_finetune(
-                self.rt, spec, examples, losses, job, optimizer=convert.optimizer(r.optimizer),
+                ctx, spec, examples, losses, job, optimizer=convert.optimizer(r.optimizer),
                 method=r.method or "lora", lora_rank=r.lora_rank or 4, lora_alpha=r.lora_alpha or None,
                 target_modules=list(r.target_modules), checkpoint_every=r.checkpoint_every,
-                name=r.name, batch_size=r.batch_size, grad_mode=r.grad_mode, resume_from=r.resume_from)
+                name=r.name, batch_size=r.batch_size, grad_mode=r.grad_mode, resume_from=r.resume_from,
+                keep_checkpoints=r.keep_checkpoints or 3)
         return self._stream(context, "FinetuneWeights", build, convert.optimize_result, request_iterator=request_iterator)
 
     def OptimizeEmbedding(self, request_iterator, context):
-        def build(r):
-            limits = self.rt.limits
+        def build(r, ctx):
+            limits = ctx.limits
             spec, losses = convert.generation(r.generation, limits), convert.losses(r.losses, limits)
             target = convert.maybe_tensor(r, "target_image", limits)
             token = convert.token(r.token, limits) if r.HasField("token") else None
             return lambda job: run_optimize_embedding(
-                self.rt, spec, losses, job, optimizer=convert.optimizer(r.optimizer), token=token,
+                ctx, spec, losses, job, optimizer=convert.optimizer(r.optimizer), token=token,
                 target_image=target, name=r.name, grad_mode=r.grad_mode, image_every=r.image_every)
         return self._stream(context, "OptimizeEmbedding", build, convert.optimize_result, request_iterator=request_iterator)
 
     # -- unary ----------------------------------------------------------------------------------
     def ListModels(self, request, context):
+        artifacts = self.rt.for_tenant(self._tenant()).artifacts  # a tenant lists its own adapters
         models = []
         for name, backend in self.rt.models.items():
-            adapters = [convert.artifact_info(i) for i in self.rt.artifacts.list(model=name)
+            adapters = [convert.artifact_info(i) for i in artifacts.list(model=name)
                         if i.kind in ("lora", "full", "embedding")]
             models.append(pb.ModelInfo(
                 name=name, spec=backend.name, is_default=name == self.rt.default_model,
@@ -192,8 +218,9 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
 
     def GetArtifact(self, request, context):
         try:
-            info = self.rt.artifacts.info(request.id)
-            path = self.rt.artifacts.path(request.id)
+            artifacts = self.rt.for_tenant(self._tenant()).artifacts
+            info = artifacts.info(request.id)
+            path = artifacts.path(request.id)
             with open(path, "rb") as f:
                 first = True
                 while True:

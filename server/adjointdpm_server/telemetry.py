@@ -1,6 +1,7 @@
 """Per-request telemetry as one server interceptor: a request ID (the client's ``x-request-id``
 or a fresh one, echoed in the response metadata and put on every log line of the request,
-task threads included), and the request counter and latency histogram by RPC and status.
+task threads included), the request counter and latency histogram by RPC and the status the
+client saw, and INVALID_ARGUMENT (not INTERNAL) for request bytes that do not decode.
 
 Logs are JSON lines (``configure_logging``) so that a cluster's log pipeline can index them.
 """
@@ -15,15 +16,19 @@ import uuid
 
 import grpc
 
-__all__ = ["REQUEST_ID", "TelemetryInterceptor", "configure_logging", "JsonFormatter"]
+__all__ = ["REQUEST_ID", "TENANT", "TelemetryInterceptor", "configure_logging", "JsonFormatter"]
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+# The call's tenant (from its bearer token; "default" without auth; None: not authenticated),
+# set here for the handler and its task threads: logs carry it, the service scopes by it.
+TENANT: contextvars.ContextVar[str | None] = contextvars.ContextVar("tenant", default=None)
 
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {"ts": round(record.created, 3), "level": record.levelname, "logger": record.name,
-                 "msg": record.getMessage(), "request_id": REQUEST_ID.get()}
+                 "msg": record.getMessage(), "request_id": REQUEST_ID.get(),
+                 "tenant": TENANT.get() or "-"}
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry)
@@ -39,23 +44,67 @@ def configure_logging(level: int = logging.INFO, json_lines: bool = True) -> Non
 
 
 def _code(context, failed: bool) -> str:
+    """The status the client saw: the one set, else CANCELLED when the call was over before the
+    handler was (a cancel or a disconnect: the handler returns without a status), else OK."""
     code = context.code()
     if code is not None:
         return code.name
-    if failed:
-        return "CANCELLED" if not context.is_active() else "UNKNOWN"
-    return "OK"
+    if not context.is_active():
+        return "CANCELLED"
+    return "UNKNOWN" if failed else "OK"
+
+
+class _Undecodable:
+    """What a request that is not a valid message of its type deserializes to."""
+
+
+def _tolerant(deserializer):
+    if deserializer is None:
+        return None
+
+    def parse(data):
+        try:
+            return deserializer(data)
+        except Exception:  # noqa: BLE001 — answered INVALID_ARGUMENT by the handler below
+            return _Undecodable()
+    return parse
+
+
+def _refuse_undecodable(context):
+    context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                  "the request could not be decoded as a message of this RPC's type")
+
+
+def _checked_stream(requests, context):
+    for message in requests:
+        if isinstance(message, _Undecodable):
+            _refuse_undecodable(context)
+        yield message
+
+
+def _checked(request, context, streaming: bool):
+    if streaming:
+        return _checked_stream(request, context)
+    if isinstance(request, _Undecodable):
+        _refuse_undecodable(context)
+    return request
 
 
 class TelemetryInterceptor(grpc.ServerInterceptor):
-    def __init__(self, metrics=None):
-        self.metrics = metrics
+    """``tenants`` (auth.Tenants) resolves each call's tenant; without it every call is
+    ``default``."""
+
+    def __init__(self, metrics=None, tenants=None):
+        self.metrics, self.tenants = metrics, tenants
         self.log = logging.getLogger("adjointdpm.requests")
 
     def _begin(self, details, context) -> tuple[contextvars.Token, float]:
         given = dict(details.invocation_metadata or ()).get("x-request-id", "")
         rid = given[:64] if given and given.isprintable() else uuid.uuid4().hex[:16]
         context.send_initial_metadata((("x-request-id", rid),))
+        tenant = (self.tenants.of_metadata(details.invocation_metadata) if self.tenants is not None
+                  else "default")
+        TENANT.set(tenant)
         return REQUEST_ID.set(rid), time.perf_counter()
 
     def _end(self, rpc: str, context, start: float, failed: bool, token) -> None:
@@ -82,21 +131,21 @@ class TelemetryInterceptor(grpc.ServerInterceptor):
                 token, start = self._begin(details, context)
                 failed = True
                 try:
-                    yield from inner(request, context)
+                    yield from inner(_checked(request, context, handler.request_streaming), context)
                     failed = False
                 finally:
                     self._end(rpc, context, start, failed, token)
 
             make = (grpc.stream_stream_rpc_method_handler if handler.request_streaming
                     else grpc.unary_stream_rpc_method_handler)
-            return make(streaming, handler.request_deserializer, handler.response_serializer)
+            return make(streaming, _tolerant(handler.request_deserializer), handler.response_serializer)
         inner = handler.stream_unary if handler.request_streaming else handler.unary_unary
 
         def unary(request, context):
             token, start = self._begin(details, context)
             failed = True
             try:
-                result = inner(request, context)
+                result = inner(_checked(request, context, handler.request_streaming), context)
                 failed = False
                 return result
             finally:
@@ -104,4 +153,4 @@ class TelemetryInterceptor(grpc.ServerInterceptor):
 
         make = (grpc.stream_unary_rpc_method_handler if handler.request_streaming
                 else grpc.unary_unary_rpc_method_handler)
-        return make(unary, handler.request_deserializer, handler.response_serializer)
+        return make(unary, _tolerant(handler.request_deserializer), handler.response_serializer)

@@ -13,12 +13,14 @@ import numpy as np
 import torch
 
 from ..errors import InvalidArgument
+from ..integrity import check_input, check_number, safe_bound
 
 __all__ = ["RemoteLoss", "check_reply"]
 
 
-def check_reply(value, grad, shape, who: str) -> tuple[float, np.ndarray]:
-    """A remote answer is numbers we did not compute: finite, and the gradient shaped like x."""
+def check_reply(value, grad, shape, who: str, dtype=np.float32) -> tuple[float, np.ndarray]:
+    """A remote answer is numbers we did not compute: finite and within the safe range of the
+    working ``dtype`` (x's), and the gradient shaped like x."""
     value = float(value)
     grad = np.asarray(grad)
     if tuple(grad.shape) != tuple(shape):
@@ -28,6 +30,9 @@ def check_reply(value, grad, shape, who: str) -> tuple[float, np.ndarray]:
         raise InvalidArgument(f"{who} returned a non-finite loss value ({value})")
     if not np.isfinite(grad).all():
         raise InvalidArgument(f"{who} returned a gradient with NaN or Inf entries")
+    torch_dtype = torch.from_numpy(np.zeros(0, dtype=dtype)).dtype
+    check_number(f"the loss value {who} returned", value, safe_bound(torch_dtype))
+    check_input(f"the gradient {who} returned", grad, torch_dtype)
     return value, grad
 
 
@@ -53,6 +58,6 @@ class RemoteLoss:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         def checked(array):
             value, grad = self.ask(array)
-            return check_reply(value, grad, array.shape, self.who)
+            return check_reply(value, grad, array.shape, self.who, array.dtype)
 
         return _Remote.apply(x, checked)

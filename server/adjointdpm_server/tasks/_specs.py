@@ -29,6 +29,11 @@ class GenerationSpec:
     grid: str = ""
     t_start: float | None = None
 
+    @property
+    def has_client_numbers(self) -> bool:
+        """The request brings its own tensors (a result that is not finite may be their doing)."""
+        return self.x_T is not None or self.cond is not None or bool(self.embedding)
+
 
 @dataclass
 class LossSpec:

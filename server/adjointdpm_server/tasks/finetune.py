@@ -88,9 +88,12 @@ def run_finetune(ctx: TaskContext, spec: GenerationSpec, examples: list[ExampleS
                  job: Job, *, optimizer: OptimizerSpec, method: str = "lora", lora_rank: int = 4,
                  lora_alpha: float | None = None, target_modules=(), checkpoint_every: int = 0,
                  name: str = "", batch_size: int = 0, grad_mode: str = "",
-                 resume_from: str = "") -> OptimizeResult:
+                 resume_from: str = "", keep_checkpoints: int = 3) -> OptimizeResult:
+    """``keep_checkpoints``: this run's newest checkpoints kept, older ones deleted (quota)."""
     check_iterations(optimizer, ctx.limits)
     mode = check_grad_mode(grad_mode)
+    if not 1 <= keep_checkpoints <= 100:
+        raise InvalidArgument(f"keep_checkpoints must lie in 1…100; got {keep_checkpoints}")
     if method not in METHODS:
         raise InvalidArgument(f"method must be lora or full; got {method!r}")
     if spec.adapter:
@@ -120,10 +123,20 @@ def run_finetune(ctx: TaskContext, spec: GenerationSpec, examples: list[ExampleS
     if resume_from:
         history, first = _resume(ctx, resume_from, prep.model, meta, model, opt, optimizer.iterations)
 
+    # Refused before any work when the run's artifacts cannot fit: up to keep + 1 checkpoints at
+    # once (weights and two optimizer moments each), then the adapter.
+    weight_bytes = sum(p.numel() * p.element_size() for p in params)
+    planned = (keep_checkpoints + 1) * 3 * weight_bytes
+    ctx.artifacts.check_room(planned + weight_bytes)
+    kept: list[str] = []
+
     def checkpoint(done: int):
         info = ctx.artifacts.save("checkpoint", _checkpoint_tensors(model, opt), model=prep.model,
                                  name=name, iteration=done, metadata={**meta, "history": history})
         job.emit(Checkpoint(info))
+        kept.append(info.id)
+        while len(kept) > keep_checkpoints:
+            ctx.artifacts.delete(kept.pop(0))
 
     def loss_at(it):
         idx = torch.arange(it * size, (it + 1) * size) % n

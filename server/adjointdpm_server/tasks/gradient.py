@@ -13,6 +13,7 @@ import torch
 
 from ..core import GRAD_MODES
 from ..errors import InvalidArgument
+from ..integrity import check_result
 from ..models import Conditioning
 from ..models._adapters import with_lora, with_trainable_view
 from ._context import TaskContext
@@ -20,6 +21,7 @@ from ._generation import Prepared, prepare, run_sampler
 from ._images import to_png
 from ._job import Job
 from ._objective import Objective
+from ._reply import check_reply_size, reply_bytes
 from ._specs import GenerationSpec, LossSpec, TokenSpec, WeightsSpec
 
 __all__ = ["TARGETS", "GradientResult", "run_gradient", "check_grad_mode", "token_leaf"]
@@ -122,6 +124,13 @@ def run_gradient(ctx: TaskContext, spec: GenerationSpec, losses: list[LossSpec],
         except ValueError as err:
             raise InvalidArgument(str(err)) from err
 
+    grad_elements = sum(leaf.numel() for leaf in leaves.values())
+    estimate = reply_bytes(prep, images=images, extra_elements=grad_elements)
+    inline = bool(weight_leaves) and weights.inline and \
+        sum(p.numel() for p in weight_leaves.values()) <= ctx.limits.max_inline_weight_elements
+    if inline and estimate + 4 * sum(p.numel() for p in weight_leaves.values()) > ctx.limits.max_message_bytes:
+        inline = False  # weight gradients that cannot travel inline go to an artifact
+    check_reply_size(ctx.limits, estimate, "gradient result")
     x0 = run_sampler(prep, job, x_T=x_T, cond=cond, eps_fn=eps_fn, grad_mode=mode)
     decoded = prep.backend.decode(x0) if objective.needs_image or images else None
     total, values = objective(x0, decoded)
@@ -131,6 +140,12 @@ def run_gradient(ctx: TaskContext, spec: GenerationSpec, losses: list[LossSpec],
     grads = torch.autograd.grad(total, inputs, allow_unused=True)
     grads = [torch.zeros_like(i) if g is None else g for i, g in zip(inputs, grads)]
     job.check()
+    from_inputs = spec.has_client_numbers or any(
+        loss.kind == "client" or loss.tensors for loss in losses)
+    for name, value in [("loss", total), ("x_0", x0), *zip(leaves, grads),
+                        *((f"weight gradient {n}", g) for n, g in zip(weight_leaves, grads[len(leaves):]))]:
+        check_result(name if name in ("loss", "x_0") else f"gradient w.r.t. {name}", value,
+                     from_inputs=from_inputs)
     named = dict(zip(leaves, grads[:len(leaves)]))
     weight_grads = dict(zip(weight_leaves, grads[len(leaves):]))
     result = GradientResult(float(total.detach()), values, x0.detach(),
@@ -138,7 +153,7 @@ def run_gradient(ctx: TaskContext, spec: GenerationSpec, losses: list[LossSpec],
                             nfe=job.nfe)
     if weight_grads:
         count = sum(g.numel() for g in weight_grads.values())
-        if weights.inline and count <= ctx.limits.max_inline_weight_elements:
+        if inline:
             result.weight_gradients = {k: v.detach() for k, v in weight_grads.items()}
         else:
             result.weights_artifact = ctx.artifacts.save(

@@ -14,6 +14,7 @@ import torch
 
 from ..core import time_grid
 from ..errors import InvalidArgument
+from ..integrity import MAX_WEIGHT, check_number, check_result
 from ._context import TaskContext
 from ._generation import prepare, progress_callback, run_sampler
 from ._images import to_png
@@ -38,6 +39,12 @@ class OptimizeResult:
     initial_images: list[bytes] = field(default_factory=list)
     artifact: object = None
 
+    def __post_init__(self):
+        """Never sent with OK unless finite (each iteration's loss was checked as it came)."""
+        for name in ("x_T", "x0"):
+            check_result(name, getattr(self, name), from_inputs=True)
+        check_result("loss", torch.tensor(self.loss), from_inputs=True)
+
 
 def project(x: torch.Tensor, start: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
     """Back into the feasible set: the ε-ball around ``start`` (per sample) or its sphere."""
@@ -61,6 +68,8 @@ def run_optimize_latent(ctx: TaskContext, spec: GenerationSpec, losses: list[Los
     mode = check_grad_mode(grad_mode)
     if norm not in NORMS:
         raise InvalidArgument(f"constraint norm must be one of linf, l2, sphere; got {norm!r}")
+    epsilon = check_number("constraint.epsilon", epsilon, 1e6)
+    norm_weight = check_number("norm_weight", norm_weight, MAX_WEIGHT)
     if norm in ("linf", "l2") and not epsilon > 0:
         raise InvalidArgument(f"a {norm} constraint needs epsilon > 0")
     prep = prepare(ctx, spec)

@@ -6,10 +6,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..integrity import check_result
 from ._context import TaskContext
 from ._generation import prepare, run_sampler
 from ._images import to_png
 from ._job import Job
+from ._reply import check_reply_size, reply_bytes
 from ._specs import GenerationSpec
 
 __all__ = ["SampleResult", "run_sample"]
@@ -26,8 +28,10 @@ class SampleResult:
 def run_sample(ctx: TaskContext, spec: GenerationSpec, job: Job, *, images: bool = True,
                pixels: bool = False) -> SampleResult:
     prep = prepare(ctx, spec)
+    check_reply_size(ctx.limits, reply_bytes(prep, images=images, pixels=pixels, latents=2), "result")
     with torch.no_grad():
         x0 = run_sampler(prep, job, grad_mode="none")
         decoded = prep.backend.decode(x0) if images or pixels else None
+    check_result("x_0", x0, from_inputs=spec.has_client_numbers)
     return SampleResult(x0, prep.x_T, to_png(decoded) if images else [],
                         decoded.float() if pixels else None)
