@@ -57,6 +57,13 @@ def _missing(artifact_id: str) -> NotFound:
     return NotFound(f"no artifact {artifact_id} on this server")
 
 
+def _write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -133,7 +140,7 @@ class ArtifactStore:
              iteration: int = 0, metadata: dict | None = None,
              tenant: str = DEFAULT_TENANT) -> ArtifactInfo:
         """Check the quotas, then write atomically and durably; a failure leaves nothing behind."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         if kind not in KINDS:
             raise ValueError(f"unknown artifact kind {kind!r}")
@@ -147,12 +154,12 @@ class ArtifactStore:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         with self._lock:  # quota check and write together: two saves cannot both squeeze in
             self._check_quota(tenant, needed)
+            # serialized in memory, written by us: an I/O error is an OSError we can name
+            data = save(tensors, metadata={"adjointdpm": json.dumps(asdict(info))})
+            info.size = len(data)
             try:
-                save_file(tensors, str(tmp), metadata={"adjointdpm": json.dumps(asdict(info))})
-                info.size = tmp.stat().st_size
-                _fsync(tmp)
-                sidecar_tmp.write_text(json.dumps(asdict(info)))
-                _fsync(sidecar_tmp)
+                _write(tmp, data)
+                _write(sidecar_tmp, json.dumps(asdict(info)).encode())
                 os.replace(tmp, path)
                 os.replace(sidecar_tmp, sidecar)  # the description last: listed only when whole
                 _fsync(self.root)

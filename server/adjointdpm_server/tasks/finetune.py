@@ -108,6 +108,11 @@ def run_finetune(ctx: TaskContext, spec: GenerationSpec, examples: list[ExampleS
     except ValueError as err:
         raise InvalidArgument(f"model {prep.model!r}: {err}") from err
     params = [p for p in model.parameters() if p.requires_grad]
+    # Refused before any work when the run's artifacts cannot fit: up to keep + 1 checkpoints at
+    # once (weights and two optimizer moments each), then the adapter.
+    weight_bytes = sum(p.numel() * p.element_size() for p in params)
+    planned = (keep_checkpoints + 1) * 3 * weight_bytes
+    ctx.artifacts.check_room(planned + weight_bytes)
     meta = {"method": method, "rank": (lora_rank or 4) if method == "lora" else 0,
             "alpha": (lora_alpha or None) if method == "lora" else None,
             "targets": list(targets) if method == "lora" else [], "name": name}
@@ -123,11 +128,6 @@ def run_finetune(ctx: TaskContext, spec: GenerationSpec, examples: list[ExampleS
     if resume_from:
         history, first = _resume(ctx, resume_from, prep.model, meta, model, opt, optimizer.iterations)
 
-    # Refused before any work when the run's artifacts cannot fit: up to keep + 1 checkpoints at
-    # once (weights and two optimizer moments each), then the adapter.
-    weight_bytes = sum(p.numel() * p.element_size() for p in params)
-    planned = (keep_checkpoints + 1) * 3 * weight_bytes
-    ctx.artifacts.check_room(planned + weight_bytes)
     kept: list[str] = []
 
     def checkpoint(done: int):
