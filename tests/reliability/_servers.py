@@ -1,4 +1,5 @@
-"""A server in its own process (for SIGTERM, memory and disconnect tests)."""
+"""A server in its own process (for SIGTERM, memory and disconnect tests), and a hostile
+client's stream that never answers its loss query."""
 
 from __future__ import annotations
 
@@ -6,8 +7,14 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+
+import grpc
+
+from adjointdpm.v1 import adjointdpm_pb2 as pb
+from adjointdpm.v1 import adjointdpm_pb2_grpc as pb_grpc
 
 
 class ServerProcess:
@@ -40,3 +47,40 @@ class ServerProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+
+class SilentGradient:
+    """A raw ComputeGradient stream whose client loss is asked for and never answered (the
+    request stream stays open): the job parks until the client-loss timeout. ``code`` is the
+    status the stream ended with (None while open)."""
+
+    def __init__(self, channel, token: str | None = None, steps: int = 3):
+        self.hold, self.asked, self.code = threading.Event(), threading.Event(), None
+        request = pb.GradientRequest(generation=pb.Generation(labels=[1], seed=0, steps=steps),
+                                     losses=[pb.LossTerm(client="never", weight=1.0)])
+
+        def requests():
+            yield pb.GradientMessage(request=request)
+            self.hold.wait()  # say nothing more, keep the stream open
+
+        metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.call = pb_grpc.AdjointDPMStub(channel).ComputeGradient(requests(), metadata=metadata,
+                                                                    timeout=120)
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self):
+        try:
+            for event in self.call:
+                if event.WhichOneof("kind") == "loss_query":
+                    self.asked.set()
+            self.code = "OK"
+        except grpc.RpcError as err:
+            self.code = err.code().name
+        finally:
+            self.asked.set()
+            self.hold.set()
+
+    def close(self):
+        self.call.cancel()
+        self.hold.set()

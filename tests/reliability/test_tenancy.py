@@ -26,6 +26,8 @@ from adjointdpm_server.auth import Tenants
 from adjointdpm_server.config import Limits, ServerConfig
 from adjointdpm_server.server import build_server
 
+from ._servers import SilentGradient
+
 LIMITS = Limits(max_batch=16, max_steps=100, max_iterations=20, client_loss_timeout_s=20)
 EXAMPLES = [{"seed": k, "label": k} for k in range(2)]
 
@@ -105,37 +107,6 @@ def test_shared_artifacts_opt_out(tmp_path):
         srv.stop(0)
 
 
-class _Silent:
-    """A ComputeGradient stream that asks its client for a loss it never answers."""
-
-    def __init__(self, channel, token):
-        self.hold, self.asked, self.code = threading.Event(), threading.Event(), None
-        request = pb.GradientRequest(generation=pb.Generation(labels=[1], seed=0, steps=3),
-                                     losses=[pb.LossTerm(client="never", weight=1.0)])
-
-        def requests():
-            yield pb.GradientMessage(request=request)
-            self.hold.wait()
-
-        self.call = pb_grpc.AdjointDPMStub(channel).ComputeGradient(
-            requests(), metadata=(("authorization", f"Bearer {token}"),), timeout=60)
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self):
-        try:
-            for event in self.call:
-                if event.WhichOneof("kind") == "loss_query":
-                    self.asked.set()
-            self.code = "OK"
-        except grpc.RpcError as err:
-            self.code = err.code().name
-        self.asked.set()
-
-    def close(self):
-        self.call.cancel()
-        self.hold.set()
-
-
 def test_tenant_job_quota(tmp_path):
     srv = _server(tmp_path, tenant_max_jobs=2)
     target = f"127.0.0.1:{srv.port}"
@@ -143,7 +114,7 @@ def test_tenant_job_quota(tmp_path):
         with grpc.insecure_channel(target) as channel, \
                 adjointdpm.Client(target, token="token-a", timeout=60) as a, \
                 adjointdpm.Client(target, token="token-b", timeout=60) as b:
-            held = [_Silent(channel, "token-a") for _ in range(2)]
+            held = [SilentGradient(channel, "token-a") for _ in range(2)]
             assert all(h.asked.wait(30) for h in held) and all(h.code is None for h in held)
             code, details = _code(lambda: a.sample(labels=1, steps=3))
             assert code == "RESOURCE_EXHAUSTED" and "tenant job quota: 2 of 2" in details
@@ -346,7 +317,7 @@ def test_two_tenants_one_hostile(tmp_path):
             hostile_outcomes["nan"].append(_code(lambda: a.sample(
                 model="digits", x_T=np.full((1, 1, 8, 8), np.nan, np.float32), steps=3))[0])
             # … unanswered loss queries (they take two of A's job slots) …
-            silent = [_Silent(channel, "token-a") for _ in range(2)]
+            silent = [SilentGradient(channel, "token-a") for _ in range(2)]
             assert all(s.asked.wait(30) for s in silent)
             # … and 64 streams that never say anything
             release = threading.Event()

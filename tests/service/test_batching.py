@@ -18,6 +18,7 @@ import adjointdpm
 from adjointdpm_server.config import Limits, ServerConfig
 from adjointdpm_server.engine import EngineStats
 from adjointdpm_server.server import build_server
+from reliability._servers import SilentGradient
 
 LIMITS = Limits(max_batch=16, max_steps=200, max_iterations=50, max_tensor_elements=2**20,
                 client_loss_timeout_s=3)
@@ -130,41 +131,6 @@ def test_concurrent_mixed_requests_equal_their_solo_runs(tmp_path, dtype, rtol):
         srv.stop(0)
 
 
-class _SilentGradient:
-    """A raw ComputeGradient stream whose client loss is asked for and never answered (the
-    request stream stays open): the job parks until the client-loss timeout."""
-
-    def __init__(self, channel, token: str):
-        from adjointdpm.v1 import adjointdpm_pb2 as pb
-        from adjointdpm.v1 import adjointdpm_pb2_grpc as pb_grpc
-
-        self.hold, self.asked, self.code = threading.Event(), threading.Event(), None
-        request = pb.GradientRequest(
-            generation=pb.Generation(labels=[1], seed=0, steps=4),
-            losses=[pb.LossTerm(client="never", weight=1.0)],
-            targets=[pb.X_T])
-
-        def requests():
-            yield pb.GradientMessage(request=request)
-            self.hold.wait()  # say nothing more, keep the stream open
-
-        self.call = pb_grpc.AdjointDPMStub(channel).ComputeGradient(
-            requests(), metadata=(("authorization", f"Bearer {token}"),), timeout=120)
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
-
-    def _read(self):
-        try:
-            for event in self.call:
-                if event.WhichOneof("kind") == "loss_query":
-                    self.asked.set()
-            self.code = "OK"
-        except grpc.RpcError as err:
-            self.code = err.code().name
-        finally:
-            self.hold.set()
-
-
 def test_unanswered_loss_queries_hold_no_device_and_time_out(tmp_path):
     """A hostile caller holds 8 streams with unanswered loss queries; a well-behaved caller's
     Samples run at the speed they run alone, the 8 end with DEADLINE_EXCEEDED after the
@@ -185,7 +151,7 @@ def test_unanswered_loss_queries_hold_no_device_and_time_out(tmp_path):
             timed_samples(2)  # warm up
             alone = timed_samples()
             with grpc.insecure_channel(target) as channel:
-                hostile = [_SilentGradient(channel, "bad") for _ in range(8)]
+                hostile = [SilentGradient(channel, "bad") for _ in range(8)]
                 assert all(h.asked.wait(30) for h in hostile)
                 asked_at = time.monotonic()
                 busy = timed_samples()
