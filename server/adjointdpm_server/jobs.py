@@ -62,7 +62,7 @@ class StreamJob(Job):
 
     def check(self) -> None:
         if self._protocol_error:
-            raise InvalidArgument(f"the client sent {self._protocol_error}")
+            raise InvalidArgument(self._protocol_error)
         super().check()
 
     def ask(self, query: ClientQuery) -> tuple[float, np.ndarray]:
@@ -112,14 +112,16 @@ class StreamJob(Job):
                     return
                 for msg in request_iterator:
                     if msg.WhichOneof("kind") != "loss_reply":
-                        self._protocol_error = "a second request on one stream"
+                        self._protocol_error = "the client sent a second request on one stream"
                     elif not self._asking.is_set():
-                        self._protocol_error = "a loss reply nobody asked for"
+                        self._protocol_error = "the client sent a loss reply nobody asked for"
                     else:
                         self._asking.clear()
                         self._replies.put_nowait(msg.loss_reply)
                     if self._protocol_error:
                         return
+            except InvalidArgument as err:  # an undecodable message
+                self._protocol_error = str(err)
             except Exception:  # the stream broke: the client went away
                 self.cancelled.set()
             finally:

@@ -221,10 +221,11 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
             artifacts = self.rt.for_tenant(self._tenant()).artifacts
             info = artifacts.info(request.id)
             path = artifacts.path(request.id)
+            chunk = min(CHUNK, self.rt.limits.max_message_bytes - 64 * 1024)  # room for the framing
             with open(path, "rb") as f:
                 first = True
                 while True:
-                    data = f.read(CHUNK)
+                    data = f.read(chunk)
                     if not data and not first:
                         break
                     yield pb.ArtifactChunk(info=convert.artifact_info(info) if first else None,

@@ -16,6 +16,8 @@ import uuid
 
 import grpc
 
+from .errors import InvalidArgument
+
 __all__ = ["REQUEST_ID", "TENANT", "TelemetryInterceptor", "configure_logging", "JsonFormatter"]
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
@@ -76,9 +78,11 @@ def _refuse_undecodable(context):
 
 
 def _checked_stream(requests, context):
+    """A request stream whose undecodable message raises INVALID_ARGUMENT where it is read (the
+    job's reader turns it into the call's status)."""
     for message in requests:
         if isinstance(message, _Undecodable):
-            _refuse_undecodable(context)
+            raise InvalidArgument("a message on the stream could not be decoded as this RPC's type")
         yield message
 
 

@@ -128,8 +128,9 @@ class NetworkEngine:
             raise item.error
         return item.result
 
-    def close(self) -> None:
-        """Stop the engine thread; pending items end with CANCELLED."""
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the engine thread after the call it is running (a process must not exit while
+        a torch op runs on another thread: that aborts it); pending items end with CANCELLED."""
         with self._cond:
             self._closed = True
             items = [it for q in self._queues.values() for it in q]
@@ -140,6 +141,9 @@ class NetworkEngine:
             self._cond.notify_all()
         for it in items:
             it.finish(error=Cancelled("the server is shutting down"))
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
 
     # -- the engine thread -----------------------------------------------------------------------
     def _withdraw(self, item: WorkItem) -> None:

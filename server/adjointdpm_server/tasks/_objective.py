@@ -11,6 +11,7 @@ import math
 import torch
 
 from ..errors import InvalidArgument
+from ..integrity import check_result
 from ..losses import LossContext, RemoteLoss, build_loss
 from ._job import ClientQuery, Job
 from ._specs import LossSpec
@@ -53,6 +54,8 @@ class Objective:
     def _asker(self, index: int, spec: LossSpec):
         def ask(x):
             self.job.check()
+            check_result(f"{'image' if spec.domain == 'image' else 'latent'} for the client loss "
+                         f"{spec.name!r}", x, from_inputs=True)  # never send NaN to a client
             return self.job.ask(ClientQuery(index, spec.name, spec.domain, x, self.iteration))
         return ask
 
