@@ -54,8 +54,8 @@ class SilentGradient:
     request stream stays open): the job parks until the client-loss timeout. ``code`` is the
     status the stream ended with (None while open)."""
 
-    def __init__(self, channel, token: str | None = None, steps: int = 3):
-        self.hold, self.asked, self.code = threading.Event(), threading.Event(), None
+    def __init__(self, channel, token: str | None = None, steps: int = 3, timeout: float = 600):
+        self.hold, self.asked, self.code, self.details = threading.Event(), threading.Event(), None, ""
         request = pb.GradientRequest(generation=pb.Generation(labels=[1], seed=0, steps=steps),
                                      losses=[pb.LossTerm(client="never", weight=1.0)])
 
@@ -65,7 +65,7 @@ class SilentGradient:
 
         metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.call = pb_grpc.AdjointDPMStub(channel).ComputeGradient(requests(), metadata=metadata,
-                                                                    timeout=120)
+                                                                    timeout=timeout)
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
 
@@ -76,7 +76,7 @@ class SilentGradient:
                     self.asked.set()
             self.code = "OK"
         except grpc.RpcError as err:
-            self.code = err.code().name
+            self.code, self.details = err.code().name, err.details() or ""
         finally:
             self.asked.set()
             self.hold.set()
