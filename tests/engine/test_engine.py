@@ -147,7 +147,7 @@ def test_callers_share_each_call_round_robin(mixture64):
     x, t, _ = _inputs(mixture64, 0, rows=4)
 
     def busy():
-        engine.submit(WorkItem(SOLO, None, c_job, "C", "", 1, closure=lambda: time.sleep(0.6)))
+        engine.submit(WorkItem(SOLO, None, c_job, "C", "", 1, closure=lambda: time.sleep(1.5)))
 
     def call(job, delay):
         def run():
@@ -156,7 +156,7 @@ def test_callers_share_each_call_round_robin(mixture64):
                 return engine.network(mixture64.eps_fn, job)(x, t, None)
         return run
 
-    out, errors = _in_threads([busy] + [call(j, 0.1) for j in a_jobs] + [call(b_job, 0.3)])
+    out, errors = _in_threads([busy] + [call(j, 0.2) for j in a_jobs] + [call(b_job, 0.8)])
     assert errors == [None] * 6
     batches = [callers for kind, callers in engine.stats.recent if kind == "forward"]
     assert sorted(batches[0]) == ["A", "B"]

@@ -291,7 +291,7 @@ def test_two_tenants_one_hostile(tmp_path):
 
             for k in range(2):
                 b_sample(k)  # warm-up
-            baseline = statistics.median(b_sample(k) for k in range(8))
+            before = [b_sample(k) for k in range(8)]
 
             stop, b_times, b_errors, health = threading.Event(), [], [], []
 
@@ -344,6 +344,9 @@ def test_two_tenants_one_hostile(tmp_path):
                 s.close()
             assert not {x["id"] for m in b.list_models() for x in m["adapters"]} & {a_lora}
             assert not {x["id"] for m in a.list_models() for x in m["adapters"]} & {b_lora}
+            after = [b_sample(k) for k in range(8)]  # A's hostility over: the baseline again
+        # the baseline before and after, so that a neighbour's load on a shared machine shifts both
+        baseline = statistics.median(before + after)
         assert not b_errors and len(b_times) >= 5
         assert statistics.median(b_times) <= 1.5 * baseline + 0.05, (statistics.median(b_times), baseline)
         assert set(health) == {health_pb2.HealthCheckResponse.SERVING}

@@ -37,6 +37,7 @@ class EngineStats:
     rows: Counter = field(default_factory=Counter)   # samples through the network by kind
     items: Counter = field(default_factory=Counter)  # job calls served, by kind
     max_rows: int = 0
+    window_expired: int = 0  # batches that waited the whole window for jobs that never came
     calls_by_job: Counter = field(default_factory=Counter)  # id(job) → calls that served it
     recent: deque = field(default_factory=lambda: deque(maxlen=256))  # (kind, [caller per item])
 
@@ -209,6 +210,7 @@ class NetworkEngine:
                     while self._npending and not self._ready():
                         remaining = deadline - time.monotonic()
                         if remaining <= 0:
+                            self.stats.window_expired += 1  # flushed for want of others
                             break
                         self._cond.wait(remaining)
                 if not self._npending:  # everything was withdrawn meanwhile
