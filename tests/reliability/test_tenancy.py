@@ -3,6 +3,7 @@ that hurts nobody's earlier work — and a hostile tenant beside a well-behaved 
 
 from __future__ import annotations
 
+import collections
 import os
 import re
 import resource
@@ -276,7 +277,7 @@ def test_two_tenants_one_hostile(tmp_path):
     target = f"127.0.0.1:{srv.port}"
     store = srv.runtime.artifacts
     loss = adjointdpm.ServerLoss("classifier", {"label": 3})
-    hostile_outcomes: dict[str, list[str]] = {"idle": [], "silent": [], "fill": [], "nan": []}
+    hostile_outcomes: dict[str, list[str]] = {"idle": [], "fill": [], "nan": []}
     try:
         with adjointdpm.Client(target, token="token-a", timeout=120) as a, \
                 adjointdpm.Client(target, token="token-b", timeout=120) as b, \
@@ -347,6 +348,11 @@ def test_two_tenants_one_hostile(tmp_path):
             after = [b_sample(k) for k in range(8)]  # A's hostility over: the baseline again
         # the baseline before and after, so that a neighbour's load on a shared machine shifts both
         baseline = statistics.median(before + after)
+        print(f"two tenants: B {len(b_times)} Samples, {len(b_errors)} failed, p50 "
+              f"{statistics.median(b_times) * 1e3:.0f} ms beside A vs {baseline * 1e3:.0f} ms baseline; "
+              f"{len(health)} health checks {set(health)}; A's calls: "
+              f"{ {k: dict(collections.Counter(v)) for k, v in hostile_outcomes.items()} }; "
+              f"A's storage {store.usage('alice') / 2**20:.2f} MiB of 5")
         assert not b_errors and len(b_times) >= 5
         assert statistics.median(b_times) <= 1.5 * baseline + 0.05, (statistics.median(b_times), baseline)
         assert set(health) == {health_pb2.HealthCheckResponse.SERVING}
