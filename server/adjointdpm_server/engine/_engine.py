@@ -66,32 +66,26 @@ class NetworkEngine:
         return EngineNetwork(self, module, job, model)
 
     @contextmanager
-    def session(self, job):
-        """``job`` is active: while it runs, a batch may wait (≤ window) for its next call."""
+    def _held(self, counter: Counter, job):
         with self._cond:
-            self._registered[job] += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._registered[job] -= 1
-                if self._registered[job] <= 0:
-                    del self._registered[job]
-                self._cond.notify_all()
-
-    @contextmanager
-    def parked(self, job):
-        """``job`` waits for its client: nobody waits for it."""
-        with self._cond:
-            self._parked[job] += 1
+            counter[job] += 1
             self._cond.notify_all()
         try:
             yield
         finally:
             with self._cond:
-                self._parked[job] -= 1
-                if self._parked[job] <= 0:
-                    del self._parked[job]
+                counter[job] -= 1
+                if counter[job] <= 0:
+                    del counter[job]
+                self._cond.notify_all()
+
+    def session(self, job):
+        """``job`` is active: while it runs, a batch may wait (≤ window) for its next call."""
+        return self._held(self._registered, job)
+
+    def parked(self, job):
+        """``job`` waits for its client: nobody waits for it."""
+        return self._held(self._parked, job)
 
     @property
     def active(self) -> int:
