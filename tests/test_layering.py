@@ -32,3 +32,13 @@ def test_tasks_and_losses_do_not_import_grpc():
     mods = _modules_after("import adjointdpm_server.tasks, adjointdpm_server.losses, "
                           "adjointdpm_server.models, adjointdpm_server.engine")
     assert not {m for m in mods if m == "grpc" or m.startswith("grpc.")}
+
+
+def test_server_command_on_an_sdk_only_install_says_how_to_install_the_server():
+    """Without the server's dependencies, ``adjointdpm-server`` explains instead of a traceback."""
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from adjointdpm_server.__main__ import main\nmain(['--port', '0'])")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0
+    assert "the server is not installed here (torch is missing)" in run.stderr
+    assert "pip install" in run.stderr and "Traceback" not in run.stderr

@@ -1,13 +1,15 @@
 """``Client``: one channel to an AdjointDPM server; a method per RPC, numpy in and out.
 
 Every streaming method returns its result object; with ``stream=True`` it returns a ``Call``
-to iterate over the events as they arrive (``call.result`` is set at the end); ``progress=True``
-shows a tqdm bar when tqdm is installed; ``on_event`` sees every event.
+to iterate over the events as they arrive (``call.result`` is set at the end); a tqdm bar shows
+progress when stderr is a terminal (``progress=True``/``False`` forces it); ``on_event`` sees
+every event.
 """
 
 from __future__ import annotations
 
 import queue
+import sys
 from typing import Any, Callable, Iterable, Sequence
 
 import grpc
@@ -81,10 +83,12 @@ def _optimizer(name="adam", lr=0.05, iterations=10, momentum=0.0) -> pb.Optimize
 class Call:
     """The events of one streaming call; after iteration, ``result`` holds the result object."""
 
-    def __init__(self, events: Iterable, to_result: Callable, on_event=None, progress=False,
+    def __init__(self, events: Iterable, to_result: Callable, on_event=None, progress=None,
                  grpc_call=None):
         self._events, self._to_result, self._grpc_call = events, to_result, grpc_call
-        self._on_event, self._progress = on_event, progress
+        # progress=None: a bar when someone watches (stderr is a terminal), none in logs and CI
+        self._on_event = on_event
+        self._progress = sys.stderr.isatty() if progress is None else progress
         self.result = None
         self.checkpoints: list[ArtifactInfo] = []
 
@@ -227,7 +231,7 @@ class Client:
 
     # -- RPCs -----------------------------------------------------------------------------------
     def sample(self, *, images: bool = True, pixels: bool = False, stream: bool = False,
-               on_event=None, progress: bool = False, **generation) -> SampleResult:
+               on_event=None, progress: bool | None = None, **generation) -> SampleResult:
         """Sample images: ``prompt=``/``labels=``/``cond=``, ``seed=``/``x_T=``, ``steps=``, …"""
         request = pb.SampleRequest(generation=_generation(**generation), no_images=not images,
                                    return_pixels=pixels)
@@ -237,7 +241,7 @@ class Client:
     def compute_gradient(self, losses, *, targets: Sequence[str] = ("x_T",), grad_mode: str = "",
                          token: dict | None = None, weights: dict | None = None,
                          images: bool = False, stream: bool = False, on_event=None,
-                         progress: bool = False, **generation) -> GradientResult:
+                         progress: bool | None = None, **generation) -> GradientResult:
         """∂(Σ losses)/∂targets: ``x_T`` (or x_t with ``t_start=``), ``cond``, ``token``, ``weights``.
 
         ``token``: {"placeholder", "initializer", "embedding"}; ``weights``: {"parameters"
@@ -255,7 +259,7 @@ class Client:
                         iterations: int = 10, momentum: float = 0.0, constraint: str = "",
                         epsilon: float = 0.0, norm_weight: float = 0.0, image_every: int = 0,
                         grad_mode: str = "", guided: dict | None = None, stream: bool = False,
-                        on_event=None, progress: bool = False, **generation) -> OptimizeResult:
+                        on_event=None, progress: bool | None = None, **generation) -> OptimizeResult:
         """Optimize x_T (``constraint`` "linf"/"l2" ε-ball or "sphere"), or with ``guided={every,
         scale, inner_steps, grad_steps}`` steer x_t during sampling (paper §4.1)."""
         terms, client = _loss_terms(losses)
@@ -275,7 +279,7 @@ class Client:
                          checkpoint_every: int = 0, name: str = "", batch_size: int = 0,
                          grad_mode: str = "", resume_from: str = "", keep_checkpoints: int = 0,
                          stream: bool = False, on_event=None,
-                         progress: bool = False, **generation) -> OptimizeResult:
+                         progress: bool | None = None, **generation) -> OptimizeResult:
         """Fine-tune (LoRA or full) on ``examples`` = [{"seed"|"x_T", "prompt"|"label"}, …];
         the result's ``artifact.id`` is an adapter for ``sample(adapter=...)``. ``resume_from``:
         a checkpoint id of the same run (sent again with the same arguments) to continue;
@@ -303,7 +307,7 @@ class Client:
     def optimize_embedding(self, losses=(), *, target_image=None, token: dict | None = None,
                            optimizer: str = "adam", lr: float = 0.05, iterations: int = 10,
                            name: str = "", grad_mode: str = "", image_every: int = 0,
-                           stream: bool = False, on_event=None, progress: bool = False,
+                           stream: bool = False, on_event=None, progress: bool | None = None,
                            **generation) -> OptimizeResult:
         """Learn a conditioning (SD: a token, ``prompt`` holding its placeholder) from losses
         and/or a target image; the result's ``artifact.id`` goes to ``sample(embedding=...)``."""

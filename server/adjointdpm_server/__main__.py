@@ -96,7 +96,26 @@ def parse_args(argv=None) -> ServerConfig:
     return config, a.log_format
 
 
+SERVER_MODULES = ("torch", "diffusers", "safetensors", "grpc_health.v1", "grpc_reflection.v1alpha",
+                  "prometheus_client")
+
+
+def _check_installed() -> None:
+    """On an SDK-only install, say how to get the server instead of a traceback."""
+    import importlib
+
+    for name in SERVER_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            sys.exit(f"adjointdpm-server: the server is not installed here ({name} is missing). The "
+                     "SDK alone cannot serve; install the server extra:\n"
+                     "    pip install -c constraints.txt '.[server]'    (from a checkout; torch "
+                     "first: pip install torch==2.13.0)")
+
+
 def main(argv=None) -> None:
+    _check_installed()
     config, log_format = parse_args(argv)
     from .telemetry import configure_logging
 
