@@ -46,8 +46,12 @@ def start_server(log_path: Path) -> tuple[subprocess.Popen, str]:
     return proc, match.group(1)
 
 
-def grid_png(images: list[bytes], rows: int, path: Path, scale: int = 8) -> None:
-    """PNG tiles (8×8 grey) → one picture, ``rows`` rows, dark ink on white, upscaled."""
+def grid_png(images: list[bytes], rows: int, path: Path, scale: int = 8, *,
+             row_labels=(), column_labels=()) -> None:
+    """PNG tiles (8×8 grey) → one picture, ``rows`` rows, dark ink on white, upscaled, with a
+    label left of each row and above each column."""
+    from PIL import ImageDraw, ImageFont
+
     tiles = [np.asarray(Image.open(io.BytesIO(png)), dtype=np.float32) / 255 for png in images]
     h, w = tiles[0].shape
     cols = -(-len(tiles) // rows)
@@ -56,7 +60,16 @@ def grid_png(images: list[bytes], rows: int, path: Path, scale: int = 8) -> None
         r, c = divmod(k, cols)
         grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + c * (w + 1):1 + c * (w + 1) + w] = tile
     picture = Image.fromarray((255 * (1 - grid)).astype(np.uint8))
-    picture.resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
+    picture = picture.resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    left, top = (56 if row_labels else 0), (16 if column_labels else 0)
+    canvas = Image.new("L", (picture.width + left, picture.height + top), 255)
+    canvas.paste(picture, (left, top))
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
+    for c, text in enumerate(column_labels):
+        draw.text((left + (1 + c * (w + 1) + w // 2) * scale - 3, 2), str(text), fill=0, font=font)
+    for r, text in enumerate(row_labels):
+        draw.text((4, top + (1 + r * (h + 1) + h // 2) * scale - 6), str(text), fill=0, font=font)
+    canvas.save(path)
 
 
 def client_classifier():
@@ -101,7 +114,7 @@ def main() -> None:
             labels = [d for d in range(10) for _ in range(8)]
             grid = client.sample(labels=labels, seed=0, steps=20)
             column_major = [grid.images[d * 8 + r] for r in range(8) for d in range(10)]
-            grid_png(column_major, 8, OUT / "digits_grid.png")
+            grid_png(column_major, 8, OUT / "digits_grid.png", column_labels=range(10))
             print(f"sample: 80 digits (dpm3, 20 steps, CFG 2) in {time.perf_counter() - start:.1f} s "
                   f"→ {OUT / 'digits_grid.png'}")
 
@@ -125,7 +138,7 @@ def main() -> None:
             before = _predict(net, steered.initial_images)
             after = _predict(net, steered.images)
             path = OUT / f"digits_steer_to_{digit}.png"
-            grid_png(steered.initial_images + steered.images, 2, path)
+            grid_png(steered.initial_images + steered.images, 2, path, row_labels=["before", "after"])
             print(f"optimize_latent → {digit} with a client-side loss: loss {steered.history[0]:.3f} → "
                   f"{steered.loss:.3f}; classified as {digit}: {np.mean(before == digit):.0%} → "
                   f"{np.mean(after == digit):.0%} ({time.perf_counter() - start:.1f} s) → {path}")

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 import adjointdpm
+from adjointdpm._pictures import auto_scale, labeled_grid, upscale_png
 
 __all__ = ["build_parser", "main"]
 
@@ -100,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     output = argparse.ArgumentParser(add_help=False)
     output.add_argument("--out", type=Path, default=Path("out"), help="output directory (./out)")
     output.add_argument("--progress", action="store_true", help="progress bar even without a tty")
+    output.add_argument("--scale", type=int, default=0,
+                        help="enlarge PNGs by this factor (nearest neighbour); 0 = so that they "
+                             "are at least 256 px, 1 = native size")
 
     def command(name, text, *flags, writes=True):
         p = sub.add_parser(name, help=text, description=text, allow_abbrev=False,
@@ -171,13 +175,20 @@ def _loss(args) -> adjointdpm.ServerLoss:
                                  domain=args.domain)
 
 
-def _write_pngs(images: list[bytes], out: Path, prefix: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+def _scale(args, images: list[bytes]) -> int:
+    return args.scale if args.scale else (auto_scale(images[0]) if images else 1)
+
+
+def _write_png(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    width, height = (int.from_bytes(data[i:i + 4], "big") for i in (16, 20))  # PNG IHDR
+    print(f"wrote {path} ({width}x{height})")
+
+
+def _write_pngs(images: list[bytes], out: Path, prefix: str, scale: int = 1) -> None:
     for k, data in enumerate(images):
-        path = out / f"{prefix}{k:03d}.png"
-        path.write_bytes(data)
-        width, height = (int.from_bytes(data[i:i + 4], "big") for i in (16, 20))  # PNG IHDR
-        print(f"wrote {path} ({width}x{height})")
+        _write_png(out / f"{prefix}{k:03d}.png", upscale_png(data, scale))
 
 
 def _write_tensors(tensors: dict[str, np.ndarray], out: Path, stem: str) -> Path:
@@ -257,7 +268,12 @@ def cmd_losses(client, args) -> None:
 
 def cmd_sample(client, args) -> None:
     r = client.sample(progress=args.progress, **_generation(args))
-    _write_pngs(r.images, args.out, "sample_")
+    scale = _scale(args, r.images)
+    _write_pngs(r.images, args.out, "sample_", scale)
+    labels = [str(v) for v in (args.label or [])]
+    names = labels * (len(r.images) // len(labels)) if labels and len(r.images) % len(labels) == 0 \
+        else [f"#{k}" for k in range(len(r.images))]
+    _write_png(args.out / "sample_grid.png", labeled_grid([r.images], scale=scale, column_labels=names))
     _write_tensors({"x0": r.x0, "x_T": r.x_T}, args.out, "sample")
     print(f"sampled {r.x0.shape[0]} images, x0 {list(r.x0.shape)}, "
           f"range [{r.x0.min():.3f}, {r.x0.max():.3f}]")
@@ -284,8 +300,11 @@ def cmd_optimize(client, args) -> None:
                                epsilon=args.epsilon, norm_weight=args.norm_weight,
                                grad_mode=args.grad_mode, guided=guided, progress=args.progress,
                                **_generation(args))
-    _write_pngs(r.initial_images, args.out, "before_")
-    _write_pngs(r.images, args.out, "after_")
+    scale = _scale(args, r.images)
+    _write_pngs(r.initial_images, args.out, "before_", scale)
+    _write_pngs(r.images, args.out, "after_", scale)
+    _write_png(args.out / "before_after.png", labeled_grid(
+        [r.initial_images, r.images], scale=scale, row_labels=["before", "after"]))
     _write_tensors({"x_T": r.x_T, "x0": r.x0}, args.out, "latents")
     print(_history(r))
 
@@ -314,7 +333,7 @@ def cmd_invert(client, args) -> None:
                                   token=token, lr=args.lr, iterations=args.iterations,
                                   name=args.name, grad_mode=args.grad_mode,
                                   progress=args.progress, **_generation(args))
-    _write_pngs(r.images, args.out, "inverted_")
+    _write_pngs(r.images, args.out, "inverted_", _scale(args, r.images))
     _download(client, r.artifact.id, args.out / f"{r.artifact.id}.safetensors")  # id: embedding-…
     print(f"embedding {r.artifact.id}: {_history(r)}")
 

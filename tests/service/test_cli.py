@@ -52,13 +52,17 @@ def test_sample_writes_pngs_and_the_latents(cli, client, tmp_path):
                        "--steps", "4")
     assert code == 0
     names, sizes = _png_sizes(tmp_path, "sample_")
-    assert names == ["sample_000.png", "sample_001.png", "sample_002.png"]
-    assert sizes == [(8, 8)] * 3
+    assert names == ["sample_000.png", "sample_001.png", "sample_002.png", "sample_grid.png"]
+    assert sizes[:3] == [(256, 256)] * 3  # 8×8 digits enlarged 32× (nearest) to be seen
+    assert sizes[3][0] > 3 * 256 and sizes[3][1] > 256  # three columns, labeled above
+    with Image.open(tmp_path / "sample_000.png") as big:
+        small = np.asarray(big)[::32, ::32]  # nearest neighbour: every 32nd pixel is the original
+        assert (np.asarray(big)[:32, :32] == small[0, 0]).all()
     tensors = load_file(tmp_path / "sample.safetensors")
     ref = client.sample(labels=[1, 2, 3], seed=0, steps=4, images=False)
     np.testing.assert_allclose(tensors["x0"], ref.x0, atol=1e-6)
     np.testing.assert_allclose(tensors["x_T"], ref.x_T, atol=1e-6)
-    assert out.count("wrote ") == 4 and "sampled 3 images" in out
+    assert out.count("wrote ") == 5 and "sampled 3 images" in out  # 3 PNGs, the grid, the tensors
 
 
 def test_sample_falls_back_to_npz_without_safetensors(cli, tmp_path, monkeypatch):
@@ -85,8 +89,10 @@ def test_optimize_writes_before_and_after(cli, client, tmp_path):
     code, out, _ = cli("optimize", *TO_EIGHT, "--batch", "2", "--seed", "2", "--steps", "4",
                        "--iterations", "2", "--lr", "0.2", "--constraint", "linf", "--epsilon", "0.3")
     assert code == 0
-    for prefix in ("before_", "after_"):
-        assert _png_sizes(tmp_path, prefix)[1] == [(8, 8)] * 2
+    for prefix in ("before_0", "after_0"):
+        assert _png_sizes(tmp_path, prefix)[1] == [(256, 256)] * 2
+    with Image.open(tmp_path / "before_after.png") as grid:
+        assert grid.size[0] > 2 * 256 and grid.size[1] >= 2 * 256  # two rows, labeled
     latents = load_file(tmp_path / "latents.safetensors")
     start = client.sample(batch=2, seed=2, steps=4, images=False).x_T
     assert 0 < np.abs(latents["x_T"] - start).max() <= 0.3 + 1e-6
