@@ -33,6 +33,8 @@ KINDS = ("lora", "full", "embedding", "weight_gradients", "checkpoint")
 _ID = re.compile(r"(%s)-[0-9a-f]{32}" % "|".join(KINDS))
 DEFAULT_TENANT = "default"
 _HEADER_BYTES = 64 * 1024  # safetensors header and metadata, generously
+MAX_NAME = 256
+MAX_METADATA_BYTES = 256 * 1024  # a fine-tune's loss history fits many times over
 
 
 @dataclass
@@ -126,9 +128,9 @@ class ArtifactStore:
         if self.quota_bytes is not None:
             used = self.usage()
             if used + needed > self.quota_bytes:
-                raise ResourceExhausted(
-                    f"server artifact storage quota: {used / 2**20:.1f} MiB used of "
-                    f"{self.quota_bytes / 2**20:.1f} MiB; this artifact needs {needed / 2**20:.1f} MiB")
+                raise ResourceExhausted(  # other tenants' usage is not ours to tell
+                    f"the server's artifact storage quota is reached; this artifact needs "
+                    f"{needed / 2**20:.1f} MiB: retry later or ask the operator")
 
     def check_room(self, needed: int, tenant: str = DEFAULT_TENANT) -> None:
         """RESOURCE_EXHAUSTED now when ``needed`` more bytes would exceed a storage quota."""
@@ -152,14 +154,19 @@ class ArtifactStore:
         sidecar = self.root / f"{info.id}.json"
         tmp, sidecar_tmp = path.with_suffix(".safetensors.tmp"), sidecar.with_suffix(".json.tmp")
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        if len(name) > MAX_NAME or len(json.dumps(info.metadata)) > MAX_METADATA_BYTES:
+            raise InvalidArgument(f"an artifact's name is at most {MAX_NAME} characters and its "
+                                  f"description at most {MAX_METADATA_BYTES // 1024} KiB")
         with self._lock:  # quota check and write together: two saves cannot both squeeze in
             self._check_quota(tenant, needed)
             # serialized in memory, written by us: an I/O error is an OSError we can name
             data = save(tensors, metadata={"adjointdpm": json.dumps(asdict(info))})
             info.size = len(data)
+            description = json.dumps(asdict(info)).encode()
+            self._check_quota(tenant, len(data) + len(description))  # what is really written
             try:
                 _write(tmp, data)
-                _write(sidecar_tmp, json.dumps(asdict(info)).encode())
+                _write(sidecar_tmp, description)
                 os.replace(tmp, path)
                 os.replace(sidecar_tmp, sidecar)  # the description last: listed only when whole
                 _fsync(self.root)

@@ -17,6 +17,7 @@ import time
 import traceback
 
 import numpy as np
+import torch
 
 from adjointdpm._tensors import TensorError, decode_tensor
 
@@ -154,7 +155,10 @@ class StreamJob(Job):
                     if self.metrics is not None:
                         self.metrics.queue_time.labels(rpc=self.rpc).observe(time.monotonic() - queued_at)
                     self.check()
-                    self._out.put(("result", task(self)))
+                    # this job's backward runs on this thread, not on autograd's shared CUDA
+                    # worker (where jobs would queue behind each other and the engine's VJPs)
+                    with torch.autograd.set_multithreading_enabled(False):
+                        self._out.put(("result", task(self)))
             except BaseException as err:  # noqa: BLE001 — delivered to the handler, not lost
                 self._out.put(("error", err))
             finally:

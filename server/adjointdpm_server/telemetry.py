@@ -46,13 +46,14 @@ def configure_logging(level: int = logging.INFO, json_lines: bool = True) -> Non
 
 
 def _code(context, failed: bool) -> str:
-    """The status the client saw: the one set, else CANCELLED when the call was over before the
-    handler was (a cancel or a disconnect: the handler returns without a status), else OK."""
+    """The status the client saw: the one set, else — when the call was over before the handler
+    was — DEADLINE_EXCEEDED if its deadline passed, CANCELLED (a cancel or a disconnect), else OK."""
     code = context.code()
     if code is not None:
         return code.name
     if not context.is_active():
-        return "CANCELLED"
+        remaining = context.time_remaining()
+        return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
     return "UNKNOWN" if failed else "OK"
 
 

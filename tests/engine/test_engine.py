@@ -241,3 +241,4 @@ def test_window_zero_runs_every_call_alone(mixture64):
         out, errors = _in_threads([lambda j=j: call(j) for j in jobs])
     assert errors == [None] * 4
     assert engine.stats.calls["forward"] == engine.stats.items["forward"] == 4
+    assert not engine._queues and not engine._rotation  # callers leave when they have nothing queued

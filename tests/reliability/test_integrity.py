@@ -518,3 +518,31 @@ def test_artifacts_download_under_a_1_mib_message_limit(tmp_path):
             assert len(data) == info.size > 1 << 20
     finally:
         srv.stop(0)
+
+
+def test_client_deadlines_are_counted_deadline_exceeded(server, stub):
+    """A call that ran out of the client's time is counted as the client saw it, not CANCELLED."""
+    _wait_idle(server)
+    before = _metrics(server.metrics_port)
+    for k in range(3):
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Sample(pb.SampleRequest(generation=pb.Generation(seed=k, steps=200, batch=2)),
+                             timeout=0.7))
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    _wait_idle(server)
+    deadline = time.monotonic() + 10
+
+    def delta(code):
+        return _metrics(server.metrics_port).get(("Sample", code), 0) - before.get(("Sample", code), 0)
+
+    while delta("DEADLINE_EXCEEDED") < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert delta("DEADLINE_EXCEEDED") == 3 and delta("CANCELLED") == 0
+
+
+def test_an_overlong_artifact_name_is_refused_before_the_work(server, client):
+    calls = _engine_calls(server)
+    err = _refused(client.finetune_weights, adjointdpm.ServerLoss("classifier", {"label": 3}),
+                   [{"seed": 0, "label": 1}], iterations=1, steps=3, name="n" * 10_000)
+    assert err.code == INVALID and "name must be at most 256 characters" in err.details
+    assert _engine_calls(server) == calls

@@ -129,8 +129,10 @@ class NetworkEngine:
         with self._cond:
             self._closed = True
             items = [it for q in self._queues.values() for it in q]
-            for q in self._queues.values():
-                q.clear()
+            for item in items:
+                item.state = "closed"  # not pending any more: a withdrawal leaves it alone
+            self._queues.clear()
+            self._rotation.clear()
             self._pending.clear()
             self._npending = 0
             self._cond.notify_all()
@@ -149,7 +151,11 @@ class NetworkEngine:
                 self._cond.notify_all()
 
     def _take(self, item: WorkItem) -> None:
-        self._queues[item.caller].remove(item)
+        queue = self._queues[item.caller]
+        queue.remove(item)
+        if not queue:  # a caller with nothing pending leaves the rotation (no growth per caller)
+            del self._queues[item.caller]
+            self._rotation.remove(item.caller)
         self._pending[item.job] -= 1
         if self._pending[item.job] <= 0:
             del self._pending[item.job]
@@ -265,7 +271,9 @@ def _run(batch: list[WorkItem]) -> list:
         _check_rows(out, sum(rows))
         return list(out.split(rows)) if len(batch) > 1 else [out]
     assert head.kind == VJP
-    with torch.enable_grad():
+    # On CUDA, autograd runs a backward on its per-device worker thread, where the job that
+    # submitted this call may be blocked (its own backward): run this one on this thread.
+    with torch.enable_grad(), torch.autograd.set_multithreading_enabled(False):
         x = x.detach().requires_grad_()
         if head.cond_grad:
             cond = cond.detach().requires_grad_()

@@ -7,12 +7,13 @@ from typing import Callable
 
 import torch
 
+from ..artifacts import MAX_NAME
 from ..errors import InvalidArgument
 from ._images import to_png
 from ._job import IterationReport, Job
 from ._specs import OptimizerSpec
 
-__all__ = ["make_optimizer", "check_iterations", "report", "optimize"]
+__all__ = ["make_optimizer", "check_iterations", "check_name", "report", "optimize"]
 
 
 def check_iterations(spec: OptimizerSpec, limits) -> None:
@@ -20,6 +21,12 @@ def check_iterations(spec: OptimizerSpec, limits) -> None:
         raise InvalidArgument(f"iterations must lie in 1…{limits.max_iterations}; got {spec.iterations}")
     if not (math.isfinite(spec.lr) and spec.lr > 0):
         raise InvalidArgument(f"the learning rate must be positive and finite; got {spec.lr}")
+
+
+def check_name(name: str) -> None:
+    """A result's artifact name is checked before the work, not when the artifact is written."""
+    if len(name) > MAX_NAME:
+        raise InvalidArgument(f"name must be at most {MAX_NAME} characters; got {len(name)}")
 
 
 def make_optimizer(spec: OptimizerSpec, params) -> torch.optim.Optimizer:

@@ -16,7 +16,7 @@ from ._generation import prepare, run_sampler
 from ._images import to_png
 from ._job import Job
 from ._objective import Objective
-from ._optim import check_iterations, make_optimizer, optimize
+from ._optim import check_iterations, check_name, make_optimizer, optimize
 from ._specs import GenerationSpec, LossSpec, OptimizerSpec, TokenSpec
 from .gradient import check_grad_mode, encode_token, token_leaf
 from .optimize_latent import OptimizeResult
@@ -30,6 +30,7 @@ def run_optimize_embedding(ctx: TaskContext, spec: GenerationSpec, losses: list[
                            grad_mode: str = "", image_every: int = 0) -> OptimizeResult:
     check_iterations(optimizer, ctx.limits)
     mode = check_grad_mode(grad_mode)
+    check_name(name)
     if spec.embedding or spec.cond is not None:
         raise InvalidArgument("the embedding is what this call learns: leave embedding and cond unset")
     prep = prepare(ctx, spec)

@@ -17,7 +17,7 @@ from ._generation import prepare, run_sampler
 from ._images import to_png
 from ._job import Checkpoint, Job
 from ._objective import Objective
-from ._optim import check_iterations, make_optimizer, optimize
+from ._optim import check_iterations, check_name, make_optimizer, optimize
 from ._specs import ExampleSpec, GenerationSpec, LossSpec, OptimizerSpec
 from .gradient import check_grad_mode
 from .optimize_latent import OptimizeResult
@@ -92,6 +92,7 @@ def run_finetune(ctx: TaskContext, spec: GenerationSpec, examples: list[ExampleS
     """``keep_checkpoints``: this run's newest checkpoints kept, older ones deleted (quota)."""
     check_iterations(optimizer, ctx.limits)
     mode = check_grad_mode(grad_mode)
+    check_name(name)
     if not 1 <= keep_checkpoints <= 100:
         raise InvalidArgument(f"keep_checkpoints must lie in 1…100; got {keep_checkpoints}")
     if method not in METHODS:
