@@ -162,7 +162,8 @@ class StreamJob(Job):
             except BaseException as err:  # noqa: BLE001 — delivered to the handler, not lost
                 self._out.put(("error", err))
             finally:
-                _release_accelerator_cache()
+                if not self.engine.active:  # not under jobs that still run: they would refill it
+                    _release_accelerator_cache()
                 self._out.put(("end", _END))
 
         context = contextvars.copy_context()  # the request ID follows the task into its thread
@@ -198,7 +199,7 @@ class StreamJob(Job):
 
 
 def _release_accelerator_cache() -> None:
-    """A finished (or cancelled) job's CUDA blocks go back to the device, not only to torch's cache."""
+    """When the last job ends, its CUDA blocks go back to the device, not only to torch's cache."""
     import torch
 
     if torch.cuda.is_available():
