@@ -199,8 +199,10 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
         artifacts = self.rt.for_tenant(self._tenant()).artifacts  # a tenant lists its own adapters
         models = []
         for name, backend in self.rt.models.items():
+            # checkpoints too: each is an adapter and a resume point, and the one a cancelled
+            # fine-tune writes never reached its client otherwise
             adapters = [convert.artifact_info(i) for i in artifacts.list(model=name)
-                        if i.kind in ("lora", "full", "embedding")]
+                        if i.kind in ("lora", "full", "embedding", "checkpoint")]
             models.append(pb.ModelInfo(
                 name=name, spec=backend.name, is_default=name == self.rt.default_model,
                 latent_shape=list(backend.latent_shape), image_shape=list(backend.image_shape),

@@ -71,7 +71,7 @@ def test_another_tenants_artifacts_are_not_found_everywhere(tmp_path):
                     grads.weights_artifact.id]
             # the owner sees and uses all of them
             listed = {x["id"] for m in a.list_models() for x in m["adapters"]}
-            assert {tuned.artifact.id, emb.artifact.id} <= listed
+            assert {tuned.artifact.id, emb.artifact.id, tuned.checkpoints[0].id} <= listed
             for artifact in mine:
                 a.download_artifact(artifact)
             a.sample(labels=1, steps=3, adapter=tuned.artifact.id)
@@ -89,6 +89,37 @@ def test_another_tenants_artifacts_are_not_found_everywhere(tmp_path):
                          lambda: b.finetune_weights(classifier, EXAMPLES, iterations=3, steps=3,
                                                     lora_rank=2, resume_from=tuned.checkpoints[0].id)):
                 assert _code(call)[0] == "NOT_FOUND"
+    finally:
+        srv.stop(0)
+
+
+def test_a_cancelled_fine_tunes_checkpoint_is_listed_for_its_tenant(tmp_path):
+    """The checkpoint written when the client cancels never reaches that client's stream: its
+    tenant finds it in ListModels (and can resume from it); the other tenant does not."""
+    srv = _server(tmp_path)
+    target = f"127.0.0.1:{srv.port}"
+    try:
+        with adjointdpm.Client(target, token="token-a", timeout=120) as a, \
+                adjointdpm.Client(target, token="token-b", timeout=120) as b:
+            call = a.finetune_weights(adjointdpm.ServerLoss("classifier", {"label": 3}), EXAMPLES,
+                                      iterations=20, steps=3, lora_rank=2, stream=True)
+            done = 0
+            for event in call:
+                done += event.WhichOneof("kind") == "iteration"
+                if done == 2:
+                    call.cancel()
+                    break
+            deadline = time.time() + 30
+            found = []
+            while not found and time.time() < deadline:
+                found = [x for m in a.list_models() for x in m["adapters"] if x["kind"] == "checkpoint"]
+                time.sleep(0.1)
+            assert len(found) == 1 and found[0]["iteration"] >= 2
+            assert not [x for m in b.list_models() for x in m["adapters"] if x["kind"] == "checkpoint"]
+            resumed = a.finetune_weights(adjointdpm.ServerLoss("classifier", {"label": 3}), EXAMPLES,
+                                         iterations=found[0]["iteration"] + 1, steps=3, lora_rank=2,
+                                         resume_from=found[0]["id"])
+            assert len(resumed.history) == found[0]["iteration"] + 1
     finally:
         srv.stop(0)
 
