@@ -170,19 +170,22 @@ def test_resumed_fine_tune_equals_an_uninterrupted_one(tmp_path):
 
 def test_graceful_drain_checkpoints_a_running_fine_tune(tmp_path):
     srv = _server(tmp_path)
-    client = adjointdpm.Client(f"127.0.0.1:{srv.port}")
-    call = client.finetune_weights(TO_EIGHT, [{"seed": 0, "label": 1}], iterations=200, steps=10,
-                                   lr=1e-3, stream=True)
-    events = iter(call)
-    while next(events).WhichOneof("kind") != "iteration":
-        pass
-    drained = srv.shutdown(grace=0.5)
-    assert not drained  # 200 iterations do not fit in the grace period
-    with pytest.raises(adjointdpm.AdjointDPMError):
-        for _ in events:
+    try:
+        client = adjointdpm.Client(f"127.0.0.1:{srv.port}")
+        call = client.finetune_weights(TO_EIGHT, [{"seed": 0, "label": 1}], iterations=200, steps=10,
+                                       lr=1e-3, stream=True)
+        events = iter(call)
+        while next(events).WhichOneof("kind") != "iteration":
             pass
-    checkpoints = srv.runtime.artifacts.list(kind="checkpoint")
-    assert checkpoints and checkpoints[-1].iteration >= 1
+        drained = srv.shutdown(grace=0.5)
+        assert not drained  # 200 iterations do not fit in the grace period
+        with pytest.raises(adjointdpm.AdjointDPMError):
+            for _ in events:
+                pass
+        checkpoints = srv.runtime.artifacts.list(kind="checkpoint")
+        assert checkpoints and checkpoints[-1].iteration >= 1
+    finally:
+        srv.stop(0)  # a no-op after the shutdown above; stops the server when an assert failed
 
 
 def test_round_robin_client_over_a_dns_target(tmp_path):
