@@ -66,12 +66,17 @@ class GuidedEps:
     def guided(self) -> bool:
         return self.guidance_scale is not None and self.guidance_scale != 1.0
 
-    def __call__(self, y: torch.Tensor, node: Node, cond, uncond) -> torch.Tensor:
+    @staticmethod
+    def _inputs(y: torch.Tensor, node: Node) -> tuple[torch.Tensor, torch.Tensor]:
+        """The network's ``x = α y`` and per-sample ``t`` (at least float32: in fp16, t ≈ 999.3
+        would round to 999.5)."""
         x = y * node.alpha
-        batch = x.shape[0]
-        # t stays at least float32: in fp16, t ≈ 999.3 would round to 999.5
         t_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        t = torch.full((batch,), node.t, dtype=t_dtype, device=x.device)
+        return x, torch.full((x.shape[0],), node.t, dtype=t_dtype, device=x.device)
+
+    def __call__(self, y: torch.Tensor, node: Node, cond, uncond) -> torch.Tensor:
+        x, t = self._inputs(y, node)
+        batch = x.shape[0]
         if self.guided:
             both = self.eps_fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, uncond]))
             self._check(both, (2 * batch,) + tuple(x.shape[1:]))
@@ -92,10 +97,8 @@ class GuidedEps:
         """``(ε̃, ȳ, c̄, ū)`` through the network's own VJP (``has_network_vjp``): with
         ``x = α y`` and ``ε̃ = s ε_c + (1−s) ε_u`` the cotangents on the two halves of the CFG
         batch are ``s·ε̄`` and ``(1−s)·ε̄``, and ``ȳ = α (x̄_c + x̄_u)``."""
-        x = y * node.alpha
+        x, t = self._inputs(y, node)
         batch = x.shape[0]
-        t_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        t = torch.full((batch,), node.t, dtype=t_dtype, device=x.device)
         if self.guided:
             s = self.guidance_scale
             both, gx, gc = self.eps_fn.vjp(torch.cat([x, x]), torch.cat([t, t]),

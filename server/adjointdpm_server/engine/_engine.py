@@ -38,7 +38,6 @@ class EngineStats:
     items: Counter = field(default_factory=Counter)  # job calls served, by kind
     max_rows: int = 0
     window_expired: int = 0  # batches that waited the whole window for jobs that never came
-    calls_by_job: Counter = field(default_factory=Counter)  # id(job) → calls that served it
     recent: deque = field(default_factory=lambda: deque(maxlen=256))  # (kind, [caller per item])
 
 
@@ -111,11 +110,9 @@ class NetworkEngine:
                 self._thread = threading.Thread(target=self._loop, name="adjointdpm-engine", daemon=True)
                 self._thread.start()
             self._cond.notify_all()
-        check = getattr(item.job, "check", None)
         while not item.done.wait(0.05):
             try:
-                if check is not None:
-                    check()
+                item.job.check()
             except BaseException:
                 self._withdraw(item)
                 raise
@@ -241,8 +238,6 @@ class NetworkEngine:
             s.rows[kind] += rows
             s.items[kind] += len(batch)
             s.max_rows = max(s.max_rows, rows)
-            for item in batch:
-                s.calls_by_job[id(item.job)] += 1
             s.recent.append((kind, [item.caller for item in batch]))
         if self.observer is not None:
             try:

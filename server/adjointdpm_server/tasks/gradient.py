@@ -124,13 +124,14 @@ def run_gradient(ctx: TaskContext, spec: GenerationSpec, losses: list[LossSpec],
         except ValueError as err:
             raise InvalidArgument(str(err)) from err
 
-    grad_elements = sum(leaf.numel() for leaf in leaves.values())
-    estimate = reply_bytes(prep, images=images, extra_elements=grad_elements)
-    inline = bool(weight_leaves) and weights.inline and \
-        sum(p.numel() for p in weight_leaves.values()) <= ctx.limits.max_inline_weight_elements
-    if inline and estimate + 4 * sum(p.numel() for p in weight_leaves.values()) > ctx.limits.max_message_bytes:
-        inline = False  # weight gradients that cannot travel inline go to an artifact
+    estimate = reply_bytes(prep, images=images,
+                           extra_elements=sum(leaf.numel() for leaf in leaves.values()))
     check_reply_size(ctx.limits, estimate, "gradient result")
+    weight_count = sum(p.numel() for p in weight_leaves.values())
+    # inline when asked and when it fits in the message; otherwise the gradients go to an artifact
+    inline = (bool(weight_leaves) and weights.inline
+              and weight_count <= ctx.limits.max_inline_weight_elements
+              and estimate + weight_count * prep.x_T.element_size() <= ctx.limits.max_message_bytes)
     x0 = run_sampler(prep, job, x_T=x_T, cond=cond, eps_fn=eps_fn, grad_mode=mode)
     decoded = prep.backend.decode(x0) if objective.needs_image or images else None
     total, values = objective(x0, decoded)
@@ -142,22 +143,21 @@ def run_gradient(ctx: TaskContext, spec: GenerationSpec, losses: list[LossSpec],
     job.check()
     from_inputs = spec.has_client_numbers or any(
         loss.kind == "client" or loss.tensors for loss in losses)
-    for name, value in [("loss", total), ("x_0", x0), *zip(leaves, grads),
-                        *((f"weight gradient {n}", g) for n, g in zip(weight_leaves, grads[len(leaves):]))]:
-        check_result(name if name in ("loss", "x_0") else f"gradient w.r.t. {name}", value,
-                     from_inputs=from_inputs)
+    outputs = {"loss": total, "x_0": x0,
+               **{f"gradient w.r.t. {n}": g for n, g in zip(list(leaves) + list(weight_leaves), grads)}}
+    for name, value in outputs.items():
+        check_result(name, value, from_inputs=from_inputs)
     named = dict(zip(leaves, grads[:len(leaves)]))
     weight_grads = dict(zip(weight_leaves, grads[len(leaves):]))
     result = GradientResult(float(total.detach()), values, x0.detach(),
                             to_png(decoded) if images else [], {k: v.detach() for k, v in named.items()},
                             nfe=job.nfe)
     if weight_grads:
-        count = sum(g.numel() for g in weight_grads.values())
         if inline:
             result.weight_gradients = {k: v.detach() for k, v in weight_grads.items()}
         else:
             result.weights_artifact = ctx.artifacts.save(
                 "weight_gradients", weight_grads, model=prep.model,
                 metadata={"lora_rank": weights.lora_rank, "parameters": list(weights.parameters),
-                          "loss": result.loss, "elements": count})
+                          "loss": result.loss, "elements": weight_count})
     return result
