@@ -15,14 +15,16 @@ Imports neither torch nor the server; torch is used only if installed, for clien
 
 from ._client import AdjointDPMError, Call, Client
 from ._losses import ClientLoss, ServerLoss, loss, registered_losses
-from ._results import ArtifactInfo, GradientResult, OptimizeResult, SampleResult
+from ._results import (ArtifactInfo, GradientResult, IterationRecord, OptimizeResult, SampleResult,
+                       ValidationRecord)
 from ._tensors import TensorError, decode_tensor, encode_tensor
 
 __version__ = "0.1.0"
 __all__ = [
     "Client", "Call", "AdjointDPMError",
     "loss", "registered_losses", "ClientLoss", "ServerLoss",
-    "SampleResult", "GradientResult", "OptimizeResult", "ArtifactInfo",
+    "SampleResult", "GradientResult", "OptimizeResult", "ArtifactInfo", "IterationRecord",
+    "ValidationRecord",
     "encode_tensor", "decode_tensor", "TensorError",
     "__version__",
 ]

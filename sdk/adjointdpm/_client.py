@@ -17,7 +17,8 @@ import numpy as np
 from google.protobuf import struct_pb2
 
 from ._losses import ClientLoss, as_term, evaluate_client_loss
-from ._results import ArtifactInfo, GradientResult, OptimizeResult, SampleResult
+from ._results import (ArtifactInfo, GradientResult, IterationRecord, OptimizeResult, SampleResult,
+                       ValidationRecord)
 from ._tensors import encode_tensor
 from .v1 import adjointdpm_pb2 as pb
 from .v1 import adjointdpm_pb2_grpc as pb_grpc
@@ -76,8 +77,19 @@ def _loss_terms(losses) -> tuple[list[pb.LossTerm], dict[int, ClientLoss]]:
     return terms, client
 
 
-def _optimizer(name="adam", lr=0.05, iterations=10, momentum=0.0) -> pb.Optimizer:
-    return pb.Optimizer(name=name, lr=lr, iterations=iterations, momentum=momentum)
+def _optimizer(name="adam", lr=0.05, iterations=10, momentum=0.0, schedule="", warmup=0) -> pb.Optimizer:
+    return pb.Optimizer(name=name, lr=lr, iterations=iterations, momentum=momentum,
+                        schedule=schedule, warmup=warmup)
+
+
+def _stop(stop_when: dict | None):
+    """``{"loss_below": float, "verdict_changed": bool, "patience": int}`` → StopWhen."""
+    if stop_when is None:
+        return None
+    unknown = set(stop_when) - {"loss_below", "verdict_changed", "patience"}
+    if unknown:
+        raise TypeError(f"stop_when takes loss_below, verdict_changed, patience; not {sorted(unknown)}")
+    return pb.StopWhen(**stop_when)
 
 
 class Call:
@@ -91,6 +103,8 @@ class Call:
         self._progress = sys.stderr.isatty() if progress is None else progress
         self.result = None
         self.checkpoints: list[ArtifactInfo] = []
+        self.iterations: list[IterationRecord] = []
+        self.validations: list[ValidationRecord] = []
 
     def __iter__(self):
         bar = None
@@ -103,8 +117,12 @@ class Call:
                     bar = self._update_bar(bar, event.progress)
                 elif kind == "checkpoint":
                     self.checkpoints.append(ArtifactInfo.from_message(event.checkpoint))
+                elif kind == "iteration":
+                    self.iterations.append(IterationRecord.from_message(event.iteration))
+                elif kind == "validation":
+                    self.validations.append(ValidationRecord.from_message(event.validation))
                 elif kind in ("sample", "gradient", "optimized"):
-                    self.result = self._to_result(getattr(event, kind), self.checkpoints)
+                    self.result = self._to_result(getattr(event, kind), self)
                 yield event
         except grpc.RpcError as err:
             raise AdjointDPMError(err.code(), err.details()) from None
@@ -210,8 +228,9 @@ class Client:
                         from ._tensors import decode_tensor
 
                         try:
-                            value, grad = evaluate_client_loss(term, decode_tensor(q.x))
-                            reply = pb.LossReply(term=q.term, value=value, grad=encode_tensor(grad))
+                            value, grad, values = evaluate_client_loss(term, decode_tensor(q.x))
+                            reply = pb.LossReply(term=q.term, value=value, grad=encode_tensor(grad),
+                                                 values=values)
                         except Exception:
                             call.cancel()
                             raise
@@ -256,18 +275,23 @@ class Client:
         return self._run(events, lambda m, _: GradientResult.from_message(m), stream, on_event, progress)
 
     def optimize_latent(self, losses, *, optimizer: str = "adam", lr: float = 0.05,
-                        iterations: int = 10, momentum: float = 0.0, constraint: str = "",
-                        epsilon: float = 0.0, norm_weight: float = 0.0, image_every: int = 0,
-                        grad_mode: str = "", guided: dict | None = None, stream: bool = False,
-                        on_event=None, progress: bool | None = None, **generation) -> OptimizeResult:
-        """Optimize x_T (``constraint`` "linf"/"l2" ε-ball or "sphere"), or with ``guided={every,
-        scale, inner_steps, grad_steps}`` steer x_t during sampling (paper §4.1)."""
+                        iterations: int = 10, momentum: float = 0.0, schedule: str = "",
+                        warmup: int = 0, constraint: str = "", epsilon: float = 0.0,
+                        norm_weight: float = 0.0, image_every: int = 0, grad_mode: str = "",
+                        guided: dict | None = None, stop_when: dict | None = None,
+                        stream: bool = False, on_event=None, progress: bool | None = None,
+                        **generation) -> OptimizeResult:
+        """Optimize x_T (``constraint`` "linf"/"l2" ε-ball or "sphere"); each sample keeps its best
+        iterate (``result.x_T``; ``result.iterations[k].x_T`` holds every one) and stops on its
+        own with ``stop_when={loss_below, verdict_changed, patience}``. Or with ``guided={every,
+        scale, inner_steps, grad_steps, step ("normalized"|"raw"), clip}`` steer x_t during
+        sampling (paper §4.1). ``schedule``: "constant", "cosine" or "linear" learning rate."""
         terms, client = _loss_terms(losses)
         request = pb.OptimizeLatentRequest(
             generation=_generation(**generation), losses=terms,
-            optimizer=_optimizer(optimizer, lr, iterations, momentum),
+            optimizer=_optimizer(optimizer, lr, iterations, momentum, schedule, warmup),
             constraint=pb.Constraint(norm=constraint, epsilon=epsilon), norm_weight=norm_weight,
-            image_every=image_every, grad_mode=grad_mode)
+            image_every=image_every, grad_mode=grad_mode, stop_when=_stop(stop_when))
         if guided is not None:
             request.guided.CopyFrom(pb.GuidedSampling(**guided))
         events = self._bidi(self.stub.OptimizeLatent, pb.OptimizeLatentMessage, request, client)
@@ -278,44 +302,48 @@ class Client:
                          optimizer: str = "adam", lr: float = 1e-3, iterations: int = 10,
                          checkpoint_every: int = 0, name: str = "", batch_size: int = 0,
                          grad_mode: str = "", resume_from: str = "", keep_checkpoints: int = 0,
-                         stream: bool = False, on_event=None,
+                         schedule: str = "", warmup: int = 0, validation: Sequence[dict] = (),
+                         validate_every: int = 0, keep_best: bool = False,
+                         stop_when: dict | None = None, stream: bool = False, on_event=None,
                          progress: bool | None = None, **generation) -> OptimizeResult:
         """Fine-tune (LoRA or full) on ``examples`` = [{"seed"|"x_T", "prompt"|"label"}, …];
         the result's ``artifact.id`` is an adapter for ``sample(adapter=...)``. ``resume_from``:
         a checkpoint id of the same run (sent again with the same arguments) to continue;
-        ``keep_checkpoints``: this run's newest checkpoints the server keeps (0 = 3)."""
+        ``keep_checkpoints``: this run's newest checkpoints the server keeps (0 = 3).
+        ``validation``: held-out examples, sampled every ``validate_every`` steps
+        (``result.validations``: losses and, on digits, the share of verdicts kept);
+        ``keep_best``: return the adapter of the best validation loss; ``stop_when={loss_below,
+        patience}`` on the validation loss."""
         terms, client = _loss_terms(losses)
-        pbs = []
-        for ex in examples:
-            e = pb.FinetuneExample(prompt=ex.get("prompt", ""))
-            if ex.get("seed") is not None:
-                e.seed = ex["seed"]
-            if ex.get("label") is not None:
-                e.label = int(ex["label"])
-            if ex.get("x_T") is not None:
-                e.x_T.CopyFrom(encode_tensor(np.asarray(ex["x_T"], dtype=np.float32)))
-            pbs.append(e)
         request = pb.FinetuneRequest(
-            generation=_generation(**generation), examples=pbs, losses=terms,
-            optimizer=_optimizer(optimizer, lr, iterations), method=method, lora_rank=lora_rank,
-            lora_alpha=lora_alpha, target_modules=list(target_modules),
+            generation=_generation(**generation), examples=_examples(examples), losses=terms,
+            optimizer=_optimizer(optimizer, lr, iterations, 0.0, schedule, warmup), method=method,
+            lora_rank=lora_rank, lora_alpha=lora_alpha, target_modules=list(target_modules),
             checkpoint_every=checkpoint_every, name=name, batch_size=batch_size, grad_mode=grad_mode,
-            resume_from=resume_from, keep_checkpoints=keep_checkpoints)
+            resume_from=resume_from, keep_checkpoints=keep_checkpoints,
+            validation=_examples(validation), validate_every=validate_every, keep_best=keep_best,
+            stop_when=_stop(stop_when))
         events = self._bidi(self.stub.FinetuneWeights, pb.FinetuneMessage, request, client)
         return self._run(events, OptimizeResult.from_message, stream, on_event, progress)
 
     def optimize_embedding(self, losses=(), *, target_image=None, token: dict | None = None,
                            optimizer: str = "adam", lr: float = 0.05, iterations: int = 10,
                            name: str = "", grad_mode: str = "", image_every: int = 0,
+                           schedule: str = "", warmup: int = 0, prior: str = "",
+                           prior_weight: float = 0.0, stop_when: dict | None = None,
                            stream: bool = False, on_event=None, progress: bool | None = None,
                            **generation) -> OptimizeResult:
         """Learn a conditioning (SD: a token, ``prompt`` holding its placeholder) from losses
-        and/or a target image; the result's ``artifact.id`` goes to ``sample(embedding=...)``."""
+        and/or a target image; the result's ``artifact.id`` goes to ``sample(embedding=...)``.
+        ``prior``: "norm" or "gaussian" keeps the vector among the model's own embeddings
+        (``prior_weight``, 0 = 1); ``stop_when={loss_below, patience}``; the best iterate's
+        vector is kept."""
         terms, client = _loss_terms(list(losses)) if losses else ([], {})
         request = pb.OptimizeEmbeddingRequest(
             generation=_generation(**generation), losses=terms,
-            optimizer=_optimizer(optimizer, lr, iterations), name=name, grad_mode=grad_mode,
-            image_every=image_every)
+            optimizer=_optimizer(optimizer, lr, iterations, 0.0, schedule, warmup), name=name,
+            grad_mode=grad_mode, image_every=image_every, prior=prior, prior_weight=prior_weight,
+            stop_when=_stop(stop_when))
         if target_image is not None:
             request.target_image.CopyFrom(encode_tensor(np.asarray(target_image, dtype=np.float32)))
         if token is not None:
@@ -358,6 +386,21 @@ class Client:
 
             Path(path).write_bytes(data)
         return info, data
+
+
+def _examples(examples: Sequence[dict]) -> list[pb.FinetuneExample]:
+    """[{"seed"|"x_T", "prompt"|"label"}, …] → FinetuneExample messages."""
+    out = []
+    for ex in examples:
+        e = pb.FinetuneExample(prompt=ex.get("prompt", ""))
+        if ex.get("seed") is not None:
+            e.seed = ex["seed"]
+        if ex.get("label") is not None:
+            e.label = int(ex["label"])
+        if ex.get("x_T") is not None:
+            e.x_T.CopyFrom(encode_tensor(np.asarray(ex["x_T"], dtype=np.float32)))
+        out.append(e)
+    return out
 
 
 def _token(token: dict | None) -> pb.TokenSpec:

@@ -81,8 +81,10 @@ def as_term(item) -> ClientLoss | ServerLoss:
     raise TypeError(f"not a loss: {item!r}")
 
 
-def evaluate_client_loss(term: ClientLoss, x: np.ndarray) -> tuple[float, np.ndarray]:
-    """The value and ∂L/∂x of a client loss at ``x``."""
+def evaluate_client_loss(term: ClientLoss, x: np.ndarray) -> tuple[float, np.ndarray, list[float]]:
+    """The value, ∂value/∂x and (when the function gives one per sample) the per-sample values of a
+    client loss at ``x``. A function may return one value per sample (shape (B,)): the term is
+    then their sum, as the server's objective is (a sample's gradient does not depend on the batch)."""
     if term.autograd:
         import torch
 
@@ -90,11 +92,26 @@ def evaluate_client_loss(term: ClientLoss, x: np.ndarray) -> tuple[float, np.nda
         out = term.fn(t)
         if isinstance(out, tuple):
             value, grad = out
-            return float(value), np.asarray(grad, dtype=np.float32)
-        if not isinstance(out, torch.Tensor) or out.numel() != 1:
-            raise TypeError(f"client loss {term.name!r} must return a scalar tensor or (value, grad)")
-        (grad,) = torch.autograd.grad(out.reshape(()), t, allow_unused=True)
+            total, per_sample = _values(term, value, x.shape[0])
+            return total, np.asarray(grad, dtype=np.float32), per_sample
+        if not isinstance(out, torch.Tensor) or out.numel() not in (1, x.shape[0]) or out.dim() > 1:
+            raise TypeError(f"client loss {term.name!r} must return a scalar tensor, one value per "
+                            "sample, or (value, grad)")
+        (grad,) = torch.autograd.grad(out.sum(), t, allow_unused=True)
         grad = torch.zeros_like(t) if grad is None else grad
-        return float(out.detach()), grad.detach().numpy()
+        total, per_sample = _values(term, out.detach().numpy(), x.shape[0])
+        return total, grad.detach().numpy(), per_sample
     value, grad = term.fn(np.array(x))
-    return float(value), np.asarray(grad, dtype=np.float32)
+    total, per_sample = _values(term, value, x.shape[0])
+    return total, np.asarray(grad, dtype=np.float32), per_sample
+
+
+def _values(term: ClientLoss, value, batch: int) -> tuple[float, list[float]]:
+    """(total, per-sample values or []) from a scalar or a (B,) array."""
+    array = np.asarray(value, dtype=np.float64)
+    if array.ndim == 0 or (array.size == 1 and batch != 1):
+        return float(array.reshape(())), []
+    if array.shape != (batch,):
+        raise TypeError(f"client loss {term.name!r} returned shape {array.shape}; give a scalar or "
+                        f"one value per sample ({batch},)")
+    return float(array.sum()), array.tolist()

@@ -9,7 +9,8 @@ import numpy as np
 
 from ._tensors import decode_tensor
 
-__all__ = ["ArtifactInfo", "SampleResult", "GradientResult", "OptimizeResult", "save_pngs"]
+__all__ = ["ArtifactInfo", "SampleResult", "GradientResult", "OptimizeResult", "IterationRecord",
+           "ValidationRecord", "save_pngs"]
 
 
 def save_pngs(images: list[bytes], directory, prefix: str) -> list[Path]:
@@ -73,13 +74,52 @@ class GradientResult:
     weight_gradients: dict[str, np.ndarray]
     weights_artifact: ArtifactInfo | None
     nfe: int
+    sample_losses: list[float] = field(default_factory=list)
 
     @classmethod
     def from_message(cls, m) -> "GradientResult":
         return cls(m.loss, list(m.loss_terms), decode_tensor(m.x0), list(m.images),
                    {k: decode_tensor(v) for k, v in m.gradients.items()},
                    {k: decode_tensor(v) for k, v in m.weight_gradients.items()},
-                   ArtifactInfo.from_message(m.weights_artifact), m.nfe)
+                   ArtifactInfo.from_message(m.weights_artifact), m.nfe, list(m.sample_losses))
+
+
+@dataclass
+class IterationRecord:
+    """One optimizer iteration as the server reported it (``x_T``: the iterate it evaluated,
+    OptimizeLatent only), so any iterate seen mid-run can be reproduced with ``sample(x_T=…)``."""
+
+    iteration: int
+    loss: float
+    loss_terms: list[float]
+    grad_norm: float
+    sample_losses: list[float]
+    lr: float
+    stopped: list[bool] = field(default_factory=list)
+    x_T: np.ndarray | None = None
+    images: list[bytes] = field(default_factory=list)
+
+    @classmethod
+    def from_message(cls, m) -> "IterationRecord":
+        return cls(m.iteration, m.loss, list(m.loss_terms), m.grad_norm, list(m.sample_losses), m.lr,
+                   list(m.stopped), _array(m.x_T, m.HasField("x_T")), list(m.images))
+
+
+@dataclass
+class ValidationRecord:
+    """A fine-tune's adapter on the held-out examples after ``iteration`` steps."""
+
+    iteration: int
+    loss: float
+    loss_terms: list[float]
+    agreement: float | None
+    best: bool
+    images: list[bytes] = field(default_factory=list)
+
+    @classmethod
+    def from_message(cls, m) -> "ValidationRecord":
+        return cls(m.iteration, m.loss, list(m.loss_terms),
+                   m.agreement if m.HasField("agreement") else None, m.best, list(m.images))
 
 
 @dataclass
@@ -92,8 +132,19 @@ class OptimizeResult:
     initial_images: list[bytes]
     artifact: ArtifactInfo | None
     checkpoints: list[ArtifactInfo] = field(default_factory=list)
+    sample_losses: list[float] = field(default_factory=list)   # OptimizeLatent: at x_T, per sample
+    best_iteration: list[int] = field(default_factory=list)    # the iterate returned (per sample)
+    stopped: list[bool] = field(default_factory=list)          # per sample: stop_when met
+    iterations_run: int = 0
+    last_x_T: np.ndarray | None = None                         # OptimizeLatent: the final iterate
+    iterations: list[IterationRecord] = field(default_factory=list)
+    validations: list[ValidationRecord] = field(default_factory=list)
 
     @classmethod
-    def from_message(cls, m, checkpoints=()) -> "OptimizeResult":
+    def from_message(cls, m, call=None) -> "OptimizeResult":
         return cls(m.loss, list(m.history), decode_tensor(m.x_T), decode_tensor(m.x0), list(m.images),
-                   list(m.initial_images), ArtifactInfo.from_message(m.artifact), list(checkpoints))
+                   list(m.initial_images), ArtifactInfo.from_message(m.artifact),
+                   list(getattr(call, "checkpoints", ())), list(m.sample_losses),
+                   list(m.best_iteration), list(m.stopped), m.iterations_run,
+                   _array(m.last_x_T, m.HasField("last_x_T")),
+                   list(getattr(call, "iterations", ())), list(getattr(call, "validations", ())))

@@ -18,7 +18,8 @@ from adjointdpm.v1 import adjointdpm_pb2 as pb
 from .errors import InvalidArgument
 from .integrity import MAX_PARAM, MAX_WEIGHT, check_input, check_number
 from .tasks import (Checkpoint, ClientQuery, ExampleSpec, GenerationSpec, GuidedSpec,
-                    IterationReport, LossSpec, OptimizerSpec, Queued, TokenSpec, WeightsSpec)
+                    IterationReport, LossSpec, OptimizerSpec, Queued, StopSpec, TokenSpec,
+                    ValidationReport, WeightsSpec)
 from .tasks._generation import IterationProgress
 
 DOMAINS = {pb.IMAGE: "image", pb.LATENT: "latent"}
@@ -95,7 +96,18 @@ def losses(terms, limits) -> list[LossSpec]:
 def optimizer(msg: pb.Optimizer) -> OptimizerSpec:
     return OptimizerSpec(name=msg.name or "adam", lr=check_number("optimizer.lr", msg.lr or 0.05, 1e6),
                          iterations=msg.iterations or 10,
-                         momentum=check_number("optimizer.momentum", msg.momentum, 1e3))
+                         momentum=check_number("optimizer.momentum", msg.momentum, 1e3),
+                         schedule=msg.schedule or "constant", warmup=msg.warmup)
+
+
+def stop(parent) -> StopSpec | None:
+    """``parent.stop_when`` when set."""
+    if not parent.HasField("stop_when"):
+        return None
+    msg = parent.stop_when
+    return StopSpec(loss_below=(check_number("stop_when.loss_below", msg.loss_below, MAX_PARAM)
+                                if msg.HasField("loss_below") else None),
+                    verdict_changed=msg.verdict_changed, patience=msg.patience)
 
 
 def token(msg: pb.TokenSpec, limits) -> TokenSpec:
@@ -119,14 +131,15 @@ def targets(values) -> list[str]:
 def guided(msg: pb.GuidedSampling) -> GuidedSpec:
     return GuidedSpec(every=msg.every or 1, scale=check_number("guided.scale", msg.scale, 1e6),
                       inner_steps=msg.inner_steps or 1,
-                      grad_steps=msg.grad_steps)
+                      grad_steps=msg.grad_steps, step=msg.step or "normalized",
+                      clip=check_number("guided.clip", msg.clip, 1e6))
 
 
-def examples(items, limits) -> list[ExampleSpec]:
+def examples(items, limits, field: str = "examples") -> list[ExampleSpec]:
     if len(items) > limits.max_examples:
-        raise InvalidArgument(f"at most {limits.max_examples} examples; got {len(items)}")
+        raise InvalidArgument(f"at most {limits.max_examples} {field}; got {len(items)}")
     return [ExampleSpec(seed=e.seed if e.HasField("seed") else None,
-                        x_T=maybe_tensor(e, "x_T", limits, f"examples[{k}].x_T"), prompt=e.prompt,
+                        x_T=maybe_tensor(e, "x_T", limits, f"{field}[{k}].x_T"), prompt=e.prompt,
                         label=e.label if e.HasField("label") else None)
             for k, e in enumerate(items)]
 
@@ -154,9 +167,15 @@ def event(item) -> pb.Event:
                                                 x=encode_tensor(np.asarray(item.x, dtype=np.float32)),
                                                 iteration=item.iteration))
     if isinstance(item, IterationReport):
-        return pb.Event(iteration=pb.Iteration(iteration=item.iteration, loss=item.loss,
-                                               loss_terms=item.loss_terms, grad_norm=item.grad_norm,
-                                               images=item.images))
+        return pb.Event(iteration=pb.Iteration(
+            iteration=item.iteration, loss=item.loss, loss_terms=item.loss_terms,
+            grad_norm=item.grad_norm, images=item.images, sample_losses=item.sample_losses,
+            x_T=to_tensor(item.x_T) if item.x_T is not None else None, stopped=item.stopped,
+            lr=item.lr))
+    if isinstance(item, ValidationReport):
+        return pb.Event(validation=pb.Validation(
+            iteration=item.iteration, loss=item.loss, loss_terms=item.loss_terms,
+            agreement=item.agreement, images=item.images, best=item.best))
     if isinstance(item, Checkpoint):
         return pb.Event(checkpoint=artifact_info(item.info))
     if isinstance(item, Queued):
@@ -171,7 +190,7 @@ def sample_result(r) -> pb.Event:
 
 def gradient_result(r) -> pb.Event:
     msg = pb.GradientResult(loss=r.loss, loss_terms=r.loss_terms, x0=to_tensor(r.x0), images=r.images,
-                            nfe=r.nfe)
+                            nfe=r.nfe, sample_losses=r.sample_losses)
     for key, value in r.gradients.items():
         msg.gradients[key].CopyFrom(to_tensor(value))
     for key, value in r.weight_gradients.items():
@@ -183,7 +202,10 @@ def gradient_result(r) -> pb.Event:
 
 def optimize_result(r) -> pb.Event:
     msg = pb.OptimizeResult(loss=r.loss, history=r.history, x_T=to_tensor(r.x_T), x0=to_tensor(r.x0),
-                            images=r.images, initial_images=r.initial_images)
+                            images=r.images, initial_images=r.initial_images,
+                            sample_losses=r.sample_losses, best_iteration=r.best_iteration,
+                            stopped=r.stopped, iterations_run=r.iterations_run,
+                            last_x_T=to_tensor(r.last_x_T) if r.last_x_T is not None else None)
     if r.artifact is not None:
         msg.artifact.CopyFrom(artifact_info(r.artifact))
     return pb.Event(optimized=msg)

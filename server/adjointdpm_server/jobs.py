@@ -66,7 +66,7 @@ class StreamJob(Job):
             raise InvalidArgument(self._protocol_error)
         super().check()
 
-    def ask(self, query: ClientQuery) -> tuple[float, np.ndarray]:
+    def ask(self, query: ClientQuery) -> tuple:
         self._asking.set()
         self._out.put(("event", query))
         with self.engine.parked(self):  # waiting for the client holds no device turn
@@ -81,7 +81,7 @@ class StreamJob(Job):
                                  dtypes=("float16", "float32", "float64"))
         except TensorError as err:
             raise InvalidArgument(str(err)) from err
-        return reply.value, grad
+        return reply.value, grad, list(reply.values)
 
     def _await_reply(self, query: ClientQuery):
         deadline = time.monotonic() + self.limits.client_loss_timeout_s

@@ -167,7 +167,8 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
             return lambda job: run_optimize_latent(
                 ctx, spec, losses, job, optimizer=convert.optimizer(r.optimizer),
                 norm=r.constraint.norm, epsilon=r.constraint.epsilon, norm_weight=r.norm_weight,
-                image_every=r.image_every, grad_mode=r.grad_mode, guided=guided)
+                image_every=r.image_every, grad_mode=r.grad_mode, guided=guided,
+                stop=convert.stop(r))
         return self._stream(context, "OptimizeLatent", build, convert.optimize_result, request_iterator=request_iterator)
 
     def FinetuneWeights(self, request_iterator, context):
@@ -175,12 +176,14 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
             limits = ctx.limits
             spec, losses = convert.generation(r.generation, limits), convert.losses(r.losses, limits)
             examples = convert.examples(r.examples, limits)
+            validation = convert.examples(r.validation, limits, "validation")
             return lambda job: run_finetune(
                 ctx, spec, examples, losses, job, optimizer=convert.optimizer(r.optimizer),
                 method=r.method or "lora", lora_rank=r.lora_rank or 4, lora_alpha=r.lora_alpha or None,
                 target_modules=list(r.target_modules), checkpoint_every=r.checkpoint_every,
                 name=r.name, batch_size=r.batch_size, grad_mode=r.grad_mode, resume_from=r.resume_from,
-                keep_checkpoints=r.keep_checkpoints or 3)
+                keep_checkpoints=r.keep_checkpoints or 3, validation=validation,
+                validate_every=r.validate_every or 1, keep_best=r.keep_best, stop=convert.stop(r))
         return self._stream(context, "FinetuneWeights", build, convert.optimize_result, request_iterator=request_iterator)
 
     def OptimizeEmbedding(self, request_iterator, context):
@@ -191,7 +194,8 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
             token = convert.token(r.token, limits) if r.HasField("token") else None
             return lambda job: run_optimize_embedding(
                 ctx, spec, losses, job, optimizer=convert.optimizer(r.optimizer), token=token,
-                target_image=target, name=r.name, grad_mode=r.grad_mode, image_every=r.image_every)
+                target_image=target, name=r.name, grad_mode=r.grad_mode, image_every=r.image_every,
+                prior=r.prior, prior_weight=r.prior_weight, stop=convert.stop(r))
         return self._stream(context, "OptimizeEmbedding", build, convert.optimize_result, request_iterator=request_iterator)
 
     # -- unary ----------------------------------------------------------------------------------

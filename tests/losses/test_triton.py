@@ -95,8 +95,11 @@ def _loss(setting: str | None, **params) -> TritonLoss:
 def test_value_and_gradient_match_closed_form_mse(triton_url, shape):
     torch.manual_seed(0)
     x = torch.rand(shape, requires_grad=True)
-    loss = _loss(triton_url, model="mse_loss")(x)
-    assert loss.dim() == 0 and loss.requires_grad
+    losses = _loss(triton_url, model="mse_loss")(x)
+    # a batch total ([1]) is credited evenly to the samples; their sum is the objective
+    assert losses.shape == (shape[0],) and losses.requires_grad
+    torch.testing.assert_close(losses, losses[:1].expand(shape[0]))
+    loss = losses.sum()
     (3 * loss).backward()  # the upstream gradient must be carried through
 
     ref_x = x.detach().double().requires_grad_()
@@ -106,12 +109,26 @@ def test_value_and_gradient_match_closed_form_mse(triton_url, shape):
     torch.testing.assert_close(x.grad.double(), 3 * ref_x.grad, rtol=1e-6, atol=1e-9)
 
 
+def test_per_sample_losses_come_back_per_sample(triton_url):
+    """A loss of shape [B] is each sample's; the objective is their sum (docs/design.md §4.1)."""
+    torch.manual_seed(1)
+    x = torch.rand(3, 1, 4, 4, requires_grad=True)
+    losses = _loss(triton_url, model="mse_per_sample")(x)
+    weights = torch.tensor([1.0, -2.0, 0.5])  # a non-uniform cotangent reaches each sample's slice
+    (weights * losses).sum().backward()
+    ref_x = x.detach().double().requires_grad_()
+    ref = ((ref_x - TARGET) ** 2).flatten(1).mean(1)
+    (weights.double() * ref).sum().backward()
+    torch.testing.assert_close(losses.detach().double(), ref.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(x.grad.double(), ref_x.grad, rtol=1e-5, atol=1e-8)
+
+
 def test_url_parameter_picks_an_allowed_server(triton_url):
     dead = f"127.0.0.1:{_free_ports(1)[0]}"
     x = torch.full((1, 1, 2, 2), 1.5)
     settings = {"triton_url": dead, "triton_allowed_urls": (triton_url,)}
     loss = TritonLoss(LossContext(backend=None, settings=settings), {"url": triton_url, "model": "mse_loss"}, {})
-    assert loss(x).item() == pytest.approx(1.0)
+    assert loss(x).sum().item() == pytest.approx(1.0)
 
 
 def test_url_parameter_outside_the_allowlist_is_refused(triton_url):

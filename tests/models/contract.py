@@ -92,3 +92,11 @@ class BackendContract:
         else:
             with pytest.raises(NotImplementedError):
                 backend.encode_with_token(2, "a <*> photo", torch.zeros(4))
+        if backend.has_embedding_table:
+            table = backend.embedding_table()
+            width = backend.token_dim if backend.has_text_encoder else backend.cond_shape[-1]
+            assert table.dim() == 2 and table.shape[0] >= 2 and table.shape[1] == width
+            assert bool(torch.isfinite(table).all())
+        else:
+            with pytest.raises(NotImplementedError):
+                backend.embedding_table()

@@ -12,15 +12,16 @@ from adjointdpm_server.core import sample
 
 
 def _mixture_reference(rt, x_T, cond, target, steps, grad_mode="checkpoint", t_start=None):
-    """In-process: loss = mean over batch of mean((decode(x0) − target)²)."""
+    """In-process: loss = Σ over samples of mean((decode(x0) − target)²) (the objective sums
+    per-sample losses, docs/design.md §4.1); also returns the per-sample losses."""
     backend = rt.models["gaussian-mixture"]
     x = torch.from_numpy(x_T).requires_grad_()
     c = torch.from_numpy(cond).requires_grad_()
     x0 = sample(backend.eps_fn, x, c, schedule=backend.schedule, steps=steps, grad_mode=grad_mode,
                 t_start=t_start)
-    loss = (backend.decode(x0) - torch.from_numpy(target)).square().flatten(1).mean(1).mean()
-    gx, gc = torch.autograd.grad(loss, [x, c])
-    return float(loss.detach()), gx.numpy(), gc.numpy()
+    per_sample = (backend.decode(x0) - torch.from_numpy(target)).square().flatten(1).mean(1)
+    gx, gc = torch.autograd.grad(per_sample.sum(), [x, c])
+    return float(per_sample.sum().detach()), gx.numpy(), gc.numpy(), per_sample.detach().numpy()
 
 
 @pytest.fixture
@@ -38,17 +39,20 @@ def test_gradients_equal_in_process(client, rt, problem, kind):
     if kind == "server":
         loss = adjointdpm.ServerLoss("mse", tensors={"target": target})
     elif kind == "client-torch":
+        # one value per sample: the SDK sums them and sends them along
         loss = adjointdpm.ClientLoss(lambda img: (img - torch.from_numpy(target)).square().flatten(1)
-                                     .mean(1).mean(), name="mse_torch")
+                                     .mean(1), name="mse_torch")
     else:
-        def mse_numpy(img):
+        def mse_numpy(img):  # the batch's total only: each sample is credited total / B
             diff = img - target
-            return float(np.mean(diff ** 2)), 2 * diff / diff.size
+            return float(np.sum(np.mean(diff.reshape(len(img), -1) ** 2, 1))), 2 * diff / diff[0].size
         loss = adjointdpm.ClientLoss(mse_numpy, autograd=False)
     result = client.compute_gradient(loss, targets=["x_T", "cond"], model="gaussian-mixture",
                                      x_T=x_T, cond=cond, steps=10)
-    ref_loss, gx, gc = _mixture_reference(rt, x_T, cond, target, 10)
+    ref_loss, gx, gc, per_sample = _mixture_reference(rt, x_T, cond, target, 10)
     assert result.loss == pytest.approx(ref_loss, rel=1e-5)
+    want = per_sample if kind != "client-numpy" else np.full(2, ref_loss / 2)
+    np.testing.assert_allclose(result.sample_losses, want, rtol=1e-5)
     for got, want in ((result.gradients["x_T"], gx), (result.gradients["cond"], gc)):
         assert np.linalg.norm(got - want) <= 1e-5 * np.linalg.norm(want)
     assert result.nfe >= 20  # forward and backward solves both counted
@@ -59,7 +63,7 @@ def test_adjoint_mode_and_intermediate_state(client, rt, problem):
     loss = adjointdpm.ServerLoss("mse", tensors={"target": target})
     result = client.compute_gradient(loss, targets=["x_t"], model="gaussian-mixture", x_T=x_T,
                                      cond=cond, steps=10, grad_mode="adjoint", t_start=0.4)
-    _, gx, _ = _mixture_reference(rt, x_T, cond, target, 10, "adjoint", t_start=0.4)
+    _, gx, _, _ = _mixture_reference(rt, x_T, cond, target, 10, "adjoint", t_start=0.4)
     assert np.linalg.norm(result.gradients["x_T"] - gx) <= 1e-5 * np.linalg.norm(gx)
 
 
@@ -73,7 +77,7 @@ def test_weight_gradients_inline_and_as_artifact(client, rt, problem):
     means = model.means
     x0 = sample(model, torch.from_numpy(x_T), torch.from_numpy(cond), schedule=backend.schedule, steps=6)
     ref = torch.autograd.grad((backend.decode(x0) - torch.from_numpy(target)).square().flatten(1)
-                              .mean(1).mean(), means)[0].numpy()
+                              .mean(1).sum(), means)[0].numpy()
     assert set(inline.weight_gradients) == {"means"}
     assert np.linalg.norm(inline.weight_gradients["means"] - ref) <= 1e-5 * np.linalg.norm(ref)
     # by default weight gradients become a safetensors artifact, never megabytes of floats inline
@@ -98,7 +102,8 @@ def test_digits_cond_gradient_and_lora_gradients(client, rt):
     cond = c.cond.clone().requires_grad_()
     x0 = sample(backend.eps_fn, x, cond, schedule=backend.schedule, steps=6,
                 guidance_scale=backend.default_guidance, uncond=c.uncond)
-    ref = torch.nn.functional.cross_entropy(backend.classify(backend.decode(x0)), torch.tensor([8, 8]))
+    ref = torch.nn.functional.cross_entropy(backend.classify(backend.decode(x0)), torch.tensor([8, 8]),
+                                            reduction="sum")
     gx, gc = torch.autograd.grad(ref, [x, cond])
     assert result.loss == pytest.approx(float(ref.detach()), rel=1e-5)
     assert np.linalg.norm(result.gradients["x_T"] - gx.numpy()) <= 1e-4 * gx.norm().item()

@@ -9,6 +9,7 @@ Models (no batching: x is the whole batch, shape (B, C, H, W), FP32), each answe
 ``loss`` [1] and ``grad`` shaped like x, the contract of ``adjointdpm_server.losses._triton``:
 
 * ``mse_loss``: loss = mean((x - target)²), grad = 2 (x - target) / x.size.
+* ``mse_per_sample``: loss [B] = each sample's mean((x - target)²), grad = that of their sum.
 * ``bad_grad``: the right loss, but grad of shape x.shape[1:] (one sample's).
 * ``nan_loss``: loss NaN, the right grad.
 
@@ -48,6 +49,13 @@ def mse(x: np.ndarray, target: float) -> tuple[np.ndarray, np.ndarray]:
     return loss, (2.0 * diff / diff.size).astype(np.float32)
 
 
+def mse_per_sample(x: np.ndarray, target: float) -> tuple[np.ndarray, np.ndarray]:
+    diff = x.astype(np.float64) - target
+    per = diff[0].size
+    return ((diff * diff).reshape(len(x), -1).mean(1).astype(np.float32),
+            (2.0 * diff / per).astype(np.float32))
+
+
 def model(answer):
     """A non-batching infer function: each request carries the whole x."""
 
@@ -83,6 +91,7 @@ def main() -> None:
     inputs = [Tensor(name="x", dtype=np.float32, shape=(-1, -1, -1, -1))]
     outputs = [Tensor(name="loss", dtype=np.float32, shape=(1,)),
                Tensor(name="grad", dtype=np.float32, shape=(-1, -1, -1, -1))]
+    per_sample_outputs = [Tensor(name="loss", dtype=np.float32, shape=(-1,)), outputs[1]]
     bad_outputs = [outputs[0], Tensor(name="grad", dtype=np.float32, shape=(-1, -1, -1))]
 
     use_own_libpython()
@@ -90,7 +99,9 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with Triton(config=config) as triton:
         for name, answer, outs in [("mse_loss", good, outputs), ("bad_grad", bad_grad, bad_outputs),
-                                   ("nan_loss", nan_loss, outputs)]:
+                                   ("nan_loss", nan_loss, outputs),
+                                   ("mse_per_sample", lambda x: mse_per_sample(x, args.target),
+                                    per_sample_outputs)]:
             triton.bind(model_name=name, infer_func=model(answer), inputs=inputs, outputs=outs,
                         config=ModelConfig(batching=False))
         print("READY", flush=True)

@@ -105,14 +105,16 @@ class LossQuery(_message.Message):
     def __init__(self, term: _Optional[int] = ..., name: _Optional[str] = ..., domain: _Optional[_Union[Domain, str]] = ..., x: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., iteration: _Optional[int] = ...) -> None: ...
 
 class LossReply(_message.Message):
-    __slots__ = ("term", "value", "grad")
+    __slots__ = ("term", "value", "grad", "values")
     TERM_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     GRAD_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
     term: int
     value: float
     grad: _tensor_pb2.Tensor
-    def __init__(self, term: _Optional[int] = ..., value: _Optional[float] = ..., grad: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, term: _Optional[int] = ..., value: _Optional[float] = ..., grad: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class SampleRequest(_message.Message):
     __slots__ = ("generation", "no_images", "return_pixels")
@@ -171,16 +173,30 @@ class GradientMessage(_message.Message):
     def __init__(self, request: _Optional[_Union[GradientRequest, _Mapping]] = ..., loss_reply: _Optional[_Union[LossReply, _Mapping]] = ...) -> None: ...
 
 class Optimizer(_message.Message):
-    __slots__ = ("name", "lr", "iterations", "momentum")
+    __slots__ = ("name", "lr", "iterations", "momentum", "schedule", "warmup")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
     ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     MOMENTUM_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    WARMUP_FIELD_NUMBER: _ClassVar[int]
     name: str
     lr: float
     iterations: int
     momentum: float
-    def __init__(self, name: _Optional[str] = ..., lr: _Optional[float] = ..., iterations: _Optional[int] = ..., momentum: _Optional[float] = ...) -> None: ...
+    schedule: str
+    warmup: int
+    def __init__(self, name: _Optional[str] = ..., lr: _Optional[float] = ..., iterations: _Optional[int] = ..., momentum: _Optional[float] = ..., schedule: _Optional[str] = ..., warmup: _Optional[int] = ...) -> None: ...
+
+class StopWhen(_message.Message):
+    __slots__ = ("loss_below", "verdict_changed", "patience")
+    LOSS_BELOW_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_CHANGED_FIELD_NUMBER: _ClassVar[int]
+    PATIENCE_FIELD_NUMBER: _ClassVar[int]
+    loss_below: float
+    verdict_changed: bool
+    patience: int
+    def __init__(self, loss_below: _Optional[float] = ..., verdict_changed: _Optional[bool] = ..., patience: _Optional[int] = ...) -> None: ...
 
 class Constraint(_message.Message):
     __slots__ = ("norm", "epsilon")
@@ -191,19 +207,23 @@ class Constraint(_message.Message):
     def __init__(self, norm: _Optional[str] = ..., epsilon: _Optional[float] = ...) -> None: ...
 
 class GuidedSampling(_message.Message):
-    __slots__ = ("every", "scale", "inner_steps", "grad_steps")
+    __slots__ = ("every", "scale", "inner_steps", "grad_steps", "step", "clip")
     EVERY_FIELD_NUMBER: _ClassVar[int]
     SCALE_FIELD_NUMBER: _ClassVar[int]
     INNER_STEPS_FIELD_NUMBER: _ClassVar[int]
     GRAD_STEPS_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    CLIP_FIELD_NUMBER: _ClassVar[int]
     every: int
     scale: float
     inner_steps: int
     grad_steps: int
-    def __init__(self, every: _Optional[int] = ..., scale: _Optional[float] = ..., inner_steps: _Optional[int] = ..., grad_steps: _Optional[int] = ...) -> None: ...
+    step: str
+    clip: float
+    def __init__(self, every: _Optional[int] = ..., scale: _Optional[float] = ..., inner_steps: _Optional[int] = ..., grad_steps: _Optional[int] = ..., step: _Optional[str] = ..., clip: _Optional[float] = ...) -> None: ...
 
 class OptimizeLatentRequest(_message.Message):
-    __slots__ = ("generation", "losses", "optimizer", "constraint", "norm_weight", "image_every", "grad_mode", "guided")
+    __slots__ = ("generation", "losses", "optimizer", "constraint", "norm_weight", "image_every", "grad_mode", "guided", "stop_when")
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     LOSSES_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
@@ -212,6 +232,7 @@ class OptimizeLatentRequest(_message.Message):
     IMAGE_EVERY_FIELD_NUMBER: _ClassVar[int]
     GRAD_MODE_FIELD_NUMBER: _ClassVar[int]
     GUIDED_FIELD_NUMBER: _ClassVar[int]
+    STOP_WHEN_FIELD_NUMBER: _ClassVar[int]
     generation: Generation
     losses: _containers.RepeatedCompositeFieldContainer[LossTerm]
     optimizer: Optimizer
@@ -220,7 +241,8 @@ class OptimizeLatentRequest(_message.Message):
     image_every: int
     grad_mode: str
     guided: GuidedSampling
-    def __init__(self, generation: _Optional[_Union[Generation, _Mapping]] = ..., losses: _Optional[_Iterable[_Union[LossTerm, _Mapping]]] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., constraint: _Optional[_Union[Constraint, _Mapping]] = ..., norm_weight: _Optional[float] = ..., image_every: _Optional[int] = ..., grad_mode: _Optional[str] = ..., guided: _Optional[_Union[GuidedSampling, _Mapping]] = ...) -> None: ...
+    stop_when: StopWhen
+    def __init__(self, generation: _Optional[_Union[Generation, _Mapping]] = ..., losses: _Optional[_Iterable[_Union[LossTerm, _Mapping]]] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., constraint: _Optional[_Union[Constraint, _Mapping]] = ..., norm_weight: _Optional[float] = ..., image_every: _Optional[int] = ..., grad_mode: _Optional[str] = ..., guided: _Optional[_Union[GuidedSampling, _Mapping]] = ..., stop_when: _Optional[_Union[StopWhen, _Mapping]] = ...) -> None: ...
 
 class OptimizeLatentMessage(_message.Message):
     __slots__ = ("request", "loss_reply")
@@ -243,7 +265,7 @@ class FinetuneExample(_message.Message):
     def __init__(self, seed: _Optional[int] = ..., x_T: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., prompt: _Optional[str] = ..., label: _Optional[int] = ...) -> None: ...
 
 class FinetuneRequest(_message.Message):
-    __slots__ = ("generation", "examples", "losses", "optimizer", "method", "lora_rank", "lora_alpha", "target_modules", "checkpoint_every", "name", "batch_size", "grad_mode", "resume_from", "keep_checkpoints")
+    __slots__ = ("generation", "examples", "losses", "optimizer", "method", "lora_rank", "lora_alpha", "target_modules", "checkpoint_every", "name", "batch_size", "grad_mode", "resume_from", "keep_checkpoints", "validation", "validate_every", "keep_best", "stop_when")
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     LOSSES_FIELD_NUMBER: _ClassVar[int]
@@ -258,6 +280,10 @@ class FinetuneRequest(_message.Message):
     GRAD_MODE_FIELD_NUMBER: _ClassVar[int]
     RESUME_FROM_FIELD_NUMBER: _ClassVar[int]
     KEEP_CHECKPOINTS_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_FIELD_NUMBER: _ClassVar[int]
+    VALIDATE_EVERY_FIELD_NUMBER: _ClassVar[int]
+    KEEP_BEST_FIELD_NUMBER: _ClassVar[int]
+    STOP_WHEN_FIELD_NUMBER: _ClassVar[int]
     generation: Generation
     examples: _containers.RepeatedCompositeFieldContainer[FinetuneExample]
     losses: _containers.RepeatedCompositeFieldContainer[LossTerm]
@@ -272,7 +298,11 @@ class FinetuneRequest(_message.Message):
     grad_mode: str
     resume_from: str
     keep_checkpoints: int
-    def __init__(self, generation: _Optional[_Union[Generation, _Mapping]] = ..., examples: _Optional[_Iterable[_Union[FinetuneExample, _Mapping]]] = ..., losses: _Optional[_Iterable[_Union[LossTerm, _Mapping]]] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., method: _Optional[str] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., checkpoint_every: _Optional[int] = ..., name: _Optional[str] = ..., batch_size: _Optional[int] = ..., grad_mode: _Optional[str] = ..., resume_from: _Optional[str] = ..., keep_checkpoints: _Optional[int] = ...) -> None: ...
+    validation: _containers.RepeatedCompositeFieldContainer[FinetuneExample]
+    validate_every: int
+    keep_best: bool
+    stop_when: StopWhen
+    def __init__(self, generation: _Optional[_Union[Generation, _Mapping]] = ..., examples: _Optional[_Iterable[_Union[FinetuneExample, _Mapping]]] = ..., losses: _Optional[_Iterable[_Union[LossTerm, _Mapping]]] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., method: _Optional[str] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., checkpoint_every: _Optional[int] = ..., name: _Optional[str] = ..., batch_size: _Optional[int] = ..., grad_mode: _Optional[str] = ..., resume_from: _Optional[str] = ..., keep_checkpoints: _Optional[int] = ..., validation: _Optional[_Iterable[_Union[FinetuneExample, _Mapping]]] = ..., validate_every: _Optional[int] = ..., keep_best: _Optional[bool] = ..., stop_when: _Optional[_Union[StopWhen, _Mapping]] = ...) -> None: ...
 
 class FinetuneMessage(_message.Message):
     __slots__ = ("request", "loss_reply")
@@ -283,7 +313,7 @@ class FinetuneMessage(_message.Message):
     def __init__(self, request: _Optional[_Union[FinetuneRequest, _Mapping]] = ..., loss_reply: _Optional[_Union[LossReply, _Mapping]] = ...) -> None: ...
 
 class OptimizeEmbeddingRequest(_message.Message):
-    __slots__ = ("generation", "losses", "target_image", "optimizer", "token", "name", "grad_mode", "image_every")
+    __slots__ = ("generation", "losses", "target_image", "optimizer", "token", "name", "grad_mode", "image_every", "prior", "prior_weight", "stop_when")
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     LOSSES_FIELD_NUMBER: _ClassVar[int]
     TARGET_IMAGE_FIELD_NUMBER: _ClassVar[int]
@@ -292,6 +322,9 @@ class OptimizeEmbeddingRequest(_message.Message):
     NAME_FIELD_NUMBER: _ClassVar[int]
     GRAD_MODE_FIELD_NUMBER: _ClassVar[int]
     IMAGE_EVERY_FIELD_NUMBER: _ClassVar[int]
+    PRIOR_FIELD_NUMBER: _ClassVar[int]
+    PRIOR_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    STOP_WHEN_FIELD_NUMBER: _ClassVar[int]
     generation: Generation
     losses: _containers.RepeatedCompositeFieldContainer[LossTerm]
     target_image: _tensor_pb2.Tensor
@@ -300,7 +333,10 @@ class OptimizeEmbeddingRequest(_message.Message):
     name: str
     grad_mode: str
     image_every: int
-    def __init__(self, generation: _Optional[_Union[Generation, _Mapping]] = ..., losses: _Optional[_Iterable[_Union[LossTerm, _Mapping]]] = ..., target_image: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., token: _Optional[_Union[TokenSpec, _Mapping]] = ..., name: _Optional[str] = ..., grad_mode: _Optional[str] = ..., image_every: _Optional[int] = ...) -> None: ...
+    prior: str
+    prior_weight: float
+    stop_when: StopWhen
+    def __init__(self, generation: _Optional[_Union[Generation, _Mapping]] = ..., losses: _Optional[_Iterable[_Union[LossTerm, _Mapping]]] = ..., target_image: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., token: _Optional[_Union[TokenSpec, _Mapping]] = ..., name: _Optional[str] = ..., grad_mode: _Optional[str] = ..., image_every: _Optional[int] = ..., prior: _Optional[str] = ..., prior_weight: _Optional[float] = ..., stop_when: _Optional[_Union[StopWhen, _Mapping]] = ...) -> None: ...
 
 class OptimizeEmbeddingMessage(_message.Message):
     __slots__ = ("request", "loss_reply")
@@ -333,18 +369,42 @@ class QueuePosition(_message.Message):
     def __init__(self, position: _Optional[int] = ...) -> None: ...
 
 class Iteration(_message.Message):
-    __slots__ = ("iteration", "loss", "loss_terms", "grad_norm", "images")
+    __slots__ = ("iteration", "loss", "loss_terms", "grad_norm", "images", "sample_losses", "x_T", "stopped", "lr")
     ITERATION_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     LOSS_TERMS_FIELD_NUMBER: _ClassVar[int]
     GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_LOSSES_FIELD_NUMBER: _ClassVar[int]
+    X_T_FIELD_NUMBER: _ClassVar[int]
+    STOPPED_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
     iteration: int
     loss: float
     loss_terms: _containers.RepeatedScalarFieldContainer[float]
     grad_norm: float
     images: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, iteration: _Optional[int] = ..., loss: _Optional[float] = ..., loss_terms: _Optional[_Iterable[float]] = ..., grad_norm: _Optional[float] = ..., images: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    sample_losses: _containers.RepeatedScalarFieldContainer[float]
+    x_T: _tensor_pb2.Tensor
+    stopped: _containers.RepeatedScalarFieldContainer[bool]
+    lr: float
+    def __init__(self, iteration: _Optional[int] = ..., loss: _Optional[float] = ..., loss_terms: _Optional[_Iterable[float]] = ..., grad_norm: _Optional[float] = ..., images: _Optional[_Iterable[bytes]] = ..., sample_losses: _Optional[_Iterable[float]] = ..., x_T: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., stopped: _Optional[_Iterable[bool]] = ..., lr: _Optional[float] = ...) -> None: ...
+
+class Validation(_message.Message):
+    __slots__ = ("iteration", "loss", "loss_terms", "agreement", "images", "best")
+    ITERATION_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    LOSS_TERMS_FIELD_NUMBER: _ClassVar[int]
+    AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    BEST_FIELD_NUMBER: _ClassVar[int]
+    iteration: int
+    loss: float
+    loss_terms: _containers.RepeatedScalarFieldContainer[float]
+    agreement: float
+    images: _containers.RepeatedScalarFieldContainer[bytes]
+    best: bool
+    def __init__(self, iteration: _Optional[int] = ..., loss: _Optional[float] = ..., loss_terms: _Optional[_Iterable[float]] = ..., agreement: _Optional[float] = ..., images: _Optional[_Iterable[bytes]] = ..., best: _Optional[bool] = ...) -> None: ...
 
 class ArtifactInfo(_message.Message):
     __slots__ = ("id", "kind", "model", "size", "name", "iteration", "metadata")
@@ -377,7 +437,7 @@ class SampleResult(_message.Message):
     def __init__(self, images: _Optional[_Iterable[bytes]] = ..., x0: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., x_T: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., pixels: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class GradientResult(_message.Message):
-    __slots__ = ("loss", "loss_terms", "x0", "images", "gradients", "weight_gradients", "weights_artifact", "nfe")
+    __slots__ = ("loss", "loss_terms", "x0", "images", "gradients", "weight_gradients", "weights_artifact", "nfe", "sample_losses")
     class GradientsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -400,6 +460,7 @@ class GradientResult(_message.Message):
     WEIGHT_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_ARTIFACT_FIELD_NUMBER: _ClassVar[int]
     NFE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_LOSSES_FIELD_NUMBER: _ClassVar[int]
     loss: float
     loss_terms: _containers.RepeatedScalarFieldContainer[float]
     x0: _tensor_pb2.Tensor
@@ -408,10 +469,11 @@ class GradientResult(_message.Message):
     weight_gradients: _containers.MessageMap[str, _tensor_pb2.Tensor]
     weights_artifact: ArtifactInfo
     nfe: int
-    def __init__(self, loss: _Optional[float] = ..., loss_terms: _Optional[_Iterable[float]] = ..., x0: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., images: _Optional[_Iterable[bytes]] = ..., gradients: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., weight_gradients: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., weights_artifact: _Optional[_Union[ArtifactInfo, _Mapping]] = ..., nfe: _Optional[int] = ...) -> None: ...
+    sample_losses: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, loss: _Optional[float] = ..., loss_terms: _Optional[_Iterable[float]] = ..., x0: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., images: _Optional[_Iterable[bytes]] = ..., gradients: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., weight_gradients: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., weights_artifact: _Optional[_Union[ArtifactInfo, _Mapping]] = ..., nfe: _Optional[int] = ..., sample_losses: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class OptimizeResult(_message.Message):
-    __slots__ = ("loss", "history", "x_T", "x0", "images", "initial_images", "artifact")
+    __slots__ = ("loss", "history", "x_T", "x0", "images", "initial_images", "artifact", "sample_losses", "best_iteration", "stopped", "iterations_run", "last_x_T")
     LOSS_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
     X_T_FIELD_NUMBER: _ClassVar[int]
@@ -419,6 +481,11 @@ class OptimizeResult(_message.Message):
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     INITIAL_IMAGES_FIELD_NUMBER: _ClassVar[int]
     ARTIFACT_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_LOSSES_FIELD_NUMBER: _ClassVar[int]
+    BEST_ITERATION_FIELD_NUMBER: _ClassVar[int]
+    STOPPED_FIELD_NUMBER: _ClassVar[int]
+    ITERATIONS_RUN_FIELD_NUMBER: _ClassVar[int]
+    LAST_X_T_FIELD_NUMBER: _ClassVar[int]
     loss: float
     history: _containers.RepeatedScalarFieldContainer[float]
     x_T: _tensor_pb2.Tensor
@@ -426,10 +493,15 @@ class OptimizeResult(_message.Message):
     images: _containers.RepeatedScalarFieldContainer[bytes]
     initial_images: _containers.RepeatedScalarFieldContainer[bytes]
     artifact: ArtifactInfo
-    def __init__(self, loss: _Optional[float] = ..., history: _Optional[_Iterable[float]] = ..., x_T: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., x0: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., images: _Optional[_Iterable[bytes]] = ..., initial_images: _Optional[_Iterable[bytes]] = ..., artifact: _Optional[_Union[ArtifactInfo, _Mapping]] = ...) -> None: ...
+    sample_losses: _containers.RepeatedScalarFieldContainer[float]
+    best_iteration: _containers.RepeatedScalarFieldContainer[int]
+    stopped: _containers.RepeatedScalarFieldContainer[bool]
+    iterations_run: int
+    last_x_T: _tensor_pb2.Tensor
+    def __init__(self, loss: _Optional[float] = ..., history: _Optional[_Iterable[float]] = ..., x_T: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., x0: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., images: _Optional[_Iterable[bytes]] = ..., initial_images: _Optional[_Iterable[bytes]] = ..., artifact: _Optional[_Union[ArtifactInfo, _Mapping]] = ..., sample_losses: _Optional[_Iterable[float]] = ..., best_iteration: _Optional[_Iterable[int]] = ..., stopped: _Optional[_Iterable[bool]] = ..., iterations_run: _Optional[int] = ..., last_x_T: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("progress", "queued", "loss_query", "iteration", "checkpoint", "sample", "gradient", "optimized")
+    __slots__ = ("progress", "queued", "loss_query", "iteration", "checkpoint", "sample", "gradient", "optimized", "validation")
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     LOSS_QUERY_FIELD_NUMBER: _ClassVar[int]
@@ -438,6 +510,7 @@ class Event(_message.Message):
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
     GRADIENT_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZED_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_FIELD_NUMBER: _ClassVar[int]
     progress: Progress
     queued: QueuePosition
     loss_query: LossQuery
@@ -446,7 +519,8 @@ class Event(_message.Message):
     sample: SampleResult
     gradient: GradientResult
     optimized: OptimizeResult
-    def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., queued: _Optional[_Union[QueuePosition, _Mapping]] = ..., loss_query: _Optional[_Union[LossQuery, _Mapping]] = ..., iteration: _Optional[_Union[Iteration, _Mapping]] = ..., checkpoint: _Optional[_Union[ArtifactInfo, _Mapping]] = ..., sample: _Optional[_Union[SampleResult, _Mapping]] = ..., gradient: _Optional[_Union[GradientResult, _Mapping]] = ..., optimized: _Optional[_Union[OptimizeResult, _Mapping]] = ...) -> None: ...
+    validation: Validation
+    def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., queued: _Optional[_Union[QueuePosition, _Mapping]] = ..., loss_query: _Optional[_Union[LossQuery, _Mapping]] = ..., iteration: _Optional[_Union[Iteration, _Mapping]] = ..., checkpoint: _Optional[_Union[ArtifactInfo, _Mapping]] = ..., sample: _Optional[_Union[SampleResult, _Mapping]] = ..., gradient: _Optional[_Union[GradientResult, _Mapping]] = ..., optimized: _Optional[_Union[OptimizeResult, _Mapping]] = ..., validation: _Optional[_Union[Validation, _Mapping]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

@@ -29,10 +29,12 @@ class LossContext:
 
 
 class LossPlugin(abc.ABC):
-    """One loss term: built per request, then called on x → a scalar, differentiable in x.
+    """One loss term: built per request, then called on x → the loss of each sample, shape (B,),
+    differentiable in x.
 
     ``x`` is the decoded image in [0, 1], shape (B, C, H, W) (``domain = "image"``), or ``x_0``
-    itself (``"latent"``). Losses average over the batch so that their scale does not depend on it.
+    itself (``"latent"``). The request's objective is the weighted sum over terms and samples
+    (docs/design.md §4.1), so a sample's gradient does not depend on the batch it shares.
     """
 
     name: ClassVar[str]
@@ -57,7 +59,7 @@ class LossPlugin(abc.ABC):
 
     @abc.abstractmethod
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """The loss of ``x``, a 0-d tensor."""
+        """The loss of each sample of ``x``, shape (B,)."""
 
     # helpers for subclasses ----------------------------------------------------------------
     @staticmethod

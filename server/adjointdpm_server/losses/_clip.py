@@ -70,4 +70,4 @@ class ClipSimilarityLoss(LossPlugin):
         features = self.model.get_image_features(pixel_values=x)
         features = getattr(features, "pooler_output", features)
         image = torch.nn.functional.normalize(features, dim=-1)
-        return (1 - (image * self.text.to(image.device)).sum(-1)).mean()
+        return 1 - (image * self.text.to(image.device)).sum(-1)

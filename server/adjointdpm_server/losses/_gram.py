@@ -50,7 +50,7 @@ class GramStyleLoss(LossPlugin):
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.context.backend.style_features(x)
-        loss = sum((gram(f) - g.to(f.dtype)).square().flatten(1).sum(1).mean()
+        loss = sum((gram(f) - g.to(f.dtype)).square().flatten(1).sum(1)
                    for f, g in zip(feats, self.style_grams))
         if self.content_weight:
             content = self.content if self.content is not None else self.context.reference
@@ -60,5 +60,5 @@ class GramStyleLoss(LossPlugin):
             with torch.no_grad():
                 targets = self.context.backend.style_features(content.to(x.device, x.dtype))
             loss = loss + self.content_weight * sum(
-                (f - t).square().flatten(1).mean(1).mean() for f, t in zip(feats, targets))
+                (f - t).square().flatten(1).mean(1) for f, t in zip(feats, targets))
         return loss

@@ -12,7 +12,7 @@ __all__ = ["MSELoss"]
 
 class MSELoss(LossPlugin):
     name = "mse"
-    description = "mean squared error to a target image (or latent); per-sample mean, batch mean"
+    description = "mean squared error to a target image (or latent), per sample"
     tensors = {"target": "(C, H, W) or (B, C, H, W), same space as the loss's domain"}
 
     def __init__(self, context, params, tensors):
@@ -30,4 +30,4 @@ class MSELoss(LossPlugin):
         if target.shape[1:] != x.shape[1:] or target.shape[0] not in (1, x.shape[0]):
             raise InvalidArgument(f"mse: target of shape {tuple(self.target.shape)} does not match "
                                   f"x of shape {tuple(x.shape)}")
-        return (x - target).square().flatten(1).mean(1).mean()
+        return (x - target).square().flatten(1).mean(1)

@@ -18,9 +18,11 @@ from ..integrity import check_input, check_number, safe_bound
 __all__ = ["RemoteLoss", "check_reply"]
 
 
-def check_reply(value, grad, shape, who: str, dtype=np.float32) -> tuple[float, np.ndarray]:
+def check_reply(value, grad, shape, who: str, dtype=np.float32, values=None) -> tuple[np.ndarray, np.ndarray]:
     """A remote answer is numbers we did not compute: finite and within the safe range of the
-    working ``dtype`` (x's), and the gradient shaped like x."""
+    working ``dtype`` (x's), the gradient shaped like x, per-sample ``values`` (if any) one per
+    sample and summing to ``value``. Returns (per-sample values, gradient); without ``values`` each
+    sample is credited value / batch."""
     value = float(value)
     grad = np.asarray(grad)
     if tuple(grad.shape) != tuple(shape):
@@ -31,33 +33,51 @@ def check_reply(value, grad, shape, who: str, dtype=np.float32) -> tuple[float, 
     if not np.isfinite(grad).all():
         raise InvalidArgument(f"{who} returned a gradient with NaN or Inf entries")
     torch_dtype = torch.from_numpy(np.zeros(0, dtype=dtype)).dtype
-    check_number(f"the loss value {who} returned", value, safe_bound(torch_dtype))
+    bound = safe_bound(torch_dtype)
+    check_number(f"the loss value {who} returned", value, bound)
     check_input(f"the gradient {who} returned", grad, torch_dtype)
-    return value, grad
+    batch = shape[0]
+    if values is None or len(values) == 0:
+        return np.full(batch, value / batch), grad
+    values = np.asarray(values, dtype=np.float64)
+    if values.shape != (batch,):
+        raise InvalidArgument(f"{who} returned {values.size} per-sample values for a batch of {batch}")
+    for v in values:
+        check_number(f"a per-sample value {who} returned", float(v), bound)
+    if abs(values.sum() - value) > 1e-3 * max(1.0, abs(value)):
+        raise InvalidArgument(f"{who} returned per-sample values summing to {values.sum():.6g}, "
+                              f"not to its value {value:.6g}")
+    return values, grad
 
 
 class _Remote(torch.autograd.Function):
+    """Per-sample values out; back, sample i gets its own slice of the gradient scaled by its
+    cotangent (exact for a sum of per-sample losses, and for any loss under a uniform cotangent,
+    which is what the objective's sum gives)."""
+
     @staticmethod
     def forward(ctx, x, ask):
-        value, grad = ask(x.detach().cpu().numpy())
+        values, grad = ask(x.detach().cpu().numpy())
         ctx.save_for_backward(torch.as_tensor(grad, dtype=x.dtype, device=x.device))
-        return x.new_tensor(value)
+        return torch.as_tensor(values, dtype=x.dtype, device=x.device)
 
     @staticmethod
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
-        return grad_output * grad, None
+        return grad_output.view(-1, *[1] * (grad.dim() - 1)).to(grad.dtype) * grad, None
 
 
 class RemoteLoss:
-    """``loss(x)``: a differentiable scalar whose value and gradient come from ``ask``."""
+    """``loss(x)``: per-sample losses whose values and gradient come from ``ask``, which returns
+    ``(value, grad)`` or ``(value, grad, per-sample values)``."""
 
-    def __init__(self, ask: Callable[[np.ndarray], tuple[float, np.ndarray]], who: str):
+    def __init__(self, ask: Callable[[np.ndarray], tuple], who: str):
         self.ask, self.who = ask, who
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         def checked(array):
-            value, grad = self.ask(array)
-            return check_reply(value, grad, array.shape, self.who, array.dtype)
+            value, grad, *values = self.ask(array)
+            return check_reply(value, grad, array.shape, self.who, array.dtype,
+                               values[0] if values else None)
 
         return _Remote.apply(x, checked)

@@ -4,9 +4,9 @@ So a loss can live in any framework Triton serves, on another machine, without t
 importing it. The remote model's contract (no batching, ``max_batch_size: 0``):
 
 * input ``x`` (name: param ``input``), FP32, shape (B, C, H, W): the whole batch, images in [0, 1];
-* output ``loss`` (param ``loss_output``), shape [1]: the batch's loss, a scalar that averages
-  over the batch like every loss here;
-* output ``grad`` (param ``grad_output``), shape (B, C, H, W): ∂loss/∂x of that same scalar.
+* output ``loss`` (param ``loss_output``), shape [B]: each sample's loss, or [1]: the batch's
+  total (each sample is then credited total / B in per-sample figures);
+* output ``grad`` (param ``grad_output``), shape (B, C, H, W): ∂(sum of loss)/∂x.
 
 Anything else (another shape, NaN or Inf) is refused with InvalidArgument. tritonclient is
 imported only when a loss is built, so that importing this module stays cheap.
@@ -42,7 +42,7 @@ class TritonLoss(LossPlugin):
         "model": "the model's name on the Triton server (required)",
         "version": "the model version (default: the server's choice)",
         "input": "the model's input tensor that receives x, FP32 (B, C, H, W) (default 'x')",
-        "loss_output": "the output holding the batch's loss, shape [1] (default 'loss')",
+        "loss_output": "the output holding the loss, shape [B] or [1] (default 'loss')",
         "grad_output": "the output holding ∂loss/∂x, shaped like x (default 'grad')",
         "timeout": "seconds to wait for one answer (default 30)",
     }
@@ -100,10 +100,12 @@ class TritonLoss(LossPlugin):
         if value is None or grad is None:
             raise InvalidArgument(f"{self.who} did not return the outputs "
                                   f"{self.loss_output!r} and {self.grad_output!r}")
-        if value.shape != (1,):
+        if value.shape not in ((1,), (x.shape[0],)):
             raise InvalidArgument(f"{self.who} returned a loss of shape {value.shape}; expected "
-                                  f"[1] (the batch's loss)")
-        return float(value[0]), np.array(grad)  # a writable copy of a read-only view
+                                  f"[1] (the batch's loss) or [{x.shape[0]}] (one per sample)")
+        if value.shape == (1,):
+            return float(value[0]), np.array(grad)  # a writable copy of a read-only view
+        return float(value.astype(np.float64).sum()), np.array(grad), value.astype(np.float64)
 
     def _error(self, e) -> Exception:
         """The server's status, as the error the user acts on: fix the request or retry later."""

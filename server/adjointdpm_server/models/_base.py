@@ -42,6 +42,7 @@ class ModelBackend(abc.ABC):
     # Optional capabilities, declared (callers read these flags, never probe with hasattr):
     has_text_encoder: bool = False  # encode_with_token, token_init, token_dim (textual inversion)
     has_classifier: bool = False    # classify (the classifier loss, audits)
+    has_embedding_table: bool = False  # embedding_table (priors for learned embeddings)
 
     @property
     def device(self) -> torch.device:
@@ -91,6 +92,11 @@ class ModelBackend(abc.ABC):
                           placeholder: str = "<*>", negative_prompt=None) -> Conditioning:
         """Conditioning with a new token's input embedding placed at ``placeholder``."""
         raise NotImplementedError(f"{type(self).__name__} has no text encoder")
+
+    def embedding_table(self) -> torch.Tensor:
+        """(N, D): the model's own embeddings a learned one should resemble (a prior's statistics):
+        the digits' class vectors, SD's token input embeddings."""
+        raise NotImplementedError(f"{type(self).__name__} has no embedding table")
 
     def classify(self, images: torch.Tensor) -> torch.Tensor:
         """Class logits of decoded images (differentiable)."""

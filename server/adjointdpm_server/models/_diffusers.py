@@ -147,6 +147,7 @@ class StableDiffusionBackend(ModelBackend):
     default_guidance = 7.5
     conditioning = "prompt"
     has_text_encoder = True
+    has_embedding_table = True
     lora_targets = LORA_TARGETS
 
     @property
@@ -156,6 +157,10 @@ class StableDiffusionBackend(ModelBackend):
     @property
     def token_dim(self) -> int:
         return self.text_encoder.get_input_embeddings().embedding_dim
+
+    def embedding_table(self) -> torch.Tensor:
+        """The text encoder's token input embeddings (what a new token joins)."""
+        return self.text_encoder.get_input_embeddings().weight.detach()
 
     def token_init(self, word: str) -> torch.Tensor:
         """The input embedding of ``word`` (the mean over its tokens): a start for inversion."""

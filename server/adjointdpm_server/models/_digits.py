@@ -90,6 +90,7 @@ class DigitsBackend(ModelBackend):
     default_guidance = 2.0
     conditioning = "labels"
     has_classifier = True
+    has_embedding_table = True
 
     def __init__(self, path: str | Path = DIGITS_WEIGHTS, device="cpu", dtype=torch.float32):
         from diffusers import DDPMScheduler, UNet2DModel
@@ -121,6 +122,10 @@ class DigitsBackend(ModelBackend):
             return labels if labels is None or labels.is_floating_point() else table[labels].clone()
 
         return Conditioning(vectors(c.cond), vectors(c.uncond))
+
+    def embedding_table(self) -> torch.Tensor:
+        """The ten class vectors (the null class's is no digit)."""
+        return self.eps_fn.unet.class_embedding.weight.detach()[:NULL_CLASS]
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         return ((x0 + 1.0) / 2.0).clamp(0.0, 1.0)

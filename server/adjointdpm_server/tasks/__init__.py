@@ -6,9 +6,9 @@ a result dataclass; the service translates both ways.
 """
 
 from ._context import TaskContext
-from ._job import Checkpoint, ClientQuery, IterationReport, Job, LocalJob, Queued
-from ._specs import (ExampleSpec, GenerationSpec, GuidedSpec, LossSpec, OptimizerSpec, TokenSpec,
-                     WeightsSpec)
+from ._job import Checkpoint, ClientQuery, IterationReport, Job, LocalJob, Queued, ValidationReport
+from ._specs import (ExampleSpec, GenerationSpec, GuidedSpec, LossSpec, OptimizerSpec, StopSpec,
+                     TokenSpec, WeightsSpec)
 from .embedding import run_optimize_embedding
 from .finetune import run_finetune
 from .gradient import TARGETS, GradientResult, run_gradient
@@ -16,7 +16,8 @@ from .optimize_latent import OptimizeResult, run_optimize_latent
 from .sample import SampleResult, run_sample
 
 __all__ = [
-    "TaskContext", "Job", "LocalJob", "ClientQuery", "IterationReport", "Checkpoint", "Queued",
+    "TaskContext", "Job", "LocalJob", "ClientQuery", "IterationReport", "ValidationReport",
+    "Checkpoint", "Queued", "StopSpec",
     "GenerationSpec", "LossSpec", "OptimizerSpec", "TokenSpec", "WeightsSpec", "GuidedSpec",
     "ExampleSpec", "TARGETS",
     "run_sample", "run_gradient", "run_optimize_latent", "run_finetune", "run_optimize_embedding",

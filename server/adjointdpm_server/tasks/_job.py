@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 
 from ..errors import Cancelled, DeadlineExceeded, FailedPrecondition
 
-__all__ = ["Job", "LocalJob", "ClientQuery", "Checkpoint", "IterationReport", "Queued"]
+__all__ = ["Job", "LocalJob", "ClientQuery", "Checkpoint", "IterationReport", "ValidationReport", "Queued"]
 
 
 @dataclass
@@ -39,6 +39,20 @@ class IterationReport:
     loss_terms: list[float]
     grad_norm: float
     images: list[bytes]
+    sample_losses: list[float] = field(default_factory=list)
+    x_T: Any = None            # OptimizeLatent: the iterate this iteration evaluated
+    stopped: list[bool] = field(default_factory=list)
+    lr: float = 0.0
+
+
+@dataclass
+class ValidationReport:
+    iteration: int
+    loss: float
+    loss_terms: list[float]
+    agreement: float | None
+    images: list[bytes]
+    best: bool
 
 
 @dataclass
@@ -67,7 +81,8 @@ class Job:
     def emit(self, event) -> None:
         pass
 
-    def ask(self, query: ClientQuery) -> tuple[float, np.ndarray]:
+    def ask(self, query: ClientQuery) -> tuple:
+        """(value, grad) or (value, grad, per-sample values) of a client loss term at query.x."""
         raise FailedPrecondition(f"loss {query.name!r} is a client-side loss, but this call has "
                                  "no client to compute it")
 
@@ -89,7 +104,7 @@ class LocalJob(Job):
     def emit(self, event) -> None:
         self.events.append(event)
 
-    def ask(self, query: ClientQuery) -> tuple[float, np.ndarray]:
+    def ask(self, query: ClientQuery) -> tuple:
         fn = self.client_losses.get(query.name)
         if fn is None:
             return super().ask(query)

@@ -7,6 +7,7 @@ answer; server terms are plugins from the registry.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -16,7 +17,7 @@ from ..losses import LossContext, RemoteLoss, build_loss
 from ._job import ClientQuery, Job
 from ._specs import LossSpec
 
-__all__ = ["Objective"]
+__all__ = ["Objective", "Evaluation"]
 
 
 class Objective:
@@ -59,15 +60,25 @@ class Objective:
             return self.job.ask(ClientQuery(index, spec.name, spec.domain, x, self.iteration))
         return ask
 
-    def __call__(self, x0: torch.Tensor, images: torch.Tensor | None = None):
-        """(total loss, [term values]); ``images`` = decode(x0) when already computed."""
+    def __call__(self, x0: torch.Tensor, images: torch.Tensor | None = None) -> "Evaluation":
+        """The objective Σ_terms weight · Σ_samples loss (docs/design.md §4.1); ``images`` =
+        decode(x0) when already computed."""
         if images is None and self.needs_image:
             images = self.backend.decode(x0)
-        total, values = 0.0, []
+        total, values, per_sample = 0.0, [], torch.zeros(x0.shape[0], dtype=torch.float64)
         for spec, term in zip(self.specs, self.terms):
-            value = term(images if spec.domain == "image" else x0)
-            if value.dim() != 0:
-                raise InvalidArgument(f"loss {spec.name!r} did not return a scalar")
-            values.append(float(value.detach()))
-            total = total + spec.weight * value
-        return total, values
+            losses = term(images if spec.domain == "image" else x0)
+            if losses.shape != (x0.shape[0],):
+                raise InvalidArgument(f"loss {spec.name!r} returned shape {tuple(losses.shape)}; "
+                                      f"a loss gives one value per sample ({x0.shape[0]},)")
+            term_total = losses.sum()
+            values.append(float(term_total.detach()))
+            per_sample += spec.weight * losses.detach().to("cpu", torch.float64)
+            total = total + spec.weight * term_total
+        return Evaluation(total, values, per_sample)
+
+
+class Evaluation(NamedTuple):
+    total: torch.Tensor           # differentiable: Σ_terms weight · Σ_samples loss
+    values: list[float]           # each term's total, unweighted
+    per_sample: torch.Tensor      # (B,) float64, detached: each sample's weighted loss

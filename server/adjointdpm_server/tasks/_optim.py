@@ -11,9 +11,13 @@ from ..artifacts import MAX_NAME
 from ..errors import InvalidArgument
 from ._images import to_png
 from ._job import IterationReport, Job
-from ._specs import OptimizerSpec
+from ._objective import Evaluation
+from ._specs import OptimizerSpec, StopSpec
 
-__all__ = ["make_optimizer", "check_iterations", "check_name", "report", "optimize"]
+__all__ = ["make_optimizer", "check_iterations", "check_name", "check_stop", "report", "optimize",
+           "learning_rate", "SCHEDULES", "Patience"]
+
+SCHEDULES = ("constant", "cosine", "linear")
 
 
 def check_iterations(spec: OptimizerSpec, limits) -> None:
@@ -21,6 +25,20 @@ def check_iterations(spec: OptimizerSpec, limits) -> None:
         raise InvalidArgument(f"iterations must lie in 1…{limits.max_iterations}; got {spec.iterations}")
     if not (math.isfinite(spec.lr) and spec.lr > 0):
         raise InvalidArgument(f"the learning rate must be positive and finite; got {spec.lr}")
+    if (spec.schedule or "constant") not in SCHEDULES:
+        raise InvalidArgument(f"the learning-rate schedule must be one of {', '.join(SCHEDULES)}; "
+                              f"got {spec.schedule!r}")
+    if not 0 <= spec.warmup < spec.iterations:
+        raise InvalidArgument(f"warmup must be fewer than the {spec.iterations} iterations; got {spec.warmup}")
+
+
+def check_stop(stop: StopSpec | None, limits) -> None:
+    if stop is None:
+        return
+    if stop.loss_below is not None and not math.isfinite(stop.loss_below):
+        raise InvalidArgument("stop_when.loss_below must be finite")
+    if stop.patience > limits.max_iterations:
+        raise InvalidArgument(f"stop_when.patience must be at most {limits.max_iterations}")
 
 
 def check_name(name: str) -> None:
@@ -38,31 +56,75 @@ def make_optimizer(spec: OptimizerSpec, params) -> torch.optim.Optimizer:
     raise InvalidArgument(f"unknown optimizer {name!r}; choose adam or sgd")
 
 
-def report(job: Job, iteration: int, total, values, grad_norm: float, images=None) -> float:
+def learning_rate(spec: OptimizerSpec, it: int) -> float:
+    """The step size of iteration ``it``: linear warm-up over ``warmup`` iterations, then the
+    schedule from lr down (cosine or linear, reaching 0 one step after the last). A function of
+    the iteration alone, so a resumed fine-tune continues the same curve."""
+    if it < spec.warmup:
+        return spec.lr * (it + 1) / (spec.warmup + 1)
+    progress = (it - spec.warmup) / max(1, spec.iterations - spec.warmup)
+    kind = spec.schedule or "constant"
+    if kind == "cosine":
+        return spec.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if kind == "linear":
+        return spec.lr * (1.0 - progress)
+    return spec.lr
+
+
+class Patience:
+    """Run-level early stop and keep-best: ``update(loss) → True`` when the run should stop
+    (the loss reached ``loss_below`` or ``patience`` updates passed without a new best)."""
+
+    def __init__(self, stop: StopSpec | None):
+        self.stop = stop or StopSpec()
+        self.best, self.best_at, self.count, self.stop_now = math.inf, -1, 0, False
+
+    def update(self, loss: float) -> bool:
+        if loss < self.best:
+            self.best, self.best_at = loss, self.count
+        self.count += 1
+        below = self.stop.loss_below is not None and loss <= self.stop.loss_below
+        tired = bool(self.stop.patience) and self.count - 1 - self.best_at >= self.stop.patience
+        self.stop_now = below or tired
+        return self.stop_now
+
+    @property
+    def improved(self) -> bool:
+        """The last update was a new best."""
+        return self.best_at == self.count - 1
+
+
+def report(job: Job, iteration: int, evaluation: Evaluation, grad_norm: float, images=None, *,
+           lr: float = 0.0, x_T=None, stopped=()) -> float:
     """Emit one iteration's figures (and PNGs when given); a non-finite loss ends the job."""
-    loss = float(total.detach()) if isinstance(total, torch.Tensor) else float(total)
+    loss = float(evaluation.total.detach()) if isinstance(evaluation.total, torch.Tensor) else float(evaluation.total)
     if not math.isfinite(loss):
         raise InvalidArgument(f"the loss became {loss} at iteration {iteration}")
-    job.emit(IterationReport(iteration, loss, list(values), grad_norm,
-                             to_png(images) if images is not None else []))
+    job.emit(IterationReport(iteration, loss, list(evaluation.values), grad_norm,
+                             to_png(images) if images is not None else [],
+                             evaluation.per_sample.tolist(), x_T, list(stopped), lr))
     return loss
 
 
-def optimize(job: Job, opt: torch.optim.Optimizer, params, iterations: int,
+def optimize(job: Job, opt: torch.optim.Optimizer, params, spec: OptimizerSpec,
              loss_at: Callable[[int], tuple], *, first: int = 0, history: list | None = None,
-             after_step: Callable[[int], None] | None = None) -> list[float]:
-    """The loop every optimizing task shares: ``loss_at(it) → (total, term values, images to
-    report or None)``, backward, report, step, then ``after_step(iterations done)`` (a
-    projection, a checkpoint). The job is checked between iterations (cancel, deadline)."""
+             after_step: Callable[[int], bool | None] | None = None) -> list[float]:
+    """The loop every optimizing task shares: set the step size of the schedule, ``loss_at(it) →
+    (evaluation, images to report or None, extra report fields)``, backward, report, step, then
+    ``after_step(iterations done)`` (a projection, a checkpoint, a validation), which returns True
+    to stop early. The job is checked between iterations (cancel, deadline)."""
     history = [] if history is None else history
-    for it in range(first, iterations):
+    for it in range(first, spec.iterations):
         job.check()
-        total, values, images = loss_at(it)
+        lr = learning_rate(spec, it)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        evaluation, images, extra = loss_at(it)
         opt.zero_grad()
-        total.backward()
+        evaluation.total.backward()
         grad_norm = math.sqrt(sum(float(p.grad.square().sum()) for p in params if p.grad is not None))
-        history.append(report(job, it, total, values, grad_norm, images))
+        history.append(report(job, it, evaluation, grad_norm, images, lr=lr, **extra))
         opt.step()
-        if after_step is not None:
-            after_step(it + 1)
+        if after_step is not None and after_step(it + 1):
+            break
     return history

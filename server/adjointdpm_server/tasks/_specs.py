@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 __all__ = ["GenerationSpec", "LossSpec", "OptimizerSpec", "TokenSpec", "WeightsSpec",
-           "GuidedSpec", "ExampleSpec"]
+           "GuidedSpec", "ExampleSpec", "StopSpec"]
 
 
 @dataclass
@@ -53,6 +53,17 @@ class OptimizerSpec:
     lr: float = 0.05
     iterations: int = 10
     momentum: float = 0.0
+    schedule: str = "constant"
+    warmup: int = 0
+
+
+@dataclass
+class StopSpec:
+    """When to stop early (per sample in OptimizeLatent; the run elsewhere)."""
+
+    loss_below: float | None = None
+    verdict_changed: bool = False
+    patience: int = 0
 
 
 @dataclass
@@ -75,6 +86,8 @@ class GuidedSpec:
     scale: float = 0.0
     inner_steps: int = 1
     grad_steps: int = 0
+    step: str = "normalized"
+    clip: float = 0.0
 
 
 @dataclass

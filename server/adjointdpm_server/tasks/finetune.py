@@ -4,6 +4,11 @@ The paper's stylization (§4.2, eq. 13: a Gram style term plus a content term th
 example close to what the base model made of it — ``reference`` below). Works on a copy: the
 resident model is never modified; checkpoints and the result are safetensors artifacts, and the
 result is an adapter ``Sample`` accepts by its id.
+
+Held-out ``validation`` examples (seeds the training never sees) measure what the style costs:
+every ``validate_every`` steps the adapter samples them, and a ``Validation`` event reports the
+losses and, where the model has a classifier, how many images keep the base model's verdict.
+``keep_best`` returns the adapter of the best validation loss; ``stop_when`` ends the run early.
 """
 
 from __future__ import annotations
@@ -15,10 +20,10 @@ from ..models._adapters import full_copy, trainable_state, with_lora
 from ._context import TaskContext
 from ._generation import prepare, run_sampler
 from ._images import to_png
-from ._job import Checkpoint, Job
+from ._job import Checkpoint, Job, ValidationReport
 from ._objective import Objective
-from ._optim import check_iterations, check_name, make_optimizer, optimize
-from ._specs import ExampleSpec, GenerationSpec, LossSpec, OptimizerSpec
+from ._optim import Patience, check_iterations, check_name, check_stop, make_optimizer, optimize
+from ._specs import ExampleSpec, GenerationSpec, LossSpec, OptimizerSpec, StopSpec
 from .gradient import check_grad_mode
 from .optimize_latent import OptimizeResult
 
@@ -88,9 +93,18 @@ def run_finetune(ctx: TaskContext, spec: GenerationSpec, examples: list[ExampleS
                  job: Job, *, optimizer: OptimizerSpec, method: str = "lora", lora_rank: int = 4,
                  lora_alpha: float | None = None, target_modules=(), checkpoint_every: int = 0,
                  name: str = "", batch_size: int = 0, grad_mode: str = "",
-                 resume_from: str = "", keep_checkpoints: int = 3) -> OptimizeResult:
+                 resume_from: str = "", keep_checkpoints: int = 3,
+                 validation: list[ExampleSpec] = (), validate_every: int = 1, keep_best: bool = False,
+                 stop: StopSpec | None = None) -> OptimizeResult:
     """``keep_checkpoints``: this run's newest checkpoints kept, older ones deleted (quota)."""
     check_iterations(optimizer, ctx.limits)
+    check_stop(stop, ctx.limits)
+    if stop is not None and stop.verdict_changed:
+        raise InvalidArgument("stop_when.verdict_changed applies to OptimizeLatent")
+    if keep_best and not validation:
+        raise InvalidArgument("keep_best needs validation examples")
+    if not 1 <= validate_every <= ctx.limits.max_iterations:
+        raise InvalidArgument(f"validate_every must lie in 1…{ctx.limits.max_iterations}")
     mode = check_grad_mode(grad_mode)
     check_name(name)
     if not 1 <= keep_checkpoints <= 100:
@@ -122,6 +136,7 @@ def run_finetune(ctx: TaskContext, spec: GenerationSpec, examples: list[ExampleS
         x0_base = run_sampler(prep, job, grad_mode="none")
         reference = {"latent": x0_base, "image": prep.backend.decode(x0_base)}
     objective = Objective(ctx, prep.backend, losses, job, reference=reference)
+    validator = _Validator(ctx, spec, validation, losses, job, prep) if validation else None
     opt = make_optimizer(optimizer, params)
     n = prep.batch
     size = min(batch_size or n, n)
@@ -147,31 +162,80 @@ def run_finetune(ctx: TaskContext, spec: GenerationSpec, examples: list[ExampleS
         uncond = prep.uncond[idx] if isinstance(prep.uncond, torch.Tensor) else prep.uncond
         x0 = run_sampler(prep, job, x_T=prep.x_T[idx], cond=cond, eps_fn=model, grad_mode=mode,
                          iteration=it, uncond=uncond)
-        total, values = objective(x0)
-        return total, values, None
+        return objective(x0), None, {}
 
-    def maybe_checkpoint(done):
+    patience, best = Patience(stop), {"done": 0, "state": None}
+
+    def after_step(done):
         periodic = checkpoint_every and done % checkpoint_every == 0
         if done < optimizer.iterations and (periodic or job.checkpoint_now.is_set()):
             job.checkpoint_now.clear()
             checkpoint(done)
+        if validator is None:
+            return patience.update(history[-1])  # the training loss (before this step)
+        if done % validate_every and done < optimizer.iterations:
+            return False
+        validator(model, done, patience)
+        if patience.improved:
+            best["done"] = done
+            if keep_best:
+                best["state"] = {k: v.clone() for k, v in trainable_state(model).items()}
+        return patience.stop_now
 
     try:
-        optimize(job, opt, params, optimizer.iterations, loss_at, first=first, history=history,
-                 after_step=maybe_checkpoint)
+        optimize(job, opt, params, optimizer, loss_at, first=first, history=history,
+                 after_step=after_step)
     except (Cancelled, DeadlineExceeded):
         if len(history) > first:
             checkpoint(len(history))  # durable: a stopped fine-tune resumes from here
         raise
+    if best["state"] is not None:
+        _restore(model, opt, best["state"])
+    done = best["done"] if keep_best else len(history)
     info = ctx.artifacts.save(method, trainable_state(model), model=prep.model, name=name,
-                             iteration=optimizer.iterations, metadata={**meta, "history": history})
+                             iteration=done, metadata={**meta, "history": history})
     model.requires_grad_(False)
     with torch.no_grad():
         objective.set_reference(reference)
-        x0 = run_sampler(prep, job, eps_fn=model, grad_mode="none", iteration=optimizer.iterations)
+        x0 = run_sampler(prep, job, eps_fn=model, grad_mode="none", iteration=len(history))
         images = prep.backend.decode(x0)
     return OptimizeResult(history[-1], history, prep.x_T, x0, to_png(images),
-                          to_png(reference["image"]), info)
+                          to_png(reference["image"]), info, best_iteration=[done],
+                          iterations_run=len(history))
+
+
+class _Validator:
+    """The held-out examples: the base model's outputs (the content reference, the verdicts to
+    keep), then ``validator(model, done, patience) → validation loss`` emitting a Validation event."""
+
+    def __init__(self, ctx, spec, validation, losses, job, train_prep):
+        self.job = job
+        self.prep = prepare(ctx, _examples_generation(ctx, spec, list(validation)))
+        backend = self.prep.backend
+        with torch.no_grad():
+            x0 = run_sampler(self.prep, job, grad_mode="none")
+            images = backend.decode(x0)
+            self.verdicts = backend.classify(images).argmax(1) if backend.has_classifier else None
+        self.objective = Objective(ctx, backend, losses, job,
+                                   reference={"latent": x0, "image": images})
+        self.png_budget = ctx.limits.max_message_bytes // 2
+
+    def __call__(self, model, done: int, patience: Patience) -> float:
+        backend = self.prep.backend
+        with torch.no_grad():
+            self.objective.iteration = done
+            x0 = run_sampler(self.prep, self.job, eps_fn=model, grad_mode="none", iteration=done)
+            images = backend.decode(x0)
+            total, values, _ = self.objective(x0, images)
+            agreement = (None if self.verdicts is None else
+                         float((backend.classify(images).argmax(1) == self.verdicts).float().mean()))
+        loss = float(total)
+        patience.update(loss)
+        pngs = to_png(images)
+        if sum(map(len, pngs)) > self.png_budget:
+            pngs = []  # the event stays within a message; the figures matter more
+        self.job.emit(ValidationReport(done, loss, values, agreement, pngs, patience.improved))
+        return loss
 
 
 def _resume(ctx, checkpoint_id, model_name, meta, model, opt, iterations) -> tuple[list, int]:

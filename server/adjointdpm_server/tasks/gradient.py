@@ -39,6 +39,7 @@ class GradientResult:
     weight_gradients: dict[str, torch.Tensor] = field(default_factory=dict)
     weights_artifact: object = None
     nfe: int = 0
+    sample_losses: list[float] = field(default_factory=list)
 
 
 def check_grad_mode(mode: str) -> str:
@@ -134,7 +135,7 @@ def run_gradient(ctx: TaskContext, spec: GenerationSpec, losses: list[LossSpec],
               and estimate + weight_count * prep.x_T.element_size() <= ctx.limits.max_message_bytes)
     x0 = run_sampler(prep, job, x_T=x_T, cond=cond, eps_fn=eps_fn, grad_mode=mode)
     decoded = prep.backend.decode(x0) if objective.needs_image or images else None
-    total, values = objective(x0, decoded)
+    total, values, per_sample = objective(x0, decoded)
     inputs = list(leaves.values()) + list(weight_leaves.values())
     if not isinstance(total, torch.Tensor) or not total.requires_grad:
         raise InvalidArgument("the loss does not depend on the requested targets")
@@ -151,7 +152,7 @@ def run_gradient(ctx: TaskContext, spec: GenerationSpec, losses: list[LossSpec],
     weight_grads = dict(zip(weight_leaves, grads[len(leaves):]))
     result = GradientResult(float(total.detach()), values, x0.detach(),
                             to_png(decoded) if images else [], {k: v.detach() for k, v in named.items()},
-                            nfe=job.nfe)
+                            nfe=job.nfe, sample_losses=per_sample.tolist())
     if weight_grads:
         if inline:
             result.weight_gradients = {k: v.detach() for k, v in weight_grads.items()}
