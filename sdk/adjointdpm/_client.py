@@ -338,7 +338,7 @@ class Client:
         ``prior``: "norm" or "gaussian" keeps the vector among the model's own embeddings
         (``prior_weight``, 0 = 1); ``stop_when={loss_below, patience}``; the best iterate's
         vector is kept."""
-        terms, client = _loss_terms(list(losses)) if losses else ([], {})
+        terms, client = _loss_terms(losses) if losses else ([], {})
         request = pb.OptimizeEmbeddingRequest(
             generation=_generation(**generation), losses=terms,
             optimizer=_optimizer(optimizer, lr, iterations, 0.0, schedule, warmup), name=name,

@@ -24,7 +24,8 @@ def _shared_copy(module: nn.Module) -> nn.Module:
 def with_lora(eps_fn: nn.Module, rank: int, alpha: float | None = None,
               targets: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0")) -> nn.Module:
     """A copy of ``eps_fn`` with a fresh LoRA adapter (B = 0: it starts equal to the base);
-    only the LoRA weights require grad."""
+    only the LoRA weights require grad. A is drawn from a fixed seed, so the same request makes
+    the same adapter (the process's random state is left as it was)."""
     from peft import LoraConfig, inject_adapter_in_model
 
     if rank < 1:
@@ -35,7 +36,9 @@ def with_lora(eps_fn: nn.Module, rank: int, alpha: float | None = None,
         raise ValueError(f"LoRA target modules {missing or list(targets)} are not in this model")
     model = _shared_copy(eps_fn)
     config = LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, target_modules=list(targets))
-    model = inject_adapter_in_model(config, model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = inject_adapter_in_model(config, model)
     for name, param in model.named_parameters():
         param.requires_grad_("lora_" in name)
     return model

@@ -111,15 +111,16 @@ class BestIterates:
             x.copy_(torch.where(where, self.x, x))
 
 
-def guided_step(g: torch.Tensor, scale: float, kind: str, clip: float) -> torch.Tensor:
-    """The guidance step for ∂L/∂x_t: ``normalized`` moves each sample by scale · g / rms(g) (its
-    size per entry is ``scale`` whatever the batch or the loss's units), ``raw`` by scale · g;
-    then each entry is clipped to ±clip when clip > 0."""
+def guided_step(g: torch.Tensor, scale: float, kind: str, clip: float, sigma: float = 1.0) -> torch.Tensor:
+    """The guidance step for ∂L/∂x_t: ``normalized`` moves each sample by scale · σ_t · g / rms(g)
+    (per entry ``scale`` times the noise level at t, whatever the batch or the loss's units; like
+    classifier guidance's σ_t ∇ log p(y | x_t), it fades as the image settles), ``raw`` by
+    scale · g; then each entry is clipped to ±clip when clip > 0."""
     if kind == "raw":
         delta = scale * g
     else:
         rms = g.flatten(1).square().mean(1).sqrt().clamp_min(1e-20)
-        delta = scale * g / rms.view(-1, *[1] * (g.dim() - 1))
+        delta = (scale * sigma) * g / rms.view(-1, *[1] * (g.dim() - 1))
     return delta.clamp(-clip, clip) if clip > 0 else delta
 
 
@@ -231,7 +232,8 @@ def _guided(prep, objective, job, optimizer: OptimizerSpec, guided: GuidedSpec, 
             evaluation = objective(x0)
             (g,) = torch.autograd.grad(evaluation.total, [xt])
             history.append(report(job, it, evaluation, float(g.norm()), lr=scale))
-            x = (x - guided_step(g, scale, guided.step, guided.clip)).detach()
+            sigma = float(schedule.sigma(torch.tensor(ts[i], dtype=torch.float64)))
+            x = (x - guided_step(g, scale, guided.step, guided.clip, sigma)).detach()
             it += 1
         segment = ts[i:min(i + every, prep.steps) + 1]
         with torch.no_grad():
