@@ -110,7 +110,7 @@ def test_value_and_gradient_match_closed_form_mse(triton_url, shape):
 
 
 def test_per_sample_losses_come_back_per_sample(triton_url):
-    """A loss of shape [B] is each sample's; the objective is their sum (docs/design.md §4.1)."""
+    """A loss of shape [B] is each sample's; the objective is their sum (docs/design.md §4.3)."""
     torch.manual_seed(1)
     x = torch.rand(3, 1, 4, 4, requires_grad=True)
     losses = _loss(triton_url, model="mse_per_sample")(x)

@@ -1,5 +1,5 @@
 """The applications API end to end over a loopback server, checked against in-process references
-on the server's own resident models: per-sample loss semantics (docs/design.md §4.1: the objective
+on the server's own resident models: per-sample loss semantics (docs/design.md §4.3: the objective
 is the sum over samples of per-sample losses, so a sample's gradient does not depend on its batch),
 classifier modes, learning-rate schedules, OptimizeLatent's per-sample best iterate and
 ``stop_when``, guided sampling's step, OptimizeEmbedding's priors and FinetuneWeights'
@@ -46,7 +46,7 @@ def _refused(call):
 
 @pytest.mark.parametrize("kind", ["server", "client-torch"])
 def test_a_samples_gradient_does_not_depend_on_its_batch(client, rt, kind):
-    """§4.1: L = Σ_samples loss, so ∂L/∂x_T of sample 0 is the same alone (batch 1) as in a batch
+    """§4.3: L = Σ_samples loss, so ∂L/∂x_T of sample 0 is the same alone (batch 1) as in a batch
     of 3 (a mean would scale it by 1/3), and its per-sample loss is the same too."""
     if kind == "server":
         loss = TO_EIGHT
@@ -232,7 +232,7 @@ def test_stop_when_verdict_changed_keeps_the_first_flipped_iterate(client, rt, m
 # ---- 6. guided sampling's step -----------------------------------------------------------------
 
 def test_normalized_guided_step_does_not_depend_on_the_batch(client, rt):
-    """§4.1: each sample moves scale·g/rms(g), so sample 0's guided result is the same alone as in
+    """§7: each sample moves scale·σ_t·g/rms(g), so sample 0's guided result is the same alone as in
     a batch of 4 (a batch-wide normalization would not be)."""
     x, labels = rt.models["digits"].noise(4, seed=7).numpy(), [2, 3, 4, 5]
     guided = {"every": 2, "scale": 0.3, "step": "normalized"}

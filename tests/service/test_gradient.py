@@ -13,7 +13,7 @@ from adjointdpm_server.core import sample
 
 def _mixture_reference(rt, x_T, cond, target, steps, grad_mode="checkpoint", t_start=None):
     """In-process: loss = Σ over samples of mean((decode(x0) − target)²) (the objective sums
-    per-sample losses, docs/design.md §4.1); also returns the per-sample losses."""
+    per-sample losses, docs/design.md §4.3); also returns the per-sample losses."""
     backend = rt.models["gaussian-mixture"]
     x = torch.from_numpy(x_T).requires_grad_()
     c = torch.from_numpy(cond).requires_grad_()

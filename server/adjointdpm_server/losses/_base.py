@@ -34,7 +34,7 @@ class LossPlugin(abc.ABC):
 
     ``x`` is the decoded image in [0, 1], shape (B, C, H, W) (``domain = "image"``), or ``x_0``
     itself (``"latent"``). The request's objective is the weighted sum over terms and samples
-    (docs/design.md §4.1), so a sample's gradient does not depend on the batch it shares.
+    (docs/design.md §4.3), so a sample's gradient does not depend on the batch it shares.
     """
 
     name: ClassVar[str]

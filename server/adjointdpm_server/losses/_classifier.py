@@ -1,6 +1,6 @@
 """``classifier``: a loss on the model's own classifier's verdict (digits), per sample.
 
-Three modes (docs/design.md §4.1):
+Three modes (docs/design.md §4.3):
 
 - ``targeted`` (default): −log p(label | x), guidance toward a class (paper §4.1.1, with the digits
   classifier standing in for an FGVC model);

@@ -61,7 +61,7 @@ class Objective:
         return ask
 
     def __call__(self, x0: torch.Tensor, images: torch.Tensor | None = None) -> "Evaluation":
-        """The objective Σ_terms weight · Σ_samples loss (docs/design.md §4.1); ``images`` =
+        """The objective Σ_terms weight · Σ_samples loss (docs/design.md §4.3); ``images`` =
         decode(x0) when already computed."""
         if images is None and self.needs_image:
             images = self.backend.decode(x0)

@@ -5,7 +5,7 @@ the prompt holds a placeholder). Other models: one conditioning vector shared by
 digits model: a class-embedding vector). The result is an ``embedding`` artifact that ``Sample``
 takes as ``generation.embedding``: the best iterate's vector (lowest loss), the run stopping early
 on ``stop_when``. A ``prior`` keeps the vector where the model's own embeddings live
-(docs/design.md §4.1): a loss alone pushes it off the table (norm ~18.5 where labels have ~14 on
+(docs/design.md §7): a loss alone pushes it off the table (norm ~18.5 where labels have ~14 on
 digits) into conditionings the model never saw, which sample hazy digits.
 """
 

@@ -5,7 +5,7 @@ in an L∞/L2 ε-ball around the start (the paper's security audit, §4.1.2) or 
 sample keeping its best iterate and stopping on its own (``stop_when``); or guided sampling
 (§4.1.1): at every k-th node, step x_t against ∂L/∂x_t (the adjoint solve from t, paper eq. 11
 started at that t) before sampling on, the step normalized per sample so that its strength does
-not depend on the batch or the loss's scale (docs/design.md §4.1).
+not depend on the batch or the loss's scale (docs/design.md §7).
 """
 
 from __future__ import annotations
