@@ -327,6 +327,30 @@ def _check_best_flags(validations):
         low = min(low, v.loss)
 
 
+def test_validation_agreement_counts_the_verdicts_the_base_model_had(client, rt):
+    """``agreement`` is the share of validation images whose class is the base model's: 1 for an
+    adapter that has not moved (lr 1e-9); below 1 once a strong push to one class moved them."""
+    validation = [{"seed": 300 + k, "label": k} for k in range(4)]
+    common = dict(examples=[{"seed": 0, "label": 0}], validation=validation, iterations=2,
+                  steps=4, lora_rank=2)
+    still = client.finetune_weights(TO_EIGHT, lr=1e-9, **common)
+    assert [v.agreement for v in still.validations] == [1.0, 1.0]
+    moved = client.finetune_weights(adjointdpm.ServerLoss("classifier", params={"label": 8},
+                                                          weight=50.0), lr=0.3, **common)
+    base = client.sample(x_T=np.concatenate([client.sample(seed=v["seed"], steps=4, images=False).x_T
+                                             for v in validation]), labels=[0, 1, 2, 3], steps=4,
+                         images=False)
+    tuned = client.sample(x_T=base.x_T, labels=[0, 1, 2, 3], steps=4, images=False,
+                          adapter=moved.artifact.id)
+    backend = rt.models["digits"]
+    with torch.no_grad():
+        def verdicts(x0):
+            return backend.classify(backend.decode(torch.from_numpy(x0))).argmax(1)
+        kept = float((verdicts(tuned.x0) == verdicts(base.x0)).float().mean())
+    assert moved.validations[-1].agreement == pytest.approx(kept, abs=1e-6)
+    assert kept < 1.0
+
+
 def test_finetune_validation_records_and_keep_best(client, rt):
     """One Validation per validate_every steps plus the last; agreement a share of 3 examples;
     best flags mark the strictly decreasing losses; keep_best returns the adapter of the last best

@@ -61,6 +61,25 @@ def test_a_correct_reply_is_taken(server):
     assert code == "OK"
 
 
+@pytest.mark.parametrize("values, expected", [
+    ([1.0], "OK"),
+    ([0.5], "summing to 0.5, not to its value 1"),
+    ([0.5, 0.5], "2 per-sample values for a batch of 1"),
+    ([float("nan")], "per-sample value"),
+    ([1e300], "per-sample value"),
+])
+def test_per_sample_values_in_a_reply_are_checked(server, values, expected):
+    """A client's per-sample values must be one per sample, finite, in range, and sum to its
+    value (docs/design.md §4.3); the total is what the objective differentiates."""
+    code, details = _answer(server, lambda q: pb.LossReply(
+        term=q.term, value=1.0, grad=encode_tensor(np.ones(tuple(q.x.shape), np.float32)),
+        values=values))
+    if expected == "OK":
+        assert code == "OK"
+    else:
+        assert code == "INVALID_ARGUMENT" and expected in details
+
+
 def test_optimize_latent_keeps_x_T_in_its_l2_ball(client):
     loss = adjointdpm.ServerLoss("classifier", {"label": 8})
     start = client.sample(batch=2, seed=4, steps=3, images=False).x_T
