@@ -16,7 +16,6 @@ import threading
 import time
 import traceback
 
-import numpy as np
 import torch
 
 from adjointdpm._tensors import TensorError, decode_tensor
