@@ -76,7 +76,25 @@ def _optimizer_flags(lr: float):
     def add(p: argparse.ArgumentParser) -> None:
         p.add_argument("--iterations", type=int, default=10)
         p.add_argument("--lr", type=float, default=lr, help=f"learning rate (default {lr:g})")
+        p.add_argument("--schedule", default="", choices=("", "constant", "cosine", "linear"),
+                       help="learning-rate schedule (default constant)")
+        p.add_argument("--warmup", type=int, default=0, help="iterations of linear warm-up")
+        p.add_argument("--stop-below", type=float, help="stop once the loss is at most this "
+                       "(per sample for optimize)")
+        p.add_argument("--patience", type=int, default=0, help="stop after N iterations without a new best")
     return add
+
+
+def _stop(args, flip: bool = False) -> dict | None:
+    """The stop_when of the optimizer flags (None when none is set)."""
+    stop = {}
+    if args.stop_below is not None:
+        stop["loss_below"] = args.stop_below
+    if args.patience:
+        stop["patience"] = args.patience
+    if flip:
+        stop["verdict_changed"] = True
+    return stop or None
 
 
 def _token_flags(p: argparse.ArgumentParser) -> None:
@@ -132,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epsilon", type=float, default=0.0, help="radius of the linf/l2 ball")
     p.add_argument("--norm-weight", type=float, default=0.0, help="penalty keeping |x_T| Gaussian")
     p.add_argument("--guided-every", type=int, help="guided sampling: steer x_t every N steps")
+    p.add_argument("--guided-scale", type=float, default=0.0,
+                   help="guided sampling: step size per entry, times σ_t (default: --lr)")
+    p.add_argument("--stop-on-flip", action="store_true",
+                   help="each sample stops once the model's classifier changes its verdict (audits)")
 
     p = command("finetune", "fine-tune the model (LoRA or full) on a loss",
                 _generation_flags, _loss_flags, _optimizer_flags(lr=1e-3))
@@ -140,11 +162,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=4, help="LoRA rank")
     p.add_argument("--checkpoint-every", type=int, default=0)
     p.add_argument("--name", default="", help="a label for the adapter")
+    p.add_argument("--validation", type=int, default=0,
+                   help="N held-out examples (the seeds after the examples'), validated every 5 steps")
+    p.add_argument("--keep-best", action="store_true", help="the adapter of the best validation loss")
 
     p = command("invert", "learn an embedding from a target image and/or a loss", _generation_flags,
                 lambda q: _loss_flags(q, required=False), _optimizer_flags(lr=0.05), _token_flags)
     p.add_argument("--target-image", type=Path, help="PNG or .npy (C, H, W) in [0, 1]")
     p.add_argument("--name", default="", help="a label for the embedding")
+    p.add_argument("--prior", default="", choices=("", "norm", "gaussian"),
+                   help="keep the embedding among the model's own (gaussian: their per-dimension law)")
+    p.add_argument("--prior-weight", type=float, default=0.0, help="the prior's weight (default 1)")
 
     command("artifact", "download an artifact (to OUT/ID.safetensors)").add_argument("id")
     return parser
@@ -293,13 +321,15 @@ def cmd_grad(client, args) -> None:
 
 
 def cmd_optimize(client, args) -> None:
-    guided = None if args.guided_every is None else {"every": args.guided_every}
+    guided = (None if args.guided_every is None else
+              {"every": args.guided_every, "scale": args.guided_scale})
     constraint = "" if args.constraint == "none" else args.constraint
     r = client.optimize_latent(_loss(args), optimizer=args.optimizer, lr=args.lr,
-                               iterations=args.iterations, constraint=constraint,
+                               iterations=args.iterations, schedule=args.schedule,
+                               warmup=args.warmup, constraint=constraint,
                                epsilon=args.epsilon, norm_weight=args.norm_weight,
                                grad_mode=args.grad_mode, guided=guided, progress=args.progress,
-                               **_generation(args))
+                               stop_when=_stop(args, args.stop_on_flip), **_generation(args))
     scale = _scale(args, r.images)
     _write_pngs(r.initial_images, args.out, "before_", scale)
     _write_pngs(r.images, args.out, "after_", scale)
@@ -307,6 +337,9 @@ def cmd_optimize(client, args) -> None:
         [r.initial_images, r.images], scale=scale, row_labels=["before", "after"]))
     _write_tensors({"x_T": r.x_T, "x0": r.x0}, args.out, "latents")
     print(_history(r))
+    if r.stopped:
+        print(f"stopped early: {sum(r.stopped)}/{len(r.stopped)} samples; best iterations "
+              f"{' '.join(map(str, r.best_iteration))}")
 
 
 def cmd_finetune(client, args) -> None:
@@ -314,12 +347,18 @@ def cmd_finetune(client, args) -> None:
     prompts = itertools.cycle(args.prompt or [""])
     start = args.seed or 0
     examples = [{"seed": start + k, "label": next(labels), "prompt": next(prompts)}
-                for k in range(args.examples)]
-    r = client.finetune_weights(_loss(args), examples, method=args.method, lora_rank=args.rank,
-                                lr=args.lr, iterations=args.iterations,
+                for k in range(args.examples + args.validation)]
+    r = client.finetune_weights(_loss(args), examples[:args.examples], method=args.method,
+                                lora_rank=args.rank, lr=args.lr, iterations=args.iterations,
+                                schedule=args.schedule, warmup=args.warmup,
                                 checkpoint_every=args.checkpoint_every, name=args.name,
                                 grad_mode=args.grad_mode, progress=args.progress,
+                                validation=examples[args.examples:], validate_every=5,
+                                keep_best=args.keep_best, stop_when=_stop(args),
                                 **_generation(args, conditioning=False))
+    for v in r.validations:
+        agreement = "" if v.agreement is None else f", verdicts kept {v.agreement:.0%}"
+        print(f"validation after {v.iteration} steps: loss {v.loss:.4g}{agreement}{' (best)' if v.best else ''}")
     _download(client, r.artifact.id, args.out / f"adapter-{r.artifact.id}.safetensors")
     checkpoints = f", checkpoints {' '.join(c.id for c in r.checkpoints)}" if r.checkpoints else ""
     print(f"adapter {r.artifact.id} ({r.artifact.kind}): {_history(r)}{checkpoints}")
@@ -331,7 +370,9 @@ def cmd_invert(client, args) -> None:
              if args.placeholder or args.initializer else None)
     r = client.optimize_embedding([_loss(args)] if args.loss else [], target_image=target,
                                   token=token, lr=args.lr, iterations=args.iterations,
-                                  name=args.name, grad_mode=args.grad_mode,
+                                  schedule=args.schedule, warmup=args.warmup, name=args.name,
+                                  grad_mode=args.grad_mode, prior=args.prior,
+                                  prior_weight=args.prior_weight, stop_when=_stop(args),
                                   progress=args.progress, **_generation(args))
     _write_pngs(r.images, args.out, "inverted_", _scale(args, r.images))
     _download(client, r.artifact.id, args.out / f"{r.artifact.id}.safetensors")  # id: embedding-…

@@ -115,6 +115,22 @@ def test_finetune_prints_and_downloads_the_adapter(cli, client, tmp_path):
             == (tmp_path / f"adapter-{artifact_id}.safetensors").read_bytes())
 
 
+def test_optimize_stops_per_sample_and_finetune_validates(cli):
+    """The CLI carries stop_when, schedules, validation and keep-best to the service."""
+    code, out, _ = cli("optimize", "--loss", "classifier", "--params", '{"label": 3, "mode": "margin"}',
+                       "--label", "3", "--batch", "2", "--seed", "2", "--steps", "4",
+                       "--iterations", "3", "--stop-below", "1e9", "--schedule", "cosine")
+    assert code == 0 and "stopped early: 2/2 samples; best iterations 0 0" in out
+    assert re.search(r"over 1 iterations", out)  # every sample stopped at its first iterate
+    code, out, _ = cli("finetune", *TO_EIGHT, "--examples", "2", "--label", "3", "--steps", "4",
+                       "--iterations", "2", "--lr", "5e-3", "--validation", "2", "--keep-best")
+    assert code == 0
+    assert re.search(r"validation after 2 steps: loss \S+, verdicts kept \d+% \(best\)", out)
+    code, out, _ = cli("invert", *TO_EIGHT, "--batch", "2", "--steps", "4", "--iterations", "3",
+                       "--prior", "gaussian", "--prior-weight", "2", "--stop-below", "1e9")
+    assert code == 0 and re.search(r"over 1 iterations", out)
+
+
 def test_invert_from_a_png(cli, tmp_path):
     target = np.zeros((8, 8), np.uint8)
     target[1:7, 3:5] = 255  # a "1"
