@@ -48,6 +48,32 @@ def test_sample_refusals(client, kwargs, code, words):
     _healthy(client)
 
 
+def test_a_short_error_message_comes_back_whole(client, rt):
+    """Details are cut only past 1 KiB: a short message arrives exactly as the server said it."""
+    _, details = _code(client.sample, model="nope", seed=0, steps=2)
+    assert details == f"no model 'nope' on this server; it serves {', '.join(rt.models)}"
+
+
+def test_a_plugin_on_the_old_scalar_contract_is_refused_plainly(client, monkeypatch):
+    """A third-party plugin that still returns one number for the batch (the contract before
+    per-sample losses, docs/design.md §4.3) gets INVALID_ARGUMENT naming the shapes."""
+    from adjointdpm_server import losses
+    from adjointdpm_server.losses import LossPlugin
+
+    class BatchMean(LossPlugin):
+        name, description = "batch_mean", "the old contract: one number for the batch"
+
+        def __call__(self, x):
+            return x.mean()
+
+    found = {**losses.discover_losses(), "batch_mean": BatchMean}
+    monkeypatch.setattr(losses, "discover_losses", lambda: found)
+    got, details = _code(client.compute_gradient, adjointdpm.ServerLoss("batch_mean"), labels=[1, 2],
+                         seed=0, steps=2)
+    assert got == "INVALID_ARGUMENT"
+    assert "returned shape (); a loss gives one value per sample (2,)" in details
+
+
 def test_malformed_tensor_messages(server):
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = pb_grpc.AdjointDPMStub(channel)
