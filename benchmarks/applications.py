@@ -169,6 +169,13 @@ def vocabulary(client, verdicts, args, lines):
 
 # ---- (b) guided sampling -----------------------------------------------------------------------
 
+def success(verdicts, x0: np.ndarray, ys: np.ndarray) -> tuple[float, float, float]:
+    """(on-class and plausible, on-class, plausible) rates of the images of ``x0``."""
+    images = pixels(x0)
+    on_class, plausible = verdicts.classes(images) == ys, verdicts.plausible(images)
+    return (on_class & plausible).mean(), on_class.mean(), plausible.mean()
+
+
 def guided(client, verdicts, args, lines):
     n = 32
     labels = [k % 10 for k in range(n)]
@@ -196,12 +203,7 @@ def guided(client, verdicts, args, lines):
             client.optimize_latent(classifier(labels[k:k + 4]), guided=spec, x_T=x_T[k:k + 4],
                                    steps=STEPS, guidance_scale=1.0, progress=False).x0
             for k in range(0, n, 4)])
-        rates = []
-        for x0 in (big.x0, small):
-            images = pixels(x0)
-            on_class = verdicts.classes(images) == ys
-            plausible = verdicts.plausible(images)
-            rates.append(((on_class & plausible).mean(), on_class.mean(), plausible.mean()))
+        rates = [success(verdicts, x0, ys) for x0 in (big.x0, small)]
         lines.append(f"| {scale:g} | {rates[0][0]:.2f} | {rates[1][0]:.2f} | {rates[0][1]:.2f} | "
                      f"{rates[0][2]:.2f} | {wall:.1f} | "
                      f"{ok(rates[0][0] >= 0.8 and abs(rates[0][0] - rates[1][0]) < 1e-9)} |")
@@ -219,12 +221,7 @@ def guided(client, verdicts, args, lines):
         wall = time.perf_counter() - start
         small = np.concatenate([client.optimize_latent(classifier(labels[k:k + 4]), x_T=x_T[k:k + 4],
                                                        **common).x0 for k in range(0, n, 4)])
-        rates = []
-        for x0 in (big.x0, small):
-            images = pixels(x0)
-            on_class = verdicts.classes(images) == ys
-            plausible = verdicts.plausible(images)
-            rates.append(((on_class & plausible).mean(), on_class.mean(), plausible.mean()))
+        rates = [success(verdicts, x0, ys) for x0 in (big.x0, small)]
         lines.append(f"| {lr:g} | {rates[0][0]:.2f} | {rates[1][0]:.2f} | {rates[0][1]:.2f} | "
                      f"{rates[0][2]:.2f} | {np.mean(big.best_iteration):.1f} | {wall:.1f} | "
                      f"{ok(rates[0][0] >= 0.8 and abs(rates[0][0] - rates[1][0]) < 1e-9)} |")

@@ -32,9 +32,13 @@ def check_iterations(spec: OptimizerSpec, limits) -> None:
         raise InvalidArgument(f"warmup must be fewer than the {spec.iterations} iterations; got {spec.warmup}")
 
 
-def check_stop(stop: StopSpec | None, limits) -> None:
+def check_stop(stop: StopSpec | None, limits, *, per_sample: bool = False) -> None:
+    """``per_sample``: the call stops samples one by one (OptimizeLatent), where a changed verdict
+    means something; elsewhere the run stops as a whole."""
     if stop is None:
         return
+    if stop.verdict_changed and not per_sample:
+        raise InvalidArgument("stop_when.verdict_changed applies to OptimizeLatent")
     if stop.loss_below is not None and not math.isfinite(stop.loss_below):
         raise InvalidArgument("stop_when.loss_below must be finite")
     if stop.patience > limits.max_iterations:

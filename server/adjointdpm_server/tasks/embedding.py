@@ -56,8 +56,6 @@ def run_optimize_embedding(ctx: TaskContext, spec: GenerationSpec, losses: list[
     prior_weight = check_number("prior_weight", prior_weight, MAX_WEIGHT) or (1.0 if prior else 0.0)
     if prior_weight < 0:
         raise InvalidArgument(f"prior_weight must be ≥ 0; got {prior_weight}")
-    if stop is not None and stop.verdict_changed:
-        raise InvalidArgument("stop_when.verdict_changed applies to OptimizeLatent")
     mode = check_grad_mode(grad_mode)
     check_name(name)
     if spec.embedding or spec.cond is not None:

@@ -99,8 +99,6 @@ def run_finetune(ctx: TaskContext, spec: GenerationSpec, examples: list[ExampleS
     """``keep_checkpoints``: this run's newest checkpoints kept, older ones deleted (quota)."""
     check_iterations(optimizer, ctx.limits)
     check_stop(stop, ctx.limits)
-    if stop is not None and stop.verdict_changed:
-        raise InvalidArgument("stop_when.verdict_changed applies to OptimizeLatent")
     if keep_best and not validation:
         raise InvalidArgument("keep_best needs validation examples")
     if not 1 <= validate_every <= ctx.limits.max_iterations:

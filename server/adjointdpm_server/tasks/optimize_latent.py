@@ -129,7 +129,7 @@ def run_optimize_latent(ctx: TaskContext, spec: GenerationSpec, losses: list[Los
                         norm_weight: float = 0.0, image_every: int = 0, grad_mode: str = "",
                         guided: GuidedSpec | None = None, stop: StopSpec | None = None) -> OptimizeResult:
     check_iterations(optimizer, ctx.limits)
-    check_stop(stop, ctx.limits)
+    check_stop(stop, ctx.limits, per_sample=True)
     mode = check_grad_mode(grad_mode)
     if norm not in NORMS:
         raise InvalidArgument(f"constraint norm must be one of linf, l2, sphere; got {norm!r}")
