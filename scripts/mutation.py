@@ -7,6 +7,7 @@ notice if the code were wrong. It changes one operator, number or condition at a
 
     nice -n 19 python3 scripts/mutation.py --sample 12        # every group, about an hour on 2 cores
     nice -n 19 python3 scripts/mutation.py --groups core --sample 200 --out /tmp/core.md
+    nice -n 19 python3 scripts/mutation.py --sample core=40,engine=20,tasks=10,service=12
     python3 scripts/mutation.py --python /path/to/venv/bin/python   # when the project's venv is not .venv
 
 On 2 cores one mutant takes about 8 s in core when killed (55 s when it survives: the whole of
@@ -177,11 +178,12 @@ def run_group(name: str, spec: dict, cfg: dict, args, scratch: Path, results: li
     with use_db(str(scratch / f"mutation-{name}.sqlite"), WorkDB.Mode.create) as db:
         pool, dropped = mutants_of(db, files, cfg.get("exclude-operators", []))
         order = list(range(len(pool)))
-        if args.sample:
+        sample = args.sample.get(name, args.sample.get("*", 0))
+        if sample:
             random.Random(f"{args.seed}-{name}").shuffle(order)
         chosen, invalid = [], 0
         for i in order:  # drawn in a seeded order until the sample is full; invalid mutants don't count
-            if args.sample and len(chosen) == args.sample:
+            if sample and len(chosen) == sample:
                 break
             code = mutant_code(pool[i])
             if code is None:
@@ -239,6 +241,19 @@ def old_reasons(path: Path) -> dict:
     return reasons
 
 
+def parse_sample(text: str) -> dict[str, int]:
+    """``12`` (every group) or ``core=40,engine=20`` (the groups named; others: all mutants)."""
+    if "=" not in text:
+        return {"*": int(text)}
+    return {name.strip(): int(n) for name, n in (part.split("=", 1) for part in text.split(","))}
+
+
+def describe_sample(sample: dict[str, int]) -> str:
+    if set(sample) == {"*"}:
+        return f"{sample['*']} random mutants per group" if sample["*"] else "all mutants"
+    return "random mutants per group: " + ", ".join(f"{k} {v or 'all'}" for k, v in sample.items())
+
+
 def write_report(path: Path, results: list[dict], args, tool: str, interrupted: bool) -> None:
     cell = lambda s: s.replace("|", "\\|")
     reasons = old_reasons(path)
@@ -246,7 +261,7 @@ def write_report(path: Path, results: list[dict], args, tool: str, interrupted: 
            f"- date: {datetime.datetime.now().isoformat(timespec='minutes')}" + (" (interrupted)" if interrupted else ""),
            f"- tool: {tool} (scripts/mutation.py, config scripts/mutation.toml); {os.cpu_count()} CPUs",
            f"- command: `python3 scripts/mutation.py {' '.join(sys.argv[1:])}`",
-           f"- sample: {f'{args.sample} random mutants per group, seed {args.seed}' if args.sample else 'all mutants'}",
+           f"- sample: {describe_sample(args.sample)}, seed {args.seed}",
            "- killed % = (killed + timeouts) / tested: a mutant that hangs the tests is detected.", "",
            "| group | module | mutants | tested | killed | survived | timeouts | killed % | goal |",
            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -289,7 +304,8 @@ def main() -> None:
     cfg = load_config()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--groups", default=",".join(cfg["groups"]), help="comma-separated, from scripts/mutation.toml")
-    parser.add_argument("--sample", type=int, default=0, help="test N random mutants per group (0: all)")
+    parser.add_argument("--sample", type=parse_sample, default={"*": 0},
+                        help="test N random mutants per group (0: all), or per group: core=40,engine=20")
     parser.add_argument("--seed", type=int, default=cfg["mutation"]["seed"])
     parser.add_argument("--timeout", type=float, default=0, help="per-mutant timeout in s (default: from the baseline)")
     parser.add_argument("--python", default=str(REPO / ".venv" / "bin" / "python"), help="the project's interpreter")

@@ -242,3 +242,33 @@ def test_window_zero_runs_every_call_alone(mixture64):
     assert errors == [None] * 4
     assert engine.stats.calls["forward"] == engine.stats.items["forward"] == 4
     assert not engine._queues and not engine._rotation  # callers leave when they have nothing queued
+
+
+def test_the_window_waits_for_a_job_between_its_calls(mixture64):
+    """A job that has run one call and not yet made its next is still waited for: B's call,
+    submitted while A computes between calls, runs together with A's second call (the pending
+    count of A returned to zero after its first call, so A counts as not yet submitted)."""
+    engine = NetworkEngine(max_batch=64, window_ms=3_000)
+    a, b = LocalJob(caller="A"), LocalJob(caller="B")
+    x, t, _ = _inputs(mixture64, 6)
+
+    def call(job):
+        with torch.no_grad():
+            return engine.network(mixture64.eps_fn, job)(x, t, None)
+
+    def job_a():
+        call(a)           # alone: B is parked until A's first call is done
+        time.sleep(0.5)   # A "computes" between calls; B submits meanwhile
+        return call(a)
+
+    def job_b():
+        with engine.parked(b):
+            while engine.stats.calls["forward"] < 1:
+                time.sleep(0.01)
+        return call(b)
+
+    with _sessions(engine, [a, b]):
+        out, errors = _in_threads([job_a, job_b])
+    assert errors == [None, None]
+    batches = [sorted(callers) for kind, callers in engine.stats.recent if kind == "forward"]
+    assert batches == [["A"], ["A", "B"]]
