@@ -12,6 +12,8 @@ import torch
 
 from adjointdpm_server.core import SOLVERS, GaussianMixture, VPSchedule, gaussian_solution, sample
 
+from ._closed_form import exact, problem, rel
+
 STEPS = (5, 10, 20, 50, 100)
 TOLERANCES = {
     ('checkpoint', 'euler'): [(0.21, 0.55, 0.0019, 0.0019, 0.56), (0.12, 0.32, 0.0011, 0.0011, 0.32), (0.064, 0.17, 0.00056, 0.00056, 0.17), (0.027, 0.071, 0.00024, 0.00024, 0.071), (0.014, 0.036, 0.00012, 0.00012, 0.036)],
@@ -33,29 +35,12 @@ TOLERANCES = {
 }
 
 
-def _problem():
-    g = torch.Generator().manual_seed(0)
-    d = 64
-    mu = torch.randn(1, d, generator=g, dtype=torch.float64)
-    x_T = torch.randn(4, d, generator=g, dtype=torch.float64)
-    v = torch.randn(4, d, generator=g, dtype=torch.float64)
-    cond = 0.3 * torch.randn(4, d, generator=g, dtype=torch.float64)
-    return mu, 0.5, x_T, v, cond
-
-
-def _rel(a, b):
-    return float((a - b).norm() / b.norm())
+_problem, _rel = problem, rel
 
 
 @pytest.fixture(scope="module")
 def reference():
-    sch = VPSchedule.linear()
-    mu, s, x_T, v, cond = _problem()
-    leaves = [x_T.clone().requires_grad_(), cond.clone().requires_grad_(), mu.clone().requires_grad_(),
-              torch.tensor(s, dtype=torch.float64, requires_grad=True)]
-    x0 = gaussian_solution(sch, leaves[0], leaves[2][0], leaves[3], cond=leaves[1])
-    grads = torch.autograd.grad((x0 * v).sum(), leaves)
-    return sch, x0.detach(), grads
+    return exact(VPSchedule.linear())
 
 
 def _errors(reference, solver, steps, mode, dtype=torch.float64):

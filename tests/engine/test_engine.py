@@ -107,10 +107,13 @@ def test_batched_vjp_splits_exactly(digits64):
         torch.testing.assert_close(gc, wc, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("grad_mode,solver", [("checkpoint", "dpm3"), ("adjoint", "ab3"),
-                                              ("checkpoint", "heun"), ("backprop", "euler")])
-def test_sample_gradients_through_the_engine_equal_solo(digits64, grad_mode, solver):
-    """Four jobs in lockstep with CFG: x_0 and ∂/∂x_T, ∂/∂cond equal the solo run (float64)."""
+@pytest.mark.parametrize("grad_mode,solver,prediction", [
+    ("checkpoint", "dpm3", "epsilon"), ("adjoint", "ab3", "epsilon"), ("checkpoint", "heun", "epsilon"),
+    ("backprop", "euler", "epsilon"), ("checkpoint", "dpm3", "velocity"), ("adjoint", "dpm2", "sample")])
+def test_sample_gradients_through_the_engine_equal_solo(digits64, grad_mode, solver, prediction):
+    """Four jobs in lockstep with CFG: x_0 and ∂/∂x_T, ∂/∂cond equal the solo run (float64).
+    Read as another ``prediction`` the network defines another field; the engine's VJP path
+    (cotangent scaled by ``a``, ``α b ε̄`` added) must still equal autograd through it."""
     backend = digits64
     engine = NetworkEngine(max_batch=64, window_ms=500)
 
@@ -119,7 +122,7 @@ def test_sample_gradients_through_the_engine_equal_solo(digits64, grad_mode, sol
         c = backend.embed(backend.encode(2, labels=[k, k + 1]))
         cond = c.cond.detach().clone().requires_grad_()
         x0 = sample(network, x_T, cond, schedule=backend.schedule, steps=4, solver=solver,
-                    grad_mode=grad_mode, guidance_scale=2.0, uncond=c.uncond)
+                    grad_mode=grad_mode, guidance_scale=2.0, uncond=c.uncond, prediction=prediction)
         loss = (x0 * torch.linspace(-1, 1, x0.numel(), dtype=x0.dtype).reshape(x0.shape)).sum()
         return (x0.detach(), *torch.autograd.grad(loss, [x_T, cond]))
 

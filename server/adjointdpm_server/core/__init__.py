@@ -2,6 +2,8 @@
 
     from adjointdpm_server.core import VPSchedule, sample
     x0 = sample(eps_fn, x_T, cond, schedule=VPSchedule.linear(), steps=20)
+    x0 = sample(velocity_fn, x_T, cond, schedule=FlowSchedule.rectified(shift=3.0), steps=20,
+                prediction="velocity")    # a flow-matching model (SD3/FLUX-type)
     loss(x0).backward()          # exact gradient of the sampler, memory flat in steps
 """
 
@@ -10,11 +12,15 @@ from ._field import GuidedEps, NetworkVJP, Node
 from ._grids import GRIDS, time_grid
 from ._oracle import GaussianMixture, gaussian_solution
 from ._sample import GRAD_MODES, Progress, sample
+from ._flow_schedule import FlowSchedule
+from ._prediction import PREDICTIONS
 from ._schedule import VPSchedule
 from ._solvers import SOLVERS, get_solver
 
 __all__ = [
     "VPSchedule",
+    "FlowSchedule",
+    "PREDICTIONS",
     "sample",
     "sample_torchdiffeq",
     "Progress",

@@ -1,7 +1,7 @@
 """Baselines through torchdiffeq: the original ODE (paper eq. 4) and eq. 10 with its adjoint.
 
 ``original``: ``dx/dt = f(t)·x + g(t)²/(2σ_t)·ε̃`` with ``f = d log α/dt``, ``g² = dσ²/dt − 2fσ²``
-(= −2f for VP) — stiff near t → 0. ``reparameterized``: ``dy/dρ = ε̃`` (eq. 10). Gradients by
+(= −2f for VP), i.e. ``dx/dt = (α̇/α)·x + (σ̇ − σ α̇/α)·ε̃`` on any Gaussian path — stiff near t → 0. ``reparameterized``: ``dy/dρ = ε̃`` (eq. 10). Gradients by
 ``torchdiffeq.odeint_adjoint`` (the paper's continuous adjoint, eq. 11, solved by the same method)
 or by backprop through ``odeint``. Kept for benchmarks; use :func:`sample` for real work.
 """
@@ -13,7 +13,7 @@ import torch
 
 from ._field import GuidedEps, Node, node_at_rho
 from ._grids import time_grid
-from ._schedule import VPSchedule
+from ._flow_schedule import Schedule
 
 __all__ = ["sample_torchdiffeq"]
 
@@ -21,7 +21,7 @@ _FIXED = ("euler", "midpoint", "rk4", "explicit_adams", "implicit_adams")
 
 
 class _Rhs(torch.nn.Module):
-    def __init__(self, field: GuidedEps, schedule: VPSchedule, ode: str, cond, uncond):
+    def __init__(self, field: GuidedEps, schedule: Schedule, ode: str, cond, uncond):
         super().__init__()
         self.field, self.schedule, self.ode = field, schedule, ode
         self.cond, self.uncond = cond, uncond
@@ -32,17 +32,18 @@ class _Rhs(torch.nn.Module):
             return self.field(state, node_at_rho(self.schedule, s), self.cond, self.uncond)
         t64 = torch.tensor(s, dtype=torch.float64)
         alpha, sigma = float(self.schedule.alpha(t64)), float(self.schedule.sigma(t64))
-        f = float(self.schedule.dlog_alpha_dt(t64))
-        g2 = -2.0 * f  # dσ²/dt − 2fσ² with σ² = 1 − α²
+        f = float(self.schedule.dalpha_dt(t64)) / alpha
+        g2_over_2sigma = float(self.schedule.dsigma_dt(t64)) - sigma * f  # g²/(2σ)
         eps = self.field(state / alpha, Node(s, sigma / alpha, alpha), self.cond, self.uncond)
-        return f * state + g2 / (2.0 * sigma) * eps
+        return f * state + g2_over_2sigma * eps
 
 
-def sample_torchdiffeq(eps_fn, x_T: torch.Tensor, cond=None, *, schedule: VPSchedule,
+def sample_torchdiffeq(eps_fn, x_T: torch.Tensor, cond=None, *, schedule: Schedule,
                        ode: str = "original", method: str = "dopri5", steps: int | None = None,
                        grad_mode: str = "adjoint", guidance_scale: float | None = None,
                        uncond=None, grid: str = "logsnr", rtol: float = 1e-5, atol: float = 1e-5,
-                       t_start: float | None = None, t_end: float | None = None) -> torch.Tensor:
+                       t_start: float | None = None, t_end: float | None = None,
+                       prediction: str = "epsilon") -> torch.Tensor:
     """Solve eq. 4 (``original``) or eq. 10 (``reparameterized``) with torchdiffeq."""
     from torchdiffeq import odeint, odeint_adjoint
 
@@ -54,7 +55,7 @@ def sample_torchdiffeq(eps_fn, x_T: torch.Tensor, cond=None, *, schedule: VPSche
     if fixed and (steps is None or steps < 1):
         raise ValueError(f"method {method!r} needs steps >= 1")
     ts = time_grid(schedule, steps or 1, grid, t_start, t_end)
-    field = GuidedEps(eps_fn, guidance_scale)
+    field = GuidedEps(eps_fn, guidance_scale, prediction=prediction, schedule=schedule)
     rhs = _Rhs(field, schedule, ode, cond, uncond)
     if ode == "original":
         grid_pts, state = ts, x_T

@@ -7,12 +7,11 @@
 from __future__ import annotations
 
 import abc
-import math
 from dataclasses import dataclass
 
 import torch
 
-from ._schedule import VPSchedule
+from ._prediction import check_prediction, eps_coefficients
 
 __all__ = ["Node", "GuidedEps", "NetworkVJP", "nodes_from_times", "node_at_rho"]
 
@@ -26,16 +25,16 @@ class Node:
     alpha: float
 
 
-def nodes_from_times(schedule: VPSchedule, ts: torch.Tensor) -> list[Node]:
+def nodes_from_times(schedule, ts: torch.Tensor) -> list[Node]:
     ts = ts.to(torch.float64)
     rhos, alphas = schedule.rho(ts), schedule.alpha(ts)
     return [Node(float(t), float(r), float(a)) for t, r, a in zip(ts, rhos, alphas)]
 
 
-def node_at_rho(schedule: VPSchedule, rho: float) -> Node:
-    """The node at an arbitrary ρ (adaptive solvers); ``α = 1/√(1+ρ²)``."""
+def node_at_rho(schedule, rho: float) -> Node:
+    """The node at an arbitrary ρ (adaptive solvers); α from the path (``1/√(1+ρ²)`` for VP)."""
     t = float(schedule.t_from_rho(torch.tensor(rho, dtype=torch.float64)))
-    return Node(t, rho, 1.0 / math.sqrt(1.0 + rho * rho))
+    return Node(t, rho, schedule.alpha_from_rho(rho))
 
 
 class NetworkVJP(abc.ABC):
@@ -54,13 +53,35 @@ class NetworkVJP(abc.ABC):
 
 
 class GuidedEps:
-    """``ε̃(y, node, cond, uncond)``: the model's noise prediction at ``x = α y``, with CFG."""
+    """``ε̃(y, node, cond, uncond)``: the model's noise prediction at ``x = α y``, with CFG.
 
-    def __init__(self, eps_fn, guidance_scale: float | None = None):
+    A network that predicts something else (``prediction``: v, velocity, x_0) is turned into ε
+    after the CFG combination: ``ε = a·out + b·x`` (core/_prediction.py).
+    """
+
+    def __init__(self, eps_fn, guidance_scale: float | None = None, *, prediction: str = "epsilon",
+                 schedule=None):
         self.eps_fn = eps_fn
         self.guidance_scale = guidance_scale
+        self.prediction = check_prediction(prediction)
+        if prediction == "velocity" and schedule is None:
+            raise ValueError("prediction='velocity' needs the schedule (its α̇, σ̇)")
+        self.schedule = schedule
         self.nfe = 0
         self._checked = False
+        self._coefficients: dict[Node, tuple[float, float]] = {}
+
+    def coefficients(self, node: Node) -> tuple[float, float]:
+        """``(a, b)`` of ``ε = a·out + b·x`` at ``node`` (float64, cached per node)."""
+        ab = self._coefficients.get(node)
+        if ab is None:
+            dalpha = dsigma = None
+            if self.prediction == "velocity":
+                da, ds = self.schedule.velocity_coefficients(torch.tensor(node.t, dtype=torch.float64))
+                dalpha, dsigma = float(da), float(ds)
+            a, b = eps_coefficients(self.prediction, node.alpha, node.rho * node.alpha, dalpha, dsigma)
+            ab = self._coefficients[node] = (float(a), float(b))
+        return ab
 
     @property
     def guided(self) -> bool:
@@ -86,7 +107,10 @@ class GuidedEps:
             eps = self.eps_fn(x, t, cond)
             self._check(eps, tuple(x.shape))
         self.nfe += 1
-        return eps
+        if self.prediction == "epsilon":
+            return eps
+        a, b = self.coefficients(node)
+        return a * eps + b * x
 
     @property
     def has_network_vjp(self) -> bool:
@@ -96,9 +120,13 @@ class GuidedEps:
             cond_grad: bool, uncond_grad: bool):
         """``(ε̃, ȳ, c̄, ū)`` through the network's own VJP (``has_network_vjp``): with
         ``x = α y`` and ``ε̃ = s ε_c + (1−s) ε_u`` the cotangents on the two halves of the CFG
-        batch are ``s·ε̄`` and ``(1−s)·ε̄``, and ``ȳ = α (x̄_c + x̄_u)``."""
+        batch are ``s·ε̄`` and ``(1−s)·ε̄``, and ``ȳ = α (x̄_c + x̄_u)``; a prediction turned into
+        ε by ``a·out + b·x`` scales the network's cotangent by ``a`` and adds ``α b ε̄`` to ``ȳ``."""
         x, t = self._inputs(y, node)
         batch = x.shape[0]
+        a, b = self.coefficients(node)
+        direct = cotangent
+        cotangent = cotangent * a if a != 1.0 else cotangent
         if self.guided:
             s = self.guidance_scale
             both, gx, gc = self.eps_fn.vjp(torch.cat([x, x]), torch.cat([t, t]),
@@ -116,6 +144,9 @@ class GuidedEps:
             self._check(eps, tuple(x.shape))
             grad_y, u_bar = gx * node.alpha, None
         self.nfe += 1
+        if self.prediction != "epsilon":
+            eps = a * eps + b * x
+            grad_y = grad_y + (node.alpha * b) * direct
         return eps, grad_y, c_bar if cond_grad else None, u_bar if uncond_grad else None
 
     def _check(self, eps, shape) -> None:

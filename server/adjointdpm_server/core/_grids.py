@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import torch
 
-from ._schedule import VPSchedule
+from ._flow_schedule import Schedule
 
 __all__ = ["GRIDS", "time_grid"]
 
 GRIDS = ("logsnr", "time", "karras")
 
 
-def time_grid(schedule: VPSchedule, steps: int, grid: str = "logsnr", t_start: float | None = None,
+def time_grid(schedule: Schedule, steps: int, grid: str = "logsnr", t_start: float | None = None,
               t_end: float | None = None) -> torch.Tensor:
     """The ``steps + 1`` times of a grid, float64, decreasing, endpoints exact."""
     if grid not in GRIDS:
@@ -29,6 +29,9 @@ def time_grid(schedule: VPSchedule, steps: int, grid: str = "logsnr", t_start: f
         ts = ends[0] + u * (ends[1] - ends[0])
     elif grid == "logsnr":
         lam = schedule.lambda_(ends)
+        if not bool(torch.isfinite(lam).all()):
+            raise ValueError(f"grid 'logsnr' cannot reach t={t_end} (σ = 0, λ = ∞); use grid 'time' "
+                             "or 'karras', or explicit timesteps")
         ts = schedule.t_from_lambda(lam[0] + u * (lam[1] - lam[0]))
     else:
         r = schedule.rho(ends) ** (1.0 / 7.0)

@@ -13,7 +13,8 @@ import math
 import torch
 from torch import nn
 
-from ._schedule import VPSchedule
+from ._flow_schedule import Schedule
+from ._prediction import check_prediction, eps_coefficients
 
 __all__ = ["GaussianMixture", "gaussian_solution"]
 
@@ -22,11 +23,14 @@ class GaussianMixture(nn.Module):
     """``ε*`` of an isotropic Gaussian mixture, with learnable means, scales and log-weights.
 
     ``cond`` (shape ``(B, *event_shape)``) is added to every mean, so gradients w.r.t. the
-    conditioning exist in closed form too.
+    conditioning exist in closed form too. ``prediction`` makes it the optimal v, velocity or
+    x_0 predictor instead (the inverse of core/_prediction.py's map), on any path.
     """
 
-    def __init__(self, schedule: VPSchedule, means: torch.Tensor, scales, weights=None):
+    def __init__(self, schedule: Schedule, means: torch.Tensor, scales, weights=None,
+                 prediction: str = "epsilon"):
         super().__init__()
+        self.prediction = check_prediction(prediction)
         means = torch.as_tensor(means)
         if means.dim() < 2:
             raise ValueError("means must have shape (K, *event_shape)")
@@ -58,10 +62,17 @@ class GaussianMixture(nn.Module):
                     - 0.5 * diff.pow(2).sum(-1) / var)
         post = torch.softmax(log_post, dim=1)
         eps = sigma * (post.unsqueeze(-1) * diff / var.unsqueeze(-1)).sum(1)
+        if self.prediction != "epsilon":
+            dalpha = dsigma = None
+            if self.prediction == "velocity":
+                dalpha, dsigma = (torch.as_tensor(v, dtype=torch.float64).expand(batch).to(x.dtype).reshape(batch, 1)
+                                  for v in self.schedule.velocity_coefficients(t64))
+            a, b = eps_coefficients(self.prediction, alpha.reshape(batch, 1), sigma, dalpha, dsigma)
+            eps = (eps - b * xf) / a
         return eps.reshape(x.shape)
 
 
-def gaussian_solution(schedule: VPSchedule, x_T: torch.Tensor, mean, scale, *, cond=None,
+def gaussian_solution(schedule: Schedule, x_T: torch.Tensor, mean, scale, *, cond=None,
                       t_start: float | None = None, t_end: float | None = None) -> torch.Tensor:
     """The exact ``x_0`` of the probability-flow ODE for data ``N(mean + cond, scale² I)``."""
     t_start = schedule.t_max if t_start is None else t_start

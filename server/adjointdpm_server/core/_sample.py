@@ -10,7 +10,8 @@ import torch
 from ._field import GuidedEps, nodes_from_times
 from ._gradients import SolveFunction
 from ._grids import GRIDS, time_grid
-from ._schedule import VPSchedule
+from ._flow_schedule import Schedule
+from ._prediction import check_prediction
 from ._solvers import get_solver
 
 __all__ = ["sample", "Progress", "GRAD_MODES"]
@@ -56,18 +57,20 @@ def _differentiable_params(eps_fn, params) -> list[torch.Tensor]:
     return [p for p in unique.values() if p.requires_grad]
 
 
-def sample(eps_fn, x_T: torch.Tensor, cond=None, *, schedule: VPSchedule, steps: int | None,
+def sample(eps_fn, x_T: torch.Tensor, cond=None, *, schedule: Schedule, steps: int | None,
            solver: str = "dpm3", grad_mode: str = "checkpoint", guidance_scale: float | None = None,
            uncond=None, grid: str = "logsnr", t_start: float | None = None,
            t_end: float | None = None, callback: Callable[[Progress], None] | None = None,
            timesteps: Sequence[float] | None = None, params: Sequence[torch.Tensor] | None = None,
-           rtol: float = 1e-5, atol: float = 1e-5) -> torch.Tensor:
+           rtol: float = 1e-5, atol: float = 1e-5, prediction: str = "epsilon") -> torch.Tensor:
     """Solve paper eq. 10 from ``x_T`` (the state at ``t_start``) to ``x_0`` (at ``t_end``).
 
     ``x_0`` is differentiable w.r.t. ``x_T``, ``cond``, ``uncond``, the parameters of ``eps_fn``
     when it is an ``nn.Module`` and any extra ``params``, in every ``grad_mode`` but ``none``.
     ``timesteps`` (decreasing, ``steps + 1`` of them if both are given) overrides the grid.
     ``callback`` receives :class:`Progress`; raising from it aborts the solve (cancellation).
+    ``prediction`` says what ``eps_fn`` returns: ``epsilon``, ``v``, ``velocity`` (a flow model's
+    ``dx/dσ``) or ``sample`` (x_0); it is turned into ε inside the field (core/_prediction.py).
     ``adjoint`` re-solves the trajectory backward: exact where that reconstruction is, but
     ill-conditioned for strongly contracting flows (strong guidance) — prefer ``checkpoint`` there.
     """
@@ -79,6 +82,7 @@ def sample(eps_fn, x_T: torch.Tensor, cond=None, *, schedule: VPSchedule, steps:
         raise ValueError(f"unknown grad_mode {grad_mode!r}; choose one of {', '.join(GRAD_MODES)}")
     if grid not in GRIDS:
         raise ValueError(f"unknown grid {grid!r}; choose one of {', '.join(GRIDS)}")
+    check_prediction(prediction)
     step_solver = get_solver(solver, schedule, rtol=rtol, atol=atol)
     if timesteps is not None:
         if t_start is not None or t_end is not None:
@@ -103,7 +107,7 @@ def sample(eps_fn, x_T: torch.Tensor, cond=None, *, schedule: VPSchedule, steps:
     batch = x_T.shape[0]
     cond = _expand_batch(cond, batch, "cond")
     uncond = _expand_batch(uncond, batch, "uncond")
-    field = GuidedEps(eps_fn, guidance_scale)
+    field = GuidedEps(eps_fn, guidance_scale, prediction=prediction, schedule=schedule)
     if field.guided:
         if cond is None or uncond is None:
             raise ValueError("guidance_scale needs both cond and uncond")

@@ -87,6 +87,21 @@ class VPSchedule:
     def alpha(self, t):
         return torch.exp(self.log_alpha(t))
 
+    def alpha_from_rho(self, rho: float) -> float:
+        """``α = 1/√(1+ρ²)`` (variance preserving)."""
+        return 1.0 / math.sqrt(1.0 + rho * rho)
+
+    def dalpha_dt(self, t):
+        return self.alpha(t) * self.dlog_alpha_dt(t)
+
+    def dsigma_dt(self, t):
+        """``σ̇ = −α α̇/σ`` from ``α² + σ² = 1``."""
+        return -self.alpha(t) * self.dalpha_dt(t) / self.sigma(t)
+
+    def velocity_coefficients(self, t):
+        """``(α̇, σ̇)`` w.r.t. t: a VP model's velocity would be ``dx/dt``."""
+        return self.dalpha_dt(t), self.dsigma_dt(t)
+
     def sigma(self, t):
         return torch.sqrt(-torch.expm1(2.0 * self.log_alpha(t)))
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ._field import GuidedEps, Node, node_at_rho
-from ._schedule import VPSchedule
+from ._flow_schedule import Schedule
 
 __all__ = ["SOLVERS", "get_solver", "LinearMultistep", "OneStep", "Heun", "Dopri5"]
 
@@ -50,6 +50,12 @@ def _multistep_weights(order: int, basis: str, rho_nodes: tuple[float, ...]) -> 
     out = []
     for i in range(len(rhos) - 1):
         k = min(order, i + 1)
+        if basis == "lambda":
+            # λ = −log ρ is infinite at the clean end of a flow path (ρ = 0, σ = 0): a step into
+            # it or through nodes at it is first order, as DPM-Solver's lower-order final step.
+            zeros = [j for j in range(i + 2) if rhos[j] == 0.0]
+            if zeros:
+                k = 1 if rhos[i + 1] == 0.0 or rhos[i] == 0.0 else min(k, i - zeros[-1])
         if k == 1:
             out.append((float(rhos[i + 1] - rhos[i]),))  # Euler in ρ: exactly DDIM
             continue
@@ -188,7 +194,7 @@ class Dopri5(OneStep):
 
     name, order = "dopri5", 5
 
-    def __init__(self, schedule: VPSchedule, rtol: float = 1e-5, atol: float = 1e-5):
+    def __init__(self, schedule: Schedule, rtol: float = 1e-5, atol: float = 1e-5):
         self.schedule, self.rtol, self.atol = schedule, rtol, atol
 
     def step(self, field, y, a, b, cond, uncond):
@@ -220,7 +226,7 @@ SOLVERS = tuple(_REGISTRY)
 _ALIASES = {"ddim": "euler", "dpm1": "euler"}
 
 
-def get_solver(name: str, schedule: VPSchedule, *, rtol: float = 1e-5, atol: float = 1e-5):
+def get_solver(name: str, schedule: Schedule, *, rtol: float = 1e-5, atol: float = 1e-5):
     """The solver registered under ``name`` (``ddim`` and ``dpm1`` are aliases of ``euler``)."""
     factory = _REGISTRY.get(_ALIASES.get(name, name))
     if factory is None:
