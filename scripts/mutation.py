@@ -92,19 +92,43 @@ def group_files(patterns: list[str]) -> list[Path]:
     return sorted(f for f in files if f.suffix == ".py")
 
 
+def annotation_spans(source: str) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """Where type annotations are: with ``from __future__ import annotations`` they are never
+    evaluated, so a mutant inside one (``X | None`` → ``X - None``) is equivalent by construction."""
+    import ast
+
+    spans = []
+    for node in ast.walk(ast.parse(source)):
+        found = []
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.returns is not None:
+            found.append(node.returns)
+        elif isinstance(node, ast.arg) and node.annotation is not None:
+            found.append(node.annotation)
+        elif isinstance(node, ast.AnnAssign):
+            found.append(node.annotation)
+        spans += [((a.lineno, a.col_offset), (a.end_lineno, a.end_col_offset)) for a in found]
+    return spans
+
+
 def mutants_of(db, files, exclude) -> tuple[list, int]:
-    """Fill the session with every mutant of `files`, minus excluded operators and pragma lines.
-    Returns the mutants to choose from (sorted, for a reproducible sample) and how many were left out."""
+    """Fill the session with every mutant of `files`, minus excluded operators, pragma lines and
+    mutants inside annotations. Returns the mutants to choose from (sorted, for a reproducible
+    sample) and how many were left out."""
     from cosmic_ray.commands.init import init
 
     init(files, db, {})
     excluded = re.compile("|".join(exclude)) if exclude else None
-    lines = {f: f.read_text(encoding="utf-8").splitlines() for f in files}
+    sources = {f: f.read_text(encoding="utf-8") for f in files}
+    lines = {f: text.splitlines() for f, text in sources.items()}
+    annotations = {f: annotation_spans(text) if "from __future__ import annotations" in text else []
+                   for f, text in sources.items()}
     keep, dropped = [], 0
     for item in db.work_items:
         m = item.mutations[0]
         end_line = m.end_pos[0] - (1 if m.end_pos[1] == 0 else 0)
-        if (excluded and excluded.search(m.operator_name)) or "pragma: no mutate" in lines[m.module_path][end_line - 1]:
+        in_annotation = any(a <= tuple(m.start_pos) and tuple(m.end_pos) <= b for a, b in annotations[m.module_path])
+        if ((excluded and excluded.search(m.operator_name)) or in_annotation
+                or "pragma: no mutate" in lines[m.module_path][end_line - 1]):
             dropped += 1
         else:
             keep.append(item)
@@ -276,7 +300,8 @@ def write_report(path: Path, results: list[dict], args, tool: str, interrupted: 
         goal = f"≥ {r['goal']}%" if r["goal"] else "—"
         out.append(f"| **{r['name']}** | **all** | {total['mutants']} | {total['tested']} | {total['killed']} | "
                    f"{total['survived']} | {total['timeout']} | **{pct(total)}** | {goal} |")
-    out += ["", "Excluded: operators left out in scripts/mutation.toml and `# pragma: no mutate` lines. "
+    out += ["", "Excluded: operators left out in scripts/mutation.toml, mutants inside type annotations "
+            "(never evaluated: `from __future__ import annotations`) and `# pragma: no mutate` lines. "
             "Invalid: mutants that are not valid Python (cosmic-ray mutating a `*` parameter marker), skipped.", "",
             "| group | tests (pytest) | baseline | per-mutant timeout | mean time per mutant | excluded | invalid |",
             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]

@@ -1,12 +1,19 @@
 """Train the embedded `digits` model: a class-conditional DPM on scikit-learn's 8×8 digits.
 
-    .venv/bin/python scripts/train_digits_dpm.py        # ~15 min on 2 CPU cores
+    .venv/bin/python scripts/train_digits_dpm.py          # `digits`, ~15 min on 2 CPU cores
+    .venv/bin/python scripts/train_digits_dpm.py --flow   # `digits-flow`, the same network as a
+                                                          # rectified flow predicting velocity
 
 A diffusers ``UNet2DModel`` with a class embedding (label 10 = "no class", used with probability
 0.1 during training so that classifier-free guidance works), ε-prediction on a cosine schedule
 (``squaredcos_cap_v2``, 1000 steps), AdamW with cosine decay and an EMA of the weights
 (diffusers' ``EMAModel``). Writes the EMA weights in fp16 safetensors, the scheduler config and
 ``training.json`` under server/adjointdpm_server/models/weights/digits/.
+
+``--flow`` trains the same UNet on the rectified-flow path ``x_σ = (1 − σ) x_0 + σ ε`` to predict
+the velocity ``u = ε − x_0`` (flow matching, as SD3 and FLUX are trained), with σ uniform in
+(0, 1) and the network's timestep ``1000·σ`` (SD3's convention); the scheduler config written is
+``FlowMatchEulerDiscreteScheduler(shift=1)``. Output: weights/digits-flow/.
 """
 
 from __future__ import annotations
@@ -18,12 +25,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 
 from adjointdpm_server.models._digits_data import load_digits_split
 
-OUT = Path(__file__).resolve().parents[1] / "server/adjointdpm_server/models/weights/digits"
+WEIGHTS = Path(__file__).resolve().parents[1] / "server/adjointdpm_server/models/weights"
 NULL_CLASS = 10
 UNET_CONFIG = dict(
     sample_size=8, in_channels=1, out_channels=1, layers_per_block=2,
@@ -41,8 +48,10 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--p-uncond", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--flow", action="store_true", help="rectified flow, velocity target (digits-flow)")
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    args.out = args.out or WEIGHTS / ("digits-flow" if args.flow else "digits")
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
 
@@ -63,11 +72,17 @@ def main() -> None:
         for idx in torch.randperm(len(y_all), generator=gen).split(args.batch):
             x0, labels = x_all[idx], y_all[idx].clone()
             labels[torch.rand(len(idx), generator=gen) < args.p_uncond] = NULL_CLASS
-            t = torch.randint(0, 1000, (len(idx),), generator=gen)
             noise = torch.randn(x0.shape, generator=gen)
-            a = abar[t].sqrt().view(-1, 1, 1, 1)
-            x_t = a * x0 + (1 - a * a).sqrt() * noise
-            loss = F.mse_loss(unet(x_t, t, class_labels=labels).sample, noise)
+            if args.flow:
+                sigma = torch.rand(len(idx), generator=gen)
+                s4 = sigma.view(-1, 1, 1, 1)
+                x_t = (1 - s4) * x0 + s4 * noise
+                loss = F.mse_loss(unet(x_t, 1000 * sigma, class_labels=labels).sample, noise - x0)
+            else:
+                t = torch.randint(0, 1000, (len(idx),), generator=gen)
+                a = abar[t].sqrt().view(-1, 1, 1, 1)
+                x_t = a * x0 + (1 - a * a).sqrt() * noise
+                loss = F.mse_loss(unet(x_t, t, class_labels=labels).sample, noise)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -82,8 +97,11 @@ def main() -> None:
     ema.copy_to(unet.parameters())
     args.out.mkdir(parents=True, exist_ok=True)
     unet.to(torch.float16).save_pretrained(args.out / "unet")
-    scheduler.save_pretrained(args.out / "scheduler")
-    info = {"epochs": args.epochs, "batch": args.batch, "lr": args.lr, "p_uncond": args.p_uncond,
+    if args.flow:
+        FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0).save_pretrained(args.out / "scheduler")
+    else:
+        scheduler.save_pretrained(args.out / "scheduler")
+    info = {"objective": "rectified flow, velocity" if args.flow else "ε, cosine VP","epochs": args.epochs, "batch": args.batch, "lr": args.lr, "p_uncond": args.p_uncond,
             "seed": args.seed, "optimizer_steps": step, "train_images": len(y_all),
             "train_seconds": round(time.time() - start), "torch_threads": torch.get_num_threads(),
             "parameters": sum(p.numel() for p in unet.parameters()), "null_class": NULL_CLASS}

@@ -14,6 +14,7 @@ def test_demo_runs_end_to_end():
                           "--digit", "4"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "optimize_latent → 4 with a client-side loss" in out.stdout
-    for name in ("digits_grid.png", "digits_steer_to_4.png"):
+    assert "digits-flow (rectified flow, velocity): 40 digits" in out.stdout
+    for name in ("digits_grid.png", "digits_steer_to_4.png", "digits_flow_grid.png"):
         stat = (ROOT / "out" / name).stat()
         assert stat.st_size > 100 and stat.st_mtime >= started

@@ -25,7 +25,7 @@ def parse_args(argv=None) -> ServerConfig:
     p = argparse.ArgumentParser(prog="adjointdpm-server", description=__doc__.splitlines()[0])
     p.add_argument("--model", action="append", dest="models", metavar="[NAME=]SPEC",
                    help="a model to keep resident (repeatable; the first is the default): digits, "
-                        "gaussian-mixture, diffusers:/path (default: digits)")
+                        "digits-flow, gaussian-mixture, diffusers:/path (default: digits)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 in a container)")
     p.add_argument("--port", type=int, default=50051, help="0 = any free port (printed)")
     p.add_argument("--device", default="cpu")

@@ -212,7 +212,11 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
                 latent_shape=list(backend.latent_shape), image_shape=list(backend.image_shape),
                 conditioning=backend.conditioning, default_steps=backend.default_steps,
                 default_guidance=backend.default_guidance or 0.0, solvers=list(SOLVERS),
-                grad_modes=list(GRAD_MODES), adapters=adapters))
+                grad_modes=list(GRAD_MODES), adapters=adapters,
+                path=backend.schedule.path,
+                schedule=repr(backend.schedule), prediction=backend.prediction,
+                default_grid=backend.default_grid, t_min=backend.schedule.t_min,
+                t_max=backend.schedule.t_max))
         return pb.ListModelsResponse(models=models)
 
     def ListLosses(self, request, context):

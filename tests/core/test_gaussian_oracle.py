@@ -10,7 +10,7 @@ order or a gradient recursion breaks them. Columns: x_0, ∂/∂x_T, ∂/∂cond
 import pytest
 import torch
 
-from adjointdpm_server.core import SOLVERS, GaussianMixture, VPSchedule, gaussian_solution, sample
+from adjointdpm_server.core import SOLVERS, FlowSchedule, GaussianMixture, VPSchedule, gaussian_solution, sample
 
 from ._closed_form import exact, problem, rel
 
@@ -123,3 +123,26 @@ def test_partial_trajectory_gradient_wrt_intermediate_state(mode):
     # Starting mid-trajectory the bootstrap steps (orders 1, 2) dominate: 1.1e-4 measured.
     assert _rel(x0.detach(), ref.detach()) < 2e-4
     assert _rel(g, g_ref) < 4e-4
+
+
+@pytest.mark.parametrize("schedule", [VPSchedule.linear(), FlowSchedule.rectified(shift=3.0)], ids=["vp", "flow"])
+def test_the_mixture_eps_is_minus_sigma_times_the_score(schedule):
+    """Independent of the oracle's formula: ε*(x, t) = −σ_t ∇_x log p_t(x), with p_t the mixture
+    Σ π_k N(α μ_k, (α² s_k² + σ²) I) built by torch.distributions, from unnormalized weights and
+    unequal scales (where the normalization and the log-determinant terms matter)."""
+    g = torch.Generator().manual_seed(5)
+    means = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    scales, weights = torch.tensor([0.2, 0.5, 1.1], dtype=torch.float64), torch.tensor([2.0, 1.0, 5.0], dtype=torch.float64)
+    model = GaussianMixture(schedule, means, scales, weights)
+    x = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    for t in (0.1, 0.5, 0.9):
+        a, s = schedule.alpha(t).double(), schedule.sigma(t).double()
+        components = torch.distributions.Independent(
+            torch.distributions.Normal(a * means, torch.sqrt(a * a * scales ** 2 + s * s)[:, None].expand(3, 6)), 1)
+        p_t = torch.distributions.MixtureSameFamily(torch.distributions.Categorical(probs=weights / weights.sum()),
+                                                    components)
+        leaf = x.clone().requires_grad_()
+        (score,) = torch.autograd.grad(p_t.log_prob(leaf).sum(), leaf)
+        with torch.no_grad():
+            eps = model(x, torch.full((4,), t, dtype=torch.float64))
+        torch.testing.assert_close(eps, -s * score, rtol=1e-10, atol=1e-12)

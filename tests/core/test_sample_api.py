@@ -62,3 +62,13 @@ def test_a_tensor_listed_twice_counts_once():
         x0 = sample(lambda x, t, c: torch.tanh(x * w), x_T, schedule=sch, steps=4, grad_mode=mode, params=params)
         grads.append(torch.autograd.grad(x0.sum(), w)[0])
     assert torch.allclose(grads[0], grads[1], rtol=1e-10)
+
+
+def test_a_batch_of_scalars_is_a_valid_x_T():
+    """x_T of shape (B,): the leading dimension is the batch, no event dimensions needed."""
+    sch = VPSchedule.linear()
+    x_T = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    x0 = sample(lambda x, t, c: 0.3 * x, x_T, schedule=sch, steps=4)
+    assert x0.shape == (3,)
+    (g,) = torch.autograd.grad(x0.sum(), x_T)
+    assert g.shape == (3,) and torch.allclose(g, g[0].expand(3))  # a linear field: the same factor

@@ -11,6 +11,11 @@ import torch
 from adjointdpm_server.core import sample
 
 
+def declared(backend) -> dict:
+    """What the backend declares about its network and path: the ``sample`` keywords to use."""
+    return dict(prediction=backend.prediction, grid=backend.default_grid)
+
+
 def _rel(a, b):
     return float((a - b).norm() / b.norm())
 
@@ -26,7 +31,7 @@ class BackendContract:
         cond, uncond, leaf = self.conditioning(backend, batch)
         x_T = backend.noise(batch, seed=seed).requires_grad_()
         x0 = sample(backend.eps_fn, x_T, cond, schedule=backend.schedule, steps=self.steps, grad_mode=mode,
-                    guidance_scale=self.guidance, uncond=uncond, params=[leaf])
+                    guidance_scale=self.guidance, uncond=uncond, params=[leaf], **declared(backend))
         image = backend.decode(x0)
         target = torch.linspace(0, 1, image.numel(), dtype=image.dtype).reshape(image.shape)
         loss = (image - target).square().mean()
@@ -50,7 +55,8 @@ class BackendContract:
         assert not torch.equal(backend.noise(2, seed=7), backend.noise(2, seed=8))
         cond, uncond, _ = self.conditioning(backend, 2)
         runs = [sample(backend.eps_fn, backend.noise(2, seed=seed), cond, schedule=backend.schedule,
-                       steps=self.steps, guidance_scale=self.guidance, uncond=uncond, grad_mode="none")
+                       steps=self.steps, guidance_scale=self.guidance, uncond=uncond, grad_mode="none",
+                       **declared(backend))
                 for seed in (5, 5, 6)]
         assert torch.equal(runs[0], runs[1])
         assert not torch.equal(runs[0], runs[2])

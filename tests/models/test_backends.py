@@ -5,7 +5,7 @@ import torch
 
 from adjointdpm_server.models import load_model
 
-from .contract import BackendContract
+from .contract import BackendContract, declared
 from .tiny_sd import build_tiny_sd
 
 
@@ -33,6 +33,15 @@ class TestDigits(BackendContract):
         return c.cond, c.uncond, table
 
 
+class TestDigitsFlow(TestDigits):
+    """The rectified-flow digits model (velocity), through the same contract."""
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def backend(cls):
+        return load_model("digits-flow")
+
+
 class TestStableDiffusionTiny(BackendContract):
     """The tiny SD pipeline built from config, loaded through ``diffusers:<dir>``."""
 
@@ -47,7 +56,7 @@ class TestStableDiffusionTiny(BackendContract):
         return cond, c.uncond, cond
 
 
-@pytest.mark.parametrize("spec", ["digits", "gaussian-mixture"])
+@pytest.mark.parametrize("spec", ["digits", "digits-flow", "gaussian-mixture"])
 def test_resident_weights_are_frozen(spec):
     backend = load_model(spec)
     assert not any(p.requires_grad for p in backend.eps_fn.parameters())
@@ -55,18 +64,20 @@ def test_resident_weights_are_frozen(spec):
     c = backend.encode(2)
     from adjointdpm_server.core import sample
 
-    sample(backend.eps_fn, x_T, c.cond, schedule=backend.schedule, steps=3).sum().backward()
+    sample(backend.eps_fn, x_T, c.cond, schedule=backend.schedule, steps=3, **declared(backend)).sum().backward()
     assert x_T.grad is not None
     assert all(p.grad is None for p in backend.eps_fn.parameters())
 
 
 def test_registry_errors():
-    with pytest.raises(ValueError, match="unknown model 'sd'; choose one of digits, gaussian-mixture, diffusers"):
+    with pytest.raises(ValueError, match="unknown model 'sd'; choose one of digits, digits-flow, gaussian-mixture, diffusers"):
         load_model("sd")
     with pytest.raises(ValueError, match="local directory"):
         load_model("diffusers")
     with pytest.raises(ValueError, match="takes no argument"):
         load_model("gaussian-mixture:x")
+    with pytest.raises(FileNotFoundError, match="not a digits-flow weights directory"):
+        load_model("digits-flow:/nonexistent/weights")
 
 
 def test_digits_conditioning_parsing():

@@ -9,13 +9,18 @@ from adjointdpm_server.config import Limits, ServerConfig
 from adjointdpm_server.server import build_server
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    config = ServerConfig(models=("digits", "gaussian-mixture"), host="127.0.0.1", port=0,
+def serve(tmp_path_factory, models=("digits", "gaussian-mixture")):
+    """A loopback server with the test limits; the caller stops it."""
+    config = ServerConfig(models=models, host="127.0.0.1", port=0,
                           artifact_dir=tmp_path_factory.mktemp("artifacts"), max_active_jobs=2,
                           limits=Limits(max_batch=16, max_steps=200, max_iterations=50,
                                         max_tensor_elements=2**20, client_loss_timeout_s=20))
-    srv = build_server(config)
+    return build_server(config)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = serve(tmp_path_factory)
     yield srv
     srv.stop(0)
 

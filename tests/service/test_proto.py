@@ -41,7 +41,11 @@ def test_list_models_and_losses(client):
     assert models["digits"]["is_default"] and models["digits"]["conditioning"] == "labels"
     assert [int(v) for v in models["digits"]["latent_shape"]] == [1, 8, 8]
     assert "dpm3" in models["digits"]["solvers"] and "checkpoint" in models["digits"]["grad_modes"]
+    digits = models["digits"]
+    assert (digits["path"], digits["prediction"], digits["default_grid"]) == ("vp", "epsilon", "logsnr")
+    assert (digits["t_min"], digits["t_max"]) == (0.0, 850.0)  # the sampling span (models/_digits.py)
     losses = {entry["name"]: entry for entry in client.list_losses()}
     assert {"mse", "classifier", "gram_style"} <= set(losses)
     assert "clip_similarity" not in losses and "triton" not in losses  # neither configured
     assert losses["mse"]["tensors"] == ["target"]
+    assert losses["mse"]["domain"] == "IMAGE" and losses["classifier"]["domain"] == "IMAGE"

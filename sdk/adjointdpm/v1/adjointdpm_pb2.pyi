@@ -527,7 +527,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "spec", "is_default", "latent_shape", "image_shape", "conditioning", "default_steps", "default_guidance", "solvers", "grad_modes", "adapters")
+    __slots__ = ("name", "spec", "is_default", "latent_shape", "image_shape", "conditioning", "default_steps", "default_guidance", "solvers", "grad_modes", "adapters", "path", "schedule", "prediction", "default_grid", "t_min", "t_max")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
@@ -539,6 +539,12 @@ class ModelInfo(_message.Message):
     SOLVERS_FIELD_NUMBER: _ClassVar[int]
     GRAD_MODES_FIELD_NUMBER: _ClassVar[int]
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    PREDICTION_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_GRID_FIELD_NUMBER: _ClassVar[int]
+    T_MIN_FIELD_NUMBER: _ClassVar[int]
+    T_MAX_FIELD_NUMBER: _ClassVar[int]
     name: str
     spec: str
     is_default: bool
@@ -550,7 +556,13 @@ class ModelInfo(_message.Message):
     solvers: _containers.RepeatedScalarFieldContainer[str]
     grad_modes: _containers.RepeatedScalarFieldContainer[str]
     adapters: _containers.RepeatedCompositeFieldContainer[ArtifactInfo]
-    def __init__(self, name: _Optional[str] = ..., spec: _Optional[str] = ..., is_default: _Optional[bool] = ..., latent_shape: _Optional[_Iterable[int]] = ..., image_shape: _Optional[_Iterable[int]] = ..., conditioning: _Optional[str] = ..., default_steps: _Optional[int] = ..., default_guidance: _Optional[float] = ..., solvers: _Optional[_Iterable[str]] = ..., grad_modes: _Optional[_Iterable[str]] = ..., adapters: _Optional[_Iterable[_Union[ArtifactInfo, _Mapping]]] = ...) -> None: ...
+    path: str
+    schedule: str
+    prediction: str
+    default_grid: str
+    t_min: float
+    t_max: float
+    def __init__(self, name: _Optional[str] = ..., spec: _Optional[str] = ..., is_default: _Optional[bool] = ..., latent_shape: _Optional[_Iterable[int]] = ..., image_shape: _Optional[_Iterable[int]] = ..., conditioning: _Optional[str] = ..., default_steps: _Optional[int] = ..., default_guidance: _Optional[float] = ..., solvers: _Optional[_Iterable[str]] = ..., grad_modes: _Optional[_Iterable[str]] = ..., adapters: _Optional[_Iterable[_Union[ArtifactInfo, _Mapping]]] = ..., path: _Optional[str] = ..., schedule: _Optional[str] = ..., prediction: _Optional[str] = ..., default_grid: _Optional[str] = ..., t_min: _Optional[float] = ..., t_max: _Optional[float] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)

@@ -21,7 +21,7 @@ __all__ = ["FlowSchedule", "Schedule"]
 class FlowSchedule:
     """A rectified-flow path (SD3, FLUX); build it with :meth:`rectified`."""
 
-    kind = "rectified"
+    path, kind = "rectified_flow", "rectified"
 
     def __init__(self, *, shift: float, t_min: float, t_max: float):
         if not (shift > 0 and math.isfinite(shift)):

@@ -23,6 +23,8 @@ def _as_tensor(t) -> torch.Tensor:
 class VPSchedule:
     """A variance-preserving schedule; build it with :meth:`linear` or :meth:`from_alphas_cumprod`."""
 
+    path = "vp"  # the family of Gaussian paths (FlowSchedule: "rectified_flow")
+
     def __init__(self, *, kind: str, t_min: float, t_max: float, beta_min: float = 0.0,
                  beta_max: float = 0.0, log_alphas: torch.Tensor | None = None):
         if not t_max > t_min:

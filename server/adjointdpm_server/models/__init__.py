@@ -1,6 +1,7 @@
 """Model backends behind one interface (docs/design.md §4), resolved from a spec string.
 
     load_model("digits")                     # the embedded default (weights ship with the repo)
+    load_model("digits-flow")                # the same network as a rectified flow (velocity)
     load_model("gaussian-mixture")           # the analytic oracle
     load_model("diffusers:/models/sd-1.5")   # Stable Diffusion from a local diffusers directory
 """
@@ -20,6 +21,12 @@ def _digits(arg, **kw):
     return DigitsBackend(arg or DIGITS_WEIGHTS, **kw)
 
 
+def _digits_flow(arg, **kw):
+    from ._digits import DIGITS_FLOW_WEIGHTS, DigitsFlowBackend
+
+    return DigitsFlowBackend(arg or DIGITS_FLOW_WEIGHTS, **kw)
+
+
 def _gaussian(arg, **kw):
     from ._gaussian import GaussianMixtureBackend
 
@@ -36,7 +43,8 @@ def _diffusers(arg, **kw):
     return StableDiffusionBackend(arg, **kw)
 
 
-MODELS = {"digits": _digits, "gaussian-mixture": _gaussian, "diffusers": _diffusers}
+MODELS = {"digits": _digits, "digits-flow": _digits_flow, "gaussian-mixture": _gaussian,
+          "diffusers": _diffusers}
 
 
 def load_model(spec: str = "digits", *, device: str | torch.device = "cpu",

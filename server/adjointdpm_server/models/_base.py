@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..core import VPSchedule
+from ..core import FlowSchedule, VPSchedule
 
 __all__ = ["Conditioning", "ModelBackend"]
 
@@ -28,11 +28,13 @@ class Conditioning:
 
 
 class ModelBackend(abc.ABC):
-    """A resident model: schedule, ε-prediction, conditioning and differentiable decoding."""
+    """A resident model: path, network and what it predicts, conditioning, differentiable decoding."""
 
     name: str
-    schedule: VPSchedule
-    eps_fn: nn.Module
+    schedule: VPSchedule | FlowSchedule
+    eps_fn: nn.Module  # returns what ``prediction`` names (core/_prediction.py)
+    prediction: str = "epsilon"  # epsilon, v, velocity (flow models) or sample
+    default_grid: str = "logsnr"  # the time grid a request gets when it names none
     latent_shape: tuple[int, ...]  # one sample's x_T
     image_shape: tuple[int, ...]  # one decoded image, (C, H, W)
     default_steps: int = 20

@@ -122,7 +122,7 @@ def prepare(ctx: TaskContext, spec: GenerationSpec) -> Prepared:
     solver = spec.solver or "dpm3"
     if solver not in SOLVERS:
         raise InvalidArgument(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
-    grid = spec.grid or "logsnr"
+    grid = spec.grid or backend.default_grid
     if grid not in GRIDS:
         raise InvalidArgument(f"unknown grid {grid!r}; choose one of {', '.join(GRIDS)}")
     scale = backend.default_guidance if spec.guidance_scale is None else spec.guidance_scale
@@ -194,7 +194,7 @@ def run_sampler(prep: Prepared, job: Job, *, x_T=None, cond=None, uncond=None, e
                       uncond=prep.uncond if uncond is None else uncond, grid=prep.grid,
                       t_start=None if timesteps is not None else (
                           prep.t_start if t_start is None else t_start),
-                      timesteps=timesteps,
+                      timesteps=timesteps, prediction=prep.backend.prediction,
                       callback=callback or progress_callback(job, iteration))
     except ValueError as err:
         if isinstance(err, InvalidArgument):
