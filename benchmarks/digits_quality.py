@@ -27,7 +27,7 @@ from scipy import linalg
 
 from adjointdpm_server.core import VPSchedule, sample
 from adjointdpm_server.models import load_model
-from adjointdpm_server.models._digits import DIGITS_FLOW_WEIGHTS, DIGITS_WEIGHTS
+from adjointdpm_server.models._digits import DIGITS_FLOW_WEIGHTS, DIGITS_WEIGHTS, _sampling_span
 from adjointdpm_server.models._digits_data import load_digits_split
 
 RESULTS = Path(__file__).resolve().parent / "results" / "digits_quality.md"
@@ -85,11 +85,6 @@ def class_accuracy(backend, images: torch.Tensor, labels: torch.Tensor) -> float
         return float((backend.classify(images).argmax(1) == labels).float().mean())
 
 
-def truncated(schedule: VPSchedule, t_max: int) -> VPSchedule:
-    """The discrete schedule cut at ``t_max``: sampling from pure noise starts there."""
-    return VPSchedule.from_alphas_cumprod(torch.exp(2.0 * schedule._log_alphas[:t_max + 1]))
-
-
 def model_section(spec: str, labels, real, steps_list, lines, *, spans=(), grids=("logsnr",),
                   only_spans: bool = False):
     backend = load_model(spec)
@@ -122,15 +117,15 @@ def model_section(spec: str, labels, real, steps_list, lines, *, spans=(), grids
     if spans:
         from diffusers import DDPMScheduler
 
-        full = VPSchedule.from_alphas_cumprod(
-            DDPMScheduler.from_pretrained(path / "scheduler", local_files_only=True).alphas_cumprod)
+        alphas_cumprod = DDPMScheduler.from_pretrained(path / "scheduler", local_files_only=True).alphas_cumprod
         lines += ["", "### Where sampling starts (dpm3 from pure noise at t_start, CFG 2)", "",
                   "| t_start | grid | " + " | ".join(f"{s} steps" for s in steps_list) + " |",
                   "|---|---|" + "---:|" * len(steps_list)]
         for t_max in spans:
             for grid in grids:
                 row = [fd(generate(backend, labels, steps=s, solver="dpm3", guidance=2.0, seed=0,
-                                   schedule=truncated(full, t_max), grid=grid)) for s in steps_list]
+                                   schedule=VPSchedule.from_alphas_cumprod(_sampling_span(alphas_cumprod, t_max)),
+                                   grid=grid)) for s in steps_list]
                 mark = " (default)" if t_max == int(sch.t_max) and grid == backend.default_grid else ""
                 lines.append(f"| {t_max}{mark} | {grid} | " + " | ".join(row) + " |")
                 print(lines[-1], flush=True)

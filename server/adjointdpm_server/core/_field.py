@@ -126,7 +126,8 @@ class GuidedEps:
         batch = x.shape[0]
         a, b = self.coefficients(node)
         direct = cotangent
-        cotangent = cotangent * a if a != 1.0 else cotangent
+        if self.prediction != "epsilon":
+            cotangent = cotangent * a
         if self.guided:
             s = self.guidance_scale
             both, gx, gc = self.eps_fn.vjp(torch.cat([x, x]), torch.cat([t, t]),

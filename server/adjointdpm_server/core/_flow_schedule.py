@@ -13,15 +13,15 @@ import math
 
 import torch
 
-from ._schedule import VPSchedule, _as_tensor
+from ._schedule import TimeRange, VPSchedule, _as_tensor
 
 __all__ = ["FlowSchedule", "Schedule"]
 
 
-class FlowSchedule:
+class FlowSchedule(TimeRange):
     """A rectified-flow path (SD3, FLUX); build it with :meth:`rectified`."""
 
-    path, kind = "rectified_flow", "rectified"
+    path = "rectified_flow"
 
     def __init__(self, *, shift: float, t_min: float, t_max: float):
         if not (shift > 0 and math.isfinite(shift)):
@@ -89,12 +89,6 @@ class FlowSchedule:
 
     def t_from_lambda(self, lam):
         return self.t_from_sigma(torch.sigmoid(-_as_tensor(lam)))
-
-    def check_t(self, t: float, name: str) -> float:
-        t = float(t)
-        if not (self.t_min - 1e-9 <= t <= self.t_max + 1e-9) or math.isnan(t):
-            raise ValueError(f"{name}={t} is outside the schedule's range [{self.t_min}, {self.t_max}]")
-        return min(max(t, self.t_min), self.t_max)
 
     def __repr__(self) -> str:
         return f"FlowSchedule.rectified(shift={self.shift}, t_min={self.t_min}, t_max={self.t_max})"

@@ -20,7 +20,20 @@ def _as_tensor(t) -> torch.Tensor:
     return torch.as_tensor(t, dtype=torch.float64)
 
 
-class VPSchedule:
+class TimeRange:
+    """``[t_min, t_max]``, the times a schedule is defined on (shared by every kind of path)."""
+
+    t_min: float
+    t_max: float
+
+    def check_t(self, t: float, name: str) -> float:
+        t = float(t)
+        if not (self.t_min - 1e-9 <= t <= self.t_max + 1e-9) or math.isnan(t):
+            raise ValueError(f"{name}={t} is outside the schedule's range [{self.t_min}, {self.t_max}]")
+        return min(max(t, self.t_min), self.t_max)
+
+
+class VPSchedule(TimeRange):
     """A variance-preserving schedule; build it with :meth:`linear` or :meth:`from_alphas_cumprod`."""
 
     path = "vp"  # the family of Gaussian paths (FlowSchedule: "rectified_flow")
@@ -148,9 +161,3 @@ class VPSchedule:
             return (f"VPSchedule.linear(beta_min={self.beta_min}, beta_max={self.beta_max}, "
                     f"t_min={self.t_min}, t_max={self.t_max})")
         return f"VPSchedule.from_alphas_cumprod(<{int(self.t_max) + 1} steps>)"
-
-    def check_t(self, t: float, name: str) -> float:
-        t = float(t)
-        if not (self.t_min - 1e-9 <= t <= self.t_max + 1e-9) or math.isnan(t):
-            raise ValueError(f"{name}={t} is outside the schedule's range [{self.t_min}, {self.t_max}]")
-        return min(max(t, self.t_min), self.t_max)

@@ -50,12 +50,11 @@ def _multistep_weights(order: int, basis: str, rho_nodes: tuple[float, ...]) -> 
     out = []
     for i in range(len(rhos) - 1):
         k = min(order, i + 1)
-        if basis == "lambda":
-            # λ = −log ρ is infinite at the clean end of a flow path (ρ = 0, σ = 0): a step into
-            # it or through nodes at it is first order, as DPM-Solver's lower-order final step.
-            zeros = [j for j in range(i + 2) if rhos[j] == 0.0]
-            if zeros:
-                k = 1 if rhos[i + 1] == 0.0 or rhos[i] == 0.0 else min(k, i - zeros[-1])
+        if basis == "lambda" and 0.0 in (rhos[0], rhos[i], rhos[i + 1]):
+            # λ = −log ρ is infinite at the clean end of a flow path (ρ = 0, σ = 0), which a
+            # monotone grid has only at an end: a step into or out of it is first order (as
+            # DPM-Solver's lower-order final step), and later steps interpolate past it.
+            k = 1 if 0.0 in (rhos[i], rhos[i + 1]) else min(k, i)
         if k == 1:
             out.append((float(rhos[i + 1] - rhos[i]),))  # Euler in ρ: exactly DDIM
             continue
