@@ -358,7 +358,8 @@ class Client:
         models = []
         for m in reply.models:
             d = MessageToDict(m, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-            d["latent_shape"], d["image_shape"] = list(m.latent_shape), list(m.image_shape)  # not strings
+            for key in ("latent_shape", "image_shape", "cond_shape"):
+                d[key] = list(getattr(m, key))  # ints, not the strings JSON makes of int64
             models.append(d)
         return models
 

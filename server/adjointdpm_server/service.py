@@ -216,7 +216,9 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
                 path=backend.schedule.path,
                 schedule=repr(backend.schedule), prediction=backend.prediction,
                 default_grid=backend.default_grid, t_min=backend.schedule.t_min,
-                t_max=backend.schedule.t_max))
+                t_max=backend.schedule.t_max, family=backend.family, guidance=backend.guidance,
+                cond_shape=list(backend.cond_shape),
+                token_dim=backend.token_dim if backend.has_text_encoder else 0))
         return pb.ListModelsResponse(models=models)
 
     def ListLosses(self, request, context):

@@ -16,6 +16,12 @@ def declared(backend) -> dict:
     return dict(prediction=backend.prediction, grid=backend.default_grid)
 
 
+def cfg_scale(backend, scale):
+    """The sampler's CFG scale: none for a model that takes its guidance as an input (FLUX-dev),
+    whose ``cond`` carries it (``backend.guide``)."""
+    return scale if backend.guidance == "cfg" else None
+
+
 def _rel(a, b):
     return float((a - b).norm() / b.norm())
 
@@ -31,7 +37,8 @@ class BackendContract:
         cond, uncond, leaf = self.conditioning(backend, batch)
         x_T = backend.noise(batch, seed=seed).requires_grad_()
         x0 = sample(backend.eps_fn, x_T, cond, schedule=backend.schedule, steps=self.steps, grad_mode=mode,
-                    guidance_scale=self.guidance, uncond=uncond, params=[leaf], **declared(backend))
+                    guidance_scale=cfg_scale(backend, self.guidance), uncond=uncond, params=[leaf],
+                    **declared(backend))
         image = backend.decode(x0)
         target = torch.linspace(0, 1, image.numel(), dtype=image.dtype).reshape(image.shape)
         loss = (image - target).square().mean()
@@ -55,7 +62,8 @@ class BackendContract:
         assert not torch.equal(backend.noise(2, seed=7), backend.noise(2, seed=8))
         cond, uncond, _ = self.conditioning(backend, 2)
         runs = [sample(backend.eps_fn, backend.noise(2, seed=seed), cond, schedule=backend.schedule,
-                       steps=self.steps, guidance_scale=self.guidance, uncond=uncond, grad_mode="none",
+                       steps=self.steps, guidance_scale=cfg_scale(backend, self.guidance), uncond=uncond,
+                       grad_mode="none",
                        **declared(backend))
                 for seed in (5, 5, 6)]
         assert torch.equal(runs[0], runs[1])
@@ -95,9 +103,14 @@ class BackendContract:
             c = backend.encode_with_token(2, "a <*> photo", torch.zeros(backend.token_dim,
                                                                          dtype=backend.dtype))
             assert tuple(c.cond.shape) == (2, *backend.cond_shape)
+            start = backend.random_token(seed=3)
+            assert start.shape == (backend.token_dim,) and torch.equal(start, backend.random_token(seed=3))
+            assert backend.token_init("cat").shape == (backend.token_dim,)
         else:
             with pytest.raises(NotImplementedError):
                 backend.encode_with_token(2, "a <*> photo", torch.zeros(4))
+            with pytest.raises(NotImplementedError):
+                backend.random_token()
         if backend.has_embedding_table:
             table = backend.embedding_table()
             width = backend.token_dim if backend.has_text_encoder else backend.cond_shape[-1]

@@ -527,7 +527,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "spec", "is_default", "latent_shape", "image_shape", "conditioning", "default_steps", "default_guidance", "solvers", "grad_modes", "adapters", "path", "schedule", "prediction", "default_grid", "t_min", "t_max")
+    __slots__ = ("name", "spec", "is_default", "latent_shape", "image_shape", "conditioning", "default_steps", "default_guidance", "solvers", "grad_modes", "adapters", "path", "schedule", "prediction", "default_grid", "t_min", "t_max", "family", "guidance", "cond_shape", "token_dim")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
@@ -545,6 +545,10 @@ class ModelInfo(_message.Message):
     DEFAULT_GRID_FIELD_NUMBER: _ClassVar[int]
     T_MIN_FIELD_NUMBER: _ClassVar[int]
     T_MAX_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_FIELD_NUMBER: _ClassVar[int]
+    COND_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_DIM_FIELD_NUMBER: _ClassVar[int]
     name: str
     spec: str
     is_default: bool
@@ -562,7 +566,11 @@ class ModelInfo(_message.Message):
     default_grid: str
     t_min: float
     t_max: float
-    def __init__(self, name: _Optional[str] = ..., spec: _Optional[str] = ..., is_default: _Optional[bool] = ..., latent_shape: _Optional[_Iterable[int]] = ..., image_shape: _Optional[_Iterable[int]] = ..., conditioning: _Optional[str] = ..., default_steps: _Optional[int] = ..., default_guidance: _Optional[float] = ..., solvers: _Optional[_Iterable[str]] = ..., grad_modes: _Optional[_Iterable[str]] = ..., adapters: _Optional[_Iterable[_Union[ArtifactInfo, _Mapping]]] = ..., path: _Optional[str] = ..., schedule: _Optional[str] = ..., prediction: _Optional[str] = ..., default_grid: _Optional[str] = ..., t_min: _Optional[float] = ..., t_max: _Optional[float] = ...) -> None: ...
+    family: str
+    guidance: str
+    cond_shape: _containers.RepeatedScalarFieldContainer[int]
+    token_dim: int
+    def __init__(self, name: _Optional[str] = ..., spec: _Optional[str] = ..., is_default: _Optional[bool] = ..., latent_shape: _Optional[_Iterable[int]] = ..., image_shape: _Optional[_Iterable[int]] = ..., conditioning: _Optional[str] = ..., default_steps: _Optional[int] = ..., default_guidance: _Optional[float] = ..., solvers: _Optional[_Iterable[str]] = ..., grad_modes: _Optional[_Iterable[str]] = ..., adapters: _Optional[_Iterable[_Union[ArtifactInfo, _Mapping]]] = ..., path: _Optional[str] = ..., schedule: _Optional[str] = ..., prediction: _Optional[str] = ..., default_grid: _Optional[str] = ..., t_min: _Optional[float] = ..., t_max: _Optional[float] = ..., family: _Optional[str] = ..., guidance: _Optional[str] = ..., cond_shape: _Optional[_Iterable[int]] = ..., token_dim: _Optional[int] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)

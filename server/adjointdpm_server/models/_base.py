@@ -40,6 +40,10 @@ class ModelBackend(abc.ABC):
     default_steps: int = 20
     default_guidance: float | None = None
     conditioning: str = "tensor"  # what encode() takes: "labels", "prompt" or "tensor"
+    family: str = ""  # the architecture family of a diffusers directory: sd, sdxl, sd3, flux
+    # "cfg": classifier-free guidance from cond and uncond; "embedded": the scale is an input of
+    # the network itself (FLUX-dev's guidance embedding), written into cond by guide()
+    guidance: str = "cfg"
     lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     # Optional capabilities, declared (callers read these flags, never probe with hasattr):
     has_text_encoder: bool = False  # encode_with_token, token_init, token_dim (textual inversion)
@@ -73,6 +77,11 @@ class ModelBackend(abc.ABC):
         """One sample's continuous conditioning (what ``embed`` returns, without the batch)."""
         return tuple(self.latent_shape)
 
+    def guide(self, c: Conditioning, scale: float | None) -> Conditioning:
+        """``c`` carrying the guidance scale, for ``guidance == "embedded"``; CFG models keep ``c``
+        (the sampler combines cond and uncond)."""
+        return c
+
     def embed(self, c: Conditioning) -> Conditioning:
         """The continuous form of a conditioning, to differentiate (labels → vectors)."""
         return c
@@ -88,6 +97,10 @@ class ModelBackend(abc.ABC):
         raise NotImplementedError(f"{type(self).__name__} has no text encoder")
 
     def token_init(self, word: str) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no text encoder")
+
+    def random_token(self, seed: int = 0) -> torch.Tensor:
+        """A random start for a learned token, at the scale of the model's own embeddings."""
         raise NotImplementedError(f"{type(self).__name__} has no text encoder")
 
     def encode_with_token(self, batch: int, prompt, token_embedding: torch.Tensor, *,

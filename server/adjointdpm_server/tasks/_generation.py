@@ -36,6 +36,7 @@ class Prepared:
     batch: int
     prompts: list[str] = field(default_factory=list)
     engine: object = None  # the NetworkEngine every network call goes through (None: direct)
+    requested_guidance: float | None = None  # the scale asked for (CFG or a network input)
 
     def network(self, eps_fn, job: Job):
         """``eps_fn`` as this job calls it: through the engine, batched with other jobs."""
@@ -144,10 +145,11 @@ def prepare(ctx: TaskContext, spec: GenerationSpec) -> Prepared:
         x_T = spec.x_T.to(backend.device, backend.dtype)
     else:
         x_T = backend.noise(batch, spec.seed)
-    c = _conditioning(ctx, spec, name, backend, batch)
+    c = backend.guide(_conditioning(ctx, spec, name, backend, batch), scale)
     eps_fn = ctx.adapted(name, spec.adapter) if spec.adapter else backend.eps_fn
-    return Prepared(name, backend, eps_fn, x_T, c.cond, c.uncond, steps, solver, grid,
-                    None if scale == 1 else scale, t_start, batch, list(spec.prompt), ctx.engine)
+    cfg = None if scale == 1 or backend.guidance == "embedded" else scale  # embedded: cond carries it
+    return Prepared(name, backend, eps_fn, x_T, c.cond, c.uncond, steps, solver, grid, cfg, t_start,
+                    batch, list(spec.prompt), ctx.engine, scale)
 
 
 def progress_callback(job: Job, iteration: int = 0):

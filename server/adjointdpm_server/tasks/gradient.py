@@ -65,8 +65,7 @@ def token_leaf(prep: Prepared, token: TokenSpec) -> torch.Tensor:
         except ValueError as err:
             raise InvalidArgument(str(err)) from err
     else:
-        table = backend.text_encoder.get_input_embeddings().weight.detach()
-        start = torch.randn(backend.token_dim, generator=torch.Generator().manual_seed(0)).to(table) * table.std()
+        start = backend.random_token(seed=0)
     return start.clone().requires_grad_()
 
 
@@ -76,7 +75,8 @@ def encode_token(prep: Prepared, token: TokenSpec, leaf: torch.Tensor) -> Condit
         raise InvalidArgument(f"a token target needs a prompt containing {placeholder!r}")
     text = prep.prompts[0] if len(prep.prompts) == 1 else prep.prompts
     try:
-        return prep.backend.encode_with_token(prep.batch, text, leaf, placeholder=placeholder)
+        c = prep.backend.encode_with_token(prep.batch, text, leaf, placeholder=placeholder)
+        return prep.backend.guide(c, prep.requested_guidance)
     except ValueError as err:
         raise InvalidArgument(str(err)) from err
 
