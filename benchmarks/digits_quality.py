@@ -103,7 +103,7 @@ def model_section(spec: str, labels, real, steps_list, lines, *, spans=(), grids
     head = "| sampler | " + " | ".join(f"{s} steps" for s in steps_list) + " |"
     lines += ["", "### FD-digits (CFG 2; lower is better)", "", head,
               "|---|" + "---:|" * len(steps_list)]
-    solvers = () if only_spans else ("euler", "dpm2", "dpm3", "ab4", "heun")
+    solvers = () if only_spans else ("euler", "dpm2", "dpm3", "dpmpp2", "dpmpp3", "ab4", "heun")
     for solver in solvers:
         row = [fd(generate(backend, labels, steps=s, solver=solver, guidance=2.0, seed=0)) for s in steps_list]
         lines.append(f"| {solver}{' (default)' if solver == 'dpm3' else ''}"

@@ -107,3 +107,28 @@ def test_multistep_weights_are_the_exact_integrals(order, basis):
                 return math.prod((s - nodes[m]) / (nodes[j] - nodes[m]) for m in range(k) if m != j)
             want = quad(lambda s: basis_j(s) * measure(s), a, b, epsabs=0, epsrel=1e-13, limit=200)[0]
             assert math.isclose(weights[i][j], want, rel_tol=1e-10, abs_tol=1e-13), (i, j)
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_data_form_weights_are_the_exact_integrals(order):
+    """DPM-Solver++ form: y_{i+1} = (ρ_{i+1}/ρ_i) y_i + Σ_j C_ij x̂_0,i−j with C_ij = ρ_{i+1} ∫ e^λ L_j dλ
+    over step i (Lagrange basis in λ through the last nodes), checked term by term against scipy's
+    adaptive quadrature: A_i0 = ρ_{i+1}/ρ_i − 1 + C_i0, A_ij = C_ij, W_ij = −ρ_{i−j} C_ij."""
+    from scipy.integrate import quad
+
+    from adjointdpm_server.core._solvers import _data_weights
+
+    sch = VPSchedule.linear()
+    rhos = tuple(float(r) for r in sch.rho(time_grid(sch, 5, "logsnr")))
+    for i, (w, a) in enumerate(_data_weights(order, rhos)):
+        k = min(order, i + 1)
+        nodes = [-math.log(rhos[i - j]) for j in range(k)]
+        lo, hi = -math.log(rhos[i]), -math.log(rhos[i + 1])
+        for j in range(k):
+            def basis_j(s, j=j):
+                return math.prod((s - nodes[m]) / (nodes[j] - nodes[m]) for m in range(k) if m != j)
+            c = rhos[i + 1] * quad(lambda s: basis_j(s) * math.exp(s), lo, hi, epsabs=0, epsrel=1e-13,
+                                   limit=200)[0]
+            want_a = c + (rhos[i + 1] / rhos[i] - 1.0 if j == 0 else 0.0)
+            assert math.isclose(a[j], want_a, rel_tol=1e-10, abs_tol=1e-13), (i, j)
+            assert math.isclose(w[j], -rhos[i - j] * c, rel_tol=1e-10, abs_tol=1e-13), (i, j)

@@ -4,10 +4,13 @@ Two families, each with a forward solve and the vector–Jacobian recursion of i
 that the ``checkpoint`` gradient is the exact gradient of the discrete sampler and the ``adjoint``
 gradient is the same recursion run on a trajectory re-solved backward (docs/design.md §2):
 
-- :class:`LinearMultistep`: ``y_{i+1} = y_i + Σ_j W_ij ε_{i−j}`` with weights fixed by the grid —
-  ``euler`` (= DDIM), ``dpm2``/``dpm3`` (ε a polynomial in λ, integrated exactly against dρ:
-  DPM-Solver-K multistep, noise form) and ``ab2``–``ab4`` (ε a polynomial in ρ: variable-step
-  Adams–Bashforth, the paper's choice); lower orders bootstrap the first steps.
+- :class:`LinearMultistep`: ``y_{i+1} = y_i + Σ_j W_ij ε_{i−j} + Σ_j A_ij y_{i−j}`` with weights
+  fixed by the grid — ``euler`` (= DDIM), ``dpm2``/``dpm3`` (ε a polynomial in λ, integrated
+  exactly against dρ: DPM-Solver-K multistep, noise form), ``dpmpp2``/``dpmpp3`` (the data
+  prediction x̂_0 = y − ρε a polynomial in λ, integrated exactly against e^λ dλ: DPM-Solver++
+  multistep, data form, which holds up better at few steps under guidance) and ``ab2``–``ab4``
+  (ε a polynomial in ρ: variable-step Adams–Bashforth, the paper's choice); lower orders
+  bootstrap the first steps. Only the data form has y-terms (A ≠ 0).
 - :class:`OneStep`: ``heun`` (explicit trapezoid in ρ) and ``dopri5`` (adaptive Dormand–Prince via
   torchdiffeq, restarted at every grid node so that each segment can be recomputed exactly).
 """
@@ -50,11 +53,8 @@ def _multistep_weights(order: int, basis: str, rho_nodes: tuple[float, ...]) -> 
     out = []
     for i in range(len(rhos) - 1):
         k = min(order, i + 1)
-        if basis == "lambda" and 0.0 in (rhos[0], rhos[i], rhos[i + 1]):
-            # λ = −log ρ is infinite at the clean end of a flow path (ρ = 0, σ = 0), which a
-            # monotone grid has only at an end: a step into or out of it is first order (as
-            # DPM-Solver's lower-order final step), and later steps interpolate past it.
-            k = 1 if 0.0 in (rhos[i], rhos[i + 1]) else min(k, i)
+        if basis == "lambda":
+            k = _clean_end_order(k, i, rhos)
         if k == 1:
             out.append((float(rhos[i + 1] - rhos[i]),))  # Euler in ρ: exactly DDIM
             continue
@@ -72,33 +72,86 @@ def _multistep_weights(order: int, basis: str, rho_nodes: tuple[float, ...]) -> 
     return tuple(out)
 
 
+def _clean_end_order(k: int, i: int, rhos) -> int:
+    """λ = −log ρ is infinite at the clean end of a flow path (ρ = 0, σ = 0), which a monotone
+    grid has only at an end: a step into or out of it is first order (as DPM-Solver's lower-order
+    final step), and later steps interpolate past it."""
+    if 0.0 in (rhos[0], rhos[i], rhos[i + 1]):
+        return 1 if 0.0 in (rhos[i], rhos[i + 1]) else min(k, i)
+    return k
+
+
+@functools.lru_cache(maxsize=256)
+def _data_weights(order: int, rho_nodes: tuple[float, ...]):
+    """``(W[i], A[i])`` of the data form on the grid ``rho_nodes``.
+
+    With z = y/ρ = x/σ, dz/dλ = e^λ x̂_0 (DPM-Solver++, Lu et al. 2022, eq. 9), so
+    ``y_{i+1} = (ρ_{i+1}/ρ_i) y_i + Σ_j C_ij x̂_{0,i−j}`` with ``C_ij = ρ_{i+1} ∫ e^λ L_j(λ) dλ`` over
+    [λ_i, λ_{i+1}] = ``∫ e^s L_j`` over [λ_i − λ_{i+1}, 0] (O(1) on any grid). Substituting
+    x̂_0 = y − ρε gives ``A_i0 = ρ_{i+1}/ρ_i − 1 + C_i0``, ``A_ij = C_ij``, ``W_ij = −ρ_{i−j} C_ij``.
+    At first order this is exactly DDIM (A = 0, W = ρ_{i+1} − ρ_i), which also takes the steps
+    into and out of ρ = 0.
+    """
+    rhos = np.array(rho_nodes, dtype=np.float64)
+    out = []
+    for i in range(len(rhos) - 1):
+        k = _clean_end_order(min(order, i + 1), i, rhos)
+        if k == 1:
+            out.append(((float(rhos[i + 1] - rhos[i]),), (0.0,)))
+            continue
+        lam = -np.log(rhos[i - k + 1:i + 1][::-1])  # λ_i, λ_{i−1}, …
+        end = -np.log(rhos[i + 1])
+        c = _lagrange_integrals(lam - end, lam[0] - end, 0.0, np.exp)
+        a = [float(x) for x in c]
+        a[0] += float(rhos[i + 1] / rhos[i]) - 1.0
+        w = [float(-r * x) for r, x in zip(rhos[i - k + 1:i + 1][::-1], c)]
+        out.append((tuple(w), tuple(a)))
+    return tuple(out)
+
+
 class LinearMultistep:
-    """``y_{i+1} = y_i + Σ_j W_ij ε_{i−j}``: ε interpolated through the last K nodes in ``basis``."""
+    """``y_{i+1} = y_i + Σ_j W_ij ε_{i−j} (+ Σ_j A_ij y_{i−j})``: ε (or, in the data form, x̂_0)
+    interpolated through the last K nodes in ``basis``."""
 
     kind = "multistep"
 
-    def __init__(self, name: str, order: int, basis: str):
-        self.name, self.order, self.basis = name, order, basis
+    def __init__(self, name: str, order: int, basis: str, form: str = "noise"):
+        self.name, self.order, self.basis, self.form = name, order, basis, form
 
     def weights(self, nodes: list[Node]) -> tuple[tuple[float, ...], ...]:
         """``W[i][j]``: the weight of ``ε_{i−j}`` in step i (float64 Python floats).
 
         Cached per grid: forward and backward (and every request on the same grid) share it.
         """
-        return _multistep_weights(self.order, self.basis, tuple(n.rho for n in nodes))
+        rhos = tuple(n.rho for n in nodes)
+        if self.form == "data":
+            return tuple(w for w, _ in _data_weights(self.order, rhos))
+        return _multistep_weights(self.order, self.basis, rhos)
+
+    def y_weights(self, nodes: list[Node]) -> tuple[tuple[float, ...], ...] | None:
+        """``A[i][j]``: the weight of ``y_{i−j}`` in step i, or None when there are none."""
+        if self.form != "data":
+            return None
+        return tuple(a for _, a in _data_weights(self.order, tuple(n.rho for n in nodes)))
 
     def solve(self, field: GuidedEps, y: torch.Tensor, nodes, cond, uncond, *, store=False,
               callback=None):
         """Forward solve; returns ``(y_N, [y_0 … y_{N−1}] if store else None)``."""
-        weights = self.weights(nodes)
+        weights, y_weights = self.weights(nodes), self.y_weights(nodes)
         history: list[torch.Tensor] = []
+        states: list[torch.Tensor] = []
         stored = [] if store else None
         for i, w in enumerate(weights):
             if store:
                 stored.append(y)
             history.insert(0, field(y, nodes[i], cond, uncond))
             del history[self.order:]
-            y = y + sum(wj * e for wj, e in zip(w, history))
+            step = sum(wj * e for wj, e in zip(w, history))
+            if y_weights is not None:
+                states.insert(0, y)
+                del states[self.order:]
+                step = step + sum(aj * s for aj, s in zip(y_weights[i], states) if aj != 0.0)
+            y = y + step
             if callback is not None:
                 callback("forward", i + 1, len(weights), nodes[i + 1].t)
         return y, stored
@@ -110,30 +163,40 @@ class LinearMultistep:
         re-solved backward by the same method on the reversed grid (``adjoint``), reusing the
         network call of the VJP at ``y_{i+1}`` as the backward solver's evaluation.
         """
-        weights = self.weights(nodes)
+        weights, y_weights = self.weights(nodes), self.y_weights(nodes)
         n = len(weights)
         ybars = [ybar]  # ȳ_{i+1}, ȳ_{i+2}, …
         if stored is None:
-            rev_weights = self.weights(nodes[::-1])
+            rev_weights, rev_y_weights = self.weights(nodes[::-1]), self.y_weights(nodes[::-1])
             with torch.no_grad():
                 rev_eps = [field(y_end, nodes[-1], vjp.cond, vjp.uncond)]
             y_hat = y_end
+            rev_y = [y_end]
         for i in reversed(range(n)):
             if stored is not None:
                 y_i = stored[i]
             else:
-                w = rev_weights[n - 1 - i]
-                y_hat = y_hat + sum(wj * e for wj, e in zip(w, rev_eps))
+                step = sum(wj * e for wj, e in zip(rev_weights[n - 1 - i], rev_eps))
+                if rev_y_weights is not None:
+                    step = step + sum(aj * s for aj, s in zip(rev_y_weights[n - 1 - i], rev_y) if aj != 0.0)
+                y_hat = y_hat + step
                 y_i = y_hat
-            # ε̄_i = Σ_m W[m][m−i] ȳ_{m+1} over the steps m ≥ i whose update used ε_i.
+            # ε̄_i = Σ_m W[m][m−i] ȳ_{m+1} over the steps m ≥ i whose update used ε_i; the data
+            # form's y-terms add Σ_m A[m][m−i] ȳ_{m+1} to ȳ_i directly.
             ebar = sum(weights[i + k][k] * ybars[k] for k in range(len(ybars))
                        if k < len(weights[i + k]))
             eps_i, grad_y = vjp.field(field, y_i, nodes[i], ebar)
-            ybars.insert(0, ybars[0] + grad_y)
+            direct = ybars[0] + grad_y
+            if y_weights is not None:
+                direct = direct + sum(y_weights[i + k][k] * ybars[k] for k in range(len(ybars))
+                                      if k < len(y_weights[i + k]) and y_weights[i + k][k] != 0.0)
+            ybars.insert(0, direct)
             del ybars[self.order:]
             if stored is None:
                 rev_eps.insert(0, eps_i)
                 del rev_eps[self.order:]
+                rev_y.insert(0, y_i)
+                del rev_y[self.order:]
             if callback is not None:
                 callback("backward", n - i, n, nodes[i].t)
         return ybars[0]
@@ -215,6 +278,8 @@ _REGISTRY = {
     "euler": lambda schedule, **tol: LinearMultistep("euler", 1, "rho"),
     "dpm2": lambda schedule, **tol: LinearMultistep("dpm2", 2, "lambda"),
     "dpm3": lambda schedule, **tol: LinearMultistep("dpm3", 3, "lambda"),
+    "dpmpp2": lambda schedule, **tol: LinearMultistep("dpmpp2", 2, "lambda", form="data"),
+    "dpmpp3": lambda schedule, **tol: LinearMultistep("dpmpp3", 3, "lambda", form="data"),
     "ab2": lambda schedule, **tol: LinearMultistep("ab2", 2, "rho"),
     "ab3": lambda schedule, **tol: LinearMultistep("ab3", 3, "rho"),
     "ab4": lambda schedule, **tol: LinearMultistep("ab4", 4, "rho"),
