@@ -529,7 +529,7 @@ def guided_section(problem: Problem, steps: tuple[int, ...], scale: float = 3.0)
                 "reference: torchdiffeq dopri8 + odeint_adjoint at 1e-11 on the guided field. "
                 "Guidance makes the flow strongly contracting, so re-solving it backward (the "
                 "adjoint mode's reconstruction) amplifies errors: here the adjoint gradient does "
-                "not converge, while checkpoint does. Use checkpoint (the default) with guidance.",
+                "not converge, while checkpoint does. Use auto or checkpoint (exact) with guidance.",
                 table(["solver", "steps", "sample", "∂L/∂x_T checkpoint", "∂L/∂x_T adjoint",
                        "adjoint vs checkpoint"], rows))
 
@@ -572,6 +572,55 @@ def _git_revision() -> str:
         return "unknown"
 
 
+def digits_adjoint_section(steps: tuple[int, ...] = (10, 20, 50), scales=(2.0, 3.0, 7.5),
+                           anchors=(0, 2, 4)) -> str:
+    """The adjoint under CFG on the embedded digits model (float64, dpm3, its default span and
+    grid): distance to ``checkpoint`` of ∂L/∂x_T, as relative L2 and as the worst relative error of
+    8 directional derivatives ⟨∇, d⟩ on random d, for the paper's adjoint (re-solved from y_N)
+    and with anchors every k steps (``memory_budget`` = N/k states)."""
+    from adjointdpm_server.models import load_model
+
+    backend = load_model("digits", dtype=torch.float64)
+    labels = torch.arange(4)
+    c = backend.encode(4, labels=labels)
+    x_T = backend.noise(4, seed=0)
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(x_T.shape, generator=g, dtype=torch.float64)
+    dirs = torch.randn(8, *x_T.shape, generator=g, dtype=torch.float64)
+    state = x_T.numel() * x_T.element_size()
+
+    def grad(mode, n, scale, budget=None):
+        x = x_T.clone().requires_grad_()
+        x0 = sample(backend.eps_fn, x, c.cond, schedule=backend.schedule, steps=n, solver="dpm3",
+                    grad_mode=mode, guidance_scale=scale, uncond=c.uncond, grid=backend.default_grid,
+                    prediction=backend.prediction, memory_budget=budget)
+        return torch.autograd.grad((x0 * w).sum(), [x])[0]
+
+    rows = []
+    for scale in scales:
+        for n in steps:
+            ck = grad("checkpoint", n, scale)
+            d_ck = (dirs * ck).flatten(1).sum(1)
+            cells = []
+            for k in anchors:
+                a = grad("adjoint", n, scale, None if k == 0 else state * math.ceil(n / k))
+                d_a = (dirs * a).flatten(1).sum(1)
+                cells += [fmt(rel(a, ck)), fmt(float(((d_a - d_ck).abs() / d_ck.abs()).max()))]
+            rows.append([f"{scale:g}", n] + cells)
+    heads = []
+    for k in anchors:
+        name = "paper (y_N only)" if k == 0 else f"anchors every {k}"
+        heads += [f"{name}: rel L2", f"{name}: worst ⟨∇,d⟩"]
+    return join(heading("digits: the adjoint under classifier-free guidance"),
+                "Embedded digits model in float64, dpm3 on its default span and grid, batch 4, "
+                "L = Σ w·x_0; distance of the adjoint's ∂L/∂x_T to checkpoint's (the exact "
+                "gradient of the sampler). Issue 13's goal at CFG 2: ≤ 5e-2 at 10 steps, ≤ 1e-2 at "
+                "20. Anchors (exact states every k steps, the backward re-solve restarting at "
+                "each) do not help here: one backward step from an exact state already errs as "
+                "much as the whole re-solve (docs/design.md §2.4.1).",
+                table(["CFG", "steps"] + heads, rows))
+
+
 # ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
@@ -588,6 +637,7 @@ def report(settings: Settings) -> str:
     parts += [grid_section(p, settings.grid_steps) for p in problems]
     parts += [table1_section(p, settings.budgets) for p in problems]
     parts += [guided_section(problems[-1], settings.steps)]
+    parts += [digits_adjoint_section()]
     return join(*parts) + "\n"
 
 

@@ -86,7 +86,7 @@ def class_accuracy(backend, images: torch.Tensor, labels: torch.Tensor) -> float
 
 
 def model_section(spec: str, labels, real, steps_list, lines, *, spans=(), grids=("logsnr",),
-                  only_spans: bool = False):
+                  span_solvers=("dpm3",), only_spans: bool = False):
     backend = load_model(spec)
     fd = lambda images: f"{frechet_distance(features(backend, images), real):.2f}"
     path = DIGITS_FLOW_WEIGHTS if spec == "digits-flow" else DIGITS_WEIGHTS
@@ -118,17 +118,19 @@ def model_section(spec: str, labels, real, steps_list, lines, *, spans=(), grids
         from diffusers import DDPMScheduler
 
         alphas_cumprod = DDPMScheduler.from_pretrained(path / "scheduler", local_files_only=True).alphas_cumprod
-        lines += ["", "### Where sampling starts (dpm3 from pure noise at t_start, CFG 2)", "",
-                  "| t_start | grid | " + " | ".join(f"{s} steps" for s in steps_list) + " |",
-                  "|---|---|" + "---:|" * len(steps_list)]
-        for t_max in spans:
-            for grid in grids:
-                row = [fd(generate(backend, labels, steps=s, solver="dpm3", guidance=2.0, seed=0,
-                                   schedule=VPSchedule.from_alphas_cumprod(_sampling_span(alphas_cumprod, t_max)),
-                                   grid=grid)) for s in steps_list]
-                mark = " (default)" if t_max == int(sch.t_max) and grid == backend.default_grid else ""
-                lines.append(f"| {t_max}{mark} | {grid} | " + " | ".join(row) + " |")
-                print(lines[-1], flush=True)
+        lines += ["", "### Where sampling starts (from pure noise at t_start, CFG 2)", "",
+                  "| solver | t_start | grid | " + " | ".join(f"{s} steps" for s in steps_list) + " |",
+                  "|---|---|---|" + "---:|" * len(steps_list)]
+        for solver in span_solvers:
+            for t_max in spans:
+                for grid in grids:
+                    row = [fd(generate(backend, labels, steps=s, solver=solver, guidance=2.0, seed=0,
+                                       schedule=VPSchedule.from_alphas_cumprod(_sampling_span(alphas_cumprod, t_max)),
+                                       grid=grid)) for s in steps_list]
+                    mark = (" (default)" if (solver, t_max, grid) == ("dpm3", int(sch.t_max), backend.default_grid)
+                            else "")
+                    lines.append(f"| {solver} | {t_max}{mark} | {grid} | " + " | ".join(row) + " |")
+                    print(lines[-1], flush=True)
 
 
 def main() -> None:
@@ -138,6 +140,7 @@ def main() -> None:
     parser.add_argument("--steps", default="5,10,20,50")
     parser.add_argument("--spans", default="994,950,900,850,800", help="t_start values for `digits` ('' = none)")
     parser.add_argument("--span-grids", default="logsnr,time", help="grids tried at each t_start")
+    parser.add_argument("--span-solvers", default="dpm3", help="solvers tried at each t_start")
     parser.add_argument("--only-spans", action="store_true", help="skip the accuracy and solver tables")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -152,7 +155,8 @@ def main() -> None:
         "# Quality of the embedded `digits` and `digits-flow` models",
         "",
         f"- command: `python benchmarks/digits_quality.py --per-class {args.per_class} --models {args.models} "
-        f"--steps {args.steps} --spans {args.spans}`",
+        f"--steps {args.steps} --spans '{args.spans}' --span-grids {args.span_grids} "
+        f"--span-solvers {args.span_solvers}{' --only-spans' if args.only_spans else ''}`",
         f"- date (UTC): {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}; torch {torch.__version__}",
         f"- {len(labels)} samples ({args.per_class} per class), the same seeded x_T for every sampler; "
         f"classifier held-out accuracy on real digits: "
@@ -164,7 +168,7 @@ def main() -> None:
     for spec in args.models.split(","):
         spans = [int(s) for s in args.spans.split(",") if s] if spec == "digits" else ()
         model_section(spec, labels, real, steps_list, lines, spans=spans, grids=args.span_grids.split(","),
-                      only_spans=args.only_spans)
+                      span_solvers=args.span_solvers.split(","), only_spans=args.only_spans)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")

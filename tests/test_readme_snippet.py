@@ -31,6 +31,6 @@ def test_readme_sdk_snippet_runs_without_torch(tmp_path):
         assert (tmp_path / "out" / "sample_000.png").stat().st_size > 0
         assert (tmp_path / "out" / "adapter.safetensors").stat().st_size > 0
         loss, nfe = run.stdout.split()[:2]
-        assert 0.0 < float(loss) < 1.0 and int(nfe) >= 20
+        assert 0.0 < float(loss) < 1.0 and int(nfe) >= 10  # auto: 10 calls, more if any is recomputed
     finally:
         srv.stop(0)

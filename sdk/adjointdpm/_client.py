@@ -258,17 +258,20 @@ class Client:
         return self._run(events, lambda m, _: SampleResult.from_message(m), stream, on_event, progress)
 
     def compute_gradient(self, losses, *, targets: Sequence[str] = ("x_T",), grad_mode: str = "",
-                         token: dict | None = None, weights: dict | None = None,
+                         memory_budget_mib: int = 0, token: dict | None = None, weights: dict | None = None,
                          images: bool = False, stream: bool = False, on_event=None,
                          progress: bool | None = None, **generation) -> GradientResult:
         """∂(Σ losses)/∂targets: ``x_T`` (or x_t with ``t_start=``), ``cond``, ``token``, ``weights``.
 
         ``token``: {"placeholder", "initializer", "embedding"}; ``weights``: {"parameters"
-        (fnmatch patterns), "lora_rank", "inline"}.
+        (fnmatch patterns), "lora_rank", "inline"}. ``grad_mode``: "" (= "auto": exact, at up to
+        plain backprop's speed within the server's memory budget, which ``memory_budget_mib`` may
+        lower), "checkpoint", "adjoint" or "backprop" (every call here takes the two).
         """
         terms, client = _loss_terms(losses)
         request = pb.GradientRequest(generation=_generation(**generation), losses=terms,
                                      targets=[_TARGETS[t] for t in targets], grad_mode=grad_mode,
+                                     memory_budget_mib=memory_budget_mib,
                                      token=_token(token), weights=pb.WeightsSpec(**(weights or {})),
                                      return_images=images)
         events = self._bidi(self.stub.ComputeGradient, pb.GradientMessage, request, client)
@@ -278,7 +281,7 @@ class Client:
                         iterations: int = 10, momentum: float = 0.0, schedule: str = "",
                         warmup: int = 0, constraint: str = "", epsilon: float = 0.0,
                         norm_weight: float = 0.0, image_every: int = 0, grad_mode: str = "",
-                        guided: dict | None = None, stop_when: dict | None = None,
+                        memory_budget_mib: int = 0, guided: dict | None = None, stop_when: dict | None = None,
                         stream: bool = False, on_event=None, progress: bool | None = None,
                         **generation) -> OptimizeResult:
         """Optimize x_T (``constraint`` "linf"/"l2" ε-ball or "sphere"); each sample keeps its best
@@ -291,7 +294,8 @@ class Client:
             generation=_generation(**generation), losses=terms,
             optimizer=_optimizer(optimizer, lr, iterations, momentum, schedule, warmup),
             constraint=pb.Constraint(norm=constraint, epsilon=epsilon), norm_weight=norm_weight,
-            image_every=image_every, grad_mode=grad_mode, stop_when=_stop(stop_when))
+            image_every=image_every, grad_mode=grad_mode, memory_budget_mib=memory_budget_mib,
+            stop_when=_stop(stop_when))
         if guided is not None:
             request.guided.CopyFrom(pb.GuidedSampling(**guided))
         events = self._bidi(self.stub.OptimizeLatent, pb.OptimizeLatentMessage, request, client)
@@ -301,7 +305,8 @@ class Client:
                          lora_rank: int = 4, lora_alpha: float = 0.0, target_modules=(),
                          optimizer: str = "adam", lr: float = 1e-3, iterations: int = 10,
                          checkpoint_every: int = 0, name: str = "", batch_size: int = 0,
-                         grad_mode: str = "", resume_from: str = "", keep_checkpoints: int = 0,
+                         grad_mode: str = "", memory_budget_mib: int = 0, resume_from: str = "",
+                         keep_checkpoints: int = 0,
                          schedule: str = "", warmup: int = 0, validation: Sequence[dict] = (),
                          validate_every: int = 0, keep_best: bool = False,
                          stop_when: dict | None = None, stream: bool = False, on_event=None,
@@ -320,7 +325,7 @@ class Client:
             optimizer=_optimizer(optimizer, lr, iterations, 0.0, schedule, warmup), method=method,
             lora_rank=lora_rank, lora_alpha=lora_alpha, target_modules=list(target_modules),
             checkpoint_every=checkpoint_every, name=name, batch_size=batch_size, grad_mode=grad_mode,
-            resume_from=resume_from, keep_checkpoints=keep_checkpoints,
+            memory_budget_mib=memory_budget_mib, resume_from=resume_from, keep_checkpoints=keep_checkpoints,
             validation=_examples(validation), validate_every=validate_every, keep_best=keep_best,
             stop_when=_stop(stop_when))
         events = self._bidi(self.stub.FinetuneWeights, pb.FinetuneMessage, request, client)
@@ -328,7 +333,8 @@ class Client:
 
     def optimize_embedding(self, losses=(), *, target_image=None, token: dict | None = None,
                            optimizer: str = "adam", lr: float = 0.05, iterations: int = 10,
-                           name: str = "", grad_mode: str = "", image_every: int = 0,
+                           name: str = "", grad_mode: str = "", memory_budget_mib: int = 0,
+                           image_every: int = 0,
                            schedule: str = "", warmup: int = 0, prior: str = "",
                            prior_weight: float = 0.0, stop_when: dict | None = None,
                            stream: bool = False, on_event=None, progress: bool | None = None,
@@ -342,7 +348,8 @@ class Client:
         request = pb.OptimizeEmbeddingRequest(
             generation=_generation(**generation), losses=terms,
             optimizer=_optimizer(optimizer, lr, iterations, 0.0, schedule, warmup), name=name,
-            grad_mode=grad_mode, image_every=image_every, prior=prior, prior_weight=prior_weight,
+            grad_mode=grad_mode, memory_budget_mib=memory_budget_mib, image_every=image_every,
+            prior=prior, prior_weight=prior_weight,
             stop_when=_stop(stop_when))
         if target_image is not None:
             request.target_image.CopyFrom(encode_tensor(np.asarray(target_image, dtype=np.float32)))

@@ -64,6 +64,8 @@ def parse_args(argv=None) -> ServerConfig:
     p.add_argument("--triton-allow", action="append", default=[], metavar="HOST:PORT",
                    help="another Triton address a request's 'url' parameter may name (repeatable)")
     p.add_argument("--clip-model-dir", type=Path, help="a local CLIP directory for 'clip_similarity'")
+    p.add_argument("--grad-memory-mib", type=int, help="a gradient's memory budget for grad_mode auto "
+                   "(kept graphs + states); unset: half the device's free memory at the job's start")
     p.add_argument("--max-batch", type=int, default=Limits.max_batch)
     p.add_argument("--max-steps", type=int, default=Limits.max_steps)
     p.add_argument("--max-iterations", type=int, default=Limits.max_iterations)
@@ -79,7 +81,8 @@ def parse_args(argv=None) -> ServerConfig:
     limits = Limits(max_batch=a.max_batch, max_steps=a.max_steps, max_iterations=a.max_iterations,
                     max_examples=a.max_examples, max_tensor_elements=a.max_tensor_elements,
                     max_message_bytes=a.max_message_mib << 20,
-                    client_loss_timeout_s=a.client_loss_timeout)
+                    client_loss_timeout_s=a.client_loss_timeout,
+                    grad_memory_bytes=None if a.grad_memory_mib is None else max(0, a.grad_memory_mib) << 20)
     config = ServerConfig(
         models=tuple(a.models or ["digits"]), host=a.host, port=a.port, device=a.device, dtype=a.dtype,
         artifact_dir=a.artifact_dir, artifact_retention_s=a.artifact_retention_hours * 3600,

@@ -20,6 +20,7 @@ class Limits:
     max_lora_rank: int = 256
     client_loss_timeout_s: float = 60.0          # how long to wait for a client's LossReply
     working_dtype: str = "float32"               # client numbers must be finite and safe in it
+    grad_memory_bytes: int | None = None         # a gradient's budget (auto); None: half the free memory
 
 
 @dataclass(frozen=True)

@@ -195,7 +195,7 @@ def test_triton_loss_through_the_service(triton_url, tmp_path):
                                           seed=0, batch=2, steps=6)
         backend = srv.runtime.models["gaussian-mixture"]
         x = backend.noise(2, seed=0).requires_grad_()
-        x0 = sample(backend.eps_fn, x, backend.encode(2).cond, schedule=backend.schedule, steps=6)
+        x0 = sample(backend.eps_fn, x, backend.encode(2).cond, schedule=backend.schedule, grid=backend.default_grid, steps=6)
         ref = (backend.decode(x0) - 0.5).square().mean()
         (g,) = torch.autograd.grad(ref, x)
         assert got.loss == pytest.approx(float(ref.detach()), rel=1e-5)

@@ -125,7 +125,7 @@ def test_metrics_and_request_ids(tmp_path):
     srv = _server(tmp_path, metrics_port=0)
     try:
         client = adjointdpm.Client(f"127.0.0.1:{srv.port}")
-        client.compute_gradient(MSE, seed=0, steps=4)
+        client.compute_gradient(MSE, seed=0, steps=4, grad_mode="checkpoint")  # a backward NFE per step
         _code(client.sample, model="nope")
         text = urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=10).read().decode()
         assert 'adjointdpm_requests_total{code="OK",rpc="ComputeGradient"} 1.0' in text

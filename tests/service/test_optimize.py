@@ -87,7 +87,7 @@ def test_finetune_lora_makes_an_adapter_sample_uses(client, rt):
     eps = load_adapter(backend.eps_fn, "lora", state, rank=4, targets=backend.lora_targets)
     c = backend.encode(4, labels=[0, 1, 2, 3])
     with torch.no_grad():
-        x0 = sample(eps, backend.noise(4, seed=0), c.cond, schedule=backend.schedule, steps=5,
+        x0 = sample(eps, backend.noise(4, seed=0), c.cond, schedule=backend.schedule, grid=backend.default_grid, steps=5,
                     guidance_scale=backend.default_guidance, uncond=c.uncond, grad_mode="none")
     np.testing.assert_allclose(tuned.x0, x0.numpy(), atol=1e-5)
     # a checkpoint is an adapter too
@@ -120,7 +120,7 @@ def test_optimize_embedding_learns_a_class_vector(client, rt):
     c = backend.embed(backend.encode(3))
     with torch.no_grad():
         x0 = sample(backend.eps_fn, backend.noise(3, seed=0), tensors["cond"].expand(3, -1),
-                    schedule=backend.schedule, steps=5, guidance_scale=backend.default_guidance,
+                    schedule=backend.schedule, grid=backend.default_grid, steps=5, guidance_scale=backend.default_guidance,
                     uncond=c.uncond, grad_mode="none")
     np.testing.assert_allclose(used.x0, x0.numpy(), atol=1e-5)
 

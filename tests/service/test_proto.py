@@ -42,7 +42,7 @@ def test_list_models_and_losses(client):
     assert [int(v) for v in models["digits"]["latent_shape"]] == [1, 8, 8]
     assert "dpm3" in models["digits"]["solvers"] and "checkpoint" in models["digits"]["grad_modes"]
     digits = models["digits"]
-    assert (digits["path"], digits["prediction"], digits["default_grid"]) == ("vp", "epsilon", "logsnr")
+    assert (digits["path"], digits["prediction"], digits["default_grid"]) == ("vp", "epsilon", "karras")
     assert (digits["t_min"], digits["t_max"]) == (0.0, 850.0)  # the sampling span (models/_digits.py)
     losses = {entry["name"]: entry for entry in client.list_losses()}
     assert {"mse", "classifier", "gram_style"} <= set(losses)

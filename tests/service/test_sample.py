@@ -16,7 +16,7 @@ def test_sample_equals_in_process(client, rt):
     c = backend.encode(4, labels=[0, 1, 2, 7])
     with torch.no_grad():
         x_T = backend.noise(4, seed=3)
-        x0 = sample(backend.eps_fn, x_T, c.cond, schedule=backend.schedule, steps=8,
+        x0 = sample(backend.eps_fn, x_T, c.cond, schedule=backend.schedule, grid=backend.default_grid, steps=8,
                     guidance_scale=backend.default_guidance, uncond=c.uncond, grad_mode="none")
     assert np.array_equal(result.x_T, x_T.numpy())
     np.testing.assert_allclose(result.x0, x0.numpy(), rtol=0, atol=1e-6)

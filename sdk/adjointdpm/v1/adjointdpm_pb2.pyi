@@ -147,7 +147,7 @@ class WeightsSpec(_message.Message):
     def __init__(self, parameters: _Optional[_Iterable[str]] = ..., lora_rank: _Optional[int] = ..., inline: _Optional[bool] = ...) -> None: ...
 
 class GradientRequest(_message.Message):
-    __slots__ = ("generation", "losses", "targets", "grad_mode", "token", "weights", "return_images")
+    __slots__ = ("generation", "losses", "targets", "grad_mode", "token", "weights", "return_images", "memory_budget_mib")
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     LOSSES_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +155,7 @@ class GradientRequest(_message.Message):
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     RETURN_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BUDGET_MIB_FIELD_NUMBER: _ClassVar[int]
     generation: Generation
     losses: _containers.RepeatedCompositeFieldContainer[LossTerm]
     targets: _containers.RepeatedScalarFieldContainer[Target]
@@ -162,7 +163,8 @@ class GradientRequest(_message.Message):
     token: TokenSpec
     weights: WeightsSpec
     return_images: bool
-    def __init__(self, generation: _Optional[_Union[Generation, _Mapping]] = ..., losses: _Optional[_Iterable[_Union[LossTerm, _Mapping]]] = ..., targets: _Optional[_Iterable[_Union[Target, str]]] = ..., grad_mode: _Optional[str] = ..., token: _Optional[_Union[TokenSpec, _Mapping]] = ..., weights: _Optional[_Union[WeightsSpec, _Mapping]] = ..., return_images: _Optional[bool] = ...) -> None: ...
+    memory_budget_mib: int
+    def __init__(self, generation: _Optional[_Union[Generation, _Mapping]] = ..., losses: _Optional[_Iterable[_Union[LossTerm, _Mapping]]] = ..., targets: _Optional[_Iterable[_Union[Target, str]]] = ..., grad_mode: _Optional[str] = ..., token: _Optional[_Union[TokenSpec, _Mapping]] = ..., weights: _Optional[_Union[WeightsSpec, _Mapping]] = ..., return_images: _Optional[bool] = ..., memory_budget_mib: _Optional[int] = ...) -> None: ...
 
 class GradientMessage(_message.Message):
     __slots__ = ("request", "loss_reply")
@@ -223,7 +225,7 @@ class GuidedSampling(_message.Message):
     def __init__(self, every: _Optional[int] = ..., scale: _Optional[float] = ..., inner_steps: _Optional[int] = ..., grad_steps: _Optional[int] = ..., step: _Optional[str] = ..., clip: _Optional[float] = ...) -> None: ...
 
 class OptimizeLatentRequest(_message.Message):
-    __slots__ = ("generation", "losses", "optimizer", "constraint", "norm_weight", "image_every", "grad_mode", "guided", "stop_when")
+    __slots__ = ("generation", "losses", "optimizer", "constraint", "norm_weight", "image_every", "grad_mode", "guided", "stop_when", "memory_budget_mib")
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     LOSSES_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
@@ -233,6 +235,7 @@ class OptimizeLatentRequest(_message.Message):
     GRAD_MODE_FIELD_NUMBER: _ClassVar[int]
     GUIDED_FIELD_NUMBER: _ClassVar[int]
     STOP_WHEN_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BUDGET_MIB_FIELD_NUMBER: _ClassVar[int]
     generation: Generation
     losses: _containers.RepeatedCompositeFieldContainer[LossTerm]
     optimizer: Optimizer
@@ -242,7 +245,8 @@ class OptimizeLatentRequest(_message.Message):
     grad_mode: str
     guided: GuidedSampling
     stop_when: StopWhen
-    def __init__(self, generation: _Optional[_Union[Generation, _Mapping]] = ..., losses: _Optional[_Iterable[_Union[LossTerm, _Mapping]]] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., constraint: _Optional[_Union[Constraint, _Mapping]] = ..., norm_weight: _Optional[float] = ..., image_every: _Optional[int] = ..., grad_mode: _Optional[str] = ..., guided: _Optional[_Union[GuidedSampling, _Mapping]] = ..., stop_when: _Optional[_Union[StopWhen, _Mapping]] = ...) -> None: ...
+    memory_budget_mib: int
+    def __init__(self, generation: _Optional[_Union[Generation, _Mapping]] = ..., losses: _Optional[_Iterable[_Union[LossTerm, _Mapping]]] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., constraint: _Optional[_Union[Constraint, _Mapping]] = ..., norm_weight: _Optional[float] = ..., image_every: _Optional[int] = ..., grad_mode: _Optional[str] = ..., guided: _Optional[_Union[GuidedSampling, _Mapping]] = ..., stop_when: _Optional[_Union[StopWhen, _Mapping]] = ..., memory_budget_mib: _Optional[int] = ...) -> None: ...
 
 class OptimizeLatentMessage(_message.Message):
     __slots__ = ("request", "loss_reply")
@@ -265,7 +269,7 @@ class FinetuneExample(_message.Message):
     def __init__(self, seed: _Optional[int] = ..., x_T: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., prompt: _Optional[str] = ..., label: _Optional[int] = ...) -> None: ...
 
 class FinetuneRequest(_message.Message):
-    __slots__ = ("generation", "examples", "losses", "optimizer", "method", "lora_rank", "lora_alpha", "target_modules", "checkpoint_every", "name", "batch_size", "grad_mode", "resume_from", "keep_checkpoints", "validation", "validate_every", "keep_best", "stop_when")
+    __slots__ = ("generation", "examples", "losses", "optimizer", "method", "lora_rank", "lora_alpha", "target_modules", "checkpoint_every", "name", "batch_size", "grad_mode", "resume_from", "keep_checkpoints", "validation", "validate_every", "keep_best", "stop_when", "memory_budget_mib")
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     LOSSES_FIELD_NUMBER: _ClassVar[int]
@@ -284,6 +288,7 @@ class FinetuneRequest(_message.Message):
     VALIDATE_EVERY_FIELD_NUMBER: _ClassVar[int]
     KEEP_BEST_FIELD_NUMBER: _ClassVar[int]
     STOP_WHEN_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BUDGET_MIB_FIELD_NUMBER: _ClassVar[int]
     generation: Generation
     examples: _containers.RepeatedCompositeFieldContainer[FinetuneExample]
     losses: _containers.RepeatedCompositeFieldContainer[LossTerm]
@@ -302,7 +307,8 @@ class FinetuneRequest(_message.Message):
     validate_every: int
     keep_best: bool
     stop_when: StopWhen
-    def __init__(self, generation: _Optional[_Union[Generation, _Mapping]] = ..., examples: _Optional[_Iterable[_Union[FinetuneExample, _Mapping]]] = ..., losses: _Optional[_Iterable[_Union[LossTerm, _Mapping]]] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., method: _Optional[str] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., checkpoint_every: _Optional[int] = ..., name: _Optional[str] = ..., batch_size: _Optional[int] = ..., grad_mode: _Optional[str] = ..., resume_from: _Optional[str] = ..., keep_checkpoints: _Optional[int] = ..., validation: _Optional[_Iterable[_Union[FinetuneExample, _Mapping]]] = ..., validate_every: _Optional[int] = ..., keep_best: _Optional[bool] = ..., stop_when: _Optional[_Union[StopWhen, _Mapping]] = ...) -> None: ...
+    memory_budget_mib: int
+    def __init__(self, generation: _Optional[_Union[Generation, _Mapping]] = ..., examples: _Optional[_Iterable[_Union[FinetuneExample, _Mapping]]] = ..., losses: _Optional[_Iterable[_Union[LossTerm, _Mapping]]] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., method: _Optional[str] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., checkpoint_every: _Optional[int] = ..., name: _Optional[str] = ..., batch_size: _Optional[int] = ..., grad_mode: _Optional[str] = ..., resume_from: _Optional[str] = ..., keep_checkpoints: _Optional[int] = ..., validation: _Optional[_Iterable[_Union[FinetuneExample, _Mapping]]] = ..., validate_every: _Optional[int] = ..., keep_best: _Optional[bool] = ..., stop_when: _Optional[_Union[StopWhen, _Mapping]] = ..., memory_budget_mib: _Optional[int] = ...) -> None: ...
 
 class FinetuneMessage(_message.Message):
     __slots__ = ("request", "loss_reply")
@@ -313,7 +319,7 @@ class FinetuneMessage(_message.Message):
     def __init__(self, request: _Optional[_Union[FinetuneRequest, _Mapping]] = ..., loss_reply: _Optional[_Union[LossReply, _Mapping]] = ...) -> None: ...
 
 class OptimizeEmbeddingRequest(_message.Message):
-    __slots__ = ("generation", "losses", "target_image", "optimizer", "token", "name", "grad_mode", "image_every", "prior", "prior_weight", "stop_when")
+    __slots__ = ("generation", "losses", "target_image", "optimizer", "token", "name", "grad_mode", "image_every", "prior", "prior_weight", "stop_when", "memory_budget_mib")
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     LOSSES_FIELD_NUMBER: _ClassVar[int]
     TARGET_IMAGE_FIELD_NUMBER: _ClassVar[int]
@@ -325,6 +331,7 @@ class OptimizeEmbeddingRequest(_message.Message):
     PRIOR_FIELD_NUMBER: _ClassVar[int]
     PRIOR_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     STOP_WHEN_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BUDGET_MIB_FIELD_NUMBER: _ClassVar[int]
     generation: Generation
     losses: _containers.RepeatedCompositeFieldContainer[LossTerm]
     target_image: _tensor_pb2.Tensor
@@ -336,7 +343,8 @@ class OptimizeEmbeddingRequest(_message.Message):
     prior: str
     prior_weight: float
     stop_when: StopWhen
-    def __init__(self, generation: _Optional[_Union[Generation, _Mapping]] = ..., losses: _Optional[_Iterable[_Union[LossTerm, _Mapping]]] = ..., target_image: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., token: _Optional[_Union[TokenSpec, _Mapping]] = ..., name: _Optional[str] = ..., grad_mode: _Optional[str] = ..., image_every: _Optional[int] = ..., prior: _Optional[str] = ..., prior_weight: _Optional[float] = ..., stop_when: _Optional[_Union[StopWhen, _Mapping]] = ...) -> None: ...
+    memory_budget_mib: int
+    def __init__(self, generation: _Optional[_Union[Generation, _Mapping]] = ..., losses: _Optional[_Iterable[_Union[LossTerm, _Mapping]]] = ..., target_image: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., token: _Optional[_Union[TokenSpec, _Mapping]] = ..., name: _Optional[str] = ..., grad_mode: _Optional[str] = ..., image_every: _Optional[int] = ..., prior: _Optional[str] = ..., prior_weight: _Optional[float] = ..., stop_when: _Optional[_Union[StopWhen, _Mapping]] = ..., memory_budget_mib: _Optional[int] = ...) -> None: ...
 
 class OptimizeEmbeddingMessage(_message.Message):
     __slots__ = ("request", "loss_reply")

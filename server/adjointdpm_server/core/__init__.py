@@ -10,6 +10,7 @@
 from ._baseline import sample_torchdiffeq
 from ._field import GuidedEps, NetworkVJP, Node
 from ._grids import GRIDS, time_grid
+from ._memory import default_budget
 from ._oracle import GaussianMixture, gaussian_solution
 from ._sample import GRAD_MODES, Progress, sample
 from ._flow_schedule import FlowSchedule
@@ -34,4 +35,5 @@ __all__ = [
     "SOLVERS",
     "GRAD_MODES",
     "GRIDS",
+    "default_budget",
 ]

@@ -56,12 +56,15 @@ class GuidedEps:
     """``ε̃(y, node, cond, uncond)``: the model's noise prediction at ``x = α y``, with CFG.
 
     A network that predicts something else (``prediction``: v, velocity, x_0) is turned into ε
-    after the CFG combination: ``ε = a·out + b·x`` (core/_prediction.py).
+    after the CFG combination: ``ε = a·out + b·x`` (core/_prediction.py). A network in another
+    precision (``network_dtype``, e.g. bfloat16) gets its inputs cast to it and its output cast
+    back, so the solver state, the CFG combination and every gradient stay in the state's dtype.
     """
 
     def __init__(self, eps_fn, guidance_scale: float | None = None, *, prediction: str = "epsilon",
-                 schedule=None):
+                 schedule=None, network_dtype: torch.dtype | None = None):
         self.eps_fn = eps_fn
+        self.network_dtype = network_dtype
         self.guidance_scale = guidance_scale
         self.prediction = check_prediction(prediction)
         if prediction == "velocity" and schedule is None:
@@ -95,16 +98,27 @@ class GuidedEps:
         t_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         return x, torch.full((x.shape[0],), node.t, dtype=t_dtype, device=x.device)
 
+    def _net(self, value):
+        """A floating input in the network's precision (a differentiable cast; others pass)."""
+        if (self.network_dtype is None or not isinstance(value, torch.Tensor)
+                or not value.is_floating_point() or value.dtype == self.network_dtype):
+            return value
+        return value.to(self.network_dtype)
+
+    def _call(self, x, t, cond, like: torch.Tensor):
+        out = self.eps_fn(self._net(x), t, self._net(cond))
+        return out.to(like.dtype) if isinstance(out, torch.Tensor) and out.dtype != like.dtype else out
+
     def __call__(self, y: torch.Tensor, node: Node, cond, uncond) -> torch.Tensor:
         x, t = self._inputs(y, node)
         batch = x.shape[0]
         if self.guided:
-            both = self.eps_fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, uncond]))
+            both = self._call(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, uncond]), x)
             self._check(both, (2 * batch,) + tuple(x.shape[1:]))
             eps_c, eps_u = both.chunk(2)
             eps = eps_u + self.guidance_scale * (eps_c - eps_u)
         else:
-            eps = self.eps_fn(x, t, cond)
+            eps = self._call(x, t, cond, x)
             self._check(eps, tuple(x.shape))
         self.nfe += 1
         if self.prediction == "epsilon":
@@ -130,10 +144,10 @@ class GuidedEps:
             cotangent = cotangent * a
         if self.guided:
             s = self.guidance_scale
-            both, gx, gc = self.eps_fn.vjp(torch.cat([x, x]), torch.cat([t, t]),
-                                           torch.cat([cond, uncond]),
-                                           torch.cat([s * cotangent, (1.0 - s) * cotangent]),
-                                           cond_grad or uncond_grad)
+            both, gx, gc = self._network_vjp(torch.cat([x, x]), torch.cat([t, t]),
+                                             torch.cat([cond, uncond]),
+                                             torch.cat([s * cotangent, (1.0 - s) * cotangent]),
+                                             cond_grad or uncond_grad)
             self._check(both, (2 * batch,) + tuple(x.shape[1:]))
             eps_c, eps_u = both.chunk(2)
             eps = eps_u + s * (eps_c - eps_u)
@@ -141,7 +155,7 @@ class GuidedEps:
             grad_y = (gx_c + gx_u) * node.alpha
             c_bar, u_bar = gc.chunk(2) if gc is not None else (None, None)
         else:
-            eps, gx, c_bar = self.eps_fn.vjp(x, t, cond, cotangent, cond_grad)
+            eps, gx, c_bar = self._network_vjp(x, t, cond, cotangent, cond_grad)
             self._check(eps, tuple(x.shape))
             grad_y, u_bar = gx * node.alpha, None
         self.nfe += 1
@@ -149,6 +163,12 @@ class GuidedEps:
             eps = a * eps + b * x
             grad_y = grad_y + (node.alpha * b) * direct
         return eps, grad_y, c_bar if cond_grad else None, u_bar if uncond_grad else None
+
+    def _network_vjp(self, x, t, cond, cotangent, cond_grad):
+        """The network's own VJP, in its precision, with every result back in the state's."""
+        out = self.eps_fn.vjp(self._net(x), t, self._net(cond), self._net(cotangent), cond_grad)
+        back = lambda v, like: v.to(like.dtype) if isinstance(v, torch.Tensor) and v.dtype != like.dtype else v
+        return back(out[0], x), back(out[1], x), back(out[2], cond) if isinstance(cond, torch.Tensor) else out[2]
 
     def _check(self, eps, shape) -> None:
         if self._checked:

@@ -1,15 +1,18 @@
-"""The ``checkpoint`` and ``adjoint`` gradient modes as one ``torch.autograd.Function``.
+"""The ``auto``, ``checkpoint`` and ``adjoint`` gradient modes as one ``torch.autograd.Function``.
 
-Forward runs the solver without a graph. Backward walks the grid in reverse, one network call with
-grad per step, and applies the solver's own update VJP: on stored states ``y_i`` (``checkpoint``,
-the exact gradient of the discrete sampler) or on states re-solved backward from ``y_N`` keeping
-only the current ones (``adjoint``, the paper's eq. 11 done as its discrete recursion). The
-conditioning and weight terms ``a_θ`` of eq. 11 accumulate in :class:`VJP`.
+Forward runs the solver without a graph (``auto``: keeping the graphs of the last steps that fit
+the memory budget, core/_memory.py). Backward walks the grid in reverse, one network call with
+grad per step (none for a kept step), and applies the solver's own update VJP: on stored states
+``y_i`` (``checkpoint`` and ``auto``, the exact gradient of the discrete sampler) or on states
+re-solved backward from the nearest stored anchor (``adjoint``, the paper's eq. 11 done as its
+discrete recursion). The conditioning and weight terms ``a_θ`` of eq. 11 accumulate in :class:`VJP`.
 """
 
 from __future__ import annotations
 
 import torch
+
+from ._memory import Tape
 
 __all__ = ["VJP", "SolveFunction"]
 
@@ -22,7 +25,7 @@ def _leaf(c, needs_grad: bool):
 class VJP:
     """One vector–Jacobian product at a time, accumulating the gradients of cond, uncond, params."""
 
-    def __init__(self, cond, uncond, params, needs_cond: bool, needs_uncond: bool):
+    def __init__(self, cond, uncond, params, needs_cond: bool, needs_uncond: bool, tape=None):
         self.cond = _leaf(cond, needs_cond)
         self.uncond = _leaf(uncond, needs_uncond)
         self.targets = ([self.cond] if needs_cond else []) + ([self.uncond] if needs_uncond else [])
@@ -30,14 +33,23 @@ class VJP:
         self.params = list(params)
         self.targets += self.params
         self.grads: list[torch.Tensor | None] = [None] * len(self.targets)
+        self.tape = tape  # ``auto``: the graphs its forward pass kept, taken back step by step
 
     def _accumulate(self, k: int, g) -> None:
+        """Sum one step's θ-gradient; half-precision terms are summed in float32 (autograd casts
+        the total back to the target's dtype)."""
         if g is not None:
+            if g.dtype in (torch.float16, torch.bfloat16):
+                g = g.float()
             self.grads[k] = g if self.grads[k] is None else self.grads[k] + g
 
-    def field(self, field, y: torch.Tensor, node, cotangent: torch.Tensor):
-        """``(ε̃(y), cotangentᵀ ∂ε̃/∂y)`` of one network call at ``node``: through the network's
-        own VJP when it declares one and no weight gradient is wanted, else through autograd."""
+    def field(self, field, y: torch.Tensor, node, cotangent: torch.Tensor, step: int | None = None):
+        """``(ε̃(y), cotangentᵀ ∂ε̃/∂y)`` of one network call at ``node``: from the graph the
+        forward pass kept for ``step`` (``auto``), through the network's own VJP when it declares
+        one and no weight gradient is wanted, else through autograd."""
+        kept = self._kept(step)
+        if kept is not None:
+            return self._backprop(*kept, cotangent)
         if self.params or not field.has_network_vjp:
             return self(lambda y_, c, u: field(y_, node, c, u), y, cotangent)
         eps, grad_y, c_bar, u_bar = field.vjp(y.detach(), node, self.cond, self.uncond, cotangent,
@@ -50,15 +62,26 @@ class VJP:
             self._accumulate(k, u_bar)
         return eps.detach(), grad_y
 
-    def __call__(self, fn, y: torch.Tensor, cotangent: torch.Tensor):
+    def __call__(self, fn, y: torch.Tensor, cotangent: torch.Tensor, step: int | None = None):
         """``(fn(y), cotangentᵀ ∂fn/∂y)``; the θ-parts are added to ``self.grads``."""
+        kept = self._kept(step)
+        if kept is not None:
+            return self._backprop(*kept, cotangent)
         with torch.enable_grad():
             y_leaf = y.detach().requires_grad_(True)
             out = fn(y_leaf, self.cond, self.uncond)
+        return self._backprop(y_leaf, out, cotangent)
+
+    def _kept(self, step):
+        return None if self.tape is None or step is None else self.tape.take(step)
+
+    def _backprop(self, y_leaf: torch.Tensor, out: torch.Tensor, cotangent: torch.Tensor):
+        """``cotangentᵀ ∂out/∂(y, θ)`` through the graph of one call (freed afterwards)."""
+        with torch.enable_grad():
             grads = torch.autograd.grad(out, [y_leaf] + self.targets, cotangent, allow_unused=True)
         for k, g in enumerate(grads[1:]):
             self._accumulate(k, g)
-        grad_y = grads[0] if grads[0] is not None else torch.zeros_like(y)
+        grad_y = grads[0] if grads[0] is not None else torch.zeros_like(y_leaf)
         return out.detach(), grad_y
 
 
@@ -67,9 +90,18 @@ class SolveFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, engine, y0, cond, uncond, *params):
-        y_end, stored = engine.solver.solve(engine.field, y0, engine.nodes, cond, uncond,
-                                            store=engine.mode == "checkpoint",
-                                            callback=engine.callback)
+        tape = None
+        if engine.mode == "auto":
+            # The kept graphs must start from the leaves the backward pass differentiates against.
+            needs = ctx.needs_input_grad
+            ctx.vjp = VJP(cond, uncond, params, needs_cond=needs[2], needs_uncond=needs[3])
+            tape = ctx.vjp.tape = Tape(ctx.vjp, len(engine.nodes) - 1, engine.memory_budget,
+                                       exclude=engine.network_tensors())
+        store = engine.anchor_every if engine.mode == "adjoint" else 1
+        y_end, stored = engine.solver.solve(engine.field, y0, engine.nodes, ctx.vjp.cond if tape else cond,
+                                            ctx.vjp.uncond if tape else uncond, store=store,
+                                            callback=engine.callback, tape=tape)
+        engine.kept_steps = tape.kept if tape else 0
         ctx.engine, ctx.stored = engine, stored
         ctx.cond, ctx.uncond, ctx.params = cond, uncond, params
         ctx.y_end = y_end
@@ -80,7 +112,8 @@ class SolveFunction(torch.autograd.Function):
     def backward(ctx, ybar):
         engine = ctx.engine
         needs = ctx.needs_input_grad
-        vjp = VJP(ctx.cond, ctx.uncond, ctx.params, needs_cond=needs[2], needs_uncond=needs[3])
+        vjp = ctx.vjp if engine.mode == "auto" else VJP(ctx.cond, ctx.uncond, ctx.params,
+                                                         needs_cond=needs[2], needs_uncond=needs[3])
         y0bar = engine.solver.backward(engine.field, vjp, engine.nodes, ctx.y_end, ybar,
                                        stored=ctx.stored, callback=engine.callback)
         grads = iter(vjp.grads)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -10,13 +11,14 @@ import torch
 from ._field import GuidedEps, nodes_from_times
 from ._gradients import SolveFunction
 from ._grids import GRIDS, time_grid
+from ._memory import default_budget, plan_anchor_every
 from ._flow_schedule import Schedule
 from ._prediction import check_prediction
 from ._solvers import get_solver
 
 __all__ = ["sample", "Progress", "GRAD_MODES"]
 
-GRAD_MODES = ("checkpoint", "adjoint", "backprop", "none")
+GRAD_MODES = ("auto", "checkpoint", "adjoint", "backprop", "none")
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,16 @@ class _Engine:
     nodes: list
     mode: str
     callback: Callable | None
+    memory_budget: float = 0.0  # auto: bytes for kept graphs and stored states
+    anchor_every: int = 0  # adjoint: spacing of the exact states kept (0: none)
+    kept_steps: int = 0  # auto: how many steps kept their graph (set by the forward pass)
+
+    def network_tensors(self) -> list[torch.Tensor]:
+        """Weights and buffers of the network: saved by its graph, but not memory the graph adds."""
+        module = self.field.eps_fn
+        if not isinstance(module, torch.nn.Module):
+            return []
+        return list(module.parameters()) + list(module.buffers())
 
 
 def _expand_batch(c: torch.Tensor | None, batch: int, name: str):
@@ -62,17 +74,24 @@ def sample(eps_fn, x_T: torch.Tensor, cond=None, *, schedule: Schedule, steps: i
            uncond=None, grid: str = "logsnr", t_start: float | None = None,
            t_end: float | None = None, callback: Callable[[Progress], None] | None = None,
            timesteps: Sequence[float] | None = None, params: Sequence[torch.Tensor] | None = None,
-           rtol: float = 1e-5, atol: float = 1e-5, prediction: str = "epsilon") -> torch.Tensor:
+           rtol: float = 1e-5, atol: float = 1e-5, prediction: str = "epsilon",
+           memory_budget: float | None = None, network_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Solve paper eq. 10 from ``x_T`` (the state at ``t_start``) to ``x_0`` (at ``t_end``).
 
     ``x_0`` is differentiable w.r.t. ``x_T``, ``cond``, ``uncond``, the parameters of ``eps_fn``
     when it is an ``nn.Module`` and any extra ``params``, in every ``grad_mode`` but ``none``.
     ``timesteps`` (decreasing, ``steps + 1`` of them if both are given) overrides the grid.
     ``callback`` receives :class:`Progress`; raising from it aborts the solve (cancellation).
+    ``network_dtype``: the precision ``eps_fn`` runs in when it differs from x_T's (fp16/bf16
+    networks with a float32 solver state and float32 gradients; docs/design.md §2.4.2).
     ``prediction`` says what ``eps_fn`` returns: ``epsilon``, ``v``, ``velocity`` (a flow model's
     ``dx/dσ``) or ``sample`` (x_0); it is turned into ε inside the field (core/_prediction.py).
-    ``adjoint`` re-solves the trajectory backward: exact where that reconstruction is, but
-    ill-conditioned for strongly contracting flows (strong guidance) — prefer ``checkpoint`` there.
+    ``grad_mode``: ``checkpoint`` stores the states and recomputes each network call in the
+    backward pass (memory flat in steps); ``backprop`` keeps every call's graph; ``auto`` keeps the
+    graphs of as many of the last steps as ``memory_budget`` bytes hold (default: half the free
+    memory of x_T's device) and recomputes the rest — the same exact gradient at up to backprop's
+    speed (core/_memory.py); ``adjoint`` re-solves the trajectory backward (the paper's eq. 11), from
+    ``y_N`` only or, given ``memory_budget``, from the nearest of the exact states it holds.
     """
     if not isinstance(x_T, torch.Tensor) or not x_T.is_floating_point():
         raise TypeError("x_T must be a floating-point tensor")
@@ -80,6 +99,9 @@ def sample(eps_fn, x_T: torch.Tensor, cond=None, *, schedule: Schedule, steps: i
         raise ValueError(f"x_T must have a leading batch dimension; got shape {tuple(x_T.shape)}")
     if grad_mode not in GRAD_MODES:
         raise ValueError(f"unknown grad_mode {grad_mode!r}; choose one of {', '.join(GRAD_MODES)}")
+    if memory_budget is not None and not (isinstance(memory_budget, (int, float))
+                                          and math.isfinite(memory_budget) and memory_budget >= 0):
+        raise ValueError(f"memory_budget must be a finite number of bytes >= 0; got {memory_budget!r}")
     if grid not in GRIDS:
         raise ValueError(f"unknown grid {grid!r}; choose one of {', '.join(GRIDS)}")
     check_prediction(prediction)
@@ -107,7 +129,8 @@ def sample(eps_fn, x_T: torch.Tensor, cond=None, *, schedule: Schedule, steps: i
     batch = x_T.shape[0]
     cond = _expand_batch(cond, batch, "cond")
     uncond = _expand_batch(uncond, batch, "uncond")
-    field = GuidedEps(eps_fn, guidance_scale, prediction=prediction, schedule=schedule)
+    field = GuidedEps(eps_fn, guidance_scale, prediction=prediction, schedule=schedule,
+                      network_dtype=network_dtype)
     if field.guided:
         if cond is None or uncond is None:
             raise ValueError("guidance_scale needs both cond and uncond")
@@ -120,7 +143,7 @@ def sample(eps_fn, x_T: torch.Tensor, cond=None, *, schedule: Schedule, steps: i
             callback(Progress(phase, step, total, t, field.nfe))
 
     y0 = x_T / nodes[0].alpha
-    theta = _differentiable_params(eps_fn, params) if grad_mode in ("checkpoint", "adjoint") else []
+    theta = _differentiable_params(eps_fn, params) if grad_mode in ("auto", "checkpoint", "adjoint") else []
     conds = [c for c in (cond, uncond) if isinstance(c, torch.Tensor)]
     wants_grad = torch.is_grad_enabled() and grad_mode != "none" and (
         y0.requires_grad or bool(theta) or any(c.requires_grad for c in conds) or grad_mode == "backprop")
@@ -131,5 +154,10 @@ def sample(eps_fn, x_T: torch.Tensor, cond=None, *, schedule: Schedule, steps: i
         y_end, _ = step_solver.solve(field, y0, nodes, cond, uncond, callback=progress)
     else:
         engine = _Engine(step_solver, field, nodes, grad_mode, progress)
+        state_bytes = y0.numel() * y0.element_size()
+        if grad_mode == "auto":
+            engine.memory_budget = default_budget(y0.device) if memory_budget is None else memory_budget
+        elif grad_mode == "adjoint":
+            engine.anchor_every = plan_anchor_every(len(nodes) - 1, memory_budget, state_bytes)
         y_end = SolveFunction.apply(engine, y0, cond, uncond, *theta)
     return y_end * nodes[-1].alpha

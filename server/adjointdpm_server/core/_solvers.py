@@ -134,17 +134,21 @@ class LinearMultistep:
             return None
         return tuple(a for _, a in _data_weights(self.order, tuple(n.rho for n in nodes)))
 
-    def solve(self, field: GuidedEps, y: torch.Tensor, nodes, cond, uncond, *, store=False,
-              callback=None):
-        """Forward solve; returns ``(y_N, [y_0 … y_{N−1}] if store else None)``."""
+    def solve(self, field: GuidedEps, y: torch.Tensor, nodes, cond, uncond, *, store=0,
+              callback=None, tape=None):
+        """Forward solve; returns ``(y_N, {i: y_i for every store-th i} or None)``; ``tape``
+        (``auto``) runs the network calls and keeps the graphs it plans to."""
         weights, y_weights = self.weights(nodes), self.y_weights(nodes)
         history: list[torch.Tensor] = []
         states: list[torch.Tensor] = []
-        stored = [] if store else None
+        stored = {} if store else None
         for i, w in enumerate(weights):
-            if store:
-                stored.append(y)
-            history.insert(0, field(y, nodes[i], cond, uncond))
+            if store and i % store == 0:
+                stored[i] = y
+            if tape is None:
+                history.insert(0, field(y, nodes[i], cond, uncond))
+            else:
+                history.insert(0, tape(i, lambda y_, c, u, node=nodes[i]: field(y_, node, c, u), y))
             del history[self.order:]
             step = sum(wj * e for wj, e in zip(w, history))
             if y_weights is not None:
@@ -159,22 +163,25 @@ class LinearMultistep:
     def backward(self, field: GuidedEps, vjp, nodes, y_end, ybar, stored=None, callback=None):
         """``∂L/∂y_0`` from ``∂L/∂y_N`` through the discrete update; θ-terms accumulate in ``vjp``.
 
-        With ``stored`` states this is the exact gradient (``checkpoint``); without, each ``y_i`` is
-        re-solved backward by the same method on the reversed grid (``adjoint``), reusing the
-        network call of the VJP at ``y_{i+1}`` as the backward solver's evaluation.
+        With every state stored this is the exact gradient (``checkpoint``, ``auto``); a missing
+        ``y_i`` is re-solved backward by the same method on the reversed grid (``adjoint``) from
+        the nearest stored state above it (an anchor, or ``y_N``), reusing the network call of the
+        VJP at ``y_{i+1}`` as the backward solver's evaluation.
         """
         weights, y_weights = self.weights(nodes), self.y_weights(nodes)
         n = len(weights)
+        stored = stored or {}
         ybars = [ybar]  # ȳ_{i+1}, ȳ_{i+2}, …
-        if stored is None:
+        resolve = len(stored) < n
+        if resolve:
             rev_weights, rev_y_weights = self.weights(nodes[::-1]), self.y_weights(nodes[::-1])
             with torch.no_grad():
                 rev_eps = [field(y_end, nodes[-1], vjp.cond, vjp.uncond)]
             y_hat = y_end
             rev_y = [y_end]
         for i in reversed(range(n)):
-            if stored is not None:
-                y_i = stored[i]
+            if i in stored:
+                y_i = y_hat = stored[i]
             else:
                 step = sum(wj * e for wj, e in zip(rev_weights[n - 1 - i], rev_eps))
                 if rev_y_weights is not None:
@@ -185,14 +192,14 @@ class LinearMultistep:
             # form's y-terms add Σ_m A[m][m−i] ȳ_{m+1} to ȳ_i directly.
             ebar = sum(weights[i + k][k] * ybars[k] for k in range(len(ybars))
                        if k < len(weights[i + k]))
-            eps_i, grad_y = vjp.field(field, y_i, nodes[i], ebar)
+            eps_i, grad_y = vjp.field(field, y_i, nodes[i], ebar, step=i)
             direct = ybars[0] + grad_y
             if y_weights is not None:
                 direct = direct + sum(y_weights[i + k][k] * ybars[k] for k in range(len(ybars))
                                       if k < len(y_weights[i + k]) and y_weights[i + k][k] != 0.0)
             ybars.insert(0, direct)
             del ybars[self.order:]
-            if stored is None:
+            if resolve:
                 rev_eps.insert(0, eps_i)
                 del rev_eps[self.order:]
                 rev_y.insert(0, y_i)
@@ -211,13 +218,16 @@ class OneStep:
     def step(self, field: GuidedEps, y, a: Node, b: Node, cond, uncond):
         raise NotImplementedError
 
-    def solve(self, field, y, nodes, cond, uncond, *, store=False, callback=None):
-        stored = [] if store else None
+    def solve(self, field, y, nodes, cond, uncond, *, store=0, callback=None, tape=None):
+        stored = {} if store else None
         n = len(nodes) - 1
         for i in range(n):
-            if store:
-                stored.append(y)
-            y = self.step(field, y, nodes[i], nodes[i + 1], cond, uncond)
+            if store and i % store == 0:
+                stored[i] = y
+            if tape is None:
+                y = self.step(field, y, nodes[i], nodes[i + 1], cond, uncond)
+            else:
+                y = tape(i, lambda y_, c, u, a=nodes[i], b=nodes[i + 1]: self.step(field, y_, a, b, c, u), y)
             if callback is not None:
                 callback("forward", i + 1, n, nodes[i + 1].t)
         return y, stored
@@ -225,15 +235,17 @@ class OneStep:
     def backward(self, field, vjp, nodes, y_end, ybar, stored=None, callback=None):
         """As :meth:`LinearMultistep.backward`; ``adjoint`` re-solves each step by ``Φ`` reversed."""
         n = len(nodes) - 1
+        stored = stored or {}
         y_hat = y_end
         for i in reversed(range(n)):
-            if stored is not None:
-                y_i = stored[i]
+            if i in stored:
+                y_i = y_hat = stored[i]
             else:
                 with torch.no_grad():
                     y_hat = self.step(field, y_hat, nodes[i + 1], nodes[i], vjp.cond, vjp.uncond)
                 y_i = y_hat
-            _, ybar = vjp(lambda y, c, u: self.step(field, y, nodes[i], nodes[i + 1], c, u), y_i, ybar)
+            _, ybar = vjp(lambda y, c, u: self.step(field, y, nodes[i], nodes[i + 1], c, u), y_i, ybar,
+                          step=i)
             if callback is not None:
                 callback("backward", n - i, n, nodes[i].t)
         return ybar

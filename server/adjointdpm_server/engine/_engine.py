@@ -90,6 +90,11 @@ class NetworkEngine:
     def active(self) -> int:
         return len(self._registered)
 
+    def shares_calls(self) -> bool:
+        """Whether a job's network calls would now batch with another job's: batching is on and
+        more than one job is active (``auto`` then recomputes rather than keeping solo graphs)."""
+        return self.window_s > 0 and self.max_batch > 1 and self.active > 1
+
     @property
     def waiting_client(self) -> int:
         return len(self._parked)

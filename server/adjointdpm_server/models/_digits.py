@@ -92,11 +92,11 @@ def _sampling_span(alphas_cumprod: torch.Tensor, t_max: int = NOISE_END) -> torc
 
     The cosine schedule clips β at 0.999, so its last steps sweep λ down to −9.9, pure noise to
     the model; and starting lower helps this small model further. FD-digits (1000 samples, CFG 2,
-    dpm3, λ-uniform grid) at 5/10/20 steps measured: from t = 994 (λ ≥ −5) 5.83/3.74/3.58, from
-    900 3.53/3.18/3.16, from 850 3.39/3.05/3.06, from 800 3.38/3.06/3.07. From 850 dpm3 beats
-    every diffusers scheduler (as loaded) on this model at 20 steps, ties PNDM at 10 (3.05 vs
-    3.04) and loses at 5 to UniPC and DPM-Solver++(2M) (3.06, 3.14), which integrate the data
-    prediction; the core's multistep solvers integrate ε (benchmarks/results/digits_quality.md).
+    dpm3) at 5/10/20 steps measured on the λ-uniform grid: from t = 994 (λ ≥ −5) 5.83/3.74/3.58,
+    from 900 3.53/3.18/3.16, from 850 3.39/3.05/3.06, from 800 3.38/3.06/3.07; on Karras' ρ-grid
+    (the default, ``DigitsBackend.default_grid``): from 900 3.02/3.12/3.15, 875 3.05/3.07/3.09,
+    850 3.07/3.02/3.05, 800 3.13/3.06/3.07. The best diffusers schedulers as loaded reach 3.06
+    (UniPC) / 3.04 (PNDM) / 3.20 (PNDM) (benchmarks/results/digits_quality.md).
     """
     return alphas_cumprod[:t_max + 1]
 
@@ -107,6 +107,7 @@ class DigitsBackend(ModelBackend):
     image_shape = (1, 8, 8)
     default_steps = 20
     default_guidance = 2.0
+    default_grid = "karras"  # from t = 850: the best 5/10/20-step FD of the grids measured (_sampling_span)
     conditioning = "labels"
     has_classifier = True
     has_embedding_table = True

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..core import GRIDS, SOLVERS, Progress, sample
+from ..core import GRIDS, SOLVERS, Progress, default_budget, sample
 from ..errors import InvalidArgument
 from ..models import Conditioning, ModelBackend
 from ._context import TaskContext
@@ -37,6 +37,7 @@ class Prepared:
     prompts: list[str] = field(default_factory=list)
     engine: object = None  # the NetworkEngine every network call goes through (None: direct)
     requested_guidance: float | None = None  # the scale asked for (CFG or a network input)
+    grad_memory_bytes: int | None = None  # the server's gradient budget (None: half the free memory)
 
     def network(self, eps_fn, job: Job):
         """``eps_fn`` as this job calls it: through the engine, batched with other jobs."""
@@ -149,7 +150,7 @@ def prepare(ctx: TaskContext, spec: GenerationSpec) -> Prepared:
     eps_fn = ctx.adapted(name, spec.adapter) if spec.adapter else backend.eps_fn
     cfg = None if scale == 1 or backend.guidance == "embedded" else scale  # embedded: cond carries it
     return Prepared(name, backend, eps_fn, x_T, c.cond, c.uncond, steps, solver, grid, cfg, t_start,
-                    batch, list(spec.prompt), ctx.engine, scale)
+                    batch, list(spec.prompt), ctx.engine, scale, ctx.limits.grad_memory_bytes)
 
 
 def progress_callback(job: Job, iteration: int = 0):
@@ -184,9 +185,22 @@ def _with_iteration(p: Progress, iteration: int) -> IterationProgress:
 
 def run_sampler(prep: Prepared, job: Job, *, x_T=None, cond=None, uncond=None, eps_fn=None,
                 grad_mode: str = "checkpoint", iteration: int = 0, steps: int | None = None,
-                t_start: float | None = None, timesteps=None, callback=None) -> torch.Tensor:
+                t_start: float | None = None, timesteps=None, callback=None,
+                memory_budget_mib: int = 0) -> torch.Tensor:
     """``core.sample`` with the prepared arguments (any of them overridden), its network calls
-    going through the engine."""
+    going through the engine; ``memory_budget_mib`` (0: the server's) can lower, never raise,
+    the server's gradient memory budget."""
+    budget = None  # adjoint without a request budget: the paper's, re-solved from y_N
+    if grad_mode == "auto" and prep.engine is not None and prep.engine.shares_calls():
+        # Other jobs are running: a kept graph is a solo call, while a recomputed one batches
+        # with theirs (docs/design.md §5) — auto runs as batched checkpoint, still exact.
+        budget = 0
+    elif grad_mode == "auto" or (grad_mode == "adjoint" and memory_budget_mib):
+        budget = prep.grad_memory_bytes
+        if budget is None:
+            budget = default_budget((prep.x_T if x_T is None else x_T).device)
+        if memory_budget_mib:
+            budget = min(budget, int(memory_budget_mib) << 20)
     try:
         return sample(prep.network(prep.eps_fn if eps_fn is None else eps_fn, job),
                       prep.x_T if x_T is None else x_T,
@@ -196,7 +210,7 @@ def run_sampler(prep: Prepared, job: Job, *, x_T=None, cond=None, uncond=None, e
                       uncond=prep.uncond if uncond is None else uncond, grid=prep.grid,
                       t_start=None if timesteps is not None else (
                           prep.t_start if t_start is None else t_start),
-                      timesteps=timesteps, prediction=prep.backend.prediction,
+                      timesteps=timesteps, prediction=prep.backend.prediction, memory_budget=budget,
                       callback=callback or progress_callback(job, iteration))
     except ValueError as err:
         if isinstance(err, InvalidArgument):

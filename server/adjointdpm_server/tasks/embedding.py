@@ -45,7 +45,8 @@ def embedding_prior(kind: str, table: torch.Tensor):
 def run_optimize_embedding(ctx: TaskContext, spec: GenerationSpec, losses: list[LossSpec], job: Job, *,
                            optimizer: OptimizerSpec, token: TokenSpec | None = None,
                            target_image: torch.Tensor | None = None, name: str = "",
-                           grad_mode: str = "", image_every: int = 0, prior: str = "",
+                           grad_mode: str = "", memory_budget_mib: int = 0, image_every: int = 0,
+                           prior: str = "",
                            prior_weight: float = 0.0, stop: StopSpec | None = None) -> OptimizeResult:
     """``prior_weight`` counts once per sample using the vector, so its balance with the summed
     per-sample losses does not depend on the batch (0 = 1 when a prior is named)."""
@@ -96,7 +97,8 @@ def run_optimize_embedding(ctx: TaskContext, spec: GenerationSpec, losses: list[
         nonlocal best_leaf
         objective.iteration = it
         cond, uncond_now = conditioning()
-        x0 = run_sampler(prep, job, cond=cond, uncond=uncond_now, grad_mode=mode, iteration=it)
+        x0 = run_sampler(prep, job, cond=cond, uncond=uncond_now, grad_mode=mode, iteration=it,
+                         memory_budget_mib=memory_budget_mib)
         images = prep.backend.decode(x0)
         total, values, per_sample = objective(x0, images)
         if penalty is not None:

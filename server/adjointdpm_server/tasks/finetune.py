@@ -93,6 +93,7 @@ def run_finetune(ctx: TaskContext, spec: GenerationSpec, examples: list[ExampleS
                  job: Job, *, optimizer: OptimizerSpec, method: str = "lora", lora_rank: int = 4,
                  lora_alpha: float | None = None, target_modules=(), checkpoint_every: int = 0,
                  name: str = "", batch_size: int = 0, grad_mode: str = "",
+                 memory_budget_mib: int = 0,
                  resume_from: str = "", keep_checkpoints: int = 3,
                  validation: list[ExampleSpec] = (), validate_every: int = 1, keep_best: bool = False,
                  stop: StopSpec | None = None) -> OptimizeResult:
@@ -159,6 +160,7 @@ def run_finetune(ctx: TaskContext, spec: GenerationSpec, examples: list[ExampleS
         cond = prep.cond[idx] if isinstance(prep.cond, torch.Tensor) else prep.cond
         uncond = prep.uncond[idx] if isinstance(prep.uncond, torch.Tensor) else prep.uncond
         x0 = run_sampler(prep, job, x_T=prep.x_T[idx], cond=cond, eps_fn=model, grad_mode=mode,
+                         memory_budget_mib=memory_budget_mib,
                          iteration=it, uncond=uncond)
         return objective(x0), None, {}
 

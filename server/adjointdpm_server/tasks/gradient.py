@@ -43,9 +43,10 @@ class GradientResult:
 
 
 def check_grad_mode(mode: str) -> str:
-    mode = mode or "checkpoint"
+    """A request's ``grad_mode``; "" is ``auto`` (exact, as fast as the memory budget allows)."""
+    mode = mode or "auto"
     if mode not in GRAD_MODES or mode == "none":
-        raise InvalidArgument(f"grad_mode must be one of checkpoint, adjoint, backprop; got {mode!r}")
+        raise InvalidArgument(f"grad_mode must be one of auto, checkpoint, adjoint, backprop; got {mode!r}")
     return mode
 
 
@@ -82,7 +83,8 @@ def encode_token(prep: Prepared, token: TokenSpec, leaf: torch.Tensor) -> Condit
 
 
 def run_gradient(ctx: TaskContext, spec: GenerationSpec, losses: list[LossSpec], job: Job, *,
-                 targets=("x_T",), grad_mode: str = "", token: TokenSpec | None = None,
+                 targets=("x_T",), grad_mode: str = "", memory_budget_mib: int = 0,
+                 token: TokenSpec | None = None,
                  weights: WeightsSpec | None = None, images: bool = False) -> GradientResult:
     targets = tuple(dict.fromkeys(targets or ("x_T",)))
     unknown = [t for t in targets if t not in TARGETS]
@@ -133,7 +135,8 @@ def run_gradient(ctx: TaskContext, spec: GenerationSpec, losses: list[LossSpec],
     inline = (bool(weight_leaves) and weights.inline
               and weight_count <= ctx.limits.max_inline_weight_elements
               and estimate + weight_count * prep.x_T.element_size() <= ctx.limits.max_message_bytes)
-    x0 = run_sampler(prep, job, x_T=x_T, cond=cond, eps_fn=eps_fn, grad_mode=mode)
+    x0 = run_sampler(prep, job, x_T=x_T, cond=cond, eps_fn=eps_fn, grad_mode=mode,
+                     memory_budget_mib=memory_budget_mib)
     decoded = prep.backend.decode(x0) if objective.needs_image or images else None
     total, values, per_sample = objective(x0, decoded)
     inputs = list(leaves.values()) + list(weight_leaves.values())

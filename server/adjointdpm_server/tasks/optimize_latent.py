@@ -127,6 +127,7 @@ def guided_step(g: torch.Tensor, scale: float, kind: str, clip: float, sigma: fl
 def run_optimize_latent(ctx: TaskContext, spec: GenerationSpec, losses: list[LossSpec], job: Job, *,
                         optimizer: OptimizerSpec, norm: str = "", epsilon: float = 0.0,
                         norm_weight: float = 0.0, image_every: int = 0, grad_mode: str = "",
+                        memory_budget_mib: int = 0,
                         guided: GuidedSpec | None = None, stop: StopSpec | None = None) -> OptimizeResult:
     check_iterations(optimizer, ctx.limits)
     check_stop(stop, ctx.limits, per_sample=True)
@@ -151,7 +152,7 @@ def run_optimize_latent(ctx: TaskContext, spec: GenerationSpec, losses: list[Los
         raise InvalidArgument("stop_when.verdict_changed needs a model with a classifier (digits)")
     objective = Objective(ctx, prep.backend, losses, job)
     if guided is not None:
-        return _guided(prep, objective, job, optimizer, guided, mode, ctx.limits)
+        return _guided(prep, objective, job, optimizer, guided, mode, ctx.limits, memory_budget_mib)
 
     with torch.no_grad():
         x0_start = run_sampler(prep, job, grad_mode="none")
@@ -181,7 +182,8 @@ def run_optimize_latent(ctx: TaskContext, spec: GenerationSpec, losses: list[Los
     def loss_at(it):
         objective.iteration = it
         x_now = x.detach().clone()
-        evaluation, images = evaluate(it, run_sampler(prep, job, x_T=x, grad_mode=mode, iteration=it))
+        evaluation, images = evaluate(it, run_sampler(prep, job, x_T=x, grad_mode=mode, iteration=it,
+                                                      memory_budget_mib=memory_budget_mib))
         shown = images if image_every and it % image_every == 0 else None
         return evaluation, shown, {"x_T": x_now, "stopped": best.stopped.tolist()}
 
@@ -204,7 +206,8 @@ def run_optimize_latent(ctx: TaskContext, spec: GenerationSpec, losses: list[Los
                           last_x_T=x.detach())
 
 
-def _guided(prep, objective, job, optimizer: OptimizerSpec, guided: GuidedSpec, mode: str, limits):
+def _guided(prep, objective, job, optimizer: OptimizerSpec, guided: GuidedSpec, mode: str, limits,
+            memory_budget_mib: int = 0):
     """Guided sampling: x_t ← x_t − step(∂L/∂x_t) at every ``every``-th node (§4.1.1)."""
     every = guided.every or 1
     scale = guided.scale or optimizer.lr
@@ -227,8 +230,8 @@ def _guided(prep, objective, job, optimizer: OptimizerSpec, guided: GuidedSpec, 
             objective.iteration = it
             xt = x.clone().requires_grad_()
             rest = guided.grad_steps or (prep.steps - i)
-            x0 = run_sampler(prep, job, x_T=xt, steps=rest, grad_mode=mode, t_start=ts[i],
-                             iteration=it)
+            x0 = run_sampler(prep, job, x_T=xt, steps=rest, grad_mode=mode, t_start=ts[i], iteration=it,
+                             memory_budget_mib=memory_budget_mib)
             evaluation = objective(x0)
             (g,) = torch.autograd.grad(evaluation.total, [xt])
             history.append(report(job, it, evaluation, float(g.norm()), lr=scale))

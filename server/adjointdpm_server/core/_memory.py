@@ -1,0 +1,122 @@
+"""Memory planning for ``grad_mode="auto"`` and the anchored ``adjoint`` (docs/design.md §2.5).
+
+A gradient through N steps holds two kinds of memory: the solver states ``y_i`` (one latent each,
+kilobytes) and, for every step whose graph is kept, the activations autograd saves inside the
+network call (tens of megabytes to gigabytes). With states this cheap, the time-optimal schedule
+for a budget of ``k`` graphs is not revolve's binomial one (which trades recomputed *states*
+against stored ones, when states are the memory): every state is stored, the last ``k`` network
+calls keep their graphs, and the first ``N − k`` are recomputed one at a time in the backward
+pass. Backward visits the steps last-first, so the kept graphs are all freed before the first
+recomputation and the peak is ``max(k, 1)`` graphs plus the states; every kept graph saves one
+forward call, and no other choice of ``k`` graphs saves more.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+__all__ = ["graph_bytes", "Tape", "plan_kept_steps", "plan_anchor_every", "default_budget"]
+
+
+def _storage_key(t: torch.Tensor):
+    return (t.device, t.untyped_storage().data_ptr())
+
+
+def graph_bytes(output: torch.Tensor, exclude=()) -> int:
+    """Bytes autograd has saved to backpropagate ``output``: the distinct storages of every
+    ``grad_fn._saved_*`` tensor reachable from it, less those of ``exclude`` (the weights and
+    inputs, which are held anyway). Walking the graph, rather than hooking the saves, also
+    counts a network call run on another thread (the service's engine)."""
+    skip = {_storage_key(t) for t in exclude if isinstance(t, torch.Tensor)}
+    seen_nodes, seen = set(), {}
+    stack = [output.grad_fn] if output.grad_fn is not None else []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen_nodes:
+            continue
+        seen_nodes.add(node)
+        for name in dir(node):
+            if not name.startswith("_saved_"):
+                continue
+            try:
+                value = getattr(node, name)
+            except RuntimeError:  # a saved tensor already freed (retain_graph=False elsewhere)
+                continue
+            for t in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(t, torch.Tensor) and t.layout == torch.strided:
+                    key = _storage_key(t)
+                    if key not in skip:
+                        seen[key] = t.untyped_storage().nbytes()
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return sum(seen.values())
+
+
+def plan_kept_steps(steps: int, budget: float, graph: int, state: int) -> int:
+    """How many of the last steps keep their graph: the most ``k ≤ steps`` with
+    ``k·graph + steps·state ≤ budget`` (0 when even one graph does not fit: ``checkpoint``)."""
+    room = budget - steps * state
+    if graph <= 0:
+        return steps if room >= 0 else 0
+    return max(0, min(steps, int(room // graph)))
+
+
+def plan_anchor_every(steps: int, budget: float | None, state: int) -> int:
+    """Spacing of the exact states the ``adjoint`` keeps (docs/design.md §2.5): as many, evenly
+    spaced, as ``budget`` bytes hold, so that a backward re-solve restarts from an exact state at
+    each; 0 (none, ``y_N`` only) without a budget: the paper's adjoint, memory flat in N. One
+    anchor a step is ``checkpoint``."""
+    if budget is None:
+        return 0
+    anchors = max(1, int(budget // max(state, 1)))
+    return max(1, math.ceil(steps / anchors))
+
+
+def default_budget(device: torch.device) -> int:
+    """The budget ``auto`` uses when none is given: half the free memory of ``device`` (CUDA), or
+    of the machine's available RAM (CPU)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free // 2)
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2)
+    except (ValueError, OSError, AttributeError):
+        return 1 << 30
+
+
+class Tape:
+    """The forward pass of ``auto``: runs each network call, keeps the graphs of the last
+    ``kept`` steps for the backward pass, and decides ``kept`` at step 0 from the measured
+    size of one call's graph. Backward takes each graph back once (:meth:`take`)."""
+
+    def __init__(self, vjp, steps: int, budget: float, exclude=()):
+        self.vjp, self.steps, self.budget = vjp, steps, budget
+        self.exclude = list(exclude)
+        self.kept: int | None = None
+        self.graph_bytes = 0
+        self.graphs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _keeps(self, step: int) -> bool:
+        return step >= self.steps - self.kept
+
+    def __call__(self, step: int, fn, y: torch.Tensor) -> torch.Tensor:
+        """``fn(y, cond, uncond)`` at ``step``; its graph is kept when the plan says so."""
+        if self.kept is not None and not self._keeps(step):
+            with torch.no_grad():
+                return fn(y, self.vjp.cond, self.vjp.uncond)
+        with torch.enable_grad():
+            y_leaf = y.detach().requires_grad_(True)
+            out = fn(y_leaf, self.vjp.cond, self.vjp.uncond)
+        if self.kept is None:
+            self.graph_bytes = graph_bytes(out, self.exclude + [y_leaf] + self.vjp.targets)
+            state = y.numel() * y.element_size()
+            self.kept = plan_kept_steps(self.steps, self.budget, self.graph_bytes, state)
+        if self._keeps(step) and out.requires_grad:
+            self.graphs[step] = (y_leaf, out)
+        return out.detach()
+
+    def take(self, step: int):
+        """The kept ``(y_leaf, out)`` of ``step`` (once), or None to recompute it."""
+        return self.graphs.pop(step, None)
