@@ -183,6 +183,13 @@ def _with_iteration(p: Progress, iteration: int) -> IterationProgress:
     return IterationProgress(p.phase, p.step, p.total, p.t, p.nfe, iteration)
 
 
+HALF = (torch.float16, torch.bfloat16)
+
+
+def _float32(value):
+    return value.float() if isinstance(value, torch.Tensor) and value.dtype in HALF else value
+
+
 def run_sampler(prep: Prepared, job: Job, *, x_T=None, cond=None, uncond=None, eps_fn=None,
                 grad_mode: str = "checkpoint", iteration: int = 0, steps: int | None = None,
                 t_start: float | None = None, timesteps=None, callback=None,
@@ -201,17 +208,24 @@ def run_sampler(prep: Prepared, job: Job, *, x_T=None, cond=None, uncond=None, e
             budget = default_budget((prep.x_T if x_T is None else x_T).device)
         if memory_budget_mib:
             budget = min(budget, int(memory_budget_mib) << 20)
+    x_T = prep.x_T if x_T is None else x_T
+    cond = prep.cond if cond is None else cond
+    uncond = prep.uncond if uncond is None else uncond
+    network_dtype = None
+    if x_T.dtype in HALF:
+        # A half-precision network: the solver state, CFG and gradient sums run in float32
+        # (differentiable casts, so gradients reach the caller's tensors; docs/design.md §2.4.2).
+        network_dtype = x_T.dtype
+        x_T, cond, uncond = (_float32(v) for v in (x_T, cond, uncond))
     try:
-        return sample(prep.network(prep.eps_fn if eps_fn is None else eps_fn, job),
-                      prep.x_T if x_T is None else x_T,
-                      prep.cond if cond is None else cond,
-                      schedule=prep.backend.schedule, steps=steps or prep.steps, solver=prep.solver,
-                      grad_mode=grad_mode, guidance_scale=prep.guidance_scale,
-                      uncond=prep.uncond if uncond is None else uncond, grid=prep.grid,
-                      t_start=None if timesteps is not None else (
-                          prep.t_start if t_start is None else t_start),
-                      timesteps=timesteps, prediction=prep.backend.prediction, memory_budget=budget,
-                      callback=callback or progress_callback(job, iteration))
+        x0 = sample(prep.network(prep.eps_fn if eps_fn is None else eps_fn, job), x_T, cond,
+                    schedule=prep.backend.schedule, steps=steps or prep.steps, solver=prep.solver,
+                    grad_mode=grad_mode, guidance_scale=prep.guidance_scale, uncond=uncond,
+                    grid=prep.grid, t_start=None if timesteps is not None else (
+                        prep.t_start if t_start is None else t_start),
+                    timesteps=timesteps, prediction=prep.backend.prediction, memory_budget=budget,
+                    network_dtype=network_dtype, callback=callback or progress_callback(job, iteration))
+        return x0 if network_dtype is None else x0.to(network_dtype)
     except ValueError as err:
         if isinstance(err, InvalidArgument):
             raise
