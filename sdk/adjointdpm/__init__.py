@@ -13,6 +13,7 @@
 Imports neither torch nor the server; torch is used only if installed, for client-side losses.
 """
 
+from . import aio
 from ._client import AdjointDPMError, Call, Client
 from ._losses import ClientLoss, ServerLoss, loss, registered_losses
 from ._results import (ArtifactInfo, GradientResult, IterationRecord, OptimizeResult, SampleResult,
@@ -21,7 +22,7 @@ from ._tensors import TensorError, decode_tensor, encode_tensor
 
 __version__ = "0.1.0"
 __all__ = [
-    "Client", "Call", "AdjointDPMError",
+    "Client", "Call", "AdjointDPMError", "aio",
     "loss", "registered_losses", "ClientLoss", "ServerLoss",
     "SampleResult", "GradientResult", "OptimizeResult", "ArtifactInfo", "IterationRecord",
     "ValidationRecord",

@@ -9,7 +9,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-__all__ = ["loss", "registered_losses", "ClientLoss", "ServerLoss", "evaluate_client_loss"]
+__all__ = ["loss", "registered_losses", "ClientLoss", "ServerLoss", "evaluate_client_loss",
+           "evaluate_client_loss_async"]
 
 _REGISTRY: dict[str, "ClientLoss"] = {}
 
@@ -85,11 +86,35 @@ def evaluate_client_loss(term: ClientLoss, x: np.ndarray) -> tuple[float, np.nda
     """The value, ∂value/∂x and (when the function gives one per sample) the per-sample values of a
     client loss at ``x``. A function may return one value per sample (shape (B,)): the term is
     then their sum, as the server's objective is (a sample's gradient does not depend on the batch)."""
+    arg = loss_input(term, x)
+    return loss_output(term, x, arg, term.fn(arg))
+
+
+async def evaluate_client_loss_async(term: ClientLoss, x: np.ndarray) -> tuple[float, np.ndarray, list[float]]:
+    """As :func:`evaluate_client_loss`, for a loss that may be a coroutine function (awaited)."""
+    import inspect
+
+    arg = loss_input(term, x)
+    out = term.fn(arg)
+    if inspect.isawaitable(out):
+        out = await out
+    return loss_output(term, x, arg, out)
+
+
+def loss_input(term: ClientLoss, x: np.ndarray):
+    """What ``term.fn`` is called with: a float32 tensor requiring grad, or a numpy copy."""
     if term.autograd:
         import torch
 
-        t = torch.from_numpy(np.array(x, dtype=np.float32)).requires_grad_()
-        out = term.fn(t)
+        return torch.from_numpy(np.array(x, dtype=np.float32)).requires_grad_()
+    return np.array(x)
+
+
+def loss_output(term: ClientLoss, x: np.ndarray, arg, out) -> tuple[float, np.ndarray, list[float]]:
+    """(total, ∂total/∂x, per-sample values) from what ``term.fn(arg)`` returned."""
+    if term.autograd:
+        import torch
+
         if isinstance(out, tuple):
             value, grad = out
             total, per_sample = _values(term, value, x.shape[0])
@@ -97,11 +122,11 @@ def evaluate_client_loss(term: ClientLoss, x: np.ndarray) -> tuple[float, np.nda
         if not isinstance(out, torch.Tensor) or out.numel() not in (1, x.shape[0]) or out.dim() > 1:
             raise TypeError(f"client loss {term.name!r} must return a scalar tensor, one value per "
                             "sample, or (value, grad)")
-        (grad,) = torch.autograd.grad(out.sum(), t, allow_unused=True)
-        grad = torch.zeros_like(t) if grad is None else grad
+        (grad,) = torch.autograd.grad(out.sum(), arg, allow_unused=True)
+        grad = torch.zeros_like(arg) if grad is None else grad
         total, per_sample = _values(term, out.detach().numpy(), x.shape[0])
         return total, grad.detach().numpy(), per_sample
-    value, grad = term.fn(np.array(x))
+    value, grad = out
     total, per_sample = _values(term, value, x.shape[0])
     return total, np.asarray(grad, dtype=np.float32), per_sample
 

@@ -1,0 +1,172 @@
+"""``adjointdpm.aio.Client``: the SDK's calls as coroutines on ``grpc.aio``, for async services
+(FastAPI, Ray Serve, aiohttp) without a thread per call.
+
+    async with adjointdpm.aio.Client("localhost:50051") as client:
+        grid = await client.sample(labels=range(10), seed=0)
+
+        async def darker(image):                 # a client loss may be sync or async
+            await asyncio.sleep(0)
+            return image.mean()
+        g = await client.compute_gradient(darker, labels=3, seed=0)
+
+        async for event in client.sample(labels=1, stream=True):   # events as they arrive
+            ...
+
+The requests, results and errors are the synchronous client's (one implementation of the message
+conversion: ``_requests``, ``_results``); cancelling the awaiting task cancels the RPC, and the
+server stops the job within one solver step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from . import _requests
+from ._client import _RPCS, AdjointDPMError, Call, _rpc, auth_metadata, channel_settings
+from ._losses import evaluate_client_loss_async
+from ._results import ArtifactInfo
+from .v1 import adjointdpm_pb2 as pb
+from .v1 import adjointdpm_pb2_grpc as pb_grpc
+
+__all__ = ["Client", "AsyncCall"]
+
+
+class AsyncCall(Call):
+    """The events of one streaming call as an async iterator; ``result`` is set at the end.
+    ``await call.wait()`` (or awaiting the client method without ``stream=True``) gives it."""
+
+    def __init__(self, events, to_result, on_event=None, progress=None, grpc_call=None):
+        super().__init__(events, to_result, on_event, progress, grpc_call)
+
+    async def __aiter__(self):
+        try:
+            async for event in self._events:
+                self._observe(event)
+                yield event
+        except grpc.RpcError as err:  # grpc.aio.AioRpcError
+            raise AdjointDPMError(err.code(), err.details()) from None
+        finally:
+            if self.result is None:  # abandoned or cancelled: free the server's slot
+                self.cancel()
+            self._close_bar()
+
+    def __iter__(self):
+        raise TypeError("an AsyncCall is iterated with `async for`")
+
+    async def wait(self):
+        async for _ in self:
+            pass
+        if self.result is None:
+            raise AdjointDPMError(grpc.StatusCode.UNKNOWN, "the stream ended without a result")
+        return self.result
+
+
+class Client:
+    """``Client("localhost:50051", token=None, tls=False)``: as ``adjointdpm.Client``, on asyncio.
+    Use it inside one event loop (``async with``, or ``await client.close()``)."""
+
+    def __init__(self, target: str, token: str | None = None, tls: bool | dict = False,
+                 timeout: float | None = None, max_message_bytes: int = 64 * 2**20,
+                 load_balancing: str | None = None, options=()):
+        options, creds = channel_settings(tls, max_message_bytes, load_balancing, options)
+        self.channel = (grpc.aio.secure_channel(target, creds, options=options) if creds
+                        else grpc.aio.insecure_channel(target, options=options))
+        self.metadata = auth_metadata(token)
+        self.timeout = timeout
+        self.stub = pb_grpc.AdjointDPMStub(self.channel)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+    # -- helpers --------------------------------------------------------------------------------
+    async def _unary(self, method, request):
+        try:
+            return await method(request, metadata=self.metadata, timeout=self.timeout)
+        except grpc.RpcError as err:
+            raise AdjointDPMError(err.code(), err.details()) from None
+
+    def _bidi(self, method, wrapper, request, client_losses):
+        """The event stream of a bidi call: the request is written first, each loss query is
+        answered (an async loss awaited) as it arrives, and the writing side closes at the end."""
+        call = method(metadata=self.metadata, timeout=self.timeout)
+
+        async def events():
+            try:
+                await call.write(wrapper(request=request))
+                async for event in call:
+                    if event.WhichOneof("kind") == "loss_query":
+                        q = event.loss_query
+                        term = client_losses.get(q.term)
+                        if term is None:
+                            call.cancel()
+                            raise AdjointDPMError(grpc.StatusCode.FAILED_PRECONDITION,
+                                                  _requests.unknown_term(q.term))
+                        from ._tensors import decode_tensor
+
+                        try:
+                            evaluated = await evaluate_client_loss_async(term, decode_tensor(q.x))
+                        except BaseException:
+                            call.cancel()
+                            raise
+                        await call.write(wrapper(loss_reply=_requests.loss_reply(term, q, evaluated)))
+                    yield event
+            finally:
+                if not call.done():
+                    call.cancel()
+
+        return events(), call
+
+    def _stream_call(self, name: str, args, kwargs, stream, on_event, progress):
+        request, client_losses = getattr(_requests, name)(*args, **kwargs)
+        method, wrapper, to_result = _RPCS[name]
+        if wrapper is None:
+            grpc_call = getattr(self.stub, method)(request, metadata=self.metadata, timeout=self.timeout)
+            events = grpc_call
+        else:
+            events, grpc_call = self._bidi(getattr(self.stub, method), wrapper, request, client_losses)
+        call = AsyncCall(events, to_result, on_event, progress, grpc_call)
+        return call if stream else call.wait()
+
+    # -- RPCs: awaitables (or, with stream=True, AsyncCall to iterate) ---------------------------
+    @_rpc(_requests.sample)
+    def sample(self, *, stream=False, on_event=None, progress=None, **kwargs):
+        return self._stream_call("sample", (), kwargs, stream, on_event, progress)
+
+    @_rpc(_requests.compute_gradient)
+    def compute_gradient(self, losses, *, stream=False, on_event=None, progress=None, **kwargs):
+        return self._stream_call("compute_gradient", (losses,), kwargs, stream, on_event, progress)
+
+    @_rpc(_requests.optimize_latent)
+    def optimize_latent(self, losses, *, stream=False, on_event=None, progress=None, **kwargs):
+        return self._stream_call("optimize_latent", (losses,), kwargs, stream, on_event, progress)
+
+    @_rpc(_requests.finetune_weights)
+    def finetune_weights(self, losses, examples, *, stream=False, on_event=None, progress=None, **kwargs):
+        return self._stream_call("finetune_weights", (losses, examples), kwargs, stream, on_event, progress)
+
+    @_rpc(_requests.optimize_embedding)
+    def optimize_embedding(self, losses=(), *, stream=False, on_event=None, progress=None, **kwargs):
+        return self._stream_call("optimize_embedding", (losses,), kwargs, stream, on_event, progress)
+
+    async def list_models(self) -> list[dict[str, Any]]:
+        return _requests.models_from(await self._unary(self.stub.ListModels, pb.ListModelsRequest()))
+
+    async def list_losses(self) -> list[dict[str, Any]]:
+        return _requests.losses_from(await self._unary(self.stub.ListLosses, pb.ListLossesRequest()))
+
+    async def download_artifact(self, artifact_id: str, path=None) -> tuple[ArtifactInfo, bytes]:
+        """The artifact's description and bytes; written to ``path`` if given."""
+        try:
+            chunks = [chunk async for chunk in self.stub.GetArtifact(
+                pb.GetArtifactRequest(id=artifact_id), metadata=self.metadata, timeout=self.timeout)]
+        except grpc.RpcError as err:
+            raise AdjointDPMError(err.code(), err.details()) from None
+        return _requests.artifact_from(chunks, path)
