@@ -240,10 +240,12 @@ class Client:
     def list_losses(self) -> list[dict[str, Any]]:
         return _requests.losses_from(self._unary(self.stub.ListLosses, pb.ListLossesRequest()))
 
-    def download_artifact(self, artifact_id: str, path=None) -> tuple[ArtifactInfo, bytes]:
-        """The artifact's description and bytes (a safetensors file); written to ``path`` if given."""
+    def download_artifact(self, artifact_id: str, path=None, format: str = "native") -> tuple[ArtifactInfo, bytes]:
+        """The artifact's description and bytes (a safetensors file); written to ``path`` if given.
+        ``format="diffusers"``: a LoRA adapter for ``pipe.load_lora_weights()`` or a learned token
+        for ``pipe.load_textual_inversion()`` (Stable Diffusion 1.x/2.x)."""
         try:
-            chunks = list(self.stub.GetArtifact(pb.GetArtifactRequest(id=artifact_id),
+            chunks = list(self.stub.GetArtifact(pb.GetArtifactRequest(id=artifact_id, format=format),
                                                 metadata=self.metadata, timeout=self.timeout))
         except grpc.RpcError as err:
             raise AdjointDPMError(err.code(), err.details()) from None

@@ -242,5 +242,6 @@ def artifact_from(chunks, path=None):
     if path is not None:
         from pathlib import Path
 
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_bytes(data)
     return info, data

@@ -162,11 +162,12 @@ class Client:
     async def list_losses(self) -> list[dict[str, Any]]:
         return _requests.losses_from(await self._unary(self.stub.ListLosses, pb.ListLossesRequest()))
 
-    async def download_artifact(self, artifact_id: str, path=None) -> tuple[ArtifactInfo, bytes]:
-        """The artifact's description and bytes; written to ``path`` if given."""
+    async def download_artifact(self, artifact_id: str, path=None, format: str = "native") -> tuple[ArtifactInfo, bytes]:
+        """As ``Client.download_artifact``."""
         try:
             chunks = [chunk async for chunk in self.stub.GetArtifact(
-                pb.GetArtifactRequest(id=artifact_id), metadata=self.metadata, timeout=self.timeout)]
+                pb.GetArtifactRequest(id=artifact_id, format=format), metadata=self.metadata,
+                timeout=self.timeout)]
         except grpc.RpcError as err:
             raise AdjointDPMError(err.code(), err.details()) from None
         return _requests.artifact_from(chunks, path)

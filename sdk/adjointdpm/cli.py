@@ -176,7 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the embedding among the model's own (gaussian: their per-dimension law)")
     p.add_argument("--prior-weight", type=float, default=0.0, help="the prior's weight (default 1)")
 
-    command("artifact", "download an artifact (to OUT/ID.safetensors)").add_argument("id")
+    p = command("artifact", "download an artifact (to OUT/ID.safetensors)")
+    p.add_argument("id")
+    p.add_argument("--format", choices=("native", "diffusers"), default="native",
+                   help="diffusers: for pipe.load_lora_weights() / pipe.load_textual_inversion()")
     return parser
 
 
@@ -239,11 +242,11 @@ def _write_tensors(tensors: dict[str, np.ndarray], out: Path, stem: str) -> Path
     return path
 
 
-def _download(client, artifact_id: str, path: Path) -> None:
+def _download(client, artifact_id: str, path: Path, format: str = "native") -> None:
     if not re.fullmatch(r"[a-z_]+-[0-9a-f]{32}", artifact_id):  # ids name local files: no paths
         raise ValueError(f"{artifact_id!r} is not an artifact id")
     path.parent.mkdir(parents=True, exist_ok=True)
-    info, data = client.download_artifact(artifact_id, path)
+    info, data = client.download_artifact(artifact_id, path, format=format)
     print(f"wrote {path} ({len(data)} bytes, {info.kind if info else 'artifact'})")
 
 
@@ -382,7 +385,8 @@ def cmd_invert(client, args) -> None:
 
 
 def cmd_artifact(client, args) -> None:
-    _download(client, args.id, args.out / f"{args.id}.safetensors")
+    suffix = "" if args.format == "native" else f".{args.format}"
+    _download(client, args.id, args.out / f"{args.id}{suffix}.safetensors", args.format)
     print(f"artifact {args.id}")
 
 

@@ -6,6 +6,7 @@ is a bug, logged with its traceback and answered INTERNAL — the server and oth
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -19,6 +20,7 @@ from . import convert
 from .auth import DEFAULT_TENANT, caller_of
 from .core import GRAD_MODES, SOLVERS
 from .errors import ResourceExhausted, ServiceError
+from .export import export
 from .jobs import StreamJob
 from .losses import available_losses
 from .runtime import Runtime
@@ -234,6 +236,13 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
             info = artifacts.info(request.id)
             path = artifacts.path(request.id)
             chunk = min(CHUNK, self.rt.limits.max_message_bytes - 64 * 1024)  # room for the framing
+            if request.format not in ("", "native"):
+                data = export(info, path, self.rt.models.get(info.model), request.format)
+                info = dataclasses.replace(info, size=len(data))
+                for start in range(0, max(len(data), 1), chunk):
+                    yield pb.ArtifactChunk(info=convert.artifact_info(info) if start == 0 else None,
+                                           data=data[start:start + chunk])
+                return
             with open(path, "rb") as f:
                 first = True
                 while True:

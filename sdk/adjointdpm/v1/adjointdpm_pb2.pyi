@@ -611,10 +611,12 @@ class ListLossesResponse(_message.Message):
     def __init__(self, losses: _Optional[_Iterable[_Union[LossInfo, _Mapping]]] = ...) -> None: ...
 
 class GetArtifactRequest(_message.Message):
-    __slots__ = ("id",)
+    __slots__ = ("id", "format")
     ID_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
     id: str
-    def __init__(self, id: _Optional[str] = ...) -> None: ...
+    format: str
+    def __init__(self, id: _Optional[str] = ..., format: _Optional[str] = ...) -> None: ...
 
 class ArtifactChunk(_message.Message):
     __slots__ = ("info", "data")
