@@ -615,9 +615,9 @@ def digits_adjoint_section(steps: tuple[int, ...] = (10, 20, 50), scales=(2.0, 3
                 "Embedded digits model in float64, dpm3 on its default span and grid, batch 4, "
                 "L = Σ w·x_0; distance of the adjoint's ∂L/∂x_T to checkpoint's (the exact "
                 "gradient of the sampler). Issue 13's goal at CFG 2: ≤ 5e-2 at 10 steps, ≤ 1e-2 at "
-                "20. Anchors (exact states every k steps, the backward re-solve restarting at "
-                "each) do not help here: one backward step from an exact state already errs as "
-                "much as the whole re-solve (docs/design.md §2.4.1).",
+                "20. Anchors: exact states every k steps (memory_budget = N/k states), the "
+                "backward re-solve restarting at each (docs/design.md §2.4.1); every step is "
+                "checkpoint.",
                 table(["CFG", "steps"] + heads, rows))
 
 

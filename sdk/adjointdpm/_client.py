@@ -156,7 +156,7 @@ class Client:
     # -- helpers --------------------------------------------------------------------------------
     def _unary(self, method, request):
         try:
-            return method(request, metadata=self.metadata, timeout=self.timeout)
+            return method(request, metadata=self.metadata + trace_metadata(), timeout=self.timeout)
         except grpc.RpcError as err:
             raise AdjointDPMError(err.code(), err.details()) from None
 
@@ -172,7 +172,7 @@ class Client:
                     return
                 yield msg
 
-        call = method(requests(), metadata=self.metadata, timeout=self.timeout)
+        call = method(requests(), metadata=self.metadata + trace_metadata(), timeout=self.timeout)
 
         def events():
             try:
@@ -207,7 +207,7 @@ class Client:
         request, client_losses = getattr(_requests, name)(*args, **kwargs)
         method, wrapper, to_result = _RPCS[name]
         if wrapper is None:
-            events = getattr(self.stub, method)(request, metadata=self.metadata, timeout=self.timeout)
+            events = getattr(self.stub, method)(request, metadata=self.metadata + trace_metadata(), timeout=self.timeout)
         else:
             events = self._bidi(getattr(self.stub, method), wrapper, request, client_losses)
         return self._run(events, to_result, stream, on_event, progress)
@@ -246,7 +246,7 @@ class Client:
         for ``pipe.load_textual_inversion()`` (Stable Diffusion 1.x/2.x)."""
         try:
             chunks = list(self.stub.GetArtifact(pb.GetArtifactRequest(id=artifact_id, format=format),
-                                                metadata=self.metadata, timeout=self.timeout))
+                                                metadata=self.metadata + trace_metadata(), timeout=self.timeout))
         except grpc.RpcError as err:
             raise AdjointDPMError(err.code(), err.details()) from None
         return _requests.artifact_from(chunks, path)
@@ -266,6 +266,18 @@ def channel_settings(tls, max_message_bytes: int, load_balancing: str | None, op
 
 def auth_metadata(token: str | None) -> tuple:
     return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def trace_metadata() -> tuple:
+    """The current OpenTelemetry trace context as W3C ``traceparent`` metadata (when the caller
+    uses OpenTelemetry), so that the server's spans join the caller's trace."""
+    try:
+        from opentelemetry import propagate
+    except ImportError:
+        return ()
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return tuple(carrier.items())
 
 
 def _pem(value):

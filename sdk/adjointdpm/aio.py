@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 
 from . import _requests
-from ._client import _RPCS, AdjointDPMError, Call, _rpc, auth_metadata, channel_settings
+from ._client import _RPCS, AdjointDPMError, Call, _rpc, auth_metadata, channel_settings, trace_metadata
 from ._losses import evaluate_client_loss_async
 from ._results import ArtifactInfo
 from .v1 import adjointdpm_pb2 as pb
@@ -89,14 +89,14 @@ class Client:
     # -- helpers --------------------------------------------------------------------------------
     async def _unary(self, method, request):
         try:
-            return await method(request, metadata=self.metadata, timeout=self.timeout)
+            return await method(request, metadata=self.metadata + trace_metadata(), timeout=self.timeout)
         except grpc.RpcError as err:
             raise AdjointDPMError(err.code(), err.details()) from None
 
     def _bidi(self, method, wrapper, request, client_losses):
         """The event stream of a bidi call: the request is written first, each loss query is
         answered (an async loss awaited) as it arrives, and the writing side closes at the end."""
-        call = method(metadata=self.metadata, timeout=self.timeout)
+        call = method(metadata=self.metadata + trace_metadata(), timeout=self.timeout)
 
         async def events():
             try:
@@ -128,7 +128,7 @@ class Client:
         request, client_losses = getattr(_requests, name)(*args, **kwargs)
         method, wrapper, to_result = _RPCS[name]
         if wrapper is None:
-            grpc_call = getattr(self.stub, method)(request, metadata=self.metadata, timeout=self.timeout)
+            grpc_call = getattr(self.stub, method)(request, metadata=self.metadata + trace_metadata(), timeout=self.timeout)
             events = grpc_call
         else:
             events, grpc_call = self._bidi(getattr(self.stub, method), wrapper, request, client_losses)
@@ -166,7 +166,7 @@ class Client:
         """As ``Client.download_artifact``."""
         try:
             chunks = [chunk async for chunk in self.stub.GetArtifact(
-                pb.GetArtifactRequest(id=artifact_id, format=format), metadata=self.metadata,
+                pb.GetArtifactRequest(id=artifact_id, format=format), metadata=self.metadata + trace_metadata(),
                 timeout=self.timeout)]
         except grpc.RpcError as err:
             raise AdjointDPMError(err.code(), err.details()) from None

@@ -123,6 +123,10 @@ def main(argv=None) -> None:
     from .telemetry import configure_logging
 
     configure_logging(logging.INFO, json_lines=log_format == "json")
+    from . import tracing
+
+    if tracing.configure_from_env():  # OTEL_TRACES_EXPORTER / OTEL_EXPORTER_OTLP_ENDPOINT
+        logging.getLogger("adjointdpm").info("tracing on (OpenTelemetry)")
     from .server import build_server
 
     server = build_server(config)

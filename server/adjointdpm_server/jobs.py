@@ -22,6 +22,7 @@ from adjointdpm._tensors import TensorError, decode_tensor
 
 from .errors import (Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument,
                      ResourceExhausted, ServiceError)
+from . import tracing
 from .tasks import ClientQuery, Job, Queued
 
 log = logging.getLogger("adjointdpm.jobs")
@@ -67,9 +68,10 @@ class StreamJob(Job):
 
     def ask(self, query: ClientQuery) -> tuple:
         self._asking.set()
-        self._out.put(("event", query))
-        with self.engine.parked(self):  # waiting for the client holds no device turn
-            reply = self._await_reply(query)
+        with tracing.span("adjointdpm.client_loss", loss=query.name, term=int(query.term)):
+            self._out.put(("event", query))
+            with self.engine.parked(self):  # waiting for the client holds no device turn
+                reply = self._await_reply(query)
         if reply.term != query.term:
             raise InvalidArgument(f"loss reply for term {reply.term}, but term {query.term} was asked")
         if not reply.HasField("grad"):
@@ -151,6 +153,7 @@ class StreamJob(Job):
             try:
                 with self.scheduler.slot(self.check, lambda k: self.emit(Queued(k))), \
                         self.engine.session(self):
+                    tracing.record("adjointdpm.queue", queued_at)
                     if self.metrics is not None:
                         self.metrics.queue_time.labels(rpc=self.rpc).observe(time.monotonic() - queued_at)
                     self.check()

@@ -16,6 +16,7 @@ import uuid
 
 import grpc
 
+from . import tracing
 from .errors import InvalidArgument
 
 __all__ = ["REQUEST_ID", "TENANT", "TelemetryInterceptor", "configure_logging", "JsonFormatter"]
@@ -30,7 +31,7 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {"ts": round(record.created, 3), "level": record.levelname, "logger": record.name,
                  "msg": record.getMessage(), "request_id": REQUEST_ID.get(),
-                 "tenant": TENANT.get() or "-"}
+                 "tenant": TENANT.get() or "-", "trace_id": tracing.trace_id()}
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry)
@@ -103,22 +104,25 @@ class TelemetryInterceptor(grpc.ServerInterceptor):
         self.metrics, self.tenants = metrics, tenants
         self.log = logging.getLogger("adjointdpm.requests")
 
-    def _begin(self, details, context) -> tuple[contextvars.Token, float]:
+    def _begin(self, details, context) -> tuple[tuple, float]:
         given = dict(details.invocation_metadata or ()).get("x-request-id", "")
         rid = given[:64] if given and given.isprintable() else uuid.uuid4().hex[:16]
         context.send_initial_metadata((("x-request-id", rid),))
         tenant = (self.tenants.of_metadata(details.invocation_metadata) if self.tenants is not None
                   else "default")
         TENANT.set(tenant)
-        return REQUEST_ID.set(rid), time.perf_counter()
+        span = tracing.rpc_span(details.method.rsplit("/", 1)[-1], details.invocation_metadata)
+        return (REQUEST_ID.set(rid), span), time.perf_counter()
 
-    def _end(self, rpc: str, context, start: float, failed: bool, token) -> None:
+    def _end(self, rpc: str, context, start: float, failed: bool, tokens) -> None:
+        token, span = tokens
         code = _code(context, failed)
         elapsed = time.perf_counter() - start
         if self.metrics is not None:
             self.metrics.requests.labels(rpc=rpc, code=code).inc()
             self.metrics.latency.labels(rpc=rpc).observe(elapsed)
         self.log.info("%s %s in %.3f s", rpc, code, elapsed)
+        tracing.end_rpc_span(*span, code)
         try:
             REQUEST_ID.reset(token)
         except ValueError:  # a stream closed from another context (client gone): nothing to undo

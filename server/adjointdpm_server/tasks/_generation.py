@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import tracing
 from ..core import GRIDS, SOLVERS, Progress, default_budget, sample
 from ..errors import InvalidArgument
 from ..models import Conditioning, ModelBackend
@@ -218,13 +219,15 @@ def run_sampler(prep: Prepared, job: Job, *, x_T=None, cond=None, uncond=None, e
         network_dtype = x_T.dtype
         x_T, cond, uncond = (_float32(v) for v in (x_T, cond, uncond))
     try:
-        x0 = sample(prep.network(prep.eps_fn if eps_fn is None else eps_fn, job), x_T, cond,
-                    schedule=prep.backend.schedule, steps=steps or prep.steps, solver=prep.solver,
-                    grad_mode=grad_mode, guidance_scale=prep.guidance_scale, uncond=uncond,
-                    grid=prep.grid, t_start=None if timesteps is not None else (
-                        prep.t_start if t_start is None else t_start),
-                    timesteps=timesteps, prediction=prep.backend.prediction, memory_budget=budget,
-                    network_dtype=network_dtype, callback=callback or progress_callback(job, iteration))
+        with tracing.span("adjointdpm.forward", steps=int(steps or prep.steps), solver=prep.solver,
+                          grad_mode=grad_mode):
+            x0 = sample(prep.network(prep.eps_fn if eps_fn is None else eps_fn, job), x_T, cond,
+                        schedule=prep.backend.schedule, steps=steps or prep.steps, solver=prep.solver,
+                        grad_mode=grad_mode, guidance_scale=prep.guidance_scale, uncond=uncond,
+                        grid=prep.grid, t_start=None if timesteps is not None else (
+                            prep.t_start if t_start is None else t_start),
+                        timesteps=timesteps, prediction=prep.backend.prediction, memory_budget=budget,
+                        network_dtype=network_dtype, callback=callback or progress_callback(job, iteration))
         return x0 if network_dtype is None else x0.to(network_dtype)
     except ValueError as err:
         if isinstance(err, InvalidArgument):

@@ -7,6 +7,7 @@ from typing import Callable
 
 import torch
 
+from .. import tracing
 from ..artifacts import MAX_NAME
 from ..errors import InvalidArgument
 from ._images import to_png
@@ -125,7 +126,8 @@ def optimize(job: Job, opt: torch.optim.Optimizer, params, spec: OptimizerSpec,
             group["lr"] = lr
         evaluation, images, extra = loss_at(it)
         opt.zero_grad()
-        evaluation.total.backward()
+        with tracing.span("adjointdpm.backward"):
+            evaluation.total.backward()
         grad_norm = math.sqrt(sum(float(p.grad.square().sum()) for p in params if p.grad is not None))
         history.append(report(job, it, evaluation, grad_norm, images, lr=lr, **extra))
         opt.step()

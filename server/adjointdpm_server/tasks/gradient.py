@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import tracing
 from ..core import GRAD_MODES
 from ..errors import InvalidArgument
 from ..integrity import check_result
@@ -142,7 +143,8 @@ def run_gradient(ctx: TaskContext, spec: GenerationSpec, losses: list[LossSpec],
     inputs = list(leaves.values()) + list(weight_leaves.values())
     if not isinstance(total, torch.Tensor) or not total.requires_grad:
         raise InvalidArgument("the loss does not depend on the requested targets")
-    grads = torch.autograd.grad(total, inputs, allow_unused=True)
+    with tracing.span("adjointdpm.backward"):
+        grads = torch.autograd.grad(total, inputs, allow_unused=True)
     grads = [torch.zeros_like(i) if g is None else g for i, g in zip(inputs, grads)]
     job.check()
     from_inputs = spec.has_client_numbers or any(

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import tracing
 from ..core import time_grid
 from ..errors import InvalidArgument
 from ..integrity import MAX_WEIGHT, check_number, check_result
@@ -233,7 +234,8 @@ def _guided(prep, objective, job, optimizer: OptimizerSpec, guided: GuidedSpec, 
             x0 = run_sampler(prep, job, x_T=xt, steps=rest, grad_mode=mode, t_start=ts[i], iteration=it,
                              memory_budget_mib=memory_budget_mib)
             evaluation = objective(x0)
-            (g,) = torch.autograd.grad(evaluation.total, [xt])
+            with tracing.span("adjointdpm.backward"):
+                (g,) = torch.autograd.grad(evaluation.total, [xt])
             history.append(report(job, it, evaluation, float(g.norm()), lr=scale))
             sigma = float(schedule.sigma(torch.tensor(ts[i], dtype=torch.float64)))
             x = (x - guided_step(g, scale, guided.step, guided.clip, sigma)).detach()
