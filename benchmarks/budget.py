@@ -37,8 +37,12 @@ SOLVER = "dpm3"
 
 
 def graphs_levels(steps: int) -> list[float]:
-    """Budgets in graphs: none fits, one, a quarter … all of them, and plenty."""
-    return [0.0, 1.05] + [round(f * steps) + 0.05 for f in (0.25, 0.5, 0.75)] + [steps + 0.05]
+    """Budgets in graphs: none fits, one, a quarter … all of them (each kept graph counted at
+    ALLOCATOR_SLACK), and 1.25·N — about backprop's own peak here."""
+    from adjointdpm_server.core._memory import ALLOCATOR_SLACK as S
+
+    return ([0.0, round(S + 0.01, 2)] + [round(round(f * steps) * S + 0.01, 2) for f in (0.25, 0.5, 0.75)]
+            + [round(steps * S + 0.01, 2), 1.25 * steps])
 
 
 def _unit(problem) -> tuple[int, int]:
@@ -73,11 +77,15 @@ def child_memory(mode: str, steps: int, graphs: float) -> dict:
     problem = M.build_problem()
     M.warm_up(problem)
     budget = _budget(problem, steps, graphs) if mode == "auto" else None
+    from adjointdpm_server.core._memory import plan_kept_steps
+
+    g, state = _unit(problem)
+    kept = plan_kept_steps(steps, budget, g, state) if mode == "auto" else None
     gc.collect()
     M.reset_peak_rss()
     base = M.current_rss()
     gradient_pass(problem, mode, steps, budget)
-    return dict(mode=mode, steps=steps, graphs=graphs, budget_mib=(budget or 0) / M.MIB,
+    return dict(mode=mode, steps=steps, graphs=graphs, budget_mib=(budget or 0) / M.MIB, kept=kept,
                 peak_increase_mib=(M.peak_rss() - base) / M.MIB)
 
 
@@ -121,7 +129,8 @@ def main() -> None:
              f"- date (UTC): {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}; "
              f"{M.THREADS} threads; solver {SOLVER}; the UNet of benchmarks/memory.py",
              "- budget in graphs g: g·G + N·|y| bytes (G: one call's saved activations as `auto` "
-             "measures them); auto keeps ⌊g⌋ graphs",
+             "measures them); auto keeps ⌊g / 1.2⌋ graphs (ALLOCATOR_SLACK); 1.25·N graphs is about "
+             "backprop's own peak",
              "- peak: RSS increase of one sample + backward in a fresh process (weight gradients and "
              "one call's workspace included); time: median process CPU time, cells interleaved", ""]
     for steps in args.steps:
@@ -142,7 +151,7 @@ def main() -> None:
             print(mode, g, mem, flush=True)
             peak = mem.get("peak_increase_mib")
             budget = mem.get("budget_mib") if mode == "auto" else None
-            kept = min(steps, int(g)) if mode == "auto" else (steps if mode == "backprop" else 0)
+            kept = mem.get("kept") if mode == "auto" else (steps if mode == "backprop" else 0)
             t = cpu[f"{mode}:{g}"]
             lines.append(f"| {mode} | {'' if g is None else f'{g:g}'} | "
                          f"{'' if budget is None else f'{budget:.1f}'} | {kept} | "

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 from adjointdpm_server.core import sample
-from adjointdpm_server.core._memory import graph_bytes, plan_anchor_every, plan_kept_steps
+from adjointdpm_server.core._memory import ALLOCATOR_SLACK, graph_bytes, plan_anchor_every, plan_kept_steps
 
 from .test_unet_gradients import _rel, setup  # noqa: F401  (setup: the shared UNet fixture)
 
@@ -113,7 +113,7 @@ def test_graph_walk_measures_what_autograd_saves(setup):
     assert abs(walked - hooked) <= 0.01 * hooked
 
 
-@pytest.mark.parametrize("graphs", [1.05, 2.5, 4.2])
+@pytest.mark.parametrize("graphs", [1.25, 2.5, 4.2])
 def test_auto_keeps_the_budget_and_uses_it(setup, graphs):
     """Peak live graph memory ≤ budget (+10%), at least the graphs the budget holds, and exactly
     the steps that did not keep a graph are recomputed in the backward pass."""
@@ -122,7 +122,7 @@ def test_auto_keeps_the_budget_and_uses_it(setup, graphs):
     meter, calls = LiveSaved(list(setup[0].parameters())), []
     _run(setup, "auto", meter=meter, calls=calls, memory_budget=budget)
     kept = plan_kept_steps(STEPS, budget, one, state)
-    assert kept == math.floor(graphs)
+    assert kept == math.floor(graphs / ALLOCATOR_SLACK)
     assert meter.peak <= 1.1 * budget
     assert meter.peak >= 0.9 * max(kept, 1) * one
     # STEPS forward calls (one with grad per kept step, and step 0 measured with grad), then one
@@ -149,9 +149,10 @@ def test_auto_without_room_is_checkpoint_and_with_room_backprop(setup):
 
 
 def test_plan_is_the_largest_fitting_count():
+    assert ALLOCATOR_SLACK == 1.2
     assert plan_kept_steps(10, 0, 100, 1) == 0
-    assert plan_kept_steps(10, 10 + 399, 100, 1) == 3
-    assert plan_kept_steps(10, 10 + 400, 100, 1) == 4
+    assert plan_kept_steps(10, 10 + 479, 100, 1) == 3
+    assert plan_kept_steps(10, 10 + 480, 100, 1) == 4
     assert plan_kept_steps(10, 1e12, 100, 1) == 10
     assert plan_anchor_every(20, None, 8) == 0           # the paper's adjoint: y_N only
     assert plan_anchor_every(20, 8 * 20, 8) == 1         # every state: checkpoint
