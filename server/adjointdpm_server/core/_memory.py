@@ -31,6 +31,17 @@ def _storage_key(t: torch.Tensor):
     return (t.device, t.untyped_storage().data_ptr())
 
 
+_SAVED_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _saved_names(node_type: type) -> tuple[str, ...]:
+    """The ``_saved_*`` attributes of an autograd node type (``dir`` once per type: it is slow)."""
+    names = _SAVED_NAMES.get(node_type)
+    if names is None:
+        names = _SAVED_NAMES[node_type] = tuple(n for n in dir(node_type) if n.startswith("_saved_"))
+    return names
+
+
 def graph_bytes(output: torch.Tensor, exclude=()) -> int:
     """Bytes autograd has saved to backpropagate ``output``: the distinct storages of every
     ``grad_fn._saved_*`` tensor reachable from it, less those of ``exclude`` (the weights and
@@ -44,9 +55,7 @@ def graph_bytes(output: torch.Tensor, exclude=()) -> int:
         if node is None or node in seen_nodes:
             continue
         seen_nodes.add(node)
-        for name in dir(node):
-            if not name.startswith("_saved_"):
-                continue
+        for name in _saved_names(type(node)):
             try:
                 value = getattr(node, name)
             except RuntimeError:  # a saved tensor already freed (retain_graph=False elsewhere)
