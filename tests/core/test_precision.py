@@ -60,3 +60,27 @@ def test_auto_in_bfloat16_equals_checkpoint(problem):
     auto = _run(problem, half, torch.float32, torch.bfloat16, "auto")
     for k in ("x0", "x_T", "cond", "weights"):
         assert _rel(auto[k], ck[k]) < 1e-6, k
+
+
+def test_half_precision_terms_are_summed_in_float32():
+    """Across steps, a bfloat16 weight gradient is summed in float32: 300 terms of 1.0 make 300
+    (a bfloat16 running sum stops at 256, where 256 + 1 rounds back to 256)."""
+    from adjointdpm_server.core._gradients import VJP
+
+    w = torch.zeros(3, dtype=torch.bfloat16, requires_grad=True)
+    vjp = VJP(None, None, [w], needs_cond=False, needs_uncond=False)
+    for _ in range(300):
+        vjp._accumulate(0, torch.ones(3, dtype=torch.bfloat16))
+    assert torch.equal(vjp.grads[0], torch.full((3,), 300.0))
+
+
+def test_the_field_returns_the_states_dtype(problem):
+    """The network's bfloat16 output is cast back before CFG and the prediction conversion."""
+    from adjointdpm_server.core import GuidedEps, Node
+
+    half = copy.deepcopy(problem["model"]).to(torch.bfloat16)
+    field = GuidedEps(half, 2.5, network_dtype=torch.bfloat16)
+    y = problem["x_T"].float()
+    c = problem["cond"].float()
+    out = field(y, Node(500.0, 1.0, 2 ** -0.5), c, torch.zeros_like(c))
+    assert out.dtype == torch.float32 and not torch.equal(out, out.to(torch.bfloat16).float())
