@@ -57,9 +57,8 @@ def _unit(problem) -> tuple[int, int]:
     return g, x.numel() * x.element_size()
 
 
-def _budget(problem, steps: int, graphs: float) -> int:
-    g, state = _unit(problem)
-    return int(graphs * g + steps * state)
+def _budget(graph: int, state: int, steps: int, graphs: float) -> int:
+    return int(graphs * graph + steps * state)
 
 
 def gradient_pass(problem, mode: str, steps: int, budget: int | None) -> None:
@@ -72,15 +71,17 @@ def gradient_pass(problem, mode: str, steps: int, budget: int | None) -> None:
     (x0 * problem["weight"]).sum().backward()
 
 
-def child_memory(mode: str, steps: int, graphs: float) -> dict:
+def child_memory(mode: str, steps: int, graphs: float, graph: int) -> dict:
+    """``graph``: G in bytes, measured by the time child. Nothing here builds a graph before the
+    baseline: the allocator would keep the freed pages and hide them from the peak."""
+    from adjointdpm_server.core._memory import plan_kept_steps
+
     M.setup_torch()
     problem = M.build_problem()
     M.warm_up(problem)
-    budget = _budget(problem, steps, graphs) if mode == "auto" else None
-    from adjointdpm_server.core._memory import plan_kept_steps
-
-    g, state = _unit(problem)
-    kept = plan_kept_steps(steps, budget, g, state) if mode == "auto" else None
+    state = problem["x_T"].numel() * problem["x_T"].element_size()
+    budget = _budget(graph, state, steps, graphs) if mode == "auto" else None
+    kept = plan_kept_steps(steps, budget, graph, state) if mode == "auto" else None
     gc.collect()
     M.reset_peak_rss()
     base = M.current_rss()
@@ -94,7 +95,8 @@ def child_time(steps: int, repeats: int) -> dict:
     problem = M.build_problem()
     M.warm_up(problem)
     cells = [("backprop", None), ("checkpoint", None)] + [("auto", g) for g in graphs_levels(steps)]
-    budgets = {c: (_budget(problem, steps, c[1]) if c[0] == "auto" else None) for c in cells}
+    graph, state = _unit(problem)
+    budgets = {c: (_budget(graph, state, steps, c[1]) if c[0] == "auto" else None) for c in cells}
     for mode, g in cells[:3]:
         gradient_pass(problem, mode, min(steps, 3), budgets[(mode, g)])
     cpu = {c: [] for c in cells}
@@ -103,8 +105,7 @@ def child_time(steps: int, repeats: int) -> dict:
             t0 = time.process_time()
             gradient_pass(problem, c[0], steps, budgets[c])
             cpu[c].append(time.process_time() - t0)
-    g, state = _unit(problem)
-    return dict(steps=steps, graph_mib=g / M.MIB, state_kib=state / 1024,
+    return dict(steps=steps, graph_bytes=graph, graph_mib=graph / M.MIB, state_kib=state / 1024,
                 cpu_s={f"{m}:{gr}": statistics.median(v) for (m, gr), v in cpu.items()})
 
 
@@ -113,11 +114,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 20])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--one", nargs=3, metavar=("MODE", "STEPS", "GRAPHS"), help=argparse.SUPPRESS)
+    parser.add_argument("--one", nargs=4, metavar=("MODE", "STEPS", "GRAPHS", "G_BYTES"), help=argparse.SUPPRESS)
     parser.add_argument("--time", type=int, metavar="STEPS", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(child_memory(args.one[0], int(args.one[1]), float(args.one[2]))))
+        print(json.dumps(child_memory(args.one[0], int(args.one[1]), float(args.one[2]), int(args.one[3]))))
         return
     if args.time:
         print(json.dumps(child_time(args.time, args.repeats)))
@@ -147,7 +148,7 @@ def main() -> None:
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
         cells = [("backprop", None), ("checkpoint", None)] + [("auto", g) for g in graphs_levels(steps)]
         for mode, g in cells:
-            mem = _run(script, ["--one", mode, str(steps), str(g or 0)])
+            mem = _run(script, ["--one", mode, str(steps), str(g or 0), str(timing["graph_bytes"])])
             print(mode, g, mem, flush=True)
             peak = mem.get("peak_increase_mib")
             budget = mem.get("budget_mib") if mode == "auto" else None

@@ -315,7 +315,8 @@ def cmd_sample(client, args) -> None:
 def cmd_grad(client, args) -> None:
     token = {"placeholder": args.placeholder, "initializer": args.initializer}
     weights = {"parameters": args.parameters, "lora_rank": args.lora_rank}
-    r = client.compute_gradient(_loss(args), targets=args.targets or ["x_T"], grad_mode=args.grad_mode, memory_budget_mib=args.memory_budget_mib,
+    r = client.compute_gradient(_loss(args), targets=args.targets or ["x_T"], grad_mode=args.grad_mode,
+                                memory_budget_mib=args.memory_budget_mib,
                                 token=token, weights=weights, progress=args.progress,
                                 **_generation(args))
     grads = {**r.gradients, **{f"weights/{k}": v for k, v in r.weight_gradients.items()}}
@@ -333,7 +334,8 @@ def cmd_optimize(client, args) -> None:
                                iterations=args.iterations, schedule=args.schedule,
                                warmup=args.warmup, constraint=constraint,
                                epsilon=args.epsilon, norm_weight=args.norm_weight,
-                               grad_mode=args.grad_mode, memory_budget_mib=args.memory_budget_mib, guided=guided, progress=args.progress,
+                               grad_mode=args.grad_mode,
+                               memory_budget_mib=args.memory_budget_mib, guided=guided, progress=args.progress,
                                stop_when=_stop(args, args.stop_on_flip), **_generation(args))
     scale = _scale(args, r.images)
     _write_pngs(r.initial_images, args.out, "before_", scale)
@@ -357,7 +359,8 @@ def cmd_finetune(client, args) -> None:
                                 lora_rank=args.rank, lr=args.lr, iterations=args.iterations,
                                 schedule=args.schedule, warmup=args.warmup,
                                 checkpoint_every=args.checkpoint_every, name=args.name,
-                                grad_mode=args.grad_mode, memory_budget_mib=args.memory_budget_mib, progress=args.progress,
+                                grad_mode=args.grad_mode,
+                                memory_budget_mib=args.memory_budget_mib, progress=args.progress,
                                 validation=examples[args.examples:], validate_every=5,
                                 keep_best=args.keep_best, stop_when=_stop(args),
                                 **_generation(args, conditioning=False))
@@ -376,7 +379,8 @@ def cmd_invert(client, args) -> None:
     r = client.optimize_embedding([_loss(args)] if args.loss else [], target_image=target,
                                   token=token, lr=args.lr, iterations=args.iterations,
                                   schedule=args.schedule, warmup=args.warmup, name=args.name,
-                                  grad_mode=args.grad_mode, memory_budget_mib=args.memory_budget_mib, prior=args.prior,
+                                  grad_mode=args.grad_mode,
+                                  memory_budget_mib=args.memory_budget_mib, prior=args.prior,
                                   prior_weight=args.prior_weight, stop_when=_stop(args),
                                   progress=args.progress, **_generation(args))
     _write_pngs(r.images, args.out, "inverted_", _scale(args, r.images))

@@ -157,7 +157,8 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
             targets = convert.targets(r.targets)
             token, weights = convert.token(r.token, limits), convert.weights(r.weights)
             return lambda job: run_gradient(ctx, spec, losses, job, targets=targets,
-                                            grad_mode=r.grad_mode, memory_budget_mib=r.memory_budget_mib, token=token, weights=weights,
+                                            grad_mode=r.grad_mode, memory_budget_mib=r.memory_budget_mib,
+                                            token=token, weights=weights,
                                             images=r.return_images)
         return self._stream(context, "ComputeGradient", build, convert.gradient_result, request_iterator=request_iterator)
 
@@ -169,7 +170,8 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
             return lambda job: run_optimize_latent(
                 ctx, spec, losses, job, optimizer=convert.optimizer(r.optimizer),
                 norm=r.constraint.norm, epsilon=r.constraint.epsilon, norm_weight=r.norm_weight,
-                image_every=r.image_every, grad_mode=r.grad_mode, memory_budget_mib=r.memory_budget_mib, guided=guided,
+                image_every=r.image_every, grad_mode=r.grad_mode, memory_budget_mib=r.memory_budget_mib,
+                guided=guided,
                 stop=convert.stop(r))
         return self._stream(context, "OptimizeLatent", build, convert.optimize_result, request_iterator=request_iterator)
 
@@ -183,7 +185,8 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
                 ctx, spec, examples, losses, job, optimizer=convert.optimizer(r.optimizer),
                 method=r.method or "lora", lora_rank=r.lora_rank or 4, lora_alpha=r.lora_alpha or None,
                 target_modules=list(r.target_modules), checkpoint_every=r.checkpoint_every,
-                name=r.name, batch_size=r.batch_size, grad_mode=r.grad_mode, memory_budget_mib=r.memory_budget_mib, resume_from=r.resume_from,
+                name=r.name, batch_size=r.batch_size, grad_mode=r.grad_mode,
+                memory_budget_mib=r.memory_budget_mib, resume_from=r.resume_from,
                 keep_checkpoints=r.keep_checkpoints or 3, validation=validation,
                 validate_every=r.validate_every or 1, keep_best=r.keep_best, stop=convert.stop(r))
         return self._stream(context, "FinetuneWeights", build, convert.optimize_result, request_iterator=request_iterator)
@@ -196,7 +199,8 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
             token = convert.token(r.token, limits) if r.HasField("token") else None
             return lambda job: run_optimize_embedding(
                 ctx, spec, losses, job, optimizer=convert.optimizer(r.optimizer), token=token,
-                target_image=target, name=r.name, grad_mode=r.grad_mode, memory_budget_mib=r.memory_budget_mib, image_every=r.image_every,
+                target_image=target, name=r.name, grad_mode=r.grad_mode,
+                memory_budget_mib=r.memory_budget_mib, image_every=r.image_every,
                 prior=r.prior, prior_weight=r.prior_weight, stop=convert.stop(r))
         return self._stream(context, "OptimizeEmbedding", build, convert.optimize_result, request_iterator=request_iterator)
 

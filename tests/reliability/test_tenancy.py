@@ -6,8 +6,6 @@ from __future__ import annotations
 import collections
 import os
 import re
-import resource
-import signal
 import statistics
 import subprocess
 import sys
@@ -186,14 +184,16 @@ def test_storage_quota_refuses_before_writing_and_keep_checkpoints_prunes(tmp_pa
 
 
 def _server_with_file_size_limit(artifact_dir, limit_bytes, log):
-    def limit():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
-
+    # The limit is set by a fresh interpreter that then execs the server: a ``preexec_fn`` would run
+    # Python in a fork of this (gRPC-threaded) process, where gRPC's fork handlers can kill the child.
+    limited = ("import os, resource, signal, sys; "
+               "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "  # a write past the limit fails with EFBIG
+               f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit_bytes}, {limit_bytes})); "
+               "os.execv(sys.executable, [sys.executable] + sys.argv[1:])")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "adjointdpm_server", "--model", "digits", "--port", "0",
+        [sys.executable, "-c", limited, "-m", "adjointdpm_server", "--model", "digits", "--port", "0",
          "--artifact-dir", str(artifact_dir), "--log-format", "text"],
-        stdout=subprocess.PIPE, stderr=open(log, "w"), text=True, preexec_fn=limit,
+        stdout=subprocess.PIPE, stderr=open(log, "w"), text=True,
         env=dict(os.environ, OMP_NUM_THREADS="1"))
     line = proc.stdout.readline()
     match = re.search(r"listening on \S+:(\d+)", line)

@@ -105,9 +105,15 @@ class GuidedEps:
             return value
         return value.to(self.network_dtype)
 
+    @staticmethod
+    def _like(value, like):
+        """``value`` back in ``like``'s dtype (a differentiable cast; non-tensors pass)."""
+        if isinstance(value, torch.Tensor) and isinstance(like, torch.Tensor) and value.dtype != like.dtype:
+            return value.to(like.dtype)
+        return value
+
     def _call(self, x, t, cond, like: torch.Tensor):
-        out = self.eps_fn(self._net(x), t, self._net(cond))
-        return out.to(like.dtype) if isinstance(out, torch.Tensor) and out.dtype != like.dtype else out
+        return self._like(self.eps_fn(self._net(x), t, self._net(cond)), like)
 
     def __call__(self, y: torch.Tensor, node: Node, cond, uncond) -> torch.Tensor:
         x, t = self._inputs(y, node)
@@ -166,9 +172,8 @@ class GuidedEps:
 
     def _network_vjp(self, x, t, cond, cotangent, cond_grad):
         """The network's own VJP, in its precision, with every result back in the state's."""
-        out = self.eps_fn.vjp(self._net(x), t, self._net(cond), self._net(cotangent), cond_grad)
-        back = lambda v, like: v.to(like.dtype) if isinstance(v, torch.Tensor) and v.dtype != like.dtype else v
-        return back(out[0], x), back(out[1], x), back(out[2], cond) if isinstance(cond, torch.Tensor) else out[2]
+        eps, gx, gc = self.eps_fn.vjp(self._net(x), t, self._net(cond), self._net(cotangent), cond_grad)
+        return self._like(eps, x), self._like(gx, x), self._like(gc, cond)
 
     def _check(self, eps, shape) -> None:
         if self._checked:

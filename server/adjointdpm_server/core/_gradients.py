@@ -25,7 +25,7 @@ def _leaf(c, needs_grad: bool):
 class VJP:
     """One vector–Jacobian product at a time, accumulating the gradients of cond, uncond, params."""
 
-    def __init__(self, cond, uncond, params, needs_cond: bool, needs_uncond: bool, tape=None):
+    def __init__(self, cond, uncond, params, needs_cond: bool, needs_uncond: bool):
         self.cond = _leaf(cond, needs_cond)
         self.uncond = _leaf(uncond, needs_uncond)
         self.targets = ([self.cond] if needs_cond else []) + ([self.uncond] if needs_uncond else [])
@@ -33,7 +33,7 @@ class VJP:
         self.params = list(params)
         self.targets += self.params
         self.grads: list[torch.Tensor | None] = [None] * len(self.targets)
-        self.tape = tape  # ``auto``: the graphs its forward pass kept, taken back step by step
+        self.tape = None  # ``auto``: the Tape whose kept graphs backward takes back step by step
 
     def _accumulate(self, k: int, g) -> None:
         """Sum one step's θ-gradient; half-precision terms are summed in float32 (autograd casts
@@ -101,7 +101,6 @@ class SolveFunction(torch.autograd.Function):
         y_end, stored = engine.solver.solve(engine.field, y0, engine.nodes, ctx.vjp.cond if tape else cond,
                                             ctx.vjp.uncond if tape else uncond, store=store,
                                             callback=engine.callback, tape=tape)
-        engine.kept_steps = tape.kept if tape else 0
         ctx.engine, ctx.stored = engine, stored
         ctx.cond, ctx.uncond, ctx.params = cond, uncond, params
         ctx.y_end = y_end

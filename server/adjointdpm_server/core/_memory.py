@@ -1,4 +1,4 @@
-"""Memory planning for ``grad_mode="auto"`` and the anchored ``adjoint`` (docs/design.md §2.5).
+"""Memory planning for ``grad_mode="auto"`` and the anchored ``adjoint`` (docs/design.md §2.4.1).
 
 A gradient through N steps holds two kinds of memory: the solver states ``y_i`` (one latent each,
 kilobytes) and, for every step whose graph is kept, the activations autograd saves inside the
@@ -80,7 +80,7 @@ def plan_kept_steps(steps: int, budget: float, graph: int, state: int) -> int:
 
 
 def plan_anchor_every(steps: int, budget: float | None, state: int) -> int:
-    """Spacing of the exact states the ``adjoint`` keeps (docs/design.md §2.5): as many, evenly
+    """Spacing of the exact states the ``adjoint`` keeps (docs/design.md §2.4.1): as many, evenly
     spaced, as ``budget`` bytes hold, so that a backward re-solve restarts from an exact state at
     each; 0 (none, ``y_N`` only) without a budget: the paper's adjoint, memory flat in N. One
     anchor a step is ``checkpoint``."""
@@ -111,7 +111,6 @@ class Tape:
         self.vjp, self.steps, self.budget = vjp, steps, budget
         self.exclude = list(exclude)
         self.kept: int | None = None
-        self.graph_bytes = 0
         self.graphs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _keeps(self, step: int) -> bool:
@@ -126,9 +125,8 @@ class Tape:
             y_leaf = y.detach().requires_grad_(True)
             out = fn(y_leaf, self.vjp.cond, self.vjp.uncond)
         if self.kept is None:
-            self.graph_bytes = graph_bytes(out, self.exclude + [y_leaf] + self.vjp.targets)
-            state = y.numel() * y.element_size()
-            self.kept = plan_kept_steps(self.steps, self.budget, self.graph_bytes, state)
+            graph = graph_bytes(out, self.exclude + [y_leaf] + self.vjp.targets)
+            self.kept = plan_kept_steps(self.steps, self.budget, graph, y.numel() * y.element_size())
         if self._keeps(step) and out.requires_grad:
             self.graphs[step] = (y_leaf, out)
         return out.detach()

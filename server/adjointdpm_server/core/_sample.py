@@ -41,7 +41,6 @@ class _Engine:
     callback: Callable | None
     memory_budget: float = 0.0  # auto: bytes for kept graphs and stored states
     anchor_every: int = 0  # adjoint: spacing of the exact states kept (0: none)
-    kept_steps: int = 0  # auto: how many steps kept their graph (set by the forward pass)
 
     def network_tensors(self) -> list[torch.Tensor]:
         """Weights and buffers of the network: saved by its graph, but not memory the graph adds."""
@@ -154,10 +153,10 @@ def sample(eps_fn, x_T: torch.Tensor, cond=None, *, schedule: Schedule, steps: i
         y_end, _ = step_solver.solve(field, y0, nodes, cond, uncond, callback=progress)
     else:
         engine = _Engine(step_solver, field, nodes, grad_mode, progress)
-        state_bytes = y0.numel() * y0.element_size()
         if grad_mode == "auto":
             engine.memory_budget = default_budget(y0.device) if memory_budget is None else memory_budget
         elif grad_mode == "adjoint":
-            engine.anchor_every = plan_anchor_every(len(nodes) - 1, memory_budget, state_bytes)
+            engine.anchor_every = plan_anchor_every(len(nodes) - 1, memory_budget,
+                                                    y0.numel() * y0.element_size())
         y_end = SolveFunction.apply(engine, y0, cond, uncond, *theta)
     return y_end * nodes[-1].alpha

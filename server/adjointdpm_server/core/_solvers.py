@@ -109,6 +109,11 @@ def _data_weights(order: int, rho_nodes: tuple[float, ...]):
     return tuple(out)
 
 
+def _evaluate(tape, step: int, fn, y, cond, uncond):
+    """``fn(y, cond, uncond)``, through ``tape`` (``auto``: it may keep the graph) when given."""
+    return fn(y, cond, uncond) if tape is None else tape(step, fn, y)
+
+
 class LinearMultistep:
     """``y_{i+1} = y_i + Σ_j W_ij ε_{i−j} (+ Σ_j A_ij y_{i−j})``: ε (or, in the data form, x̂_0)
     interpolated through the last K nodes in ``basis``."""
@@ -145,10 +150,8 @@ class LinearMultistep:
         for i, w in enumerate(weights):
             if store and i % store == 0:
                 stored[i] = y
-            if tape is None:
-                history.insert(0, field(y, nodes[i], cond, uncond))
-            else:
-                history.insert(0, tape(i, lambda y_, c, u, node=nodes[i]: field(y_, node, c, u), y))
+            history.insert(0, _evaluate(tape, i, lambda y_, c, u, node=nodes[i]: field(y_, node, c, u),
+                                        y, cond, uncond))
             del history[self.order:]
             step = sum(wj * e for wj, e in zip(w, history))
             if y_weights is not None:
@@ -224,10 +227,8 @@ class OneStep:
         for i in range(n):
             if store and i % store == 0:
                 stored[i] = y
-            if tape is None:
-                y = self.step(field, y, nodes[i], nodes[i + 1], cond, uncond)
-            else:
-                y = tape(i, lambda y_, c, u, a=nodes[i], b=nodes[i + 1]: self.step(field, y_, a, b, c, u), y)
+            y = _evaluate(tape, i, lambda y_, c, u, a=nodes[i], b=nodes[i + 1]: self.step(field, y_, a, b, c, u),
+                          y, cond, uncond)
             if callback is not None:
                 callback("forward", i + 1, n, nodes[i + 1].t)
         return y, stored

@@ -187,6 +187,19 @@ def _with_iteration(p: Progress, iteration: int) -> IterationProgress:
 HALF = (torch.float16, torch.bfloat16)
 
 
+def _memory_budget(prep: Prepared, grad_mode: str, request_mib: int, device) -> int | None:
+    """The bytes ``sample`` may hold for the gradient: the server's budget (``--grad-memory-mib``,
+    else half the device's free memory), lowered by the request's; 0 for ``auto`` while other
+    jobs run (a kept graph is a solo call, a recomputed one batches with theirs: docs/design.md
+    §5); None for an ``adjoint`` that names none (the paper's, re-solved from y_N)."""
+    if grad_mode == "auto" and prep.engine is not None and prep.engine.shares_calls():
+        return 0
+    if grad_mode != "auto" and not (grad_mode == "adjoint" and request_mib):
+        return None
+    budget = prep.grad_memory_bytes if prep.grad_memory_bytes is not None else default_budget(device)
+    return min(budget, int(request_mib) << 20) if request_mib else budget
+
+
 def _float32(value):
     return value.float() if isinstance(value, torch.Tensor) and value.dtype in HALF else value
 
@@ -198,18 +211,8 @@ def run_sampler(prep: Prepared, job: Job, *, x_T=None, cond=None, uncond=None, e
     """``core.sample`` with the prepared arguments (any of them overridden), its network calls
     going through the engine; ``memory_budget_mib`` (0: the server's) can lower, never raise,
     the server's gradient memory budget."""
-    budget = None  # adjoint without a request budget: the paper's, re-solved from y_N
-    if grad_mode == "auto" and prep.engine is not None and prep.engine.shares_calls():
-        # Other jobs are running: a kept graph is a solo call, while a recomputed one batches
-        # with theirs (docs/design.md §5) — auto runs as batched checkpoint, still exact.
-        budget = 0
-    elif grad_mode == "auto" or (grad_mode == "adjoint" and memory_budget_mib):
-        budget = prep.grad_memory_bytes
-        if budget is None:
-            budget = default_budget((prep.x_T if x_T is None else x_T).device)
-        if memory_budget_mib:
-            budget = min(budget, int(memory_budget_mib) << 20)
     x_T = prep.x_T if x_T is None else x_T
+    budget = _memory_budget(prep, grad_mode, memory_budget_mib, x_T.device)
     cond = prep.cond if cond is None else cond
     uncond = prep.uncond if uncond is None else uncond
     network_dtype = None
