@@ -97,11 +97,12 @@ class SolveFunction(torch.autograd.Function):
             ctx.vjp = VJP(cond, uncond, params, needs_cond=needs[2], needs_uncond=needs[3])
             tape = ctx.vjp.tape = Tape(ctx.vjp, len(engine.nodes) - 1, engine.memory_budget,
                                        exclude=engine.network_tensors())
-        store = engine.anchor_every if engine.mode == "adjoint" else 1
+        store, ranked = engine.storage()
         y_end, stored = engine.solver.solve(engine.field, y0, engine.nodes, ctx.vjp.cond if tape else cond,
                                             ctx.vjp.uncond if tape else uncond, store=store,
-                                            callback=engine.callback, tape=tape)
+                                            callback=engine.callback, tape=tape, anchors=ranked)
         ctx.engine, ctx.stored = engine, stored
+        ctx.eps_end = ranked.eps_end if ranked is not None else None
         ctx.cond, ctx.uncond, ctx.params = cond, uncond, params
         ctx.y_end = y_end
         return y_end.clone()
@@ -114,7 +115,7 @@ class SolveFunction(torch.autograd.Function):
         vjp = ctx.vjp if engine.mode == "auto" else VJP(ctx.cond, ctx.uncond, ctx.params,
                                                          needs_cond=needs[2], needs_uncond=needs[3])
         y0bar = engine.solver.backward(engine.field, vjp, engine.nodes, ctx.y_end, ybar,
-                                       stored=ctx.stored, callback=engine.callback)
+                                       stored=ctx.stored, callback=engine.callback, eps_end=ctx.eps_end)
         grads = iter(vjp.grads)
         cond_bar = next(grads) if needs[2] else None
         uncond_bar = next(grads) if needs[3] else None

@@ -13,13 +13,12 @@ forward call, and no other choice of ``k`` graphs saves more.
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 
-__all__ = ["graph_bytes", "Tape", "plan_kept_steps", "plan_anchor_every", "default_budget",
-           "ALLOCATOR_SLACK"]
+__all__ = ["graph_bytes", "Tape", "plan_kept_steps", "plan_anchors", "RankedAnchors",
+           "default_budget", "ALLOCATOR_SLACK"]
 
 # What a kept graph really costs over the bytes its saved tensors hold: on CPU, backprop's peak
 # exceeds N·graph_bytes by 15–18% at 10 and 20 steps (benchmarks/results/budget.md), the
@@ -79,15 +78,38 @@ def plan_kept_steps(steps: int, budget: float, graph: int, state: int) -> int:
     return max(0, min(steps, int(room // (graph * ALLOCATOR_SLACK))))
 
 
-def plan_anchor_every(steps: int, budget: float | None, state: int) -> int:
-    """Spacing of the exact states the ``adjoint`` keeps (docs/design.md §2.4.1): as many, evenly
-    spaced, as ``budget`` bytes hold, so that a backward re-solve restarts from an exact state at
-    each; 0 (none, ``y_N`` only) without a budget: the paper's adjoint, memory flat in N. One
-    anchor a step is ``checkpoint``."""
+def plan_anchors(steps: int, budget: float | None, state: int, pending: int = 0) -> int:
+    """How many exact states the ``adjoint`` keeps (docs/design.md §2.4.1): 0 (``y_N`` only, the
+    paper's adjoint, memory flat in N) without a budget; ``steps`` (every state: ``checkpoint``)
+    when the budget holds them all; else as many as it holds besides the ``pending`` states a
+    ranking keeps until it has rated them."""
     if budget is None:
         return 0
-    anchors = max(1, int(budget // max(state, 1)))
-    return max(1, math.ceil(steps / anchors))
+    held = int(budget // max(state, 1))
+    return steps if held >= steps else max(0, held - pending)
+
+
+class RankedAnchors:
+    """The ``capacity`` states whose one-step backward reconstruction errs most (design §2.4.1).
+
+    The forward pass rates each ``y_i`` as soon as the ε values the backward re-solve would use
+    for it exist (relative error of the reversed step from the exact ``y_{i+1}``; no extra network
+    call) and offers it here; the least-erring state is dropped whenever more than ``capacity``
+    are held. ``eps_end`` is ``ε̃(y_N)``, evaluated at the end of the forward pass to rate the
+    last states and handed to the backward pass, which would otherwise evaluate it itself.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.states: dict[int, torch.Tensor] = {}
+        self.errors: dict[int, float] = {}
+        self.eps_end: torch.Tensor | None = None
+
+    def offer(self, i: int, y: torch.Tensor, error: float) -> None:
+        self.states[i], self.errors[i] = y, error
+        if len(self.states) > self.capacity:
+            drop = min(self.errors, key=self.errors.get)
+            del self.states[drop], self.errors[drop]
 
 
 def default_budget(device: torch.device) -> int:

@@ -11,7 +11,7 @@ import torch
 from ._field import GuidedEps, nodes_from_times
 from ._gradients import SolveFunction
 from ._grids import GRIDS, time_grid
-from ._memory import default_budget, plan_anchor_every
+from ._memory import RankedAnchors, default_budget, plan_anchors
 from ._flow_schedule import Schedule
 from ._prediction import check_prediction
 from ._solvers import get_solver
@@ -40,7 +40,7 @@ class _Engine:
     mode: str
     callback: Callable | None
     memory_budget: float = 0.0  # auto: bytes for kept graphs and stored states
-    anchor_every: int = 0  # adjoint: spacing of the exact states kept (0: none)
+    anchors: int = 0  # adjoint: how many exact states to keep (0: y_N only)
 
     def network_tensors(self) -> list[torch.Tensor]:
         """Weights and buffers of the network: saved by its graph, but not memory the graph adds."""
@@ -48,6 +48,19 @@ class _Engine:
         if not isinstance(module, torch.nn.Module):
             return []
         return list(module.parameters()) + list(module.buffers())
+
+    def storage(self):
+        """``(store, ranked)`` for the forward solve: every state (``auto``, ``checkpoint``, an
+        ``adjoint`` budget that holds them all), the ``adjoint``'s ranked anchors (multistep), or
+        every k-th state (one-step solvers; k = 0: none, the paper's adjoint)."""
+        steps = len(self.nodes) - 1
+        if self.mode != "adjoint" or self.anchors >= steps:
+            return 1, None
+        if self.anchors == 0:
+            return 0, None
+        if self.solver.ranks_anchors:
+            return 0, RankedAnchors(self.anchors)
+        return math.ceil(steps / self.anchors), None
 
 
 def _expand_batch(c: torch.Tensor | None, batch: int, name: str):
@@ -156,7 +169,7 @@ def sample(eps_fn, x_T: torch.Tensor, cond=None, *, schedule: Schedule, steps: i
         if grad_mode == "auto":
             engine.memory_budget = default_budget(y0.device) if memory_budget is None else memory_budget
         elif grad_mode == "adjoint":
-            engine.anchor_every = plan_anchor_every(len(nodes) - 1, memory_budget,
-                                                    y0.numel() * y0.element_size())
+            engine.anchors = plan_anchors(len(nodes) - 1, memory_budget, y0.numel() * y0.element_size(),
+                                          pending=step_solver.order if step_solver.ranks_anchors else 0)
         y_end = SolveFunction.apply(engine, y0, cond, uncond, *theta)
     return y_end * nodes[-1].alpha

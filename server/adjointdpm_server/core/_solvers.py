@@ -25,6 +25,7 @@ import torch
 
 from ._field import GuidedEps, Node, node_at_rho
 from ._flow_schedule import Schedule
+from ._memory import RankedAnchors
 
 __all__ = ["SOLVERS", "get_solver", "LinearMultistep", "OneStep", "Heun", "Dopri5"]
 
@@ -114,11 +115,57 @@ def _evaluate(tape, step: int, fn, y, cond, uncond):
     return fn(y, cond, uncond) if tape is None else tape(step, fn, y)
 
 
+class _Rater:
+    """Rates each forward state ``y_i`` for :class:`RankedAnchors` by the relative error of the
+    reversed step that the adjoint's backward re-solve takes onto it from the exact ``y_{i+1}``
+    (docs/design.md §2.4.1), as soon as the ε values that step uses exist: no extra network call.
+    Holds only the states still to be rated and the few ε and y ahead of them."""
+
+    def __init__(self, solver: "LinearMultistep", nodes, anchors: RankedAnchors):
+        self.n = len(nodes) - 1
+        self.rev_weights, self.rev_y_weights = solver.weights(nodes[::-1]), solver.y_weights(nodes[::-1])
+        self.anchors = anchors
+        self.ys: dict[int, torch.Tensor] = {}
+        self.eps: dict[int, torch.Tensor] = {}
+        self.pending: list[int] = []
+
+    def _last_used(self, i: int) -> int:
+        m = self.n - 1 - i
+        k = len(self.rev_weights[m])
+        if self.rev_y_weights is not None:
+            k = max(k, len(self.rev_y_weights[m]))
+        return i + k
+
+    def add(self, j: int, y: torch.Tensor, eps: torch.Tensor) -> None:
+        """``y_j`` and ``ε̃(y_j)`` of the forward pass (j = N: the end state)."""
+        y, eps = y.detach(), eps.detach()
+        self.ys[j], self.eps[j] = y, eps
+        if j < self.n:
+            self.pending.append(j)
+        for i in [i for i in self.pending if self._last_used(i) <= j]:
+            self._rate(i)
+            self.pending.remove(i)
+        oldest = min(self.pending, default=j + 1)
+        for k in [k for k in self.ys if k < oldest]:
+            del self.ys[k], self.eps[k]
+
+    def _rate(self, i: int) -> None:
+        m = self.n - 1 - i
+        y_hat = self.ys[i + 1] + sum(w * self.eps[i + 1 + k] for k, w in enumerate(self.rev_weights[m]))
+        if self.rev_y_weights is not None:
+            y_hat = y_hat + sum(a * self.ys[i + 1 + k] for k, a in enumerate(self.rev_y_weights[m])
+                                if a != 0.0)
+        y_i = self.ys[i]
+        error = float((y_hat - y_i).norm() / y_i.norm().clamp_min(torch.finfo(y_i.dtype).tiny))
+        self.anchors.offer(i, y_i, error)
+
+
 class LinearMultistep:
     """``y_{i+1} = y_i + Σ_j W_ij ε_{i−j} (+ Σ_j A_ij y_{i−j})``: ε (or, in the data form, x̂_0)
     interpolated through the last K nodes in ``basis``."""
 
     kind = "multistep"
+    ranks_anchors = True  # the adjoint's anchors are rated without extra network calls (_Rater)
 
     def __init__(self, name: str, order: int, basis: str, form: str = "noise"):
         self.name, self.order, self.basis, self.form = name, order, basis, form
@@ -140,18 +187,23 @@ class LinearMultistep:
         return tuple(a for _, a in _data_weights(self.order, tuple(n.rho for n in nodes)))
 
     def solve(self, field: GuidedEps, y: torch.Tensor, nodes, cond, uncond, *, store=0,
-              callback=None, tape=None):
+              callback=None, tape=None, anchors=None):
         """Forward solve; returns ``(y_N, {i: y_i for every store-th i} or None)``; ``tape``
-        (``auto``) runs the network calls and keeps the graphs it plans to."""
+        (``auto``) runs the network calls and keeps the graphs it plans to; ``anchors``
+        (``adjoint`` under a budget, a :class:`RankedAnchors`) takes the states instead of
+        ``store`` and chooses which to keep, and the returned dict is its choice."""
         weights, y_weights = self.weights(nodes), self.y_weights(nodes)
         history: list[torch.Tensor] = []
         states: list[torch.Tensor] = []
         stored = {} if store else None
+        rater = _Rater(self, nodes, anchors) if anchors is not None else None
         for i, w in enumerate(weights):
             if store and i % store == 0:
                 stored[i] = y
             history.insert(0, _evaluate(tape, i, lambda y_, c, u, node=nodes[i]: field(y_, node, c, u),
                                         y, cond, uncond))
+            if rater is not None:
+                rater.add(i, y, history[0])
             del history[self.order:]
             step = sum(wj * e for wj, e in zip(w, history))
             if y_weights is not None:
@@ -161,15 +213,22 @@ class LinearMultistep:
             y = y + step
             if callback is not None:
                 callback("forward", i + 1, len(weights), nodes[i + 1].t)
+        if rater is not None:
+            with torch.no_grad():
+                anchors.eps_end = field(y, nodes[-1], cond, uncond)
+            rater.add(len(weights), y, anchors.eps_end)
+            stored = anchors.states
         return y, stored
 
-    def backward(self, field: GuidedEps, vjp, nodes, y_end, ybar, stored=None, callback=None):
+    def backward(self, field: GuidedEps, vjp, nodes, y_end, ybar, stored=None, callback=None,
+                 eps_end=None):
         """``∂L/∂y_0`` from ``∂L/∂y_N`` through the discrete update; θ-terms accumulate in ``vjp``.
 
         With every state stored this is the exact gradient (``checkpoint``, ``auto``); a missing
         ``y_i`` is re-solved backward by the same method on the reversed grid (``adjoint``) from
         the nearest stored state above it (an anchor, or ``y_N``), reusing the network call of the
-        VJP at ``y_{i+1}`` as the backward solver's evaluation.
+        VJP at ``y_{i+1}`` as the backward solver's evaluation; ``eps_end`` is ``ε̃(y_N)`` when the
+        forward pass already has it.
         """
         weights, y_weights = self.weights(nodes), self.y_weights(nodes)
         n = len(weights)
@@ -178,8 +237,10 @@ class LinearMultistep:
         resolve = len(stored) < n
         if resolve:
             rev_weights, rev_y_weights = self.weights(nodes[::-1]), self.y_weights(nodes[::-1])
-            with torch.no_grad():
-                rev_eps = [field(y_end, nodes[-1], vjp.cond, vjp.uncond)]
+            if eps_end is None:  # not already evaluated by a ranking forward pass
+                with torch.no_grad():
+                    eps_end = field(y_end, nodes[-1], vjp.cond, vjp.uncond)
+            rev_eps = [eps_end]
             y_hat = y_end
             rev_y = [y_end]
         for i in reversed(range(n)):
@@ -217,11 +278,14 @@ class OneStep:
 
     kind = "onestep"
     name = "onestep"
+    ranks_anchors = False  # rating a state would cost the reversed step's calls: anchors are even
 
     def step(self, field: GuidedEps, y, a: Node, b: Node, cond, uncond):
         raise NotImplementedError
 
-    def solve(self, field, y, nodes, cond, uncond, *, store=0, callback=None, tape=None):
+    def solve(self, field, y, nodes, cond, uncond, *, store=0, callback=None, tape=None, anchors=None):
+        if anchors is not None:
+            raise ValueError(f"{self.name} keeps evenly spaced anchors (store=k), not ranked ones")
         stored = {} if store else None
         n = len(nodes) - 1
         for i in range(n):
@@ -233,8 +297,9 @@ class OneStep:
                 callback("forward", i + 1, n, nodes[i + 1].t)
         return y, stored
 
-    def backward(self, field, vjp, nodes, y_end, ybar, stored=None, callback=None):
-        """As :meth:`LinearMultistep.backward`; ``adjoint`` re-solves each step by ``Φ`` reversed."""
+    def backward(self, field, vjp, nodes, y_end, ybar, stored=None, callback=None, eps_end=None):
+        """As :meth:`LinearMultistep.backward`; ``adjoint`` re-solves each step by ``Φ`` reversed
+        (``eps_end`` is unused: a reversed step evaluates the field itself)."""
         n = len(nodes) - 1
         stored = stored or {}
         y_hat = y_end
