@@ -10,7 +10,7 @@ run interleaved (off, on, then on, off for the next C), so drifting load on a sh
 both alike. Per cell: requests/s (requests / wall time from the start barrier to the last result)
 and the latency percentiles the callers saw.
 
-Workloads (digits model, server defaults: dpm3, CFG 2, checkpoint): ``sample-1`` =
+Workloads (digits model, server defaults: dpm3, CFG 2, grad_mode auto): ``sample-1`` =
 ``sample(labels=k, batch=1, steps)``; ``sample-8`` = batch 8; ``gradient`` =
 ``compute_gradient(ServerLoss("classifier", {"label": 8}), labels=3, batch=1, steps)``;
 ``client-loss`` = the same gradient with a client-side numpy loss (one round trip to the client).
@@ -266,7 +266,7 @@ def main() -> None:
          f"`OMP_NUM_THREADS={args.server_threads}`; cells interleaved between the two"),
         (f"- Clients: C threads, each its own `adjointdpm.Client`, ⌈{args.requests} / C⌉ (≥ 2) "
          f"requests back to back; digits model, {args.steps} steps, server defaults (dpm3, CFG 2, "
-         "checkpoint). Throughput = requests / wall time; latency as the caller sees it."),
+         "grad_mode auto). Throughput = requests / wall time; latency as the caller sees it."),
         "",
     ]
     for w in args.workloads:
