@@ -13,6 +13,8 @@ and the latency percentiles the callers saw.
 Workloads (digits model, server defaults: dpm3, CFG 2, grad_mode auto): ``sample-1`` =
 ``sample(labels=k, batch=1, steps)``; ``sample-8`` = batch 8; ``gradient`` =
 ``compute_gradient(ServerLoss("classifier", {"label": 8}), labels=3, batch=1, steps)``;
+``gradient-checkpoint`` = the same with ``grad_mode="checkpoint"`` (``auto`` keeps graphs only
+when a job runs alone on a batching server, so the two differ under load and with batching off);
 ``client-loss`` = the same gradient with a client-side numpy loss (one round trip to the client).
 
 Hostile caller: per server, the p50 of a well-behaved caller's batch-1 Samples alone, then while
@@ -40,11 +42,12 @@ from pathlib import Path
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results" / "load.md"
-WORKLOADS = ("sample-1", "sample-8", "gradient", "client-loss")
+WORKLOADS = ("sample-1", "sample-8", "gradient", "gradient-checkpoint", "client-loss")
 TITLES = {"sample-1": "Sample, batch 1", "sample-8": "Sample, batch 8",
           "gradient": "ComputeGradient, batch 1, server-side loss",
+          "gradient-checkpoint": "ComputeGradient, batch 1, server-side loss, grad_mode checkpoint",
           "client-loss": "ComputeGradient, batch 1, client-side loss"}
-GOALS = {"sample-1": 4.0, "gradient": 2.5}  # throughput ×, batching on vs off, at 16 clients
+GOALS = {"sample-1": 4.0, "gradient": 2.5, "gradient-checkpoint": 2.5}  # throughput ×, batching on vs off, at 16 clients
 
 
 def darker(x: np.ndarray):
@@ -59,9 +62,10 @@ def request(client, workload: str, seed: int, steps: int):
         batch = int(workload.split("-")[1])
         return client.sample(labels=[(seed + k) % 10 for k in range(batch)], batch=batch,
                              steps=steps, seed=seed)
-    loss = (adjointdpm.ServerLoss("classifier", {"label": 8}) if workload == "gradient"
+    loss = (adjointdpm.ServerLoss("classifier", {"label": 8}) if workload.startswith("gradient")
             else adjointdpm.ClientLoss(darker, name="darker", autograd=False))
-    return client.compute_gradient(loss, labels=3, batch=1, steps=steps, seed=seed)
+    mode = {"gradient-checkpoint": "checkpoint"}.get(workload, "")  # "": the server's default
+    return client.compute_gradient(loss, labels=3, batch=1, steps=steps, seed=seed, grad_mode=mode)
 
 
 class ServerProcess:

@@ -8,7 +8,7 @@
 """
 
 from ._baseline import sample_torchdiffeq
-from ._field import GuidedEps, NetworkVJP, Node
+from ._field import HALF_DTYPES, GuidedEps, NetworkVJP, Node
 from ._grids import GRIDS, time_grid
 from ._memory import default_budget
 from ._oracle import GaussianMixture, gaussian_solution
@@ -19,6 +19,7 @@ from ._schedule import VPSchedule
 from ._solvers import SOLVERS, get_solver
 
 __all__ = [
+    "HALF_DTYPES",
     "VPSchedule",
     "FlowSchedule",
     "PREDICTIONS",

@@ -13,7 +13,10 @@ import torch
 
 from ._prediction import check_prediction, eps_coefficients
 
-__all__ = ["Node", "GuidedEps", "NetworkVJP", "nodes_from_times", "node_at_rho"]
+__all__ = ["HALF_DTYPES", "Node", "GuidedEps", "NetworkVJP", "nodes_from_times", "node_at_rho"]
+
+#: network precisions whose solver state, CFG and gradient sums stay in float32 (docs/design.md §2.4.2)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ._field import HALF_DTYPES
 from ._memory import Tape
 
 __all__ = ["VJP", "SolveFunction"]
@@ -39,7 +40,7 @@ class VJP:
         """Sum one step's θ-gradient; half-precision terms are summed in float32 (autograd casts
         the total back to the target's dtype)."""
         if g is not None:
-            if g.dtype in (torch.float16, torch.bfloat16):
+            if g.dtype in HALF_DTYPES:
                 g = g.float()
             self.grads[k] = g if self.grads[k] is None else self.grads[k] + g
 

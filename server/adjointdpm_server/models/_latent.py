@@ -15,12 +15,11 @@ from pathlib import Path
 
 import torch
 
+from ..core import HALF_DTYPES
 from ._base import Conditioning, ModelBackend
 from ._text import TextEncoder, broadcast
 
 __all__ = ["LatentDiffusionBackend", "check_dtype", "check_directory", "pipeline_class"]
-
-HALF = (torch.float16, torch.bfloat16)
 
 
 def check_dtype(device: torch.device, dtype) -> torch.dtype:
@@ -28,7 +27,7 @@ def check_dtype(device: torch.device, dtype) -> torch.dtype:
         dtype = getattr(torch, dtype.removeprefix("torch."), None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point torch dtype; got {dtype!r}")
-    if device.type == "cpu" and dtype in HALF:
+    if device.type == "cpu" and dtype in HALF_DTYPES:
         raise ValueError(f"{dtype} needs a GPU: on the CPU diffusers models run in torch.float32 "
                          "(or float64); pass device='cuda' for float16/bfloat16")
     return dtype

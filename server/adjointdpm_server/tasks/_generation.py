@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import tracing
-from ..core import GRIDS, SOLVERS, Progress, default_budget, sample
+from ..core import GRIDS, HALF_DTYPES, SOLVERS, Progress, default_budget, sample
 from ..errors import InvalidArgument
 from ..models import Conditioning, ModelBackend
 from ._context import TaskContext
@@ -184,9 +184,6 @@ def _with_iteration(p: Progress, iteration: int) -> IterationProgress:
     return IterationProgress(p.phase, p.step, p.total, p.t, p.nfe, iteration)
 
 
-HALF = (torch.float16, torch.bfloat16)
-
-
 def _memory_budget(prep: Prepared, grad_mode: str, request_mib: int, device) -> int | None:
     """The bytes ``sample`` may hold for the gradient: the server's budget (``--grad-memory-mib``,
     else half the device's free memory), lowered by the request's; 0 for ``auto`` while other
@@ -201,7 +198,7 @@ def _memory_budget(prep: Prepared, grad_mode: str, request_mib: int, device) -> 
 
 
 def _float32(value):
-    return value.float() if isinstance(value, torch.Tensor) and value.dtype in HALF else value
+    return value.float() if isinstance(value, torch.Tensor) and value.dtype in HALF_DTYPES else value
 
 
 def run_sampler(prep: Prepared, job: Job, *, x_T=None, cond=None, uncond=None, eps_fn=None,
@@ -216,7 +213,7 @@ def run_sampler(prep: Prepared, job: Job, *, x_T=None, cond=None, uncond=None, e
     cond = prep.cond if cond is None else cond
     uncond = prep.uncond if uncond is None else uncond
     network_dtype = None
-    if x_T.dtype in HALF:
+    if x_T.dtype in HALF_DTYPES:
         # A half-precision network: the solver state, CFG and gradient sums run in float32
         # (differentiable casts, so gradients reach the caller's tensors; docs/design.md §2.4.2).
         network_dtype = x_T.dtype
