@@ -140,6 +140,7 @@ def test_auto_without_room_is_checkpoint_and_with_room_backprop(setup):
     _run(setup, "auto", calls=small, memory_budget=0)
     _run(setup, "auto", calls=big, memory_budget=STEPS * (one + state) * 2)
     assert len(small) == 2 * STEPS and len(big) == STEPS
+    assert small[:STEPS].count(True) == 0  # nothing to measure: no forward call builds a graph
     meters = {mode: LiveSaved(list(setup[0].parameters())) for mode in ("backprop", "auto", "checkpoint")}
     _run(setup, "backprop", meter=meters["backprop"])
     _run(setup, "auto", meter=meters["auto"], memory_budget=STEPS * (one + state) * 2)

@@ -140,6 +140,8 @@ class Tape:
 
     def __call__(self, step: int, fn, y: torch.Tensor) -> torch.Tensor:
         """``fn(y, cond, uncond)`` at ``step``; its graph is kept when the plan says so."""
+        if self.kept is None and self.budget < self.steps * y.numel() * y.element_size():
+            self.kept = 0  # not even the states fit: no graph to measure (a batching server's 0)
         if self.kept is not None and not self._keeps(step):
             with torch.no_grad():
                 return fn(y, self.vjp.cond, self.vjp.uncond)
