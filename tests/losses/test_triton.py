@@ -1,8 +1,10 @@
 """The ``triton`` loss against a real Triton Inference Server (PyTriton's bundled one, on CPU).
 
 The server runs in its own venv (scripts/setup_triton.sh: PyTriton needs numpy<2) and serves
-tests/triton_peer/serve_mse_loss.py: ``mse_loss`` (mean((x - 0.5)²) and its gradient), and two
-misbehaving models, ``bad_grad`` and ``nan_loss``.
+tests/triton_peer/serve_mse_loss.py: ``mse_loss`` (mean((x - 0.5)²) and its gradient),
+``mse_per_sample`` (one loss per sample), and two misbehaving models, ``bad_grad`` and
+``nan_loss``; the fixture waits until every one of them is ready (``mse_per_sample``, bound last,
+once was not).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from adjointdpm_server.losses._triton import TritonLoss
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGET = 0.5  # serve_mse_loss.py's default
-MODELS = ("mse_loss", "bad_grad", "nan_loss")
+MODELS = ("mse_loss", "mse_per_sample", "bad_grad", "nan_loss")  # waited for until ready
 
 
 def _free_ports(n: int) -> list[int]:

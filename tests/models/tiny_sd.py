@@ -10,6 +10,7 @@ Sizes: latent 4×8×8, image 3×16×16 (VAE scale factor 2), text 16 tokens × 3
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -94,4 +95,24 @@ def build_tiny_sd(path, *, seed: int = 0, prediction_type: str = "epsilon") -> P
         "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
         "scheduler": ["diffusers", "PNDMScheduler"],
     }))
+    return path
+
+
+def build_tiny_clip(path, sd_path) -> Path:
+    """A tiny CLIP (text + vision, 16×16 images) sharing the tiny SD's tokenizer, for the
+    ``clip_similarity`` loss; saved under ``path`` as ``CLIPModel.save_pretrained`` does."""
+    from transformers import CLIPConfig, CLIPModel
+
+    path, sd_path = Path(path), Path(sd_path)
+    torch.manual_seed(3)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(json.loads((sd_path / "tokenizer" / "vocab.json").read_text())),
+                         hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=MAX_LENGTH),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=16, patch_size=8),
+        projection_dim=16)
+    CLIPModel(config).eval().save_pretrained(path)
+    for f in (sd_path / "tokenizer").iterdir():
+        shutil.copy(f, path / f.name)
     return path

@@ -2,7 +2,6 @@
 inversion used by Sample, LoRA stylization with VAE features, and a local CLIP loss."""
 
 import hashlib
-import shutil
 
 import numpy as np
 import pytest
@@ -13,26 +12,9 @@ from adjointdpm_server.config import Limits, ServerConfig
 from adjointdpm_server.core import sample
 from adjointdpm_server.losses import LossContext, build_loss
 from adjointdpm_server.server import build_server
-from tests.models.tiny_sd import HIDDEN, MAX_LENGTH, build_tiny_sd
+from tests.models.tiny_sd import HIDDEN, build_tiny_clip, build_tiny_sd
 
 PROMPT = "a photo of <*>"
-
-
-def build_tiny_clip(path, sd_path):
-    from transformers import CLIPConfig, CLIPModel
-
-    torch.manual_seed(3)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(__import__("json").loads((sd_path / "tokenizer" / "vocab.json").read_text())),
-                         hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=MAX_LENGTH),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                           num_attention_heads=2, image_size=16, patch_size=8),
-        projection_dim=16)
-    CLIPModel(config).eval().save_pretrained(path)
-    for f in (sd_path / "tokenizer").iterdir():
-        shutil.copy(f, path / f.name)
-    return path
 
 
 @pytest.fixture(scope="module")
