@@ -55,3 +55,18 @@ def test_a_request_cannot_raise_the_servers_budget(servers):
         _, g_bp = _grad(client, grad_mode="backprop")
     assert nfe == nfe_asked == 12
     assert _same(g, g_bp) and _same(g_asked, g_bp)
+
+
+def test_adjoint_anchors_follow_the_request_budget_within_the_servers(servers):
+    """``adjoint`` with ``memory_budget_mib``: 1 MiB holds all 6 states (4 digits × 1×8×8: 1 KiB),
+    so the re-solve has nothing to reconstruct and the gradient is checkpoint's; a server whose
+    budget is 0 caps the request to no anchors, the paper's adjoint."""
+    with adjointdpm.Client(f"127.0.0.1:{servers['ample'].port}", timeout=300) as client:
+        _, g_ck = _grad(client, grad_mode="checkpoint")
+        _, g_paper = _grad(client, grad_mode="adjoint")
+        _, g_room = _grad(client, grad_mode="adjoint", memory_budget_mib=1)
+    with adjointdpm.Client(f"127.0.0.1:{servers['none'].port}", timeout=300) as client:
+        _, g_capped = _grad(client, grad_mode="adjoint", memory_budget_mib=1)
+    assert _same(g_room, g_ck)
+    assert not _same(g_paper, g_ck)  # re-solved, not stored: approximate
+    assert _same(g_capped, g_paper)
