@@ -197,7 +197,10 @@ def one_cell(arch, dtype, steps, device, report, key):
     graph = graph_bytes(out, list(eps_fn.parameters()) + [x2, c2])
     del out
     state = x_T.numel() * x_T.element_size()
-    one_call = ALLOCATOR_SLACK * graph + steps * state
+    # inside ``sample`` the call's graph also holds the network-dtype copies of its inputs (the
+    # casts from the float32 state and text), which ``graph`` above, taken on those copies, does not
+    copies = (x2.numel() + c2.numel()) * x2.element_size()
+    one_call = ALLOCATOR_SLACK * (graph + copies) + steps * state
     rows = {}
     plan = [("auto", "auto", None), ("auto, one-call budget", "auto", one_call),
             ("checkpoint", "checkpoint", None), ("adjoint (paper)", "adjoint", None),
@@ -213,9 +216,10 @@ def one_cell(arch, dtype, steps, device, report, key):
             rows[label] = gradient(mode, budget)
         except torch.OutOfMemoryError:
             rows[label] = "out of memory"
-            torch.cuda.empty_cache()
         except Exception as e:  # noqa: BLE001
             rows[label] = f"failed: {type(e).__name__}: {e}"[:200]
+        if isinstance(rows[label], str) and device.type == "cuda":
+            torch.cuda.empty_cache()  # here, once the exception (and the tensors it held) is gone
         r = rows[label]
         print(*key, label, r if isinstance(r, str) else f"{r.seconds:.2f} s {r.peak_mib:.0f} MiB", flush=True)
     report.cell(key, sampling, unit, graph / MIB, rows)

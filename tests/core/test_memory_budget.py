@@ -181,13 +181,18 @@ def test_memory_budget_is_validated(setup, bad):
 
 
 def test_one_step_solvers_keep_even_anchors(setup):
-    """heun cannot rate states without extra calls: a budget of every other state keeps those."""
+    """heun cannot rate states without extra calls: it keeps evenly spaced ones, as many as the
+    budget holds — each one spares its reversed step's 2 network calls in backward."""
     ck = _run(setup, "checkpoint", "heun")
     every = _run(setup, "adjoint", "heun", memory_budget=STEPS * _state(setup))
     half = _run(setup, "adjoint", "heun", memory_budget=STEPS // 2 * _state(setup))
-    paper = _run(setup, "adjoint", "heun")
+    paper, calls = _run(setup, "adjoint", "heun"), {}
     assert _rel(every, ck) < 1e-12
     assert _rel(half, ck) < _rel(paper, ck)
+    for k in range(STEPS):
+        calls[k] = []
+        _run(setup, "adjoint", "heun", calls=calls[k], memory_budget=k * _state(setup) if k else None)
+    assert [len(calls[0]) - len(calls[k]) for k in range(STEPS)] == [2 * k for k in range(STEPS)]
 
 
 def test_adjoint_with_room_for_every_state_is_checkpoint(setup):

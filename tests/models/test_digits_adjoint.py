@@ -31,7 +31,7 @@ def _grad(digits, mode, steps, scale=2.0, states=None, nfe=None):
     backend, c, x_T, w, _ = digits
     x = x_T.clone().requires_grad_()
     budget = None if states is None else states * x_T.numel() * x_T.element_size()
-    callback = None if nfe is None else (lambda p: nfe.append(p.nfe))
+    callback = None if nfe is None else (lambda p: nfe.append((p.phase, p.nfe)))
     x0 = sample(backend.eps_fn, x, c.cond, schedule=backend.schedule, steps=steps, solver="dpm3",
                 grad_mode=mode, guidance_scale=scale, uncond=c.uncond, grid=backend.default_grid,
                 prediction=backend.prediction, memory_budget=budget, callback=callback)
@@ -92,11 +92,15 @@ def test_ranked_anchors_beat_evenly_spaced_ones(digits):
 
 def test_ranking_costs_no_network_call(digits):
     """Rating the states reuses the forward pass's ε and hands ε̃(y_N) to the backward pass: the
-    same 2N + 1 calls as the paper's adjoint."""
+    same 2N + 1 calls as the paper's adjoint, ε̃(y_N) counted where it runs (the forward pass)."""
     paper, ranked = [], []
     _grad(digits, "adjoint", 10, nfe=paper)
     _grad(digits, "adjoint", 10, states=8, nfe=ranked)
-    assert paper[-1] == ranked[-1] == 2 * 10 + 1
+    assert paper[-1][1] == ranked[-1][1] == 2 * 10 + 1
+
+    def forward_calls(events):
+        return max(n for phase, n in events if phase == "forward")
+    assert (forward_calls(paper), forward_calls(ranked)) == (10, 11)
 
 
 def test_converges_with_steps_at_cfg_7_5(digits):

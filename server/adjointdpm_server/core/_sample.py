@@ -52,7 +52,8 @@ class _Engine:
     def storage(self):
         """``(store, ranked)`` for the forward solve: every state (``auto``, ``checkpoint``, an
         ``adjoint`` budget that holds them all), the ``adjoint``'s ranked anchors (multistep), or
-        every k-th state (one-step solvers; k = 0: none, the paper's adjoint)."""
+        evenly spaced ones (one-step solvers: the anchors split y_N … y_0 into equal segments of
+        re-solve; 0 anchors: none, the paper's adjoint)."""
         steps = len(self.nodes) - 1
         if self.mode != "adjoint" or self.anchors >= steps:
             return 1, None
@@ -60,7 +61,8 @@ class _Engine:
             return 0, None
         if self.solver.ranks_anchors:
             return 0, RankedAnchors(self.anchors)
-        return math.ceil(steps / self.anchors), None
+        a = self.anchors  # N − ⌊jN/(a+1) + ½⌋, j = 1…a: distinct, and y_0 only when a ≥ N
+        return frozenset(steps - (2 * j * steps + a + 1) // (2 * (a + 1)) for j in range(1, a + 1)), None
 
 
 def _expand_batch(c: torch.Tensor | None, batch: int, name: str):

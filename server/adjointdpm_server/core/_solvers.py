@@ -110,6 +110,12 @@ def _data_weights(order: int, rho_nodes: tuple[float, ...]):
     return tuple(out)
 
 
+def _stores(store, i: int) -> bool:
+    """Whether the forward solve keeps ``y_i``: ``store`` is 0 (none), k (every k-th state) or a
+    set of step indices (the one-step solvers' evenly spaced anchors)."""
+    return i in store if isinstance(store, frozenset) else bool(store) and i % store == 0
+
+
 def _evaluate(tape, step: int, fn, y, cond, uncond):
     """``fn(y, cond, uncond)``, through ``tape`` (``auto``: it may keep the graph) when given."""
     return fn(y, cond, uncond) if tape is None else tape(step, fn, y)
@@ -188,7 +194,7 @@ class LinearMultistep:
 
     def solve(self, field: GuidedEps, y: torch.Tensor, nodes, cond, uncond, *, store=0,
               callback=None, tape=None, anchors=None):
-        """Forward solve; returns ``(y_N, {i: y_i for every store-th i} or None)``; ``tape``
+        """Forward solve; returns ``(y_N, {i: y_i for each i that ``store`` keeps} or None)``; ``tape``
         (``auto``) runs the network calls and keeps the graphs it plans to; ``anchors``
         (``adjoint`` under a budget, a :class:`RankedAnchors`) takes the states instead of
         ``store`` and chooses which to keep, and the returned dict is its choice."""
@@ -198,7 +204,7 @@ class LinearMultistep:
         stored = {} if store else None
         rater = _Rater(self, nodes, anchors) if anchors is not None else None
         for i, w in enumerate(weights):
-            if store and i % store == 0:
+            if _stores(store, i):
                 stored[i] = y
             history.insert(0, _evaluate(tape, i, lambda y_, c, u, node=nodes[i]: field(y_, node, c, u),
                                         y, cond, uncond))
@@ -211,13 +217,13 @@ class LinearMultistep:
                 del states[self.order:]
                 step = step + sum(aj * s for aj, s in zip(y_weights[i], states) if aj != 0.0)
             y = y + step
+            if rater is not None and i == len(weights) - 1:  # before the last callback: a forward call
+                with torch.no_grad():
+                    anchors.eps_end = field(y, nodes[-1], cond, uncond)
+                rater.add(len(weights), y, anchors.eps_end)
+                stored = anchors.states
             if callback is not None:
                 callback("forward", i + 1, len(weights), nodes[i + 1].t)
-        if rater is not None:
-            with torch.no_grad():
-                anchors.eps_end = field(y, nodes[-1], cond, uncond)
-            rater.add(len(weights), y, anchors.eps_end)
-            stored = anchors.states
         return y, stored
 
     def backward(self, field: GuidedEps, vjp, nodes, y_end, ybar, stored=None, callback=None,
@@ -285,11 +291,11 @@ class OneStep:
 
     def solve(self, field, y, nodes, cond, uncond, *, store=0, callback=None, tape=None, anchors=None):
         if anchors is not None:
-            raise ValueError(f"{self.name} keeps evenly spaced anchors (store=k), not ranked ones")
+            raise ValueError(f"{self.name} keeps evenly spaced anchors (store), not ranked ones")
         stored = {} if store else None
         n = len(nodes) - 1
         for i in range(n):
-            if store and i % store == 0:
+            if _stores(store, i):
                 stored[i] = y
             y = _evaluate(tape, i, lambda y_, c, u, a=nodes[i], b=nodes[i + 1]: self.step(field, y_, a, b, c, u),
                           y, cond, uncond)
