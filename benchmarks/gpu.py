@@ -25,9 +25,9 @@ device. A failing RPC is reported, not fatal.
 
 Cells run in order of importance and the table is rewritten after each, so a run stopped by
 ``--minutes`` (or killed) still leaves what it measured. On a CUDA machine with the server's
-dependencies (an image with torch but without diffusers, grpcio-health-checking,
-grpcio-reflection, opentelemetry-api or tritonclient needs those as wheels), from the repository
-root::
+dependencies, from the repository root (an offline image that has torch, transformers and peft
+but not diffusers or the gRPC extras takes them as wheels from ``scripts/gpu_wheels.sh``, whose
+header shows the install)::
 
     PYTHONPATH=server:sdk PYTHONUNBUFFERED=1 python3 benchmarks/gpu.py --service --minutes 8
 
