@@ -7,12 +7,13 @@ while alive, so the peak of live saved bytes over forward + backward is the grap
 """
 
 import math
+import os
 
 import pytest
 import torch
 from adjointdpm_server.core import sample
-from adjointdpm_server.core._memory import (ALLOCATOR_SLACK, RankedAnchors, graph_bytes, plan_anchors,
-                                            plan_kept_steps)
+from adjointdpm_server.core._memory import (ALLOCATOR_SLACK, RankedAnchors, default_budget, graph_bytes,
+                                            plan_anchors, plan_kept_steps)
 
 from .test_unet_gradients import _rel, setup  # noqa: F401  (setup: the shared UNet fixture)
 
@@ -141,6 +142,10 @@ def test_auto_without_room_is_checkpoint_and_with_room_backprop(setup):
     _run(setup, "auto", calls=big, memory_budget=STEPS * (one + state) * 2)
     assert len(small) == 2 * STEPS and len(big) == STEPS
     assert small[:STEPS].count(True) == 0  # nothing to measure: no forward call builds a graph
+    for budget, measured in ((STEPS * state - 1, 0), (STEPS * state, 1)):  # the states just fit: measure
+        calls = []
+        _run(setup, "auto", calls=calls, memory_budget=budget)
+        assert calls[:STEPS].count(True) == measured and len(calls) == 2 * STEPS
     meters = {mode: LiveSaved(list(setup[0].parameters())) for mode in ("backprop", "auto", "checkpoint")}
     _run(setup, "backprop", meter=meters["backprop"])
     _run(setup, "auto", meter=meters["auto"], memory_budget=STEPS * (one + state) * 2)
@@ -156,6 +161,9 @@ def test_plan_is_the_largest_fitting_count():
     assert plan_kept_steps(10, 10 + 479, 100, 1) == 3
     assert plan_kept_steps(10, 10 + 480, 100, 1) == 4
     assert plan_kept_steps(10, 1e12, 100, 1) == 10
+    # a call that saves nothing (a network with no graph): every step keeps it once the states fit
+    assert plan_kept_steps(10, 100, 0, 10) == plan_kept_steps(10, 1000, 0, 10) == 10
+    assert plan_kept_steps(10, 99, 0, 10) == 0
     assert plan_anchors(20, None, 8) == 0                   # the paper's adjoint: y_N only
     assert plan_anchors(20, 8 * 20, 8, pending=3) == 20     # every state: checkpoint
     assert plan_anchors(20, 8 * 19 + 7, 8, pending=3) == 16  # the ranking holds 3 states unrated
@@ -171,6 +179,12 @@ def test_ranked_anchors_keep_the_states_that_err_most():
         assert len(anchors.states) == min(i + 1, 3)
     assert sorted(anchors.states) == [2, 4, 6]
     assert all(float(anchors.states[i][0]) == i for i in anchors.states)
+
+
+def test_default_budget_is_half_the_available_memory():
+    """Without a budget ``auto`` takes half of what is free: on a CPU, the available RAM."""
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert 0.4 * available <= default_budget(torch.device("cpu")) <= 0.6 * available
 
 
 @pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), "1GB"])
