@@ -51,6 +51,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests.models.tiny_sd for the service part
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import memory as M  # noqa: E402  (sd_schedule)
+from load import darker  # noqa: E402  (the client-side numpy loss)
 RESULTS = ROOT / "benchmarks" / "results" / "gpu.md"
 GUIDANCE = 7.5
 SOLVER = "dpm3"
@@ -91,7 +94,6 @@ def build(arch: dict, dtype: torch.dtype, device: torch.device):
     """(eps_fn in ``dtype``, x_T, cond, uncond, v, schedule); the tensors in float32."""
     from diffusers import UNet2DConditionModel
 
-    from adjointdpm_server.core import VPSchedule
     from adjointdpm_server.models._diffusers import TextConditionalEps
     from adjointdpm_server.models._packing import TokensAndVector
     from adjointdpm_server.models._sdxl import SDXLEps
@@ -111,8 +113,7 @@ def build(arch: dict, dtype: torch.dtype, device: torch.device):
     cond = (0.1 * torch.randn(1, rows, arch["width"], generator=g)).to(device)
     uncond = torch.zeros_like(cond)
     v = torch.randn(x_T.shape, generator=g).to(device)
-    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
-    return eps_fn, x_T, cond, uncond, v, VPSchedule.from_alphas_cumprod(torch.cumprod(1.0 - betas, 0))
+    return eps_fn, x_T, cond, uncond, v, M.sd_schedule()
 
 
 class Meter:
@@ -141,12 +142,6 @@ class Meter:
         self.peak_mib = ((torch.cuda.max_memory_allocated(self.device) - self.base) / MIB
                          if self.cuda else float("nan"))
         return False
-
-
-def free_bytes(device: torch.device) -> int:
-    from adjointdpm_server.core import default_budget
-
-    return int(2 * default_budget(device))  # default_budget is half of what is free
 
 
 def core_cells(args, report):
@@ -209,7 +204,7 @@ def one_cell(arch, dtype, steps, device, report, key):
         if report.out_of_time():
             rows[label] = "not run: --minutes spent"
             continue
-        if mode == "backprop" and device.type == "cuda" and steps * graph > 0.8 * free_bytes(device):
+        if mode == "backprop" and device.type == "cuda" and steps * graph > 0.8 * torch.cuda.mem_get_info(device)[0]:
             rows[label] = f"skipped: ~{steps * graph / 2**30:.0f} GiB of graphs"
             continue
         try:
@@ -244,8 +239,7 @@ def service_checks(args, report):
                                         limits=Limits(max_batch=4, max_steps=50)))
         clip_loss = adjointdpm.ServerLoss("clip_similarity", {"text": "a photo of a cat"})
         classifier = adjointdpm.ServerLoss("classifier", {"label": 8})
-        darker = adjointdpm.ClientLoss(lambda x: (float(x.mean()), np.full_like(x, 1.0 / x.size)),
-                                       name="darker", autograd=False)
+        darker_loss = adjointdpm.ClientLoss(darker, name="darker", autograd=False)
         gen = dict(model="tiny", prompt="a cat", seed=0, steps=4, guidance_scale=2.0)
         style = np.random.default_rng(1).uniform(size=(3, 16, 16)).astype(np.float32)
         state = {}
@@ -259,7 +253,7 @@ def service_checks(args, report):
              lambda c: float(np.abs(c.compute_gradient(classifier, model="digits", labels=[3], seed=0,
                                                        steps=10).gradients["x_T"]).sum())),
             ("ComputeGradient (client loss)",
-             lambda c: float(np.abs(c.compute_gradient(darker, **gen).gradients["x_T"]).sum())),
+             lambda c: float(np.abs(c.compute_gradient(darker_loss, **gen).gradients["x_T"]).sum())),
             ("OptimizeLatent (CLIP loss)",
              lambda c: c.optimize_latent(clip_loss, iterations=2, lr=0.05, **gen).history),
             ("FinetuneWeights (LoRA, gram_style)",

@@ -114,12 +114,22 @@ def reset_peak_rss() -> bool:
 # --------------------------------------------------------------------------- the problem
 
 
+def sd_schedule():
+    """Stable Diffusion's discrete schedule (scaled_linear 0.00085…0.012, 1000 steps), so a UNet
+    sees timesteps in its usual range [0, 999]."""
+    import torch
+
+    from adjointdpm_server.core import VPSchedule
+
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    return VPSchedule.from_alphas_cumprod(torch.cumprod(1.0 - betas, 0))
+
+
 def build_problem():
     """The seeded UNet (as ``eps_fn``), ``x_T``, ``cond``, the loss weights and the SD schedule."""
     import torch
     from diffusers import UNet2DConditionModel
 
-    from adjointdpm_server.core import VPSchedule
     # eps_fn(x, t, cond): an nn.Module, so that ``sample`` differentiates the UNet's weights
     from adjointdpm_server.models._diffusers import TextConditionalEps
 
@@ -128,11 +138,7 @@ def build_problem():
     x_T = torch.randn(LATENT_SHAPE).requires_grad_(True)
     cond = torch.randn(COND_SHAPE).requires_grad_(True)
     weight = torch.randn(LATENT_SHAPE)
-    # Stable Diffusion's discrete schedule (scaled_linear 0.00085…0.012, 1000 steps), so the UNet
-    # sees timesteps in its usual range [0, 999].
-    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
-    schedule = VPSchedule.from_alphas_cumprod(torch.cumprod(1.0 - betas, 0))
-    return dict(eps_fn=eps_fn, x_T=x_T, cond=cond, weight=weight, schedule=schedule)
+    return dict(eps_fn=eps_fn, x_T=x_T, cond=cond, weight=weight, schedule=sd_schedule())
 
 
 def clear_grads(problem) -> None:

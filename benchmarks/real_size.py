@@ -35,7 +35,6 @@ def build():
     import torch
     from diffusers import UNet2DConditionModel
 
-    from adjointdpm_server.core import VPSchedule
     from adjointdpm_server.models._diffusers import TextConditionalEps
 
     torch.manual_seed(0)
@@ -43,8 +42,7 @@ def build():
     eps_fn = TextConditionalEps(unet).eval().requires_grad_(False)
     x_T = torch.randn(1, 4, 64, 64).requires_grad_()
     cond = (0.1 * torch.randn(1, 77, 768)).requires_grad_()
-    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
-    return eps_fn, x_T, cond, VPSchedule.from_alphas_cumprod(torch.cumprod(1.0 - betas, 0))
+    return eps_fn, x_T, cond, M.sd_schedule()
 
 
 def available() -> int:

@@ -50,17 +50,17 @@ class _Engine:
         return list(module.parameters()) + list(module.buffers())
 
     def storage(self):
-        """``(store, ranked)`` for the forward solve: every state (``auto``, ``checkpoint``, an
-        ``adjoint`` budget that holds them all), the ``adjoint``'s ranked anchors (multistep), or
-        evenly spaced ones (one-step solvers: the anchors split y_N … y_0 into equal segments of
+        """``(store, ranked)`` for the forward solve, ``store`` the indices of the states it keeps:
+        every state (``auto``, ``checkpoint``, an ``adjoint`` budget that holds them all), the
+        ``adjoint``'s ranked anchors (multistep), or evenly spaced ones (one-step solvers: the anchors split y_N … y_0 into equal segments of
         re-solve; 0 anchors: none, the paper's adjoint)."""
         steps = len(self.nodes) - 1
         if self.mode != "adjoint" or self.anchors >= steps:
-            return 1, None
+            return frozenset(range(steps)), None
         if self.anchors == 0:
-            return 0, None
+            return frozenset(), None
         if self.solver.ranks_anchors:
-            return 0, RankedAnchors(self.anchors)
+            return frozenset(), RankedAnchors(self.anchors)
         a = self.anchors  # N − ⌊jN/(a+1) + ½⌋, j = 1…a: distinct, and y_0 only when a ≥ N
         return frozenset(steps - (2 * j * steps + a + 1) // (2 * (a + 1)) for j in range(1, a + 1)), None
 

@@ -110,10 +110,13 @@ def _data_weights(order: int, rho_nodes: tuple[float, ...]):
     return tuple(out)
 
 
-def _stores(store, i: int) -> bool:
-    """Whether the forward solve keeps ``y_i``: ``store`` is 0 (none), k (every k-th state) or a
-    set of step indices (the one-step solvers' evenly spaced anchors)."""
-    return i in store if isinstance(store, frozenset) else bool(store) and i % store == 0
+def _combine(w, eps, a, ys):
+    """One multistep update ``Σ_j w_j ε_j (+ Σ_j a_j y_j)``, forward or reversed (``a``: the data
+    form's y-weights of this step, or None)."""
+    step = sum(wj * e for wj, e in zip(w, eps))
+    if a is not None:
+        step = step + sum(aj * y for aj, y in zip(a, ys) if aj != 0.0)
+    return step
 
 
 def _evaluate(tape, step: int, fn, y, cond, uncond):
@@ -157,10 +160,10 @@ class _Rater:
 
     def _rate(self, i: int) -> None:
         m = self.n - 1 - i
-        y_hat = self.ys[i + 1] + sum(w * self.eps[i + 1 + k] for k, w in enumerate(self.rev_weights[m]))
-        if self.rev_y_weights is not None:
-            y_hat = y_hat + sum(a * self.ys[i + 1 + k] for k, a in enumerate(self.rev_y_weights[m])
-                                if a != 0.0)
+        ahead = range(i + 1, self._last_used(i) + 1)  # y_{i+1}, …: the reversed step's history
+        y_hat = self.ys[i + 1] + _combine(self.rev_weights[m], [self.eps[k] for k in ahead],
+                                          None if self.rev_y_weights is None else self.rev_y_weights[m],
+                                          [self.ys[k] for k in ahead])
         y_i = self.ys[i]
         error = float((y_hat - y_i).norm() / y_i.norm().clamp_min(torch.finfo(y_i.dtype).tiny))
         self.anchors.offer(i, y_i, error)
@@ -192,9 +195,9 @@ class LinearMultistep:
             return None
         return tuple(a for _, a in _data_weights(self.order, tuple(n.rho for n in nodes)))
 
-    def solve(self, field: GuidedEps, y: torch.Tensor, nodes, cond, uncond, *, store=0,
+    def solve(self, field: GuidedEps, y: torch.Tensor, nodes, cond, uncond, *, store=frozenset(),
               callback=None, tape=None, anchors=None):
-        """Forward solve; returns ``(y_N, {i: y_i for each i that ``store`` keeps} or None)``; ``tape``
+        """Forward solve; returns ``(y_N, {i: y_i for i in store} or None)``; ``tape``
         (``auto``) runs the network calls and keeps the graphs it plans to; ``anchors``
         (``adjoint`` under a budget, a :class:`RankedAnchors`) takes the states instead of
         ``store`` and chooses which to keep, and the returned dict is its choice."""
@@ -204,19 +207,17 @@ class LinearMultistep:
         stored = {} if store else None
         rater = _Rater(self, nodes, anchors) if anchors is not None else None
         for i, w in enumerate(weights):
-            if _stores(store, i):
+            if i in store:
                 stored[i] = y
             history.insert(0, _evaluate(tape, i, lambda y_, c, u, node=nodes[i]: field(y_, node, c, u),
                                         y, cond, uncond))
             if rater is not None:
                 rater.add(i, y, history[0])
             del history[self.order:]
-            step = sum(wj * e for wj, e in zip(w, history))
             if y_weights is not None:
                 states.insert(0, y)
                 del states[self.order:]
-                step = step + sum(aj * s for aj, s in zip(y_weights[i], states) if aj != 0.0)
-            y = y + step
+            y = y + _combine(w, history, None if y_weights is None else y_weights[i], states)
             if rater is not None and i == len(weights) - 1:  # before the last callback: a forward call
                 with torch.no_grad():
                     anchors.eps_end = field(y, nodes[-1], cond, uncond)
@@ -253,10 +254,8 @@ class LinearMultistep:
             if i in stored:
                 y_i = y_hat = stored[i]
             else:
-                step = sum(wj * e for wj, e in zip(rev_weights[n - 1 - i], rev_eps))
-                if rev_y_weights is not None:
-                    step = step + sum(aj * s for aj, s in zip(rev_y_weights[n - 1 - i], rev_y) if aj != 0.0)
-                y_hat = y_hat + step
+                y_hat = y_hat + _combine(rev_weights[n - 1 - i], rev_eps,
+                                         None if rev_y_weights is None else rev_y_weights[n - 1 - i], rev_y)
                 y_i = y_hat
             # ε̄_i = Σ_m W[m][m−i] ȳ_{m+1} over the steps m ≥ i whose update used ε_i; the data
             # form's y-terms add Σ_m A[m][m−i] ȳ_{m+1} to ȳ_i directly.
@@ -289,13 +288,14 @@ class OneStep:
     def step(self, field: GuidedEps, y, a: Node, b: Node, cond, uncond):
         raise NotImplementedError
 
-    def solve(self, field, y, nodes, cond, uncond, *, store=0, callback=None, tape=None, anchors=None):
+    def solve(self, field, y, nodes, cond, uncond, *, store=frozenset(), callback=None, tape=None,
+              anchors=None):
         if anchors is not None:
             raise ValueError(f"{self.name} keeps evenly spaced anchors (store), not ranked ones")
         stored = {} if store else None
         n = len(nodes) - 1
         for i in range(n):
-            if _stores(store, i):
+            if i in store:
                 stored[i] = y
             y = _evaluate(tape, i, lambda y_, c, u, a=nodes[i], b=nodes[i + 1]: self.step(field, y_, a, b, c, u),
                           y, cond, uncond)
