@@ -8,6 +8,7 @@ every event.
 
 from __future__ import annotations
 
+import inspect
 import queue
 import sys
 from typing import Any, Callable, Iterable
@@ -30,13 +31,47 @@ class AdjointDPMError(RuntimeError):
         self.code, self.details = code, details
 
 
-def _rpc(builder):
-    """A client method with the builder's documentation and keyword arguments (``inspect``
-    shows them), plus ``stream``, ``on_event`` and ``progress``."""
+_CLIENT_KEYWORDS = (
+    ("stream", False, "return the ``Call`` to iterate over the events as they arrive "
+                      "(``call.result`` is set at the end)"),
+    ("on_event", None, "called with every event message"),
+    ("progress", None, "a tqdm progress bar (None: when stderr is a terminal)"),
+)
+_RESULTS = {"sample": "SampleResult", "compute_gradient": "GradientResult"}
+
+
+def _signature(name: str) -> inspect.Signature:
+    """The method's real signature, from ``adjointdpm.options``: its positional inputs, then every
+    option as a keyword with its default, then ``stream``, ``on_event``, ``progress``."""
+    P = inspect.Parameter
+    params = [P("self", P.POSITIONAL_OR_KEYWORD)]
+    for i in _requests.METHODS[name][2]:
+        extra = {"default": ()} if (name, i) == ("optimize_embedding", "losses") else {}
+        params.append(P(i, P.POSITIONAL_OR_KEYWORD, **extra))
+    for kw, default, _ in (*_requests.keywords(name), *_CLIENT_KEYWORDS):
+        params.append(P(kw, P.KEYWORD_ONLY, default=default))
+    return inspect.Signature(params, return_annotation=_RESULTS.get(name, "OptimizeResult"))
+
+
+def _docstring(name: str) -> str:
+    lines = [_requests.SUMMARIES[name], "", "Args:"]
+    lines += [f"    {i}: {_requests.INPUT_DOCS[i]}" for i in _requests.METHODS[name][2]]
+    lines += [f"    {kw}: {doc}" for kw, _, doc in (*_requests.keywords(name), *_CLIENT_KEYWORDS)]
+    return "\n".join(lines)
+
+
+def _rpc(name: str):
+    """A client method with its real signature and a docstring that documents every argument,
+    both generated from ``adjointdpm.options``; a wrong keyword is a TypeError, as in Python."""
+    signature = _signature(name)
+
     def decorate(method):
-        method.__doc__ = (builder.__doc__ or "") + "\n\n``stream=True`` returns the ``Call`` to iterate."
-        method.__wrapped__ = builder
-        return method
+        def call(self, *args, **kwargs):
+            signature.bind(self, *args, **kwargs)
+            return method(self, *args, **kwargs)
+        call.__name__, call.__qualname__, call.__module__ = method.__name__, method.__qualname__, method.__module__
+        call.__doc__, call.__signature__ = _docstring(name), signature
+        return call
     return decorate
 
 
@@ -204,7 +239,7 @@ class Client:
 
     # -- RPCs: the requests come from _requests (shared with adjointdpm.aio) ------------------
     def _stream_call(self, name: str, args, kwargs, stream, on_event, progress):
-        request, client_losses = getattr(_requests, name)(*args, **kwargs)
+        request, client_losses = _requests.build(name, *args, **kwargs)
         method, wrapper, to_result = _RPCS[name]
         if wrapper is None:
             events = getattr(self.stub, method)(request, metadata=self.metadata + trace_metadata(), timeout=self.timeout)
@@ -212,24 +247,24 @@ class Client:
             events = self._bidi(getattr(self.stub, method), wrapper, request, client_losses)
         return self._run(events, to_result, stream, on_event, progress)
 
-    @_rpc(_requests.sample)
+    @_rpc("sample")
     def sample(self, *, stream=False, on_event=None, progress=None, **kwargs) -> SampleResult:
         return self._stream_call("sample", (), kwargs, stream, on_event, progress)
 
-    @_rpc(_requests.compute_gradient)
+    @_rpc("compute_gradient")
     def compute_gradient(self, losses, *, stream=False, on_event=None, progress=None, **kwargs) -> GradientResult:
         return self._stream_call("compute_gradient", (losses,), kwargs, stream, on_event, progress)
 
-    @_rpc(_requests.optimize_latent)
+    @_rpc("optimize_latent")
     def optimize_latent(self, losses, *, stream=False, on_event=None, progress=None, **kwargs) -> OptimizeResult:
         return self._stream_call("optimize_latent", (losses,), kwargs, stream, on_event, progress)
 
-    @_rpc(_requests.finetune_weights)
+    @_rpc("finetune_weights")
     def finetune_weights(self, losses, examples, *, stream=False, on_event=None, progress=None,
                          **kwargs) -> OptimizeResult:
         return self._stream_call("finetune_weights", (losses, examples), kwargs, stream, on_event, progress)
 
-    @_rpc(_requests.optimize_embedding)
+    @_rpc("optimize_embedding")
     def optimize_embedding(self, losses=(), *, stream=False, on_event=None, progress=None,
                            **kwargs) -> OptimizeResult:
         return self._stream_call("optimize_embedding", (losses,), kwargs, stream, on_event, progress)

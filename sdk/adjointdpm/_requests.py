@@ -1,6 +1,7 @@
-"""The request messages of every RPC, built from keyword arguments: one implementation shared by
-the synchronous ``Client`` and ``adjointdpm.aio.Client`` (each builder returns the request and
-the client-side loss terms, by index, that the server will query)."""
+"""The request messages of every RPC, built from keyword arguments that ``adjointdpm.options``
+declares: one implementation shared by the synchronous ``Client`` and ``adjointdpm.aio.Client``
+(``build`` returns the request and the client-side loss terms, by index, that the server will
+query; ``keywords`` gives the methods their signatures and docstrings)."""
 
 from __future__ import annotations
 
@@ -9,37 +10,129 @@ from typing import Any, Sequence
 import numpy as np
 from google.protobuf import struct_pb2
 
+from . import options
 from ._losses import ClientLoss, as_term, evaluate_client_loss
 from ._tensors import decode_tensor, encode_tensor
 from .v1 import adjointdpm_pb2 as pb
 
-__all__ = ["sample", "compute_gradient", "optimize_latent", "finetune_weights", "optimize_embedding",
-           "models_from", "losses_from", "loss_reply", "unknown_term", "artifact_from"]
+__all__ = ["METHODS", "build", "keywords", "models_from", "losses_from", "loss_reply", "unknown_term",
+           "artifact_from"]
 
 _TARGETS = {"x_T": pb.X_T, "x_t": pb.X_T, "cond": pb.COND, "token": pb.TOKEN, "weights": pb.WEIGHTS}
 _DOMAINS = {"image": pb.IMAGE, "latent": pb.LATENT}
 
+# name of the SDK method → (the RPC, its request message, its positional inputs)
+METHODS = {
+    "sample": ("Sample", pb.SampleRequest, ()),
+    "compute_gradient": ("ComputeGradient", pb.GradientRequest, ("losses",)),
+    "optimize_latent": ("OptimizeLatent", pb.OptimizeLatentRequest, ("losses",)),
+    "finetune_weights": ("FinetuneWeights", pb.FinetuneRequest, ("losses", "examples")),
+    "optimize_embedding": ("OptimizeEmbedding", pb.OptimizeEmbeddingRequest, ("losses",)),
+}
+SUMMARIES = {
+    "sample": "Sample images: progress per step, then PNGs and the final latents.",
+    "compute_gradient": "∂(Σ losses)/∂targets: x_T (or x_t with ``t_start``), cond, a new token, "
+                        "weights.",
+    "optimize_latent": "Optimize x_T (each sample keeps its best iterate and stops on its own), or "
+                       "with ``guided`` steer x_t during sampling (paper §4.1).",
+    "finetune_weights": "Fine-tune the model (LoRA or full) on a loss over ``examples``; the "
+                        "result's ``artifact.id`` is an adapter for ``sample(adapter=...)``.",
+    "optimize_embedding": "Learn a conditioning (SD: a token whose placeholder is in ``prompt``) "
+                          "from losses and/or a target image; the result's ``artifact.id`` goes "
+                          "to ``sample(embedding=...)``.",
+}
+INPUT_DOCS = {
+    "losses": "a loss term or a list of them: ``ServerLoss``, ``ClientLoss``, a registered "
+              "client loss's name, or a callable",
+    "examples": "[{\"seed\" | \"x_T\", \"prompt\" | \"label\"}, …]: the noise and conditioning "
+                "trained on",
+    "validation": "held-out examples like ``examples``: a Validation event every "
+                  "``validate_every`` iterations (``result.validations``)",
+}
+GROUP_DOCS = {
+    "stop_when": "when to stop early, a dict of",
+    "guided": "set: steer x_t during sampling instead of optimizing x_T, a dict of",
+    "token": "the token to learn or differentiate, a dict of",
+    "weights": "which weights to differentiate, a dict of",
+}
 
-def _generation(model="", adapter="", prompt=None, negative_prompt=None, labels=None, cond=None,
-                embedding="", batch=None, seed=None, x_T=None, steps=None, solver="",
-                guidance_scale=None, grid="", t_start=None) -> pb.Generation:
-    def many(v):
-        return [] if v is None else ([v] if isinstance(v, (str, int, np.integer)) else list(v))
 
-    g = pb.Generation(model=model, adapter=adapter, prompt=many(prompt),
-                      negative_prompt=many(negative_prompt), labels=[int(v) for v in many(labels)],
-                      embedding=embedding, batch=batch or 0, steps=steps or 0, solver=solver, grid=grid)
-    if cond is not None:
-        g.cond.CopyFrom(encode_tensor(cond))
-    if x_T is not None:
-        g.x_T.CopyFrom(encode_tensor(np.asarray(x_T, dtype=np.float32)))
-    if seed is not None:
-        g.seed = seed
-    if guidance_scale is not None:
-        g.guidance_scale = guidance_scale
-    if t_start is not None:
-        g.t_start = t_start
-    return g
+def keywords(method: str) -> list[tuple[str, object, str]]:
+    """The SDK keywords of a method, in order: (name, default, one-line doc); a dict keyword's doc
+    lists its keys with theirs."""
+    rpc = METHODS[method][0]
+    out, groups = [], {}
+    for o in options.options(rpc):
+        if o.group:
+            groups.setdefault(o.group, []).append(o)
+        else:
+            out.append((o.name, options.default(rpc, o.path), o.describe()))
+    if method == "finetune_weights":
+        out.append(("validation", (), INPUT_DOCS["validation"]))
+    for group, items in groups.items():
+        keys = "; ".join(f"{o.name}: {o.describe()}" for o in items)
+        out.append((group, None, f"{GROUP_DOCS[group]} {keys}"))
+    return out
+
+
+def build(method: str, /, *inputs, **kwargs):
+    """(the request message, the client-side loss terms by index) for ``method`` from its
+    positional inputs and keyword arguments; left-out keywords stay unset on the wire, which the
+    server reads as the same defaults (``adjointdpm.options``)."""
+    rpc, message, _ = METHODS[method]
+    request = message()
+    known = {name for name, _, _ in keywords(method)}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise TypeError(f"{method}() got unexpected keyword arguments {unknown}")
+    client: dict[int, ClientLoss] = {}
+    if inputs:
+        losses = inputs[0]
+        if not (method == "optimize_embedding" and not losses):
+            terms, client = _loss_terms(losses)
+            request.losses.extend(terms)
+    if method == "finetune_weights":
+        request.examples.extend(_examples(inputs[1]))
+        request.validation.extend(_examples(kwargs.get("validation", ())))
+    for o in options.options(rpc):
+        if o.group:
+            given = kwargs.get(o.group)
+            if given is None:
+                continue
+            unknown = set(given) - {g.name for g in options.options(rpc) if g.group == o.group}
+            if unknown:
+                raise TypeError(f"{o.group} takes {', '.join(g.name for g in options.options(rpc) if g.group == o.group)}"
+                                f"; not {sorted(unknown)}")
+            options._field(request, o.path)[0].SetInParent()
+            if o.name in given:
+                _set(request, o, given[o.name])
+        elif o.name in kwargs:
+            _set(request, o, kwargs[o.name])
+    return request, client
+
+
+def _many(value) -> list:
+    if value is None:
+        return []
+    return [value] if isinstance(value, (str, int, np.integer)) else list(value)
+
+
+def _set(request, o, value) -> None:
+    """One option's value into its field (None leaves it unset)."""
+    if value is None:
+        return
+    holder, leaf = options._field(request, o.path)
+    if o.kind == "tensor":
+        getattr(holder, leaf).CopyFrom(encode_tensor(np.asarray(value, dtype=np.float32)))
+    elif o.kind == "targets":
+        getattr(holder, leaf).extend(_TARGETS[t] for t in _many(value))
+    elif o.kind == "list":
+        items = _many(value)
+        getattr(holder, leaf).extend([int(v) for v in items] if leaf == "labels" else items)
+    elif o.kind == "negated":
+        setattr(holder, leaf, not value)
+    else:
+        setattr(holder, leaf, value)
 
 
 def _loss_terms(losses) -> tuple[list[pb.LossTerm], dict[int, ClientLoss]]:
@@ -60,125 +153,6 @@ def _loss_terms(losses) -> tuple[list[pb.LossTerm], dict[int, ClientLoss]]:
     return terms, client
 
 
-def _optimizer(name="adam", lr=0.05, iterations=10, momentum=0.0, schedule="", warmup=0) -> pb.Optimizer:
-    return pb.Optimizer(name=name, lr=lr, iterations=iterations, momentum=momentum,
-                        schedule=schedule, warmup=warmup)
-
-
-def _stop(stop_when: dict | None):
-    """``{"loss_below": float, "verdict_changed": bool, "patience": int}`` → StopWhen."""
-    if stop_when is None:
-        return None
-    unknown = set(stop_when) - {"loss_below", "verdict_changed", "patience"}
-    if unknown:
-        raise TypeError(f"stop_when takes loss_below, verdict_changed, patience; not {sorted(unknown)}")
-    return pb.StopWhen(**stop_when)
-
-
-def sample(*, images: bool = True, pixels: bool = False, **generation):
-    """Sample images: ``prompt=``/``labels=``/``cond=``, ``seed=``/``x_T=``, ``steps=``, …"""
-    request = pb.SampleRequest(generation=_generation(**generation), no_images=not images,
-                               return_pixels=pixels)
-    return request, {}
-
-
-def compute_gradient(losses, *, targets: Sequence[str] = ("x_T",), grad_mode: str = "",
-                     memory_budget_mib: int = 0, token: dict | None = None, weights: dict | None = None,
-                     images: bool = False, **generation):
-    """∂(Σ losses)/∂targets: ``x_T`` (or x_t with ``t_start=``), ``cond``, ``token``, ``weights``.
-
-    ``token``: {"placeholder", "initializer", "embedding"}; ``weights``: {"parameters"
-    (fnmatch patterns), "lora_rank", "inline"}. ``grad_mode``: "" (= "auto": exact, at up to
-    plain backprop's speed within the server's memory budget, which ``memory_budget_mib`` may
-    lower), "checkpoint", "adjoint" or "backprop" (every call here takes the two).
-    """
-    terms, client = _loss_terms(losses)
-    request = pb.GradientRequest(generation=_generation(**generation), losses=terms,
-                                 targets=[_TARGETS[t] for t in targets], grad_mode=grad_mode,
-                                 memory_budget_mib=memory_budget_mib,
-                                 token=_token(token), weights=pb.WeightsSpec(**(weights or {})),
-                                 return_images=images)
-    return request, client
-
-
-def optimize_latent(losses, *, optimizer: str = "adam", lr: float = 0.05,
-                    iterations: int = 10, momentum: float = 0.0, schedule: str = "",
-                    warmup: int = 0, constraint: str = "", epsilon: float = 0.0,
-                    norm_weight: float = 0.0, image_every: int = 0, grad_mode: str = "",
-                    memory_budget_mib: int = 0, guided: dict | None = None, stop_when: dict | None = None,
-                    **generation):
-    """Optimize x_T (``constraint`` "linf"/"l2" ε-ball or "sphere"); each sample keeps its best
-    iterate (``result.x_T``; ``result.iterations[k].x_T`` holds every one) and stops on its
-    own with ``stop_when={loss_below, verdict_changed, patience}``. Or with ``guided={every,
-    scale, inner_steps, grad_steps, step ("normalized"|"raw"), clip}`` steer x_t during
-    sampling (paper §4.1). ``schedule``: "constant", "cosine" or "linear" learning rate."""
-    terms, client = _loss_terms(losses)
-    request = pb.OptimizeLatentRequest(
-        generation=_generation(**generation), losses=terms,
-        optimizer=_optimizer(optimizer, lr, iterations, momentum, schedule, warmup),
-        constraint=pb.Constraint(norm=constraint, epsilon=epsilon), norm_weight=norm_weight,
-        image_every=image_every, grad_mode=grad_mode, memory_budget_mib=memory_budget_mib,
-        stop_when=_stop(stop_when))
-    if guided is not None:
-        request.guided.CopyFrom(pb.GuidedSampling(**guided))
-    return request, client
-
-
-def finetune_weights(losses, examples: Sequence[dict], *, method: str = "lora",
-                     lora_rank: int = 4, lora_alpha: float = 0.0, target_modules=(),
-                     optimizer: str = "adam", lr: float = 1e-3, iterations: int = 10,
-                     checkpoint_every: int = 0, name: str = "", batch_size: int = 0,
-                     grad_mode: str = "", memory_budget_mib: int = 0, resume_from: str = "",
-                     keep_checkpoints: int = 0,
-                     schedule: str = "", warmup: int = 0, validation: Sequence[dict] = (),
-                     validate_every: int = 0, keep_best: bool = False,
-                     stop_when: dict | None = None, **generation):
-    """Fine-tune (LoRA or full) on ``examples`` = [{"seed"|"x_T", "prompt"|"label"}, …];
-    the result's ``artifact.id`` is an adapter for ``sample(adapter=...)``. ``resume_from``:
-    a checkpoint id of the same run (sent again with the same arguments) to continue;
-    ``keep_checkpoints``: this run's newest checkpoints the server keeps (0 = 3).
-    ``validation``: held-out examples, sampled every ``validate_every`` steps
-    (``result.validations``: losses and, on digits, the share of verdicts kept);
-    ``keep_best``: return the adapter of the best validation loss; ``stop_when={loss_below,
-    patience}`` on the validation loss."""
-    terms, client = _loss_terms(losses)
-    request = pb.FinetuneRequest(
-        generation=_generation(**generation), examples=_examples(examples), losses=terms,
-        optimizer=_optimizer(optimizer, lr, iterations, 0.0, schedule, warmup), method=method,
-        lora_rank=lora_rank, lora_alpha=lora_alpha, target_modules=list(target_modules),
-        checkpoint_every=checkpoint_every, name=name, batch_size=batch_size, grad_mode=grad_mode,
-        memory_budget_mib=memory_budget_mib, resume_from=resume_from, keep_checkpoints=keep_checkpoints,
-        validation=_examples(validation), validate_every=validate_every, keep_best=keep_best,
-        stop_when=_stop(stop_when))
-    return request, client
-
-
-def optimize_embedding(losses=(), *, target_image=None, token: dict | None = None,
-                       optimizer: str = "adam", lr: float = 0.05, iterations: int = 10,
-                       name: str = "", grad_mode: str = "", memory_budget_mib: int = 0,
-                       image_every: int = 0,
-                       schedule: str = "", warmup: int = 0, prior: str = "",
-                       prior_weight: float = 0.0, stop_when: dict | None = None,
-                       **generation):
-    """Learn a conditioning (SD: a token, ``prompt`` holding its placeholder) from losses
-    and/or a target image; the result's ``artifact.id`` goes to ``sample(embedding=...)``.
-    ``prior``: "norm" or "gaussian" keeps the vector among the model's own embeddings
-    (``prior_weight``, 0 = 1); ``stop_when={loss_below, patience}``; the best iterate's
-    vector is kept."""
-    terms, client = _loss_terms(losses) if losses else ([], {})
-    request = pb.OptimizeEmbeddingRequest(
-        generation=_generation(**generation), losses=terms,
-        optimizer=_optimizer(optimizer, lr, iterations, 0.0, schedule, warmup), name=name,
-        grad_mode=grad_mode, memory_budget_mib=memory_budget_mib, image_every=image_every,
-        prior=prior, prior_weight=prior_weight,
-        stop_when=_stop(stop_when))
-    if target_image is not None:
-        request.target_image.CopyFrom(encode_tensor(np.asarray(target_image, dtype=np.float32)))
-    if token is not None:
-        request.token.CopyFrom(_token(token))
-    return request, client
-
-
 def _examples(examples: Sequence[dict]) -> list[pb.FinetuneExample]:
     """[{"seed"|"x_T", "prompt"|"label"}, …] → FinetuneExample messages."""
     out = []
@@ -192,14 +166,6 @@ def _examples(examples: Sequence[dict]) -> list[pb.FinetuneExample]:
             e.x_T.CopyFrom(encode_tensor(np.asarray(ex["x_T"], dtype=np.float32)))
         out.append(e)
     return out
-
-
-def _token(token: dict | None) -> pb.TokenSpec:
-    token = dict(token or {})
-    msg = pb.TokenSpec(placeholder=token.get("placeholder", ""), initializer=token.get("initializer", ""))
-    if token.get("embedding") is not None:
-        msg.embedding.CopyFrom(encode_tensor(np.asarray(token["embedding"], dtype=np.float32)))
-    return msg
 
 
 def models_from(reply) -> list[dict[str, Any]]:

@@ -125,7 +125,7 @@ class Client:
         return events(), call
 
     def _stream_call(self, name: str, args, kwargs, stream, on_event, progress):
-        request, client_losses = getattr(_requests, name)(*args, **kwargs)
+        request, client_losses = _requests.build(name, *args, **kwargs)
         method, wrapper, to_result = _RPCS[name]
         if wrapper is None:
             grpc_call = getattr(self.stub, method)(request, metadata=self.metadata + trace_metadata(), timeout=self.timeout)
@@ -136,23 +136,23 @@ class Client:
         return call if stream else call.wait()
 
     # -- RPCs: awaitables (or, with stream=True, AsyncCall to iterate) ---------------------------
-    @_rpc(_requests.sample)
+    @_rpc("sample")
     def sample(self, *, stream=False, on_event=None, progress=None, **kwargs):
         return self._stream_call("sample", (), kwargs, stream, on_event, progress)
 
-    @_rpc(_requests.compute_gradient)
+    @_rpc("compute_gradient")
     def compute_gradient(self, losses, *, stream=False, on_event=None, progress=None, **kwargs):
         return self._stream_call("compute_gradient", (losses,), kwargs, stream, on_event, progress)
 
-    @_rpc(_requests.optimize_latent)
+    @_rpc("optimize_latent")
     def optimize_latent(self, losses, *, stream=False, on_event=None, progress=None, **kwargs):
         return self._stream_call("optimize_latent", (losses,), kwargs, stream, on_event, progress)
 
-    @_rpc(_requests.finetune_weights)
+    @_rpc("finetune_weights")
     def finetune_weights(self, losses, examples, *, stream=False, on_event=None, progress=None, **kwargs):
         return self._stream_call("finetune_weights", (losses, examples), kwargs, stream, on_event, progress)
 
-    @_rpc(_requests.optimize_embedding)
+    @_rpc("optimize_embedding")
     def optimize_embedding(self, losses=(), *, stream=False, on_event=None, progress=None, **kwargs):
         return self._stream_call("optimize_embedding", (losses,), kwargs, stream, on_event, progress)
 

@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 
 import adjointdpm
+from adjointdpm import options
 from adjointdpm._pictures import auto_scale, labeled_grid, upscale_png
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "call_keywords", "main"]
 
 
 # -- argument types ---------------------------------------------------------------------------------
@@ -47,61 +48,83 @@ def _named_tensor(text: str) -> tuple[str, np.ndarray]:
 
 
 # -- the parser -------------------------------------------------------------------------------------
-def _generation_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("generation")
-    g.add_argument("--model", default="", help="model name (default: the server's default)")
-    g.add_argument("--prompt", action="append", help="prompt (repeatable: one per sample)")
-    g.add_argument("--label", action="append", type=int, help="class label (repeatable)")
-    g.add_argument("--batch", type=int, help="number of samples")
-    g.add_argument("--seed", type=int, help="seed of x_T")
-    g.add_argument("--steps", type=int, help="sampler steps (default: the model's)")
-    g.add_argument("--solver", default="", help="euler, dpm2, dpm3 (default), ab2-4, heun, dopri5")
-    g.add_argument("--guidance", type=float, help="classifier-free guidance scale")
-    g.add_argument("--grid", default="", help="logsnr (default), time, karras")
-    g.add_argument("--adapter", default="", help="artifact id of a fine-tuned adapter")
-    g.add_argument("--embedding", default="", help="artifact id of a learned embedding")
+# A flag that sets an option has no default of its own: left out, the keyword is not sent and the
+# server applies the option's one default (``adjointdpm.options``), which its help text states.
+def _flag(p, rpc: str, flag: str, name: str, **kw) -> None:
+    """``flag`` sets the option ``name`` (a keyword, or ``group.key``) of ``rpc``."""
+    o = options.option(rpc, name)
+    if o.choices and "choices" not in kw and "action" not in kw:
+        kw["choices"] = o.choices
+    dest = kw.pop("dest", flag.lstrip("-").replace("-", "_"))
+    text = kw.pop("help", o.doc) + o.describe()[len(o.doc):]  # its own words, the option's default
+    p.add_argument(flag, dest=dest, default=None, help=text.replace("%", "%%"), **kw)
+    p.set_defaults(option_flags=(*p.get_default("option_flags"), (dest, name)))
 
 
-def _loss_flags(p: argparse.ArgumentParser, required: bool = True) -> None:
-    g = p.add_argument_group("loss")
-    g.add_argument("--loss", required=required, help="a server-side loss plugin (see `losses`)")
-    g.add_argument("--params", type=_json_object, default={}, help="its parameters as JSON")
-    g.add_argument("--tensor", type=_named_tensor, action="append", default=[],
-                   metavar="NAME=FILE.npy", help="a tensor input of the loss (repeatable)")
-    g.add_argument("--domain", choices=("image", "latent"), default="image")
-    g.add_argument("--grad-mode", default="", help="auto (default), checkpoint, adjoint, backprop")
-    g.add_argument("--memory-budget-mib", type=int, default=0,
-                   help="lower the server's gradient memory budget (auto, adjoint)")
-
-
-def _optimizer_flags(lr: float):
+def _generation_flags(rpc: str):
     def add(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--iterations", type=int, default=10)
-        p.add_argument("--lr", type=float, default=lr, help=f"learning rate (default {lr:g})")
-        p.add_argument("--schedule", default="", choices=("", "constant", "cosine", "linear"),
-                       help="learning-rate schedule (default constant)")
-        p.add_argument("--warmup", type=int, default=0, help="iterations of linear warm-up")
-        p.add_argument("--stop-below", type=float, help="stop once the loss is at most this "
-                       "(per sample for optimize)")
-        p.add_argument("--patience", type=int, default=0, help="stop after N iterations without a new best")
+        g = p.add_argument_group("generation")
+        _flag(g, rpc, "--model", "model")
+        _flag(g, rpc, "--prompt", "prompt", action="append", help="prompt (repeatable: one per sample)")
+        _flag(g, rpc, "--label", "labels", action="append", type=int, help="class label (repeatable)")
+        _flag(g, rpc, "--batch", "batch", type=int)
+        _flag(g, rpc, "--seed", "seed", type=int)
+        _flag(g, rpc, "--steps", "steps", type=int)
+        _flag(g, rpc, "--solver", "solver")
+        _flag(g, rpc, "--guidance", "guidance_scale", type=float)
+        _flag(g, rpc, "--grid", "grid")
+        _flag(g, rpc, "--adapter", "adapter")
+        _flag(g, rpc, "--embedding", "embedding")
     return add
 
 
-def _stop(args, flip: bool = False) -> dict | None:
-    """The stop_when of the optimizer flags (None when none is set)."""
-    stop = {}
-    if args.stop_below is not None:
-        stop["loss_below"] = args.stop_below
-    if args.patience:
-        stop["patience"] = args.patience
-    if flip:
-        stop["verdict_changed"] = True
-    return stop or None
+def _loss_flags(rpc: str, required: bool = True):
+    def add(p: argparse.ArgumentParser) -> None:
+        g = p.add_argument_group("loss")
+        g.add_argument("--loss", required=required, help="a server-side loss plugin (see `losses`)")
+        g.add_argument("--params", type=_json_object, default={}, help="its parameters as JSON")
+        g.add_argument("--tensor", type=_named_tensor, action="append", default=[],
+                       metavar="NAME=FILE.npy", help="a tensor input of the loss (repeatable)")
+        g.add_argument("--domain", choices=("image", "latent"), default="image")
+        _flag(g, rpc, "--grad-mode", "grad_mode")
+        _flag(g, rpc, "--memory-budget-mib", "memory_budget_mib", type=int)
+    return add
 
 
-def _token_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--placeholder", default="", help="token to learn (SD; must be in the prompt)")
-    p.add_argument("--initializer", default="", help="word whose embedding starts the token")
+def _optimizer_flags(rpc: str):
+    def add(p: argparse.ArgumentParser) -> None:
+        _flag(p, rpc, "--optimizer", "optimizer")
+        _flag(p, rpc, "--iterations", "iterations", type=int)
+        _flag(p, rpc, "--lr", "lr", type=float)
+        _flag(p, rpc, "--momentum", "momentum", type=float)
+        _flag(p, rpc, "--schedule", "schedule")
+        _flag(p, rpc, "--warmup", "warmup", type=int)
+        _flag(p, rpc, "--stop-below", "stop_when.loss_below", type=float)
+        _flag(p, rpc, "--patience", "stop_when.patience", type=int)
+    return add
+
+
+def _token_flags(rpc: str):
+    def add(p: argparse.ArgumentParser) -> None:
+        _flag(p, rpc, "--placeholder", "token.placeholder")
+        _flag(p, rpc, "--initializer", "token.initializer")
+    return add
+
+
+def call_keywords(args) -> dict:
+    """The keyword arguments of the SDK call: only the options whose flags were given (a dict
+    keyword such as ``stop_when`` from its keys' flags)."""
+    kwargs: dict = {}
+    for dest, name in args.option_flags:
+        value = getattr(args, dest)
+        if value is None:
+            continue
+        group, _, key = name.rpartition(".")
+        if group:
+            kwargs.setdefault(group, {})[key] = value
+        else:
+            kwargs[name] = value
+    return kwargs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ca", metavar="FILE", help="PEM file of the root certificates (implies TLS)")
     parser.add_argument("--cert", metavar="FILE", help="client certificate chain for mTLS (with --key)")
     parser.add_argument("--key", metavar="FILE", help="client private key for mTLS (with --cert)")
-    parser.set_defaults(out=Path("out"), progress=False)
+    parser.set_defaults(out=Path("out"), progress=False, option_flags=())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     output = argparse.ArgumentParser(add_help=False)
     output.add_argument("--out", type=Path, default=Path("out"), help="output directory (./out)")
@@ -128,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name, text, *flags, writes=True):
         p = sub.add_parser(name, help=text, description=text, allow_abbrev=False,
                            parents=[output] if writes else [])
+        p.set_defaults(option_flags=())
         for add in flags:
             add(p)
         return p
@@ -136,45 +160,59 @@ def build_parser() -> argparse.ArgumentParser:
         p = command(name, f"list the server's {name}", writes=False)
         p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    command("sample", "sample images", _generation_flags)
+    p = command("sample", "sample images", _generation_flags("Sample"))
 
+    rpc = "ComputeGradient"
     p = command("grad", "gradient of a loss w.r.t. x_T, cond, a token or weights",
-                _generation_flags, _loss_flags, _token_flags)
-    p.add_argument("--target", dest="targets", action="append",
-                   choices=("x_T", "cond", "token", "weights"), help="what to differentiate (repeatable)")
-    p.add_argument("--parameters", action="append", default=[], help="weights: fnmatch pattern")
-    p.add_argument("--lora-rank", type=int, default=0, help="weights: a fresh LoRA of this rank")
+                _generation_flags(rpc), _loss_flags(rpc), _token_flags(rpc))
+    _flag(p, rpc, "--target", "targets", dest="targets", action="append", choices=options.TARGETS,
+          help="what to differentiate (repeatable)")
+    _flag(p, rpc, "--parameters", "weights.parameters", action="append")
+    _flag(p, rpc, "--lora-rank", "weights.lora_rank", type=int)
 
+    rpc = "OptimizeLatent"
     p = command("optimize", "optimize x_T (or steer sampling) to lower a loss",
-                _generation_flags, _loss_flags, _optimizer_flags(lr=0.05))
-    p.add_argument("--optimizer", default="adam", choices=("adam", "sgd"))
-    p.add_argument("--constraint", default="none", choices=("none", "linf", "l2", "sphere"))
-    p.add_argument("--epsilon", type=float, default=0.0, help="radius of the linf/l2 ball")
-    p.add_argument("--norm-weight", type=float, default=0.0, help="penalty keeping |x_T| Gaussian")
-    p.add_argument("--guided-every", type=int, help="guided sampling: steer x_t every N steps")
-    p.add_argument("--guided-scale", type=float, default=0.0,
-                   help="guided sampling: step size per entry, times σ_t (default: --lr)")
-    p.add_argument("--stop-on-flip", action="store_true",
-                   help="each sample stops once the model's classifier changes its verdict (audits)")
+                _generation_flags(rpc), _loss_flags(rpc), _optimizer_flags(rpc))
+    _flag(p, rpc, "--constraint", "constraint", type=lambda v: "" if v == "none" else v,
+          metavar="{none,linf,l2,sphere}",
+          help="keep x_T in an ε-ball around the start or on its sphere: none ('' on the wire), "
+               "linf, l2, sphere")
+    _flag(p, rpc, "--epsilon", "epsilon", type=float)
+    _flag(p, rpc, "--norm-weight", "norm_weight", type=float)
+    _flag(p, rpc, "--image-every", "image_every", type=int)
+    _flag(p, rpc, "--guided-every", "guided.every", type=int,
+          help="guided sampling: steer x_t every N steps (given: guided sampling)")
+    _flag(p, rpc, "--guided-scale", "guided.scale", type=float,
+          help="guided sampling: step size per entry, times σ_t (unset: --lr)")
+    _flag(p, rpc, "--stop-on-flip", "stop_when.verdict_changed", action="store_const", const=True,
+          help="each sample stops once the model's classifier changes its verdict (audits)")
 
+    rpc = "FinetuneWeights"
     p = command("finetune", "fine-tune the model (LoRA or full) on a loss",
-                _generation_flags, _loss_flags, _optimizer_flags(lr=1e-3))
+                _generation_flags(rpc), _loss_flags(rpc), _optimizer_flags(rpc))
     p.add_argument("--examples", type=int, default=4, help="N examples, seeds SEED..SEED+N-1 (SEED=0)")
-    p.add_argument("--method", default="lora", choices=("lora", "full"))
-    p.add_argument("--rank", type=int, default=4, help="LoRA rank")
-    p.add_argument("--checkpoint-every", type=int, default=0)
-    p.add_argument("--name", default="", help="a label for the adapter")
     p.add_argument("--validation", type=int, default=0,
-                   help="N held-out examples (the seeds after the examples'), validated every 5 steps")
-    p.add_argument("--keep-best", action="store_true", help="the adapter of the best validation loss")
+                   help="N held-out examples (the seeds after the examples')")
+    _flag(p, rpc, "--method", "method")
+    _flag(p, rpc, "--rank", "lora_rank", type=int)
+    _flag(p, rpc, "--lora-alpha", "lora_alpha", type=float)
+    _flag(p, rpc, "--batch-size", "batch_size", type=int)
+    _flag(p, rpc, "--checkpoint-every", "checkpoint_every", type=int)
+    _flag(p, rpc, "--keep-checkpoints", "keep_checkpoints", type=int)
+    _flag(p, rpc, "--resume-from", "resume_from")
+    _flag(p, rpc, "--name", "name")
+    _flag(p, rpc, "--validate-every", "validate_every", type=int)
+    _flag(p, rpc, "--keep-best", "keep_best", action="store_const", const=True)
 
-    p = command("invert", "learn an embedding from a target image and/or a loss", _generation_flags,
-                lambda q: _loss_flags(q, required=False), _optimizer_flags(lr=0.05), _token_flags)
+    rpc = "OptimizeEmbedding"
+    p = command("invert", "learn an embedding from a target image and/or a loss",
+                _generation_flags(rpc), _loss_flags(rpc, required=False), _optimizer_flags(rpc),
+                _token_flags(rpc))
     p.add_argument("--target-image", type=Path, help="PNG or .npy (C, H, W) in [0, 1]")
-    p.add_argument("--name", default="", help="a label for the embedding")
-    p.add_argument("--prior", default="", choices=("", "norm", "gaussian"),
-                   help="keep the embedding among the model's own (gaussian: their per-dimension law)")
-    p.add_argument("--prior-weight", type=float, default=0.0, help="the prior's weight (default 1)")
+    _flag(p, rpc, "--name", "name")
+    _flag(p, rpc, "--image-every", "image_every", type=int)
+    _flag(p, rpc, "--prior", "prior")
+    _flag(p, rpc, "--prior-weight", "prior_weight", type=float)
 
     p = command("artifact", "download an artifact (to OUT/ID.safetensors)")
     p.add_argument("id")
@@ -192,15 +230,6 @@ def _client(args, parser) -> adjointdpm.Client:
     if any(files.values()):
         tls = {k: v for k, v in files.items() if v}
     return adjointdpm.Client(args.server, token=args.token, tls=tls)
-
-
-def _generation(args, conditioning: bool = True) -> dict:
-    g = dict(model=args.model, adapter=args.adapter, embedding=args.embedding, batch=args.batch,
-             seed=args.seed, steps=args.steps, solver=args.solver, guidance_scale=args.guidance,
-             grid=args.grid)
-    if conditioning:
-        g.update(prompt=args.prompt, labels=args.label)
-    return g
 
 
 def _loss(args) -> adjointdpm.ServerLoss:
@@ -225,18 +254,13 @@ def _write_pngs(images: list[bytes], out: Path, prefix: str, scale: int = 1) -> 
 
 
 def _write_tensors(tensors: dict[str, np.ndarray], out: Path, stem: str) -> Path:
-    """``stem.safetensors``; ``stem.npz`` with a note when safetensors is not installed."""
+    """``stem.safetensors`` (safetensors' numpy API: an SDK dependency that needs no torch)."""
+    from safetensors.numpy import save_file
+
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-    try:
-        from safetensors.numpy import save_file
-    except ImportError:
-        path = out / f"{stem}.npz"
-        np.savez(path, **tensors)
-        print("note: safetensors is not installed; wrote numpy .npz instead")
-    else:
-        path = out / f"{stem}.safetensors"
-        save_file(tensors, str(path))
+    path = out / f"{stem}.safetensors"
+    save_file(tensors, str(path))
     shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in tensors.items())
     print(f"wrote {path} ({shapes})")
     return path
@@ -300,7 +324,7 @@ def cmd_losses(client, args) -> None:
 
 
 def cmd_sample(client, args) -> None:
-    r = client.sample(progress=args.progress, **_generation(args))
+    r = client.sample(progress=args.progress, **call_keywords(args))
     scale = _scale(args, r.images)
     _write_pngs(r.images, args.out, "sample_", scale)
     labels = [str(v) for v in (args.label or [])]
@@ -313,12 +337,7 @@ def cmd_sample(client, args) -> None:
 
 
 def cmd_grad(client, args) -> None:
-    token = {"placeholder": args.placeholder, "initializer": args.initializer}
-    weights = {"parameters": args.parameters, "lora_rank": args.lora_rank}
-    r = client.compute_gradient(_loss(args), targets=args.targets or ["x_T"], grad_mode=args.grad_mode,
-                                memory_budget_mib=args.memory_budget_mib,
-                                token=token, weights=weights, progress=args.progress,
-                                **_generation(args))
+    r = client.compute_gradient(_loss(args), progress=args.progress, **call_keywords(args))
     grads = {**r.gradients, **{f"weights/{k}": v for k, v in r.weight_gradients.items()}}
     _write_tensors({**grads, "x0": r.x0}, args.out, "gradients")
     norms = "  ".join(f"|d/d{k}| {np.linalg.norm(v):.4g}" for k, v in r.gradients.items())
@@ -326,17 +345,29 @@ def cmd_grad(client, args) -> None:
     print(f"loss {r.loss:.6g}  {norms}  nfe {r.nfe}{extra}")
 
 
+def _audit(result, only_flips: bool) -> str:
+    """The audit's summary: how many samples' verdicts changed (stop_when.verdict_changed froze
+    them there) and how far their images moved from the start (pixels in [0, 1], from the PNGs)."""
+    from adjointdpm._pictures import _open
+
+    def pixels(png: bytes) -> np.ndarray:
+        return np.asarray(_open(png), dtype=np.float64) / 255.0
+
+    flipped = [k for k, s in enumerate(result.stopped) if s]
+    what = "flipped (the classifier's verdict changed)" if only_flips else \
+        "stopped (a changed verdict, --stop-below or --patience)"
+    line = f"audit: {len(flipped)}/{len(result.stopped)} samples {what}"
+    if not flipped:
+        return line
+    diff = [np.abs(pixels(result.images[k]) - pixels(result.initial_images[k])) for k in flipped]
+    rms = np.array([np.sqrt(np.mean(d ** 2)) for d in diff])
+    linf = np.array([d.max() for d in diff])
+    return (f"{line}; their pixel change from the start (in [0, 1]): RMS mean {rms.mean():.3f} "
+            f"max {rms.max():.3f}, L-inf mean {linf.mean():.2f} max {linf.max():.2f}")
+
+
 def cmd_optimize(client, args) -> None:
-    guided = (None if args.guided_every is None else
-              {"every": args.guided_every, "scale": args.guided_scale})
-    constraint = "" if args.constraint == "none" else args.constraint
-    r = client.optimize_latent(_loss(args), optimizer=args.optimizer, lr=args.lr,
-                               iterations=args.iterations, schedule=args.schedule,
-                               warmup=args.warmup, constraint=constraint,
-                               epsilon=args.epsilon, norm_weight=args.norm_weight,
-                               grad_mode=args.grad_mode,
-                               memory_budget_mib=args.memory_budget_mib, guided=guided, progress=args.progress,
-                               stop_when=_stop(args, args.stop_on_flip), **_generation(args))
+    r = client.optimize_latent(_loss(args), progress=args.progress, **call_keywords(args))
     scale = _scale(args, r.images)
     _write_pngs(r.initial_images, args.out, "before_", scale)
     _write_pngs(r.images, args.out, "after_", scale)
@@ -347,23 +378,19 @@ def cmd_optimize(client, args) -> None:
     if r.stopped:
         print(f"stopped early: {sum(r.stopped)}/{len(r.stopped)} samples; best iterations "
               f"{' '.join(map(str, r.best_iteration))}")
+    if args.stop_on_flip and r.stopped:
+        print(_audit(r, only_flips=args.stop_below is None and args.patience is None))
 
 
 def cmd_finetune(client, args) -> None:
-    labels = itertools.cycle(args.label or [None])
-    prompts = itertools.cycle(args.prompt or [""])
-    start = args.seed or 0
+    kwargs = call_keywords(args)
+    labels = itertools.cycle(kwargs.pop("labels", None) or [None])
+    prompts = itertools.cycle(kwargs.pop("prompt", None) or [""])
+    start = kwargs.get("seed") or 0
     examples = [{"seed": start + k, "label": next(labels), "prompt": next(prompts)}
                 for k in range(args.examples + args.validation)]
-    r = client.finetune_weights(_loss(args), examples[:args.examples], method=args.method,
-                                lora_rank=args.rank, lr=args.lr, iterations=args.iterations,
-                                schedule=args.schedule, warmup=args.warmup,
-                                checkpoint_every=args.checkpoint_every, name=args.name,
-                                grad_mode=args.grad_mode,
-                                memory_budget_mib=args.memory_budget_mib, progress=args.progress,
-                                validation=examples[args.examples:], validate_every=5,
-                                keep_best=args.keep_best, stop_when=_stop(args),
-                                **_generation(args, conditioning=False))
+    r = client.finetune_weights(_loss(args), examples[:args.examples], progress=args.progress,
+                                validation=examples[args.examples:], **kwargs)
     for v in r.validations:
         agreement = "" if v.agreement is None else f", verdicts kept {v.agreement:.0%}"
         print(f"validation after {v.iteration} steps: loss {v.loss:.4g}{agreement}{' (best)' if v.best else ''}")
@@ -374,15 +401,8 @@ def cmd_finetune(client, args) -> None:
 
 def cmd_invert(client, args) -> None:
     target = _load_image(args.target_image) if args.target_image else None
-    token = ({"placeholder": args.placeholder, "initializer": args.initializer}
-             if args.placeholder or args.initializer else None)
     r = client.optimize_embedding([_loss(args)] if args.loss else [], target_image=target,
-                                  token=token, lr=args.lr, iterations=args.iterations,
-                                  schedule=args.schedule, warmup=args.warmup, name=args.name,
-                                  grad_mode=args.grad_mode,
-                                  memory_budget_mib=args.memory_budget_mib, prior=args.prior,
-                                  prior_weight=args.prior_weight, stop_when=_stop(args),
-                                  progress=args.progress, **_generation(args))
+                                  progress=args.progress, **call_keywords(args))
     _write_pngs(r.images, args.out, "inverted_", _scale(args, r.images))
     _download(client, r.artifact.id, args.out / f"{r.artifact.id}.safetensors")  # id: embedding-…
     print(f"embedding {r.artifact.id}: {_history(r)}")

@@ -129,7 +129,12 @@ def main(argv=None) -> None:
         logging.getLogger("adjointdpm").info("tracing on (OpenTelemetry)")
     from .server import build_server
 
-    server = build_server(config)
+    from .models import PrecisionUnsupported
+
+    try:
+        server = build_server(config)
+    except PrecisionUnsupported as err:
+        sys.exit(f"adjointdpm-server: {err}")
     print(f"adjointdpm-server listening on {config.host}:{server.port}", flush=True)
     done = threading.Event()
 

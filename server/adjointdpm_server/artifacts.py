@@ -20,6 +20,7 @@ import re
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -27,12 +28,14 @@ import torch
 
 from .errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 
-__all__ = ["ArtifactInfo", "ArtifactStore", "ScopedArtifacts", "KINDS", "DEFAULT_TENANT"]
+__all__ = ["ArtifactInfo", "ArtifactStore", "ScopedArtifacts", "Reservation", "KINDS",
+           "DEFAULT_TENANT", "HEADER_BYTES"]
 
 KINDS = ("lora", "full", "embedding", "weight_gradients", "checkpoint")
 _ID = re.compile(r"(%s)-[0-9a-f]{32}" % "|".join(KINDS))
 DEFAULT_TENANT = "default"
 _HEADER_BYTES = 64 * 1024  # safetensors header and metadata, generously
+HEADER_BYTES = _HEADER_BYTES
 MAX_NAME = 256
 MAX_METADATA_BYTES = 256 * 1024  # a fine-tune's loss history fits many times over
 
@@ -82,15 +85,41 @@ def _write_failed(err: OSError) -> Exception:
     return Unavailable(f"the server cannot write artifacts now ({name}); earlier artifacts are intact")
 
 
+class Reservation:
+    """Bytes a running job holds for artifacts it has yet to write (a fine-tune's checkpoints
+    and adapter), counted against the quotas from its admission to its end. What the job writes
+    through it draws on it: the hold is what is reserved less what the job's artifacts take."""
+
+    def __init__(self, store: "ArtifactStore", tenant: str, nbytes: int):
+        self.store, self.tenant, self.bytes = store, tenant, int(nbytes)
+        self.written: dict[str, int] = {}  # this job's artifacts still on disk: id → size
+
+    @property
+    def held(self) -> int:
+        return max(0, self.bytes - sum(self.written.values()))
+
+    def release(self) -> None:
+        self.store._release(self)
+
+    def __enter__(self) -> "Reservation":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 class ArtifactStore:
-    """``tenant_quota_bytes`` bounds each tenant's artifacts, ``quota_bytes`` all of them."""
+    """``tenant_quota_bytes`` bounds each tenant's artifacts, ``quota_bytes`` all of them;
+    ``retention_s`` (what the server's janitor applies; 0 = forever) is only told to users."""
 
     def __init__(self, root: str | Path, *, quota_bytes: int | None = None,
-                 tenant_quota_bytes: int | None = None):
+                 tenant_quota_bytes: int | None = None, retention_s: float | None = None):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.quota_bytes, self.tenant_quota_bytes = quota_bytes, tenant_quota_bytes
+        self.retention_s = retention_s
         self._lock = threading.Lock()
+        self._reservations: list[Reservation] = []
         self.removed_orphans = self._sweep()
 
     def _sweep(self) -> list[str]:
@@ -117,17 +146,35 @@ class ArtifactStore:
         """Bytes of artifacts (of ``tenant``, or of everyone)."""
         return sum(i.size for i in self.list(tenant=tenant))
 
-    def _check_quota(self, tenant: str, needed: int) -> None:
+    def reserved(self, tenant: str | None = None) -> int:
+        """Bytes held by running jobs' reservations (of ``tenant``, or of everyone)."""
+        return sum(r.held for r in tuple(self._reservations) if tenant is None or r.tenant == tenant)
+
+    def _advice(self) -> str:
+        """What a user can do about a full quota (there is no RPC to delete an artifact)."""
+        if self.retention_s:
+            expiry = f"wait for older artifacts to expire (after {self.retention_s / 3600:g} h)"
+        else:
+            expiry = "artifacts are kept until the operator removes them"
+        return f"{expiry}, keep fewer checkpoints (keep_checkpoints), or ask the operator for more"
+
+    def _check_quota(self, tenant: str, needed: int, reservation: Reservation | None = None) -> None:
+        """``needed`` more bytes fit beside what is stored and what running jobs have reserved
+        (a write under ``reservation`` first draws on its own hold)."""
+        extra = needed if reservation is None else max(0, needed - reservation.held)
         if self.tenant_quota_bytes is not None:
-            used = self.usage(tenant)
-            if used + needed > self.tenant_quota_bytes:
+            reserved = self.reserved(tenant)
+            used = self.usage(tenant) + reserved
+            if used + extra > self.tenant_quota_bytes:
+                held = (f" ({reserved / 2**20:.1f} MiB of it reserved by running fine-tunes)"
+                        if reserved else "")
                 raise ResourceExhausted(
                     f"tenant storage quota: {used / 2**20:.1f} MiB used of "
-                    f"{self.tenant_quota_bytes / 2**20:.1f} MiB; this artifact needs "
-                    f"{needed / 2**20:.1f} MiB (delete or let old artifacts expire)")
+                    f"{self.tenant_quota_bytes / 2**20:.1f} MiB{held}; this artifact needs "
+                    f"{needed / 2**20:.1f} MiB: {self._advice()}")
         if self.quota_bytes is not None:
-            used = self.usage()
-            if used + needed > self.quota_bytes:
+            used = self.usage() + self.reserved()
+            if used + extra > self.quota_bytes:
                 raise ResourceExhausted(  # other tenants' usage is not ours to tell
                     f"the server's artifact storage quota is reached; this artifact needs "
                     f"{needed / 2**20:.1f} MiB: retry later or ask the operator")
@@ -137,11 +184,31 @@ class ArtifactStore:
         with self._lock:
             self._check_quota(tenant, needed)
 
+    def reserve(self, needed: int, tenant: str = DEFAULT_TENANT) -> Reservation:
+        """Hold ``needed`` bytes against the quotas until the reservation is released (use it as
+        a context manager); RESOURCE_EXHAUSTED now when they do not fit beside what is stored and
+        reserved. Without a quota nothing is refused, and the hold is only bookkeeping."""
+        with self._lock:
+            self._check_quota(tenant, needed)
+            reservation = Reservation(self, tenant, needed)
+            self._reservations.append(reservation)
+        return reservation
+
+    def _release(self, reservation: Reservation) -> None:
+        with self._lock:
+            if reservation in self._reservations:
+                self._reservations.remove(reservation)
+
+    def _forget(self, artifact_id: str) -> None:
+        for r in self._reservations:
+            r.written.pop(artifact_id, None)
+
     # -- writing ------------------------------------------------------------------------------------
     def save(self, kind: str, tensors: dict[str, torch.Tensor], *, model: str, name: str = "",
              iteration: int = 0, metadata: dict | None = None,
-             tenant: str = DEFAULT_TENANT) -> ArtifactInfo:
-        """Check the quotas, then write atomically and durably; a failure leaves nothing behind."""
+             tenant: str = DEFAULT_TENANT, reservation: Reservation | None = None) -> ArtifactInfo:
+        """Check the quotas, then write atomically and durably; a failure leaves nothing behind.
+        Under ``reservation`` (the job's own), the bytes are drawn from its hold first."""
         from safetensors.torch import save
 
         if kind not in KINDS:
@@ -158,12 +225,12 @@ class ArtifactStore:
             raise InvalidArgument(f"an artifact's name is at most {MAX_NAME} characters and its "
                                   f"description at most {MAX_METADATA_BYTES // 1024} KiB")
         with self._lock:  # quota check and write together: two saves cannot both squeeze in
-            self._check_quota(tenant, needed)
+            self._check_quota(tenant, needed, reservation)
             # serialized in memory, written by us: an I/O error is an OSError we can name
             data = save(tensors, metadata={"adjointdpm": json.dumps(asdict(info))})
             info.size = len(data)
             description = json.dumps(asdict(info)).encode()
-            self._check_quota(tenant, len(data) + len(description))  # what is really written
+            self._check_quota(tenant, len(data) + len(description), reservation)  # what is really written
             try:
                 _write(tmp, data)
                 _write(sidecar_tmp, description)
@@ -174,6 +241,8 @@ class ArtifactStore:
                 for leftover in (tmp, sidecar_tmp, path, sidecar):
                     leftover.unlink(missing_ok=True)
                 raise _write_failed(err) from err
+            if reservation is not None and reservation in self._reservations:
+                reservation.written[info.id] = info.size
         return info
 
     def delete(self, artifact_id: str, tenant: str | None = None) -> None:
@@ -181,6 +250,7 @@ class ArtifactStore:
         with self._lock:
             for suffix in (".json", ".safetensors"):
                 (self.root / f"{artifact_id}{suffix}").unlink(missing_ok=True)
+            self._forget(artifact_id)
 
     # -- reading ------------------------------------------------------------------------------------
     def _check_id(self, artifact_id: str) -> None:
@@ -218,8 +288,10 @@ class ArtifactStore:
         cutoff, gone = time.time() - retention_s, []
         for info in self.list():
             if info.created < cutoff:
-                for suffix in (".json", ".safetensors"):
-                    (self.root / f"{info.id}{suffix}").unlink(missing_ok=True)
+                with self._lock:
+                    for suffix in (".json", ".safetensors"):
+                        (self.root / f"{info.id}{suffix}").unlink(missing_ok=True)
+                    self._forget(info.id)
                 gone.append(info.id)
         return gone
 
@@ -246,9 +318,11 @@ class ScopedArtifacts:
 
     def __init__(self, store: ArtifactStore, tenant: str | None):
         self.store, self.tenant = store, tenant
+        self.reservation: Reservation | None = None  # this job's, while it holds one
 
     def save(self, kind: str, tensors: dict[str, torch.Tensor], **kw) -> ArtifactInfo:
-        return self.store.save(kind, tensors, tenant=self.tenant or DEFAULT_TENANT, **kw)
+        return self.store.save(kind, tensors, tenant=self.tenant or DEFAULT_TENANT,
+                               reservation=self.reservation, **kw)
 
     def info(self, artifact_id: str) -> ArtifactInfo:
         return self.store.info(artifact_id, self.tenant)
@@ -264,6 +338,18 @@ class ScopedArtifacts:
 
     def check_room(self, needed: int) -> None:
         self.store.check_room(needed, self.tenant or DEFAULT_TENANT)
+
+    @contextmanager
+    def reserve(self, needed: int):
+        """Hold ``needed`` bytes for this view's job until the block ends (however it ends);
+        what the job saves through this view meanwhile draws on them."""
+        reservation = self.store.reserve(needed, self.tenant or DEFAULT_TENANT)
+        self.reservation = reservation
+        try:
+            yield reservation
+        finally:
+            self.reservation = None
+            reservation.release()
 
     def list(self, kind: str | None = None, model: str | None = None) -> list[ArtifactInfo]:
         return self.store.list(kind, model, self.tenant)

@@ -12,9 +12,11 @@ import numpy as np
 import torch
 from google.protobuf import json_format, struct_pb2
 
+from adjointdpm import options
 from adjointdpm._tensors import TensorError, decode_tensor, encode_tensor
 from adjointdpm.v1 import adjointdpm_pb2 as pb
 
+from .core import HALF_DTYPES
 from .errors import InvalidArgument
 from .integrity import MAX_PARAM, MAX_WEIGHT, check_input, check_number
 from .tasks import (Checkpoint, ClientQuery, ExampleSpec, GenerationSpec, GuidedSpec,
@@ -23,7 +25,6 @@ from .tasks import (Checkpoint, ClientQuery, ExampleSpec, GenerationSpec, Guided
 from .tasks._generation import IterationProgress
 
 DOMAINS = {pb.IMAGE: "image", pb.LATENT: "latent"}
-TARGET_NAMES = {pb.X_T: "x_T", pb.COND: "cond", pb.TOKEN: "token", pb.WEIGHTS: "weights"}
 
 
 def tensor(msg, name: str, limits, *, shape=None) -> torch.Tensor:
@@ -39,15 +40,21 @@ def tensor(msg, name: str, limits, *, shape=None) -> torch.Tensor:
 
 
 def _numbers(value, name: str):
-    """Every number in a loss's JSON-like parameters is finite and bounded."""
-    if isinstance(value, dict):
-        for key, item in value.items():
+    """Every number in a loss's parameters (a ``Struct``, nested structs and lists included) is
+    finite and bounded. Walked on the message itself, before it becomes a dict: JSON has no NaN
+    or Inf, so the conversion would fail on one with an unnamed error."""
+    if isinstance(value, struct_pb2.Struct):
+        for key, item in value.fields.items():
             _numbers(item, f"{name}.{key}")
-    elif isinstance(value, list):
-        for k, item in enumerate(value):
+    elif isinstance(value, struct_pb2.ListValue):
+        for k, item in enumerate(value.values):
             _numbers(item, f"{name}[{k}]")
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        check_number(name, value, MAX_PARAM)
+    else:  # a Value
+        kind = value.WhichOneof("kind")
+        if kind == "number_value":
+            check_number(name, value.number_value, MAX_PARAM)
+        elif kind in ("struct_value", "list_value"):
+            _numbers(getattr(value, kind), name)
 
 
 def maybe_tensor(parent, field: str, limits, name: str | None = None):
@@ -55,8 +62,10 @@ def maybe_tensor(parent, field: str, limits, name: str | None = None):
 
 
 def to_tensor(t: torch.Tensor):
+    """A result on the wire: half precision travels as float32 (numpy has no bfloat16, and a
+    client should not have to care what the server computes in); float64 stays float64."""
     t = t.detach().to("cpu")
-    return encode_tensor((t.float() if t.dtype == torch.bfloat16 else t).numpy())
+    return encode_tensor((t.float() if t.dtype in HALF_DTYPES else t).numpy())
 
 
 def generation(msg: pb.Generation, limits) -> GenerationSpec:
@@ -65,7 +74,7 @@ def generation(msg: pb.Generation, limits) -> GenerationSpec:
         negative_prompt=list(msg.negative_prompt), labels=list(msg.labels),
         cond=maybe_tensor(msg, "cond", limits), embedding=msg.embedding, batch=msg.batch,
         seed=msg.seed if msg.HasField("seed") else None, x_T=maybe_tensor(msg, "x_T", limits),
-        steps=msg.steps, solver=msg.solver,
+        steps=msg.steps, solver=msg.solver or options.default("Sample", "generation.solver"),
         guidance_scale=msg.guidance_scale if msg.HasField("guidance_scale") else None,
         grid=msg.grid, t_start=msg.t_start if msg.HasField("t_start") else None)
 
@@ -83,8 +92,10 @@ def losses(terms, limits) -> list[LossSpec]:
                 raise InvalidArgument(f"losses[{k}]: a client loss needs a name")
             specs.append(LossSpec("client", term.client, weight, domain))
         elif kind == "server":
-            params = json_format.MessageToDict(term.server.params) if term.server.HasField("params") else {}
-            _numbers(params, f"losses[{k}].params")
+            params = {}
+            if term.server.HasField("params"):
+                _numbers(term.server.params, f"losses[{k}].params")  # before: NaN is no JSON
+                params = json_format.MessageToDict(term.server.params)
             tensors = {key: tensor(value, f"losses[{k}].tensors[{key!r}]", limits)
                        for key, value in term.server.tensors.items()}
             specs.append(LossSpec("server", term.server.name, weight, domain, params, tensors))
@@ -93,46 +104,47 @@ def losses(terms, limits) -> list[LossSpec]:
     return specs
 
 
-def optimizer(msg: pb.Optimizer) -> OptimizerSpec:
-    return OptimizerSpec(name=msg.name or "adam", lr=check_number("optimizer.lr", msg.lr or 0.05, 1e6),
-                         iterations=msg.iterations or 10,
-                         momentum=check_number("optimizer.momentum", msg.momentum, 1e3),
-                         schedule=msg.schedule or "constant", warmup=msg.warmup)
+def options_of(rpc: str, request) -> dict:
+    """The request's options by field path, unset fields read as their one default and every
+    value within its bounds (``adjointdpm.options``: the SDK and the CLI take the same defaults)."""
+    try:
+        return options.check(rpc, options.read(rpc, request))
+    except options.InvalidOption as err:
+        raise InvalidArgument(str(err)) from err
 
 
-def stop(parent) -> StopSpec | None:
+def optimizer(values: dict) -> OptimizerSpec:
+    o = "optimizer."
+    return OptimizerSpec(name=values[o + "name"], lr=values[o + "lr"], iterations=values[o + "iterations"],
+                         momentum=values[o + "momentum"], schedule=values[o + "schedule"],
+                         warmup=values[o + "warmup"])
+
+
+def stop(parent, values: dict) -> StopSpec | None:
     """``parent.stop_when`` when set."""
     if not parent.HasField("stop_when"):
         return None
-    msg = parent.stop_when
-    return StopSpec(loss_below=(check_number("stop_when.loss_below", msg.loss_below, MAX_PARAM)
-                                if msg.HasField("loss_below") else None),
-                    verdict_changed=msg.verdict_changed, patience=msg.patience)
+    s = "stop_when."
+    return StopSpec(loss_below=values[s + "loss_below"], verdict_changed=values[s + "verdict_changed"],
+                    patience=values[s + "patience"])
 
 
-def token(msg: pb.TokenSpec, limits) -> TokenSpec:
-    return TokenSpec(placeholder=msg.placeholder or "<*>", initializer=msg.initializer,
+def token(msg: pb.TokenSpec, limits, values: dict) -> TokenSpec:
+    return TokenSpec(placeholder=values["token.placeholder"], initializer=values["token.initializer"],
                      embedding=maybe_tensor(msg, "embedding", limits, "token.embedding"))
 
 
-def weights(msg: pb.WeightsSpec) -> WeightsSpec:
-    return WeightsSpec(parameters=list(msg.parameters), lora_rank=msg.lora_rank, inline=msg.inline)
+def weights(values: dict) -> WeightsSpec:
+    w = "weights."
+    return WeightsSpec(parameters=values[w + "parameters"], lora_rank=values[w + "lora_rank"],
+                       inline=values[w + "inline"])
 
 
-def targets(values) -> list[str]:
-    names = []
-    for v in values:
-        if v not in TARGET_NAMES:
-            raise InvalidArgument(f"unknown gradient target {v}")
-        names.append(TARGET_NAMES[v])
-    return names or ["x_T"]
-
-
-def guided(msg: pb.GuidedSampling) -> GuidedSpec:
-    return GuidedSpec(every=msg.every or 1, scale=check_number("guided.scale", msg.scale, 1e6),
-                      inner_steps=msg.inner_steps or 1,
-                      grad_steps=msg.grad_steps, step=msg.step or "normalized",
-                      clip=check_number("guided.clip", msg.clip, 1e6))
+def guided(values: dict) -> GuidedSpec:
+    g = "guided."
+    return GuidedSpec(every=values[g + "every"], scale=values[g + "scale"] or 0.0,
+                      inner_steps=values[g + "inner_steps"], grad_steps=values[g + "grad_steps"] or 0,
+                      step=values[g + "step"], clip=values[g + "clip"])
 
 
 def examples(items, limits, field: str = "examples") -> list[ExampleSpec]:

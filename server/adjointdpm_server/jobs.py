@@ -31,6 +31,7 @@ __all__ = ["StreamJob"]
 
 _END = object()
 FIRST_MESSAGE_S = 30.0
+_EMPTY = "a stream message carries neither a request nor a loss reply (its oneof is not set)"
 
 
 class StreamJob(Job):
@@ -113,7 +114,10 @@ class StreamJob(Job):
                     first.put(err)
                     return
                 for msg in request_iterator:
-                    if msg.WhichOneof("kind") != "loss_reply":
+                    kind = msg.WhichOneof("kind")
+                    if kind is None:
+                        self._protocol_error = f"{rpc}: {_EMPTY}"
+                    elif kind != "loss_reply":
                         self._protocol_error = "the client sent a second request on one stream"
                     elif not self._asking.is_set():
                         self._protocol_error = "the client sent a loss reply nobody asked for"
@@ -139,6 +143,8 @@ class StreamJob(Job):
             raise InvalidArgument(f"{rpc}: the stream closed before the request")
         if isinstance(msg, BaseException):
             raise msg
+        if msg.WhichOneof("kind") is None:
+            raise InvalidArgument(f"{rpc}: {_EMPTY}")
         if msg.WhichOneof("kind") != "request":
             raise InvalidArgument(f"{rpc}: the first message must be the request")
         return msg.request
@@ -162,10 +168,11 @@ class StreamJob(Job):
                     with torch.autograd.set_multithreading_enabled(False):
                         self._out.put(("result", task(self)))
             except BaseException as err:  # noqa: BLE001 — delivered to the handler, not lost
+                _drop_locals(err)
                 self._out.put(("error", err))
             finally:
                 if not self.engine.active:  # not under jobs that still run: they would refill it
-                    _release_accelerator_cache()
+                    _release_memory()
                 self._out.put(("end", _END))
 
         context = contextvars.copy_context()  # the request ID follows the task into its thread
@@ -186,10 +193,13 @@ class StreamJob(Job):
         if outcome is None:
             raise Cancelled("the task ended without a result")
         if outcome[0] == "error":
-            err = outcome[1]
+            err, outcome = outcome[1], None
             if not isinstance(err, ServiceError):
                 log.error("task failed:\n%s", "".join(traceback.format_exception(err)))
-            raise err
+            try:
+                raise err
+            finally:
+                del err  # this frame, kept by the traceback, must not hold it: a cycle
         message = to_result(outcome[1])
         size = message.ByteSize()
         if size > self.limits.max_message_bytes:  # gRPC would fail it as "CANCELLED" for the log
@@ -200,9 +210,40 @@ class StreamJob(Job):
         yield message
 
 
-def _release_accelerator_cache() -> None:
-    """When the last job ends, its CUDA blocks go back to the device, not only to torch's cache."""
+def _drop_locals(err: BaseException) -> None:
+    """Clear the locals of the finished frames in ``err``'s tracebacks (its context and cause
+    too). A task that stops mid-solve raises from deep inside it: those frames hold the partial
+    graph (GiB under backprop) and the job, and the job's queue holds the error — a reference
+    cycle only a full garbage collection would free, in practice never. The tracebacks still
+    print (file, line, code); only their variables go."""
+    stack, seen = [err], set()
+    while stack:
+        err = stack.pop()
+        if err is not None and id(err) not in seen:
+            seen.add(id(err))
+            traceback.clear_frames(err.__traceback__)
+            stack += [err.__cause__, err.__context__]
+
+
+def _release_memory() -> None:
+    """When the last job ends, its CUDA blocks go back to the device, not only to torch's cache,
+    and the C heap's free pages to the OS (glibc keeps them otherwise: after a big request the
+    server's RSS would stay at its peak; docs/design.md §6)."""
     import torch
 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+def _libc_malloc_trim():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        return None
+
+
+_malloc_trim = _libc_malloc_trim()

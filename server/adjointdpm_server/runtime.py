@@ -18,7 +18,7 @@ from .artifacts import ArtifactStore
 from .config import ServerConfig
 from .engine import NetworkEngine
 from .errors import FailedPrecondition, InvalidArgument, NotFound
-from .models import ModelBackend, load_model
+from .models import ModelBackend, check_precision, load_model
 from .models._adapters import load_adapter
 
 __all__ = ["Runtime", "model_name"]
@@ -39,6 +39,7 @@ class Runtime:
         self.config = config
         if models is None:
             dtype = getattr(torch, config.dtype)
+            check_precision(config.device, dtype)  # refused at start, not at the first request
             models = {}
             for spec in config.models:
                 name, spec = model_name(spec)
@@ -49,7 +50,8 @@ class Runtime:
         self.default_model = next(iter(self.models))
         mib = lambda v: None if v is None else int(v * 2**20)  # noqa: E731
         self.artifacts = ArtifactStore(config.artifact_dir, quota_bytes=mib(config.artifact_storage_mib),
-                                       tenant_quota_bytes=mib(config.tenant_storage_mib))
+                                       tenant_quota_bytes=mib(config.tenant_storage_mib),
+                                       retention_s=config.artifact_retention_s)
         self.settings = config.loss_settings()
         self.limits = dataclasses.replace(config.limits, working_dtype=config.dtype)
         self.engine = NetworkEngine(max_batch=config.max_network_batch,

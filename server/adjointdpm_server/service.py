@@ -146,33 +146,34 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
     def Sample(self, request, context):
         def build(request, ctx):
             spec = convert.generation(request.generation, ctx.limits)
-            return lambda job: run_sample(ctx, spec, job, images=not request.no_images,
-                                          pixels=request.return_pixels)
+            v = convert.options_of("Sample", request)
+            return lambda job: run_sample(ctx, spec, job, images=not v["no_images"],
+                                          pixels=v["return_pixels"])
         return self._stream(context, "Sample", build, convert.sample_result, request=request)
 
     def ComputeGradient(self, request_iterator, context):
         def build(r, ctx):
             limits = ctx.limits
             spec, losses = convert.generation(r.generation, limits), convert.losses(r.losses, limits)
-            targets = convert.targets(r.targets)
-            token, weights = convert.token(r.token, limits), convert.weights(r.weights)
-            return lambda job: run_gradient(ctx, spec, losses, job, targets=targets,
-                                            grad_mode=r.grad_mode, memory_budget_mib=r.memory_budget_mib,
-                                            token=token, weights=weights,
-                                            images=r.return_images)
+            v = convert.options_of("ComputeGradient", r)
+            token, weights = convert.token(r.token, limits, v), convert.weights(v)
+            return lambda job: run_gradient(ctx, spec, losses, job, targets=v["targets"],
+                                            grad_mode=v["grad_mode"],
+                                            memory_budget_mib=v["memory_budget_mib"],
+                                            token=token, weights=weights, images=v["return_images"])
         return self._stream(context, "ComputeGradient", build, convert.gradient_result, request_iterator=request_iterator)
 
     def OptimizeLatent(self, request_iterator, context):
         def build(r, ctx):
             limits = ctx.limits
             spec, losses = convert.generation(r.generation, limits), convert.losses(r.losses, limits)
-            guided = convert.guided(r.guided) if r.HasField("guided") else None
+            v = convert.options_of("OptimizeLatent", r)
+            guided = convert.guided(v) if r.HasField("guided") else None
             return lambda job: run_optimize_latent(
-                ctx, spec, losses, job, optimizer=convert.optimizer(r.optimizer),
-                norm=r.constraint.norm, epsilon=r.constraint.epsilon, norm_weight=r.norm_weight,
-                image_every=r.image_every, grad_mode=r.grad_mode, memory_budget_mib=r.memory_budget_mib,
-                guided=guided,
-                stop=convert.stop(r))
+                ctx, spec, losses, job, optimizer=convert.optimizer(v),
+                norm=v["constraint.norm"], epsilon=v["constraint.epsilon"], norm_weight=v["norm_weight"],
+                image_every=v["image_every"], grad_mode=v["grad_mode"],
+                memory_budget_mib=v["memory_budget_mib"], guided=guided, stop=convert.stop(r, v))
         return self._stream(context, "OptimizeLatent", build, convert.optimize_result, request_iterator=request_iterator)
 
     def FinetuneWeights(self, request_iterator, context):
@@ -181,27 +182,29 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
             spec, losses = convert.generation(r.generation, limits), convert.losses(r.losses, limits)
             examples = convert.examples(r.examples, limits)
             validation = convert.examples(r.validation, limits, "validation")
+            v = convert.options_of("FinetuneWeights", r)
             return lambda job: run_finetune(
-                ctx, spec, examples, losses, job, optimizer=convert.optimizer(r.optimizer),
-                method=r.method or "lora", lora_rank=r.lora_rank or 4, lora_alpha=r.lora_alpha or None,
-                target_modules=list(r.target_modules), checkpoint_every=r.checkpoint_every,
-                name=r.name, batch_size=r.batch_size, grad_mode=r.grad_mode,
-                memory_budget_mib=r.memory_budget_mib, resume_from=r.resume_from,
-                keep_checkpoints=r.keep_checkpoints or 3, validation=validation,
-                validate_every=r.validate_every or 1, keep_best=r.keep_best, stop=convert.stop(r))
+                ctx, spec, examples, losses, job, optimizer=convert.optimizer(v),
+                method=v["method"], lora_rank=v["lora_rank"], lora_alpha=v["lora_alpha"],
+                target_modules=v["target_modules"], checkpoint_every=v["checkpoint_every"],
+                name=v["name"], batch_size=v["batch_size"] or 0, grad_mode=v["grad_mode"],
+                memory_budget_mib=v["memory_budget_mib"], resume_from=v["resume_from"],
+                keep_checkpoints=v["keep_checkpoints"], validation=validation,
+                validate_every=v["validate_every"], keep_best=v["keep_best"], stop=convert.stop(r, v))
         return self._stream(context, "FinetuneWeights", build, convert.optimize_result, request_iterator=request_iterator)
 
     def OptimizeEmbedding(self, request_iterator, context):
         def build(r, ctx):
             limits = ctx.limits
             spec, losses = convert.generation(r.generation, limits), convert.losses(r.losses, limits)
+            v = convert.options_of("OptimizeEmbedding", r)
             target = convert.maybe_tensor(r, "target_image", limits)
-            token = convert.token(r.token, limits) if r.HasField("token") else None
+            token = convert.token(r.token, limits, v) if r.HasField("token") else None
             return lambda job: run_optimize_embedding(
-                ctx, spec, losses, job, optimizer=convert.optimizer(r.optimizer), token=token,
-                target_image=target, name=r.name, grad_mode=r.grad_mode,
-                memory_budget_mib=r.memory_budget_mib, image_every=r.image_every,
-                prior=r.prior, prior_weight=r.prior_weight, stop=convert.stop(r))
+                ctx, spec, losses, job, optimizer=convert.optimizer(v), token=token,
+                target_image=target, name=v["name"], grad_mode=v["grad_mode"],
+                memory_budget_mib=v["memory_budget_mib"], image_every=v["image_every"],
+                prior=v["prior"], prior_weight=v["prior_weight"], stop=convert.stop(r, v))
         return self._stream(context, "OptimizeEmbedding", build, convert.optimize_result, request_iterator=request_iterator)
 
     # -- unary ----------------------------------------------------------------------------------

@@ -1,19 +1,12 @@
 """The ``triton`` loss against a real Triton Inference Server (PyTriton's bundled one, on CPU).
 
-The server runs in its own venv (scripts/setup_triton.sh: PyTriton needs numpy<2) and serves
+The server (tests/conftest.py's ``triton_url`` fixture) runs in its own venv and serves
 tests/triton_peer/serve_mse_loss.py: ``mse_loss`` (mean((x - 0.5)²) and its gradient),
 ``mse_per_sample`` (one loss per sample), and two misbehaving models, ``bad_grad`` and
-``nan_loss``; the fixture waits until every one of them is ready (``mse_per_sample``, bound last,
-once was not).
+``nan_loss``.
 """
 
 from __future__ import annotations
-
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,69 +15,7 @@ from adjointdpm_server.errors import InvalidArgument, NotFound, Unavailable
 from adjointdpm_server.losses import LossContext
 from adjointdpm_server.losses._triton import TritonLoss
 
-ROOT = Path(__file__).resolve().parents[2]
 TARGET = 0.5  # serve_mse_loss.py's default
-MODELS = ("mse_loss", "mse_per_sample", "bad_grad", "nan_loss")  # waited for until ready
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _wait_ready(proc: subprocess.Popen, url: str, log: Path, deadline_s: float = 120) -> None:
-    import tritonclient.grpc as grpcclient
-
-    client = grpcclient.InferenceServerClient(url)
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"the Triton server exited with {proc.returncode}:\n"
-                        f"{log.read_text()[-4000:]}")
-        try:
-            if client.is_server_ready() and all(client.is_model_ready(m) for m in MODELS):
-                return
-        except Exception:  # not listening yet
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"the Triton server was not ready after {deadline_s} s:\n{log.read_text()[-4000:]}")
-
-
-@pytest.fixture(scope="module")
-def triton_url(tmp_path_factory):
-    setup = subprocess.run(["bash", str(ROOT / "scripts/setup_triton.sh")], capture_output=True,
-                           text=True, timeout=540)
-    if setup.returncode != 0:  # no network, no python3.11, pip failed: say why, then skip
-        lines = (setup.stdout + setup.stderr).strip().splitlines()
-        print("\n".join(lines[-40:]), file=sys.stderr)
-        reason = [line for line in lines if not line.startswith("WARNING:")][-3:] or lines[-3:]
-        pytest.skip("could not install nvidia-pytriton (scripts/setup_triton.sh failed): "
-                    + " | ".join(reason))
-    grpc_port, http_port, metrics_port = _free_ports(3)
-    log = tmp_path_factory.mktemp("triton") / "server.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [str(ROOT / ".venv-triton/bin/python"), str(ROOT / "tests/triton_peer/serve_mse_loss.py"),
-             "--grpc-port", str(grpc_port), "--http-port", str(http_port),
-             "--metrics-port", str(metrics_port), "--target", str(TARGET)],
-            stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-    url = f"127.0.0.1:{grpc_port}"
-    try:
-        _wait_ready(proc, url, log)
-        yield url
-    finally:
-        proc.terminate()  # the script stops tritonserver and its backend stubs on SIGTERM
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _loss(setting: str | None, **params) -> TritonLoss:
@@ -125,8 +56,8 @@ def test_per_sample_losses_come_back_per_sample(triton_url):
     torch.testing.assert_close(x.grad.double(), ref_x.grad, rtol=1e-5, atol=1e-8)
 
 
-def test_url_parameter_picks_an_allowed_server(triton_url):
-    dead = f"127.0.0.1:{_free_ports(1)[0]}"
+def test_url_parameter_picks_an_allowed_server(triton_url, free_ports):
+    dead = f"127.0.0.1:{free_ports(1)[0]}"
     x = torch.full((1, 1, 2, 2), 1.5)
     settings = {"triton_url": dead, "triton_allowed_urls": (triton_url,)}
     loss = TritonLoss(LossContext(backend=None, settings=settings), {"url": triton_url, "model": "mse_loss"}, {})
@@ -150,8 +81,8 @@ def test_unknown_input_name_is_invalid(triton_url):
         _loss(triton_url, model="mse_loss", input="image")(torch.rand(1, 1, 2, 2))
 
 
-def test_unreachable_server_is_unavailable():
-    url = f"127.0.0.1:{_free_ports(1)[0]}"  # nothing listens there
+def test_unreachable_server_is_unavailable(free_ports):
+    url = f"127.0.0.1:{free_ports(1)[0]}"  # nothing listens there
     with pytest.raises(Unavailable, match=rf"Triton model 'mse_loss' at {url}: .*UNAVAILABLE"):
         _loss(url, model="mse_loss", timeout=10)(torch.rand(1, 1, 2, 2))
 

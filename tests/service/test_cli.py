@@ -65,14 +65,6 @@ def test_sample_writes_pngs_and_the_latents(cli, client, tmp_path):
     assert out.count("wrote ") == 5 and "sampled 3 images" in out  # 3 PNGs, the grid, the tensors
 
 
-def test_sample_falls_back_to_npz_without_safetensors(cli, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "safetensors.numpy", None)
-    code, out, _ = cli("sample", "--seed", "1", "--steps", "4")
-    assert code == 0 and "note: safetensors is not installed" in out
-    with np.load(tmp_path / "sample.npz") as z:
-        assert z["x0"].shape == (1, 1, 8, 8)
-
-
 def test_grad_equals_compute_gradient(cli, client, tmp_path):
     code, out, _ = cli("grad", *TO_EIGHT, "--label", "3", "--seed", "1", "--steps", "5")
     assert code == 0

@@ -15,7 +15,7 @@ import torch
 from ..errors import InvalidArgument
 from ..integrity import check_input, check_number, safe_bound
 
-__all__ = ["RemoteLoss", "check_reply"]
+__all__ = ["RemoteLoss", "check_reply", "wire_array"]
 
 
 def check_reply(value, grad, shape, who: str, dtype=np.float32, values=None) -> tuple[np.ndarray, np.ndarray]:
@@ -50,6 +50,13 @@ def check_reply(value, grad, shape, who: str, dtype=np.float32, values=None) -> 
     return values, grad
 
 
+def wire_array(x: torch.Tensor) -> np.ndarray:
+    """``x`` as the peer sees it: a dtype numpy has whatever the server computes in (half
+    precision travels as float32, float64 stays float64), so a client never meets bfloat16."""
+    x = x.detach().cpu()
+    return (x if x.dtype == torch.float64 else x.float()).numpy()
+
+
 class _Remote(torch.autograd.Function):
     """Per-sample values out; back, sample i gets its own slice of the gradient scaled by its
     cotangent (exact for a sum of per-sample losses, and for any loss under a uniform cotangent,
@@ -57,7 +64,7 @@ class _Remote(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, ask):
-        values, grad = ask(x.detach().cpu().numpy())
+        values, grad = ask(wire_array(x))
         ctx.save_for_backward(torch.as_tensor(grad, dtype=x.dtype, device=x.device))
         return torch.as_tensor(values, dtype=x.dtype, device=x.device)
 
@@ -75,9 +82,12 @@ class RemoteLoss:
         self.ask, self.who = ask, who
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        working = torch.empty(0, dtype=x.dtype).numpy().dtype if x.dtype != torch.bfloat16 else None
+
         def checked(array):
             value, grad, *values = self.ask(array)
-            return check_reply(value, grad, array.shape, self.who, array.dtype,
+            # the reply is checked in the dtype it will be used in: x's (bfloat16 has float32's range)
+            return check_reply(value, grad, array.shape, self.who, working or np.float32,
                                values[0] if values else None)
 
         return _Remote.apply(x, checked)

@@ -13,8 +13,10 @@ from __future__ import annotations
 import torch
 
 from ._base import Conditioning, ModelBackend
+from ._precision import PrecisionUnsupported, check_precision
 
-__all__ = ["Conditioning", "ModelBackend", "MODELS", "load_model"]
+__all__ = ["Conditioning", "ModelBackend", "MODELS", "load_model", "PrecisionUnsupported",
+           "check_precision"]
 
 
 def _digits(arg, **kw):

@@ -41,6 +41,10 @@ def with_lora(eps_fn: nn.Module, rank: int, alpha: float | None = None,
         model = inject_adapter_in_model(config, model)
     for name, param in model.named_parameters():
         param.requires_grad_("lora_" in name)
+        if "lora_" in name and param.dtype in (torch.float16, torch.bfloat16):
+            # the adapter is what is trained: float32 under a half base (as peft's
+            # autocast_adapter_dtype does); peft casts the layer's input to it and its output back
+            param.data = param.data.float()
     return model
 
 

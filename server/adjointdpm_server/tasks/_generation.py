@@ -213,10 +213,11 @@ def run_sampler(prep: Prepared, job: Job, *, x_T=None, cond=None, uncond=None, e
     cond = prep.cond if cond is None else cond
     uncond = prep.uncond if uncond is None else uncond
     network_dtype = None
-    if x_T.dtype in HALF_DTYPES:
+    if prep.backend.dtype in HALF_DTYPES:
         # A half-precision network: the solver state, CFG and gradient sums run in float32
-        # (differentiable casts, so gradients reach the caller's tensors; docs/design.md §2.4.2).
-        network_dtype = x_T.dtype
+        # (differentiable casts, so gradients reach the caller's tensors, which may be float32
+        # master copies of what an optimizer moves; docs/design.md §2.4.2).
+        network_dtype = prep.backend.dtype
         x_T, cond, uncond = (_float32(v) for v in (x_T, cond, uncond))
     try:
         with tracing.span("adjointdpm.forward", steps=int(steps or prep.steps), solver=prep.solver,

@@ -9,14 +9,16 @@ import torch
 
 from .. import tracing
 from ..artifacts import MAX_NAME
-from ..errors import InvalidArgument
+from ..core import HALF_DTYPES
+from ..errors import InvalidArgument, ServiceError
+from ..integrity import NonFiniteResult
 from ._images import to_png
 from ._job import IterationReport, Job
 from ._objective import Evaluation
 from ._specs import OptimizerSpec, StopSpec
 
-__all__ = ["make_optimizer", "check_iterations", "check_name", "check_stop", "report", "optimize",
-           "learning_rate", "SCHEDULES", "Patience"]
+__all__ = ["make_optimizer", "MasterOptimizer", "master_tensor", "check_iterations", "check_name", "check_stop", "report", "optimize",
+           "learning_rate", "SCHEDULES", "Patience", "non_finite_loss", "ITERATE_RANGE"]
 
 SCHEDULES = ("constant", "cosine", "linear")
 
@@ -52,13 +54,63 @@ def check_name(name: str) -> None:
         raise InvalidArgument(f"name must be at most {MAX_NAME} characters; got {len(name)}")
 
 
-def make_optimizer(spec: OptimizerSpec, params) -> torch.optim.Optimizer:
-    name = spec.name or "adam"
-    if name == "adam":
-        return torch.optim.Adam(params, lr=spec.lr)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum)
-    raise InvalidArgument(f"unknown optimizer {name!r}; choose adam or sgd")
+def master_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A detached copy of ``t`` to optimize: float32 when ``t`` is half precision (Adam's
+    ε = 1e-8 and its second moments underflow in float16), else ``t``'s own dtype."""
+    t = t.detach()
+    return t.float() if t.dtype in HALF_DTYPES else t.clone()
+
+
+class MasterOptimizer:
+    """Adam or SGD whose state and weights live in float32 whatever the network's dtype: a
+    half-precision parameter is stepped through a float32 master copy (its gradient upcast, the
+    master cast back after each step), so a float16 network trains like a float32 one; float32 and
+    float64 parameters are their own masters. ``state`` is keyed by the parameters given."""
+
+    def __init__(self, spec: OptimizerSpec, params):
+        self.params = list(params)
+        self.masters = [p.detach().float().requires_grad_() if p.dtype in HALF_DTYPES else p
+                        for p in self.params]
+        name = spec.name or "adam"
+        if name == "adam":
+            self.inner = torch.optim.Adam(self.masters, lr=spec.lr)
+        elif name == "sgd":
+            self.inner = torch.optim.SGD(self.masters, lr=spec.lr, momentum=spec.momentum)
+        else:
+            raise InvalidArgument(f"unknown optimizer {name!r}; choose adam or sgd")
+
+    @property
+    def param_groups(self):
+        return self.inner.param_groups
+
+    @property
+    def state(self) -> dict:
+        return {p: self.inner.state[m] for p, m in zip(self.params, self.masters)}
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for p, m in zip(self.params, self.masters):
+            if m is not p:
+                m.grad = None if p.grad is None else p.grad.float()
+        self.inner.step()
+        for p, m in zip(self.params, self.masters):
+            if m is not p:
+                p.copy_(m)
+
+    @torch.no_grad()
+    def sync_from_params(self) -> None:
+        """After the parameters were set from elsewhere (a checkpoint, a best state)."""
+        for p, m in zip(self.params, self.masters):
+            if m is not p:
+                m.copy_(p)
+
+
+def make_optimizer(spec: OptimizerSpec, params) -> MasterOptimizer:
+    return MasterOptimizer(spec, params)
 
 
 def learning_rate(spec: OptimizerSpec, it: int) -> float:
@@ -99,19 +151,38 @@ class Patience:
         return self.best_at == self.count - 1
 
 
+# An iterate beyond this magnitude is out of the range any model here is made for (the float16
+# safe range √65504: latents, embeddings and adapter weights live far inside it).
+ITERATE_RANGE = 256.0
+
+
+def non_finite_loss(loss: float, iteration: int, iterate) -> ServiceError:
+    """Whose fault a non-finite loss is: the request's when its inputs or its step sizes put what
+    is optimized out of range (INVALID_ARGUMENT, naming the learning rate), the server's arithmetic
+    when every entry of the iterate is finite and in range (INTERNAL: NonFiniteResult)."""
+    peak = max((float(t.detach().abs().max()) for t in iterate if t.numel()), default=0.0)
+    if not math.isfinite(peak) or peak > ITERATE_RANGE:
+        return InvalidArgument(f"the loss became {loss} at iteration {iteration}: the request's "
+                               f"numbers moved what is optimized to magnitude {peak:.3g} (at most "
+                               f"{ITERATE_RANGE:g} is in range); lower the learning rate")
+    return NonFiniteResult(f"the loss became {loss} at iteration {iteration} from finite inputs in "
+                           "range (the server's arithmetic)")
+
+
 def report(job: Job, iteration: int, evaluation: Evaluation, grad_norm: float, images=None, *,
-           lr: float = 0.0, x_T=None, stopped=()) -> float:
-    """Emit one iteration's figures (and PNGs when given); a non-finite loss ends the job."""
+           lr: float = 0.0, x_T=None, stopped=(), iterate=()) -> float:
+    """Emit one iteration's figures (and PNGs when given); a non-finite loss ends the job, blamed
+    by ``non_finite_loss`` on the request or the server from the ``iterate`` it was computed at."""
     loss = float(evaluation.total.detach()) if isinstance(evaluation.total, torch.Tensor) else float(evaluation.total)
     if not math.isfinite(loss):
-        raise InvalidArgument(f"the loss became {loss} at iteration {iteration}")
+        raise non_finite_loss(loss, iteration, iterate)
     job.emit(IterationReport(iteration, loss, list(evaluation.values), grad_norm,
                              to_png(images) if images is not None else [],
                              evaluation.per_sample.tolist(), x_T, list(stopped), lr))
     return loss
 
 
-def optimize(job: Job, opt: torch.optim.Optimizer, params, spec: OptimizerSpec,
+def optimize(job: Job, opt: MasterOptimizer, params, spec: OptimizerSpec,
              loss_at: Callable[[int], tuple], *, first: int = 0, history: list | None = None,
              after_step: Callable[[int], bool | None] | None = None) -> list[float]:
     """The loop every optimizing task shares: set the step size of the schedule, ``loss_at(it) →
@@ -129,7 +200,7 @@ def optimize(job: Job, opt: torch.optim.Optimizer, params, spec: OptimizerSpec,
         with tracing.span("adjointdpm.backward"):
             evaluation.total.backward()
         grad_norm = math.sqrt(sum(float(p.grad.square().sum()) for p in params if p.grad is not None))
-        history.append(report(job, it, evaluation, grad_norm, images, lr=lr, **extra))
+        history.append(report(job, it, evaluation, grad_norm, images, lr=lr, iterate=params, **extra))
         opt.step()
         if after_step is not None and after_step(it + 1):
             break

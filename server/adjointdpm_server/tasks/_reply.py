@@ -15,7 +15,7 @@ def reply_bytes(prep: Prepared, *, images: bool = False, pixels: bool = False, l
     """An upper estimate of a result's size: ``latents`` latent tensors per sample (x_0, x_T),
     PNGs (at most the raw 8-bit pixels plus headers), float pixels, and ``extra_elements`` more
     numbers (gradients) in the working dtype."""
-    item = prep.x_T.element_size()
+    item = max(4, prep.x_T.element_size())  # half precision travels as float32
     latent = math.prod(prep.backend.latent_shape)
     image = math.prod(prep.backend.image_shape)
     per_sample = latents * latent * item + (image + 256 if images else 0) + (image * 4 if pixels else 0)

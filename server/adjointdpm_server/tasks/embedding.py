@@ -20,7 +20,7 @@ from ._generation import prepare, run_sampler
 from ._images import to_png
 from ._job import Job
 from ._objective import Evaluation, Objective
-from ._optim import Patience, check_iterations, check_name, check_stop, make_optimizer, optimize
+from ._optim import Patience, check_iterations, check_name, check_stop, make_optimizer, master_tensor, optimize
 from ._specs import GenerationSpec, LossSpec, OptimizerSpec, StopSpec, TokenSpec
 from .gradient import check_grad_mode, encode_token, token_leaf
 from .optimize_latent import OptimizeResult
@@ -73,7 +73,7 @@ def run_optimize_embedding(ctx: TaskContext, spec: GenerationSpec, losses: list[
         meta = {"placeholder": token.placeholder or "<*>", "prompt": prep.prompts[0] if prep.prompts else ""}
     else:
         start = prep.backend.embed(prep.backend.encode(1, **({"labels": spec.labels[:1]} if spec.labels else {})))
-        leaf = start.cond.detach().to(prep.backend.dtype).clone().requires_grad_()
+        leaf = master_tensor(start.cond).requires_grad_()  # float32 under a half network
         uncond = prep.backend.embed(prep.backend.encode(prep.batch)).uncond
         meta = {}
     if prior and not prep.backend.has_embedding_table:

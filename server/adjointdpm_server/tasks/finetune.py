@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument
+from ..artifacts import HEADER_BYTES
 from ..models._adapters import full_copy, trainable_state, with_lora
 from ._context import TaskContext
 from ._generation import prepare, run_sampler
@@ -61,6 +62,7 @@ def _restore(model, opt, tensors: dict[str, torch.Tensor]) -> None:
                 params[name].copy_(value)
             else:
                 raise FailedPrecondition(f"checkpoint tensor {name} does not fit this fine-tune")
+    opt.sync_from_params()
 
 
 def _examples_generation(ctx, spec: GenerationSpec, examples: list[ExampleSpec]) -> GenerationSpec:
@@ -123,10 +125,23 @@ def run_finetune(ctx: TaskContext, spec: GenerationSpec, examples: list[ExampleS
         raise InvalidArgument(f"model {prep.model!r}: {err}") from err
     params = [p for p in model.parameters() if p.requires_grad]
     # Refused before any work when the run's artifacts cannot fit: up to keep + 1 checkpoints at
-    # once (weights and two optimizer moments each), then the adapter.
+    # once (weights and two optimizer moments each), then the adapter. The bytes are reserved
+    # until the run ends, so concurrent runs cannot all pass this check and fail at a checkpoint.
     weight_bytes = sum(p.numel() * p.element_size() for p in params)
-    planned = (keep_checkpoints + 1) * 3 * weight_bytes
-    ctx.artifacts.check_room(planned + weight_bytes)
+    planned = (keep_checkpoints + 1) * (3 * weight_bytes + HEADER_BYTES) + weight_bytes + HEADER_BYTES
+    with ctx.artifacts.reserve(planned):
+        return _train(ctx, spec, losses, job, prep, model, params, optimizer, method=method,
+                      lora_rank=lora_rank, lora_alpha=lora_alpha, targets=targets,
+                      checkpoint_every=checkpoint_every, name=name, batch_size=batch_size,
+                      mode=mode, memory_budget_mib=memory_budget_mib, resume_from=resume_from,
+                      keep_checkpoints=keep_checkpoints, validation=validation,
+                      validate_every=validate_every, keep_best=keep_best, stop=stop)
+
+
+def _train(ctx, spec, losses, job, prep, model, params, optimizer, *, method, lora_rank,
+           lora_alpha, targets, checkpoint_every, name, batch_size, mode, memory_budget_mib,
+           resume_from, keep_checkpoints, validation, validate_every, keep_best, stop):
+    """The run itself, once admitted (its artifacts' bytes reserved)."""
     meta = {"method": method, "rank": (lora_rank or 4) if method == "lora" else 0,
             "alpha": (lora_alpha or None) if method == "lora" else None,
             "targets": list(targets) if method == "lora" else [], "name": name}

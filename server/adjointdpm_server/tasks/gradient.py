@@ -23,6 +23,7 @@ from ._images import to_png
 from ._job import Job
 from ._objective import Objective
 from ._reply import check_reply_size, reply_bytes
+from ._optim import master_tensor
 from ._specs import GenerationSpec, LossSpec, TokenSpec, WeightsSpec
 
 __all__ = ["TARGETS", "GradientResult", "run_gradient", "check_grad_mode", "token_leaf"]
@@ -68,7 +69,7 @@ def token_leaf(prep: Prepared, token: TokenSpec) -> torch.Tensor:
             raise InvalidArgument(str(err)) from err
     else:
         start = backend.random_token(seed=0)
-    return start.clone().requires_grad_()
+    return master_tensor(start).requires_grad_()  # float32 under a half network (optimizers step it)
 
 
 def encode_token(prep: Prepared, token: TokenSpec, leaf: torch.Tensor) -> Conditioning:
@@ -77,7 +78,8 @@ def encode_token(prep: Prepared, token: TokenSpec, leaf: torch.Tensor) -> Condit
         raise InvalidArgument(f"a token target needs a prompt containing {placeholder!r}")
     text = prep.prompts[0] if len(prep.prompts) == 1 else prep.prompts
     try:
-        c = prep.backend.encode_with_token(prep.batch, text, leaf, placeholder=placeholder)
+        c = prep.backend.encode_with_token(prep.batch, text, leaf.to(prep.backend.dtype),
+                                           placeholder=placeholder)
         return prep.backend.guide(c, prep.requested_guidance)
     except ValueError as err:
         raise InvalidArgument(str(err)) from err

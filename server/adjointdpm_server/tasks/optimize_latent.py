@@ -23,7 +23,7 @@ from ._generation import prepare, progress_callback, run_sampler
 from ._images import to_png
 from ._job import Job
 from ._objective import Evaluation, Objective
-from ._optim import check_iterations, check_stop, make_optimizer, optimize, report
+from ._optim import check_iterations, check_stop, make_optimizer, master_tensor, optimize, report
 from ._specs import GenerationSpec, GuidedSpec, LossSpec, OptimizerSpec, StopSpec
 from .gradient import check_grad_mode
 
@@ -161,7 +161,7 @@ def run_optimize_latent(ctx: TaskContext, spec: GenerationSpec, losses: list[Los
         initial = to_png(image_start)
         start_class = prep.backend.classify(image_start).argmax(1) if verdict else None
     objective.set_reference({"latent": x0_start, "image": image_start})  # for content terms
-    start = prep.x_T.detach().clone()
+    start = master_tensor(prep.x_T)  # float32 under a half network: Adam steps it there
     x = start.clone().requires_grad_()
     opt = make_optimizer(optimizer, [x])
     dim = x[0].numel()
@@ -223,7 +223,7 @@ def _guided(prep, objective, job, optimizer: OptimizerSpec, guided: GuidedSpec, 
     with torch.no_grad():
         x0_start = run_sampler(prep, job, grad_mode="none")
         initial = to_png(prep.backend.decode(x0_start))
-    x, history, it = prep.x_T.detach().clone(), [], 0
+    x, history, it = master_tensor(prep.x_T), [], 0
     callback = progress_callback(job)
     for i in range(0, prep.steps, every):
         for _ in range(inner):
@@ -236,7 +236,7 @@ def _guided(prep, objective, job, optimizer: OptimizerSpec, guided: GuidedSpec, 
             evaluation = objective(x0)
             with tracing.span("adjointdpm.backward"):
                 (g,) = torch.autograd.grad(evaluation.total, [xt])
-            history.append(report(job, it, evaluation, float(g.norm()), lr=scale))
+            history.append(report(job, it, evaluation, float(g.norm()), lr=scale, iterate=[xt]))
             sigma = float(schedule.sigma(torch.tensor(ts[i], dtype=torch.float64)))
             x = (x - guided_step(g, scale, guided.step, guided.clip, sigma)).detach()
             it += 1
