@@ -125,6 +125,9 @@ def _set(request, o, value) -> None:
     if o.kind == "tensor":
         getattr(holder, leaf).CopyFrom(encode_tensor(np.asarray(value, dtype=np.float32)))
     elif o.kind == "targets":
+        unknown = [t for t in _many(value) if t not in _TARGETS]
+        if unknown:
+            raise ValueError(f"unknown gradient target {unknown[0]!r}; choose from {', '.join(_TARGETS)}")
         getattr(holder, leaf).extend(_TARGETS[t] for t in _many(value))
     elif o.kind == "list":
         items = _many(value)
@@ -140,6 +143,8 @@ def _loss_terms(losses) -> tuple[list[pb.LossTerm], dict[int, ClientLoss]]:
     terms, client = [], {}
     for k, item in enumerate(items):
         term = as_term(item)
+        if term.domain not in _DOMAINS:
+            raise ValueError(f"loss {term.name!r}: domain must be image or latent; got {term.domain!r}")
         msg = pb.LossTerm(weight=term.weight, domain=_DOMAINS[term.domain])
         if isinstance(term, ClientLoss):
             msg.client = term.name

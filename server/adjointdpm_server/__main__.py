@@ -70,6 +70,9 @@ def parse_args(argv=None) -> ServerConfig:
     p.add_argument("--max-steps", type=int, default=Limits.max_steps)
     p.add_argument("--max-iterations", type=int, default=Limits.max_iterations)
     p.add_argument("--max-examples", type=int, default=Limits.max_examples)
+    p.add_argument("--max-network-calls", type=int, default=Limits.max_network_calls,
+                   help="a request's estimated network calls (steps × iterations × inner steps …); "
+                        "more: INVALID_ARGUMENT before it starts; 0 = no bound")
     p.add_argument("--max-tensor-elements", type=int, default=Limits.max_tensor_elements)
     p.add_argument("--max-message-mib", type=int, default=Limits.max_message_bytes >> 20)
     p.add_argument("--log-format", choices=("json", "text"), default="json")
@@ -79,7 +82,8 @@ def parse_args(argv=None) -> ServerConfig:
     if bool(a.tls_cert) != bool(a.tls_key):
         p.error("--tls-cert and --tls-key go together")
     limits = Limits(max_batch=a.max_batch, max_steps=a.max_steps, max_iterations=a.max_iterations,
-                    max_examples=a.max_examples, max_tensor_elements=a.max_tensor_elements,
+                    max_examples=a.max_examples, max_network_calls=max(0, a.max_network_calls),
+                    max_tensor_elements=a.max_tensor_elements,
                     max_message_bytes=a.max_message_mib << 20,
                     client_loss_timeout_s=a.client_loss_timeout,
                     grad_memory_bytes=None if a.grad_memory_mib is None else max(0, a.grad_memory_mib) << 20)

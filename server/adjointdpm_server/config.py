@@ -14,6 +14,7 @@ class Limits:
     max_steps: int = 1000
     max_iterations: int = 1000
     max_examples: int = 256
+    max_network_calls: int = 4_000_000          # a request's estimated network calls (tasks/_work.py); 0 = no bound
     max_tensor_elements: int = 16 * 2**20       # one tensor in a request
     max_message_bytes: int = 64 * 2**20         # a gRPC message, either way
     max_inline_weight_elements: int = 4 * 2**20  # weight gradients sent inline (else an artifact)

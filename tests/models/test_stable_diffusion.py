@@ -1,11 +1,14 @@
 """The `diffusers` backend on a tiny Stable Diffusion pipeline built from config (tiny_sd.py).
 
 Prompt → CLIP → ``sample`` with CFG → VAE decode → pixel loss, differentiated w.r.t. ``x_T``, the
-prompt embedding, a textual-inversion token and LoRA weights; ``checkpoint`` must equal
-``backprop`` through the whole path (float64), and the resident model must stay bit-for-bit as it
-was. Everything is loaded with the network cut off: no hub access, ever.
+prompt embedding, a textual-inversion token and LoRA weights (``with_lora``, the adapter every
+family and the service use); ``checkpoint`` must equal ``backprop`` through the whole path
+(float64), and the resident model must stay bit-for-bit as it was. A v-prediction UNet is
+declared (``prediction = "v"``) and sampled through the core's conversion, checked against
+diffusers' own DDIM loop. Everything is loaded with the network cut off: no hub access, ever.
 """
 
+import copy
 import hashlib
 import socket
 import threading
@@ -14,7 +17,8 @@ import pytest
 import torch
 
 from adjointdpm_server.core import sample
-from adjointdpm_server.models._diffusers import StableDiffusionBackend, TextConditionalEps, VPredictionEps
+from adjointdpm_server.models._adapters import with_lora
+from adjointdpm_server.models._diffusers import StableDiffusionBackend, TextConditionalEps
 
 from .tiny_sd import HIDDEN, MAX_LENGTH, build_tiny_sd
 
@@ -82,7 +86,7 @@ def _pixel_loss(image):
 
 
 def test_loads_the_tiny_pipeline(backend, sd_dir, offline):
-    assert backend.name == "diffusers" and backend.prediction_type == "epsilon"
+    assert backend.name == "diffusers" and backend.prediction == "epsilon"
     assert backend.vae_scale_factor == 2
     assert backend.latent_shape == (4, 8, 8) and backend.image_shape == (3, 16, 16)
     assert backend.schedule.t_min == 0.0 and backend.schedule.t_max == 999.0
@@ -127,18 +131,64 @@ def test_missing_directory_is_a_clear_local_error(tmp_path, offline):
     assert offline == []
 
 
-def test_v_prediction_is_converted_to_eps(tmp_path, offline):
-    v_backend = StableDiffusionBackend(build_tiny_sd(tmp_path, prediction_type="v_prediction"))
-    assert isinstance(v_backend.eps_fn, VPredictionEps)
+@pytest.fixture(scope="module")
+def v_dir(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        _offline(mp)
+        return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd-v"), prediction_type="v_prediction")
+
+
+def test_v_prediction_is_declared_and_converted_to_eps(v_dir, offline):
+    """No wrapper: the UNet's v is what ``eps_fn`` returns, the backend says so, and ``eps`` (the
+    core's map) gives ε = σx + αv, the identity diffusers' schedulers use."""
+    v_backend = StableDiffusionBackend(v_dir)
+    assert v_backend.prediction == "v" and type(v_backend.eps_fn) is TextConditionalEps
     x = v_backend.noise(2, seed=3)
     t = torch.tensor([10.0, 700.0])
     cond = v_backend.encode(2, prompt=PROMPT).cond
     with torch.no_grad():
         v = v_backend.unet(x, t, encoder_hidden_states=cond).sample
+        torch.testing.assert_close(v_backend.eps_fn(x, t, cond), v, rtol=0, atol=0)
         eps = v_backend.eps(x, t, cond)
     alpha, sigma = (f(t.double()).float().reshape(-1, 1, 1, 1)
                     for f in (v_backend.schedule.alpha, v_backend.schedule.sigma))
     torch.testing.assert_close(eps, sigma * x + alpha * v)
+    assert offline == []
+
+
+@pytest.mark.parametrize("guidance", [None, GUIDANCE])
+def test_v_prediction_sampling_reproduces_diffusers_ddim(v_dir, offline, guidance):
+    """External reference: diffusers' DDIM loop (built from the directory's own scheduler config,
+    ``prediction_type="v_prediction"``) on the v UNet, CFG on the raw v as diffusers' pipelines do;
+    Euler in ρ on the same timesteps with ``prediction=backend.prediction`` is the same loop
+    (tests/core/test_diffusers_ddim.py for ε). Treating v as ε must not pass."""
+    from diffusers import DDIMScheduler
+
+    v_backend = StableDiffusionBackend(v_dir, dtype=torch.float64)
+    sched = DDIMScheduler.from_pretrained(v_dir, subfolder="scheduler", clip_sample=False,
+                                          timestep_spacing="leading")
+    assert sched.config.prediction_type == "v_prediction" and not sched.config.set_alpha_to_one
+    sched.set_timesteps(12)
+    c = v_backend.encode(2, prompt=PROMPT)
+    x_T = v_backend.noise(2, seed=5)
+    x = x_T.clone()
+    with torch.no_grad():
+        for t in sched.timesteps:
+            tt = t.expand(2).to(torch.float64)
+            if guidance is None:
+                v = v_backend.eps_fn(x, tt, c.cond)
+            else:
+                v_c, v_u = v_backend.eps_fn(torch.cat([x, x]), torch.cat([tt, tt]),
+                                            torch.cat([c.cond, c.uncond])).chunk(2)
+                v = v_u + guidance * (v_c - v_u)
+            x = sched.step(v, t, x, eta=0.0).prev_sample
+        ts = [float(t) for t in sched.timesteps] + [0.0]  # DDIM's last step lands on ᾱ_0: our t = 0
+        kw = dict(schedule=v_backend.schedule, steps=None, timesteps=ts, solver="euler",
+                  grad_mode="none", guidance_scale=guidance, uncond=c.uncond)
+        ours = sample(v_backend.eps_fn, x_T, c.cond, prediction=v_backend.prediction, **kw)
+        as_eps = sample(v_backend.eps_fn, x_T, c.cond, **kw)
+    assert _rel(ours, x) < 3e-7  # measured 8e-8 (CFG 3): diffusers takes √ᾱ in float32
+    assert _rel(as_eps, x) > 1e-2
     assert offline == []
 
 
@@ -215,7 +265,7 @@ def _full_path(backend, mode, eps_fn, token0=None, steps=STEPS):
         cond, leaves = c.cond, [token]  # cond is the encoder's output: differentiable through it
     uncond = c.uncond.requires_grad_()
     x0 = sample(eps_fn, x_T, cond, schedule=backend.schedule, steps=steps, grad_mode=mode,
-                guidance_scale=GUIDANCE, uncond=uncond)
+                guidance_scale=GUIDANCE, uncond=uncond, prediction=backend.prediction)
     image = backend.decode(x0)
     assert image.shape == (2, *backend.image_shape)
     assert float(image.detach().min()) >= 0.0 and float(image.detach().max()) <= 1.0
@@ -225,14 +275,17 @@ def _full_path(backend, mode, eps_fn, token0=None, steps=STEPS):
     return loss.detach(), grads
 
 
-@pytest.mark.parametrize("variant", ["prompt", "inversion+lora"])
-def test_checkpoint_equals_backprop_through_decode(backend, variant):
+@pytest.mark.parametrize("variant", ["prompt", "inversion+lora", "v-prediction+inversion+lora"])
+def test_checkpoint_equals_backprop_through_decode(backend, v_dir, variant):
+    if variant.startswith("v-prediction"):  # the core's v → ε conversion inside both passes
+        backend = StableDiffusionBackend(v_dir, dtype=torch.float64)
+        assert backend.prediction == "v"
     resident = _digest(backend.unet, backend.vae, backend.text_encoder)
     if variant == "prompt":
         eps_fn, token0 = backend.eps_fn, None
     else:
-        torch.manual_seed(0)
-        eps_fn = backend.add_lora(rank=2, init_lora_weights=False)  # A and B random: both get grads
+        # A and B random: both get grads
+        eps_fn = with_lora(backend.eps_fn, rank=2, targets=backend.lora_targets, init_lora_weights=False)
         token0 = torch.randn(HIDDEN, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     loss_bp, g_bp = _full_path(backend, "backprop", eps_fn, token0)
     loss_ck, g_ck = _full_path(backend, "checkpoint", eps_fn, token0)
@@ -270,8 +323,7 @@ def test_float32_checkpoint_matches_backprop(sd_dir):
 # --------------------------------------------------------------------------- the resident model
 
 
-@pytest.mark.parametrize("share", [False, True])
-def test_lora_and_inversion_leave_the_resident_model_untouched(backend, share):
+def test_lora_and_inversion_leave_the_resident_model_untouched(backend):
     resident = _digest(backend.unet, backend.vae, backend.text_encoder)
     n_vocab = len(backend.tokenizer)
     x = backend.noise(2, seed=4)
@@ -280,11 +332,14 @@ def test_lora_and_inversion_leave_the_resident_model_untouched(backend, share):
     with torch.no_grad():
         base_eps = backend.eps(x, t, cond)
 
-    lora = backend.add_lora(rank=4, share_base_weights=share)
+    lora = with_lora(backend.eps_fn, rank=4, targets=backend.lora_targets)
     trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
-    shared = {p.data_ptr() for p in backend.unet.parameters()}
-    assert any(p.data_ptr() in shared for p in lora.parameters()) == share
+    # no base tensor is copied: the copy's non-LoRA tensors *are* the resident ones, all of them
+    base = [t for n, t in (*lora.named_parameters(), *lora.named_buffers()) if "lora_" not in n]
+    resident_tensors = [*backend.eps_fn.parameters(), *backend.eps_fn.buffers()]
+    assert len(base) == len(resident_tensors)
+    assert {id(t) for t in base} == {id(t) for t in resident_tensors}
     with torch.no_grad():  # B = 0 at init: the adapted model starts as the base one
         torch.testing.assert_close(lora(x, t, cond), base_eps, rtol=0, atol=0)
 
@@ -293,7 +348,7 @@ def test_lora_and_inversion_leave_the_resident_model_untouched(backend, share):
     for _ in range(2):
         c = backend.encode_with_token(2, "a <*> photo", token)
         x0 = sample(lora, x, c.cond, schedule=backend.schedule, steps=2, guidance_scale=GUIDANCE,
-                    uncond=c.uncond)
+                    uncond=c.uncond, prediction=backend.prediction)
         opt.zero_grad()
         _pixel_loss(backend.decode(x0)).backward()
         opt.step()
@@ -303,3 +358,26 @@ def test_lora_and_inversion_leave_the_resident_model_untouched(backend, share):
     assert _digest(backend.unet, backend.vae, backend.text_encoder) == resident
     assert len(backend.tokenizer) == n_vocab
     assert not any("lora" in n for n, _ in backend.unet.named_parameters())
+    assert {id(t) for t in base} == {id(t) for t in resident_tensors}  # still shared, not replaced
+
+
+def test_with_lora_is_seeded_and_float32_under_a_half_base(backend):
+    """The same request makes the same adapter, and the process's random state is left alone;
+    under a half-precision base the adapter itself is float32 (what is trained)."""
+    made = []
+    for seed in (1, 2):  # whatever the process's random state, the same adapter …
+        torch.manual_seed(seed)
+        state = torch.random.get_rng_state()
+        made.append(with_lora(backend.eps_fn, rank=2, targets=backend.lora_targets, init_lora_weights=False))
+        assert torch.equal(torch.random.get_rng_state(), state)  # … and that state left alone
+    a, b = made
+    la, lb = ({n: p for n, p in m.named_parameters() if "lora_" in n} for m in (a, b))
+    assert la.keys() == lb.keys() and all(torch.equal(la[n], lb[n]) for n in la)
+    assert all(".default." in n and n.startswith("unet.") for n in la)  # the export's key layout
+    half = TextConditionalEps(copy.deepcopy(backend.unet).half())
+    lora = with_lora(half, rank=2, targets=backend.lora_targets)
+    dtypes = {n: p.dtype for n, p in lora.named_parameters()}
+    assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
+    assert {d for n, d in dtypes.items() if "lora_" not in n} == {torch.float16}
+    with pytest.raises(ValueError, match="not in this model"):
+        with_lora(backend.eps_fn, rank=2, targets=("no_such_layer",))

@@ -115,15 +115,20 @@ class NetworkEngine:
                 self._thread = threading.Thread(target=self._loop, name="adjointdpm-engine", daemon=True)
                 self._thread.start()
             self._cond.notify_all()
-        while not item.done.wait(0.05):
-            try:
-                item.job.check()
-            except BaseException:
-                self._withdraw(item)
-                raise
-        if item.error is not None:
-            raise item.error
-        return item.result
+        try:
+            while not item.done.wait(0.05):
+                try:
+                    item.job.check()
+                except BaseException:
+                    self._withdraw(item)
+                    if item.state != "withdrawn":  # running: the job ends after its call does,
+                        item.done.wait()           # so that what the call made goes with it
+                    raise
+            if item.error is not None:
+                raise item.error
+            return item.result
+        finally:
+            item.release()  # the engine may hold the item a moment longer, never its tensors
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop the engine thread after the call it is running (a process must not exit while
@@ -219,6 +224,9 @@ class NetworkEngine:
                     continue
                 batch = self._select()
             self._execute(batch)
+            # An idle engine must not hold the last batch: a solo item's result carries its
+            # job's whole graph (backprop), and the item its job (docs/design.md §6).
+            del batch
 
     def _execute(self, batch: list[WorkItem]) -> None:
         try:

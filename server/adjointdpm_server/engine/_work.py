@@ -59,3 +59,8 @@ class WorkItem:
     def finish(self, result=None, error: BaseException | None = None) -> None:
         self.result, self.error, self.state = result, error, "done"
         self.done.set()
+
+    def release(self) -> None:
+        """Drop the tensors (inputs, result: under backprop a graph of the whole solve so far),
+        once the job has what it needs of them."""
+        self.x = self.t = self.cond = self.cotangent = self.closure = self.result = None

@@ -22,10 +22,17 @@ def _shared_copy(module: nn.Module) -> nn.Module:
 
 
 def with_lora(eps_fn: nn.Module, rank: int, alpha: float | None = None,
-              targets: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0")) -> nn.Module:
-    """A copy of ``eps_fn`` with a fresh LoRA adapter (B = 0: it starts equal to the base);
-    only the LoRA weights require grad. A is drawn from a fixed seed, so the same request makes
-    the same adapter (the process's random state is left as it was)."""
+              targets: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0"), *,
+              init_lora_weights: bool | str = True) -> nn.Module:
+    """A copy of ``eps_fn`` with a fresh LoRA adapter (peft's adapter ``default``); only the LoRA
+    weights require grad. By default B = 0, so it starts equal to the base (``init_lora_weights``
+    goes to peft: ``False`` draws B at random too, e.g. so that both A and B get gradients at
+    once). The adapter is drawn from a fixed seed, so the same request makes the same adapter
+    (the process's random state is left as it was).
+
+    The copy shares the frozen base tensors with ``eps_fn`` (zero weight memory): it must not be
+    moved or cast (``.to(...)``/``.half()`` convert parameters in place) nor have its adapter
+    merged, which would change the resident weights."""
     from peft import LoraConfig, inject_adapter_in_model
 
     if rank < 1:
@@ -35,7 +42,8 @@ def with_lora(eps_fn: nn.Module, rank: int, alpha: float | None = None,
     if missing or not targets:
         raise ValueError(f"LoRA target modules {missing or list(targets)} are not in this model")
     model = _shared_copy(eps_fn)
-    config = LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, target_modules=list(targets))
+    config = LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, target_modules=list(targets),
+                        init_lora_weights=init_lora_weights)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = inject_adapter_in_model(config, model)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..core import FlowSchedule, VPSchedule
+from ..core._prediction import eps_coefficients
 
 __all__ = ["Conditioning", "ModelBackend"]
 
@@ -118,4 +119,18 @@ class ModelBackend(abc.ABC):
         raise NotImplementedError(f"{type(self).__name__} has no classifier")
 
     def eps(self, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
-        return self.eps_fn(x, t, cond)
+        """ε at ``(x, t)``: ``eps_fn``'s output (what ``prediction`` names) turned into ε with the
+        sampler's own map (core/_prediction.py), so a v or velocity model answers in ε too."""
+        out = self.eps_fn(x, t, cond)
+        if self.prediction == "epsilon":
+            return out
+        t64 = torch.as_tensor(t).detach().to("cpu", torch.float64)
+        dalpha = dsigma = None
+        if self.prediction == "velocity":
+            dalpha, dsigma = self.schedule.velocity_coefficients(t64)
+        a, b = eps_coefficients(self.prediction, self.schedule.alpha(t64), self.schedule.sigma(t64),
+                                dalpha, dsigma)
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        a, b = (torch.as_tensor(v, dtype=torch.float64).reshape(shape).to(x.device, out.dtype)
+                for v in (a, b))
+        return a * out + b * x.to(out.dtype)

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import torch
 
-from ..core import HALF_DTYPES
+from ..core import HALF_DTYPES, VPSchedule
 from ._base import Conditioning, ModelBackend
 from ._text import TextEncoder, broadcast
 
-__all__ = ["LatentDiffusionBackend", "check_dtype", "check_directory", "pipeline_class"]
+__all__ = ["LatentDiffusionBackend", "check_dtype", "check_directory", "pipeline_class",
+           "load_vp_schedule", "VP_PREDICTIONS"]
 
 
 def check_dtype(device: torch.device, dtype) -> torch.dtype:
@@ -198,6 +199,36 @@ class LatentDiffusionBackend(ModelBackend):
     def _freeze(device, *modules) -> None:
         for module in modules:
             module.to(device).eval().requires_grad_(False)
+
+
+# diffusers' ``prediction_type`` → what the core converts (core/_prediction.py): SD 1.x/2.x and SDXL
+# declare it as ``prediction``, so there is one v path, the sampler's
+VP_PREDICTIONS = {"epsilon": "epsilon", "v_prediction": "v"}
+
+
+def load_vp_schedule(path: Path):
+    """The VP path (ᾱ_n) and the prediction (core name) that ``scheduler/`` describes, through the
+    scheduler class it names.
+
+    Every SD scheduler (PNDM, DDIM, DDPM, Euler, DPM-Solver, …) derives the same ᾱ from the same
+    betas; using diffusers' own code keeps ``trained_betas`` and beta schedules exact.
+    """
+    import diffusers
+
+    config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+    cls = getattr(diffusers, str(config.get("_class_name", "")), None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        cls = diffusers.DDPMScheduler
+    scheduler = cls.from_pretrained(path, subfolder="scheduler", local_files_only=True)
+    alphas_cumprod = getattr(scheduler, "alphas_cumprod", None)
+    if alphas_cumprod is None:
+        scheduler = diffusers.DDPMScheduler.from_config(scheduler.config)
+        alphas_cumprod = scheduler.alphas_cumprod
+    prediction_type = scheduler.config.get("prediction_type", "epsilon")
+    if prediction_type not in VP_PREDICTIONS:
+        raise ValueError(f"unsupported prediction_type {prediction_type!r} in the scheduler config "
+                         f"({' and '.join(VP_PREDICTIONS)} are)")
+    return VPSchedule.from_alphas_cumprod(alphas_cumprod), VP_PREDICTIONS[prediction_type]
 
 
 def load_flow_schedule(path: Path, image_seq_len: int):

@@ -15,16 +15,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core import VPSchedule
-from ._diffusers import LORA_TARGETS, load_alphas_cumprod
-from ._latent import LatentDiffusionBackend
+from ._diffusers import LORA_TARGETS
+from ._latent import LatentDiffusionBackend, load_vp_schedule
 from ._packing import TokensAndVector
 from ._text import TextEncoder
 
 __all__ = ["SDXLBackend", "SDXLEps"]
 
 PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
-PREDICTIONS = {"epsilon": "epsilon", "v_prediction": "v"}
 
 
 class SDXLEps(nn.Module):
@@ -79,12 +77,7 @@ class SDXLBackend(LatentDiffusionBackend):
         self.text_encoders = [TextEncoder(tok, enc, min(int(tok.model_max_length),
                                                         enc.config.max_position_embeddings))
                               for tok, enc in zip(tokenizers, encoders)]
-        alphas_cumprod, prediction_type = load_alphas_cumprod(path)
-        if prediction_type not in PREDICTIONS:
-            raise ValueError(f"unsupported prediction_type {prediction_type!r} in the scheduler config "
-                             f"({' and '.join(PREDICTIONS)} are)")
-        self.prediction = PREDICTIONS[prediction_type]
-        self.schedule = VPSchedule.from_alphas_cumprod(alphas_cumprod)
+        self.schedule, self.prediction = load_vp_schedule(path)
         index = json.loads((path / "model_index.json").read_text())
         self.force_zeros_for_empty_prompt = bool(index.get("force_zeros_for_empty_prompt", True))
 

@@ -23,6 +23,7 @@ from ._objective import Evaluation, Objective
 from ._optim import Patience, check_iterations, check_name, check_stop, make_optimizer, master_tensor, optimize
 from ._specs import GenerationSpec, LossSpec, OptimizerSpec, StopSpec, TokenSpec
 from .gradient import check_grad_mode, encode_token, token_leaf
+from ._work import check_work, embedding_work
 from .optimize_latent import OptimizeResult
 
 __all__ = ["run_optimize_embedding", "embedding_prior", "PRIORS"]
@@ -62,6 +63,7 @@ def run_optimize_embedding(ctx: TaskContext, spec: GenerationSpec, losses: list[
     if spec.embedding or spec.cond is not None:
         raise InvalidArgument("the embedding is what this call learns: leave embedding and cond unset")
     prep = prepare(ctx, spec)
+    check_work(ctx.limits, embedding_work(prep.steps, prep.solver, mode, optimizer.iterations))
     losses = list(losses)
     if target_image is not None:
         losses.append(LossSpec("server", "mse", 1.0, "image", {}, {"target": target_image}))

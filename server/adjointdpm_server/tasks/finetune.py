@@ -26,6 +26,7 @@ from ._objective import Objective
 from ._optim import Patience, check_iterations, check_name, check_stop, make_optimizer, optimize
 from ._specs import ExampleSpec, GenerationSpec, LossSpec, OptimizerSpec, StopSpec
 from .gradient import check_grad_mode
+from ._work import check_work, finetune_work
 from .optimize_latent import OptimizeResult
 
 __all__ = ["run_finetune", "METHODS", "OPTIM_PREFIX"]
@@ -117,6 +118,8 @@ def run_finetune(ctx: TaskContext, spec: GenerationSpec, examples: list[ExampleS
     if method == "lora" and lora_rank > ctx.limits.max_lora_rank:
         raise InvalidArgument(f"lora_rank must be at most {ctx.limits.max_lora_rank}")
     prep = prepare(ctx, _examples_generation(ctx, spec, examples))
+    check_work(ctx.limits, finetune_work(prep.steps, prep.solver, mode, optimizer.iterations,
+                                         validate_every, bool(validation)))
     targets = tuple(target_modules) or prep.backend.lora_targets
     try:
         model = (with_lora(prep.eps_fn, lora_rank or 4, lora_alpha or None, targets)

@@ -25,6 +25,7 @@ from ._objective import Objective
 from ._reply import check_reply_size, reply_bytes
 from ._optim import master_tensor
 from ._specs import GenerationSpec, LossSpec, TokenSpec, WeightsSpec
+from ._work import check_work, gradient_work
 
 __all__ = ["TARGETS", "GradientResult", "run_gradient", "check_grad_mode", "token_leaf"]
 
@@ -95,6 +96,7 @@ def run_gradient(ctx: TaskContext, spec: GenerationSpec, losses: list[LossSpec],
         raise InvalidArgument(f"unknown gradient targets {unknown}; choose from {', '.join(TARGETS)}")
     mode = check_grad_mode(grad_mode)
     prep = prepare(ctx, spec)
+    check_work(ctx.limits, gradient_work(prep.steps, prep.solver, mode))
     objective = Objective(ctx, prep.backend, losses, job)
     leaves: dict[str, torch.Tensor] = {}
 

@@ -19,12 +19,13 @@ from ..core import time_grid
 from ..errors import InvalidArgument
 from ..integrity import MAX_WEIGHT, check_number, check_result
 from ._context import TaskContext
-from ._generation import prepare, progress_callback, run_sampler
+from ._generation import prepare, run_sampler
 from ._images import to_png
 from ._job import Job
 from ._objective import Evaluation, Objective
 from ._optim import check_iterations, check_stop, make_optimizer, master_tensor, optimize, report
 from ._specs import GenerationSpec, GuidedSpec, LossSpec, OptimizerSpec, StopSpec
+from ._work import check_work, guided_work, optimize_latent_work
 from .gradient import check_grad_mode
 
 __all__ = ["OptimizeResult", "run_optimize_latent", "project", "BestIterates", "guided_step"]
@@ -148,12 +149,16 @@ def run_optimize_latent(ctx: TaskContext, spec: GenerationSpec, losses: list[Los
         if guided.clip < 0:
             raise InvalidArgument(f"guided.clip must be ≥ 0; got {guided.clip}")
     prep = prepare(ctx, spec)
+    if guided is None:
+        check_work(ctx.limits, optimize_latent_work(prep.steps, prep.solver, mode, optimizer.iterations))
+    else:
+        _check_guided(prep, guided, mode, ctx.limits)
     verdict = stop is not None and stop.verdict_changed
     if verdict and not prep.backend.has_classifier:
         raise InvalidArgument("stop_when.verdict_changed needs a model with a classifier (digits)")
     objective = Objective(ctx, prep.backend, losses, job)
     if guided is not None:
-        return _guided(prep, objective, job, optimizer, guided, mode, ctx.limits, memory_budget_mib)
+        return _guided(prep, objective, job, optimizer, guided, mode, memory_budget_mib)
 
     with torch.no_grad():
         x0_start = run_sampler(prep, job, grad_mode="none")
@@ -207,16 +212,22 @@ def run_optimize_latent(ctx: TaskContext, spec: GenerationSpec, losses: list[Los
                           last_x_T=x.detach())
 
 
-def _guided(prep, objective, job, optimizer: OptimizerSpec, guided: GuidedSpec, mode: str, limits,
+def _check_guided(prep, guided: GuidedSpec, mode: str, limits) -> None:
+    """Each factor, then their product (the network calls), before any work."""
+    every, inner = guided.every or 1, guided.inner_steps or 1
+    if guided.grad_steps > limits.max_steps:
+        raise InvalidArgument(f"guided grad_steps must be at most {limits.max_steps}")
+    if inner * -(-prep.steps // every) > 10_000:
+        raise InvalidArgument("too many guidance gradients (steps / every × inner_steps)")
+    check_work(limits, guided_work(prep.steps, prep.solver, mode, every, inner, guided.grad_steps))
+
+
+def _guided(prep, objective, job, optimizer: OptimizerSpec, guided: GuidedSpec, mode: str,
             memory_budget_mib: int = 0):
     """Guided sampling: x_t ← x_t − step(∂L/∂x_t) at every ``every``-th node (§4.1.1)."""
     every = guided.every or 1
     scale = guided.scale or optimizer.lr
     inner = guided.inner_steps or 1
-    if guided.grad_steps > limits.max_steps:
-        raise InvalidArgument(f"guided grad_steps must be at most {limits.max_steps}")
-    if inner * -(-prep.steps // every) > 10_000:
-        raise InvalidArgument("too many guidance gradients (steps / every × inner_steps)")
     schedule = prep.backend.schedule
     t_start = schedule.t_max if prep.t_start is None else prep.t_start
     ts = time_grid(schedule, prep.steps, prep.grid, t_start, schedule.t_min).tolist()
@@ -224,7 +235,6 @@ def _guided(prep, objective, job, optimizer: OptimizerSpec, guided: GuidedSpec, 
         x0_start = run_sampler(prep, job, grad_mode="none")
         initial = to_png(prep.backend.decode(x0_start))
     x, history, it = master_tensor(prep.x_T), [], 0
-    callback = progress_callback(job)
     for i in range(0, prep.steps, every):
         for _ in range(inner):
             job.check()
@@ -242,8 +252,10 @@ def _guided(prep, objective, job, optimizer: OptimizerSpec, guided: GuidedSpec, 
             it += 1
         segment = ts[i:min(i + every, prep.steps) + 1]
         with torch.no_grad():
+            # a callback of its own (counting from the job's nfe now: a shared one counted
+            # from the start and took the progress nfe back after each gradient)
             x = run_sampler(prep, job, x_T=x, steps=len(segment) - 1, grad_mode="none",
-                            timesteps=segment, callback=callback)
+                            timesteps=segment)
     with torch.no_grad():
         images = prep.backend.decode(x)
         evaluation = objective(x, images)

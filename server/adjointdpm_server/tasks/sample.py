@@ -13,6 +13,7 @@ from ._images import to_png
 from ._job import Job
 from ._reply import check_reply_size, reply_bytes
 from ._specs import GenerationSpec
+from ._work import check_work, sample_work
 
 __all__ = ["SampleResult", "run_sample"]
 
@@ -28,6 +29,7 @@ class SampleResult:
 def run_sample(ctx: TaskContext, spec: GenerationSpec, job: Job, *, images: bool = True,
                pixels: bool = False) -> SampleResult:
     prep = prepare(ctx, spec)
+    check_work(ctx.limits, sample_work(prep.steps, prep.solver))
     check_reply_size(ctx.limits, reply_bytes(prep, images=images, pixels=pixels, latents=2), "result")
     with torch.no_grad():
         x0 = run_sampler(prep, job, grad_mode="none")
