@@ -38,7 +38,7 @@ import adjointdpm
 from adjointdpm_server.config import Limits, ServerConfig
 from adjointdpm_server.losses._gram import gram
 from adjointdpm_server.models._digits_data import load_digits_split
-from adjointdpm_server.server import build_server
+from adjointdpm_server.wire import build_server
 
 RESULTS = Path(__file__).resolve().parent / "results" / "applications.md"
 STEPS = 10

@@ -226,7 +226,7 @@ def service_checks(args, report):
 
     import adjointdpm
     from adjointdpm_server.config import Limits, ServerConfig
-    from adjointdpm_server.server import build_server
+    from adjointdpm_server.wire import build_server
     from tests.models.tiny_sd import build_tiny_clip, build_tiny_sd
 
     dtype = "float16" if args.device.startswith("cuda") else "float32"

@@ -1,5 +1,6 @@
 """House rules: core/ never imports the gRPC layer; the SDK imports neither torch nor the server."""
 
+import re
 import subprocess
 import sys
 
@@ -42,3 +43,79 @@ def test_server_command_on_an_sdk_only_install_says_how_to_install_the_server():
     assert run.returncode != 0
     assert "the server is not installed here (torch is missing)" in run.stderr
     assert "pip install" in run.stderr and "Traceback" not in run.stderr
+
+
+# ---- the rooms of the server and what each may import (docs/architecture.md) ---------------------
+
+import ast  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+SERVER = Path(__file__).resolve().parents[1] / "server" / "adjointdpm_server"
+# room → the rooms of ours it may import; docs/architecture.md draws the same table
+ALLOWED = {
+    "errors": set(), "config": set(), "core": set(), "telemetry": set(),
+    "integrity": {"errors"},
+    "models": {"core", "errors"},
+    "engine": {"core", "errors"},
+    "losses": {"core", "models", "errors", "integrity"},
+    "storage": {"errors", "integrity"},
+    "admission": {"errors"},
+    "tasks": {"config", "core", "models", "losses", "storage", "telemetry", "errors", "integrity"},
+    "runtime": {"config", "models", "engine", "storage", "losses", "errors"},
+    "wire": {"admission", "config", "core", "errors", "integrity", "losses", "runtime", "storage",
+             "tasks", "telemetry"},
+    "__main__": {"config", "models", "telemetry", "wire"},
+    "__init__": set(),
+}
+EDGE_ONLY = ("grpc", "grpc_health", "grpc_reflection", "google", "adjointdpm")  # the wire's alone
+
+
+def _rooms():
+    """(room, file, [(kind, target)]) for every module: kind "ours" (a room) or "outside"."""
+    for path in sorted(SERVER.rglob("*.py")):
+        parts = list(path.relative_to(SERVER).with_suffix("").parts)
+        package = parts[:-1] if parts[-1] != "__init__" else parts[:-1]
+        room = parts[0] if len(parts) > 1 else parts[0]
+        found = []
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package[: len(package) - (node.level - 1)]
+                target = [*base, *(node.module.split(".") if node.module else [])]
+                found += ([("ours", target[0])] if target else
+                          [("ours", alias.name) for alias in node.names])
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                top = node.module.split(".")
+                found.append(("ours", top[1]) if top[0] == "adjointdpm_server" else ("outside", top[0]))
+            elif isinstance(node, ast.Import):
+                found += [("outside", alias.name.split(".")[0]) for alias in node.names]
+        yield room, path.relative_to(SERVER), found
+
+
+def test_every_room_imports_only_the_rooms_below_it():
+    broken, unknown = [], []
+    for room, path, found in _rooms():
+        if room not in ALLOWED:
+            unknown.append(str(path))
+            continue
+        broken += [f"{path} imports {target}" for kind, target in found
+                   if kind == "ours" and target != room and target not in ALLOWED[room]]
+    assert not unknown, f"modules in no room of the table (add the room to ALLOWED and docs/architecture.md): {unknown}"
+    assert not broken, "imports across the layering (docs/architecture.md):\n" + "\n".join(broken)
+
+
+def test_only_the_wire_knows_grpc_and_the_generated_code():
+    leaks = [f"{path} imports {target}" for room, path, found in _rooms() if room != "wire"
+             for kind, target in found if kind == "outside" and target in EDGE_ONLY]
+    assert not leaks, "\n".join(leaks)
+
+
+def test_the_rooms_table_is_the_architecture_documents():
+    doc = (SERVER.parents[1] / "docs" / "architecture.md").read_text()
+    for room, allowed in ALLOWED.items():
+        if room == "__init__":
+            continue
+        row = next((line for line in doc.splitlines() if line.startswith(f"| `{room}")), None)
+        assert row is not None, f"docs/architecture.md has no row for {room}"
+        cells = row.split("|")
+        named = set(re.findall(r"`([a-z_]+)`", cells[3]))
+        assert named == allowed, (room, named, allowed)

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from adjointdpm_server.config import Limits, ServerConfig
-from adjointdpm_server.server import build_server
+from adjointdpm_server.wire import build_server
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

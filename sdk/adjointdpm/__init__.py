@@ -18,7 +18,7 @@ from ._client import AdjointDPMError, Call, Client
 from ._losses import ClientLoss, ServerLoss, loss, registered_losses
 from ._results import (ArtifactInfo, GradientResult, IterationRecord, OptimizeResult, SampleResult,
                        ValidationRecord)
-from ._tensors import TensorError, decode_tensor, encode_tensor
+from .tensors import TensorError, decode_tensor, encode_tensor
 
 __version__ = "0.1.0"
 __all__ = [

@@ -12,7 +12,7 @@ from google.protobuf import struct_pb2
 
 from . import options
 from ._losses import ClientLoss, as_term, evaluate_client_loss
-from ._tensors import decode_tensor, encode_tensor
+from .tensors import decode_tensor, encode_tensor
 from .v1 import adjointdpm_pb2 as pb
 
 __all__ = ["METHODS", "build", "keywords", "models_from", "losses_from", "loss_reply", "unknown_term",

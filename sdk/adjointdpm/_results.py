@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._tensors import decode_tensor
+from .tensors import decode_tensor
 
 __all__ = ["ArtifactInfo", "SampleResult", "GradientResult", "OptimizeResult", "IterationRecord",
            "ValidationRecord", "save_pngs"]

@@ -109,7 +109,7 @@ class Client:
                             call.cancel()
                             raise AdjointDPMError(grpc.StatusCode.FAILED_PRECONDITION,
                                                   _requests.unknown_term(q.term))
-                        from ._tensors import decode_tensor
+                        from .tensors import decode_tensor
 
                         try:
                             evaluated = await evaluate_client_loss_async(term, decode_tensor(q.x))

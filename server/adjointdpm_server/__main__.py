@@ -77,7 +77,7 @@ def parse_args(argv=None) -> ServerConfig:
     p.add_argument("--max-message-mib", type=int, default=Limits.max_message_bytes >> 20)
     p.add_argument("--log-format", choices=("json", "text"), default="json")
     a = p.parse_args(argv)
-    from .auth import load_tokens
+    from .wire.auth import load_tokens
 
     if bool(a.tls_cert) != bool(a.tls_key):
         p.error("--tls-cert and --tls-key go together")
@@ -124,16 +124,15 @@ def _check_installed() -> None:
 def main(argv=None) -> None:
     _check_installed()
     config, log_format = parse_args(argv)
-    from .telemetry import configure_logging
+    from .telemetry.logs import configure_logging
 
     configure_logging(logging.INFO, json_lines=log_format == "json")
-    from . import tracing
+    from .telemetry import tracing
 
     if tracing.configure_from_env():  # OTEL_TRACES_EXPORTER / OTEL_EXPORTER_OTLP_ENDPOINT
         logging.getLogger("adjointdpm").info("tracing on (OpenTelemetry)")
-    from .server import build_server
-
     from .models import PrecisionUnsupported
+    from .wire.server import build_server
 
     try:
         server = build_server(config)

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from .artifacts import ArtifactStore
 from .config import ServerConfig
 from .engine import NetworkEngine
 from .errors import FailedPrecondition, InvalidArgument, NotFound
 from .models import ModelBackend, check_precision, load_model
 from .models._adapters import load_adapter
+from .storage.artifacts import ArtifactStore
 
 __all__ = ["Runtime", "model_name"]
 

@@ -15,7 +15,7 @@ import yaml
 
 import adjointdpm
 from adjointdpm_server.config import ServerConfig
-from adjointdpm_server.server import build_server
+from adjointdpm_server.wire import build_server
 
 MONITORING = Path(__file__).resolve().parents[2] / "deploy" / "monitoring"
 METRIC = re.compile(r"\badjointdpm_[a-z_]+\b")

@@ -118,7 +118,7 @@ def test_triton_loss_through_the_service(triton_url, tmp_path):
     import adjointdpm
     from adjointdpm_server.config import ServerConfig
     from adjointdpm_server.core import sample
-    from adjointdpm_server.server import build_server
+    from adjointdpm_server.wire import build_server
 
     srv = build_server(ServerConfig(models=("gaussian-mixture",), port=0, artifact_dir=tmp_path,
                                     triton_url=triton_url))

@@ -21,7 +21,7 @@ from adjointdpm.v1 import adjointdpm_pb2 as pb
 from adjointdpm.v1 import adjointdpm_pb2_grpc as pb_grpc
 from adjointdpm.v1 import tensor_pb2
 from adjointdpm_server.config import Limits, ServerConfig
-from adjointdpm_server.server import build_server
+from adjointdpm_server.wire import build_server
 
 LIMITS = Limits(max_batch=16, max_steps=100, max_iterations=20, client_loss_timeout_s=30)
 EXAMPLES = [{"seed": k, "label": k} for k in range(2)]

@@ -19,7 +19,7 @@ from adjointdpm.v1 import adjointdpm_pb2 as pb
 from adjointdpm.v1 import adjointdpm_pb2_grpc as pb_grpc
 from adjointdpm.v1 import tensor_pb2
 from adjointdpm_server.config import Limits, ServerConfig
-from adjointdpm_server.server import build_server
+from adjointdpm_server.wire import build_server
 
 from ._servers import ServerProcess
 

@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 
 import adjointdpm
-from adjointdpm._tensors import decode_tensor, encode_tensor
+from adjointdpm.tensors import decode_tensor, encode_tensor
 from adjointdpm.v1 import adjointdpm_pb2 as pb
 from adjointdpm.v1 import adjointdpm_pb2_grpc as pb_grpc
 from adjointdpm_server.config import Limits, ServerConfig
-from adjointdpm_server.server import build_server
+from adjointdpm_server.wire import build_server
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 MIX = "gaussian-mixture"  # cond of shape (B, 1, 8, 8) added to the mixture's means

@@ -15,7 +15,7 @@ from adjointdpm.v1 import adjointdpm_pb2 as pb
 from adjointdpm.v1 import adjointdpm_pb2_grpc as pb_grpc
 from adjointdpm.v1 import tensor_pb2
 from adjointdpm_server.config import Limits, ServerConfig
-from adjointdpm_server.server import build_server
+from adjointdpm_server.wire import build_server
 
 LIMITS = Limits(max_batch=4, max_steps=50, max_iterations=20, max_examples=8, max_tensor_elements=4096)
 

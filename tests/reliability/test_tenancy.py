@@ -20,10 +20,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 import adjointdpm
 from adjointdpm.v1 import adjointdpm_pb2 as pb
 from adjointdpm.v1 import adjointdpm_pb2_grpc as pb_grpc
-from adjointdpm_server.artifacts import ArtifactStore
-from adjointdpm_server.auth import Tenants
+from adjointdpm_server.storage.artifacts import ArtifactStore
+from adjointdpm_server.wire.auth import Tenants
 from adjointdpm_server.config import Limits, ServerConfig
-from adjointdpm_server.server import build_server
+from adjointdpm_server.wire import build_server
 
 from ._servers import SilentGradient
 

@@ -6,7 +6,7 @@ import pytest
 
 import adjointdpm
 from adjointdpm_server.config import Limits, ServerConfig
-from adjointdpm_server.server import build_server
+from adjointdpm_server.wire import build_server
 
 
 def serve(tmp_path_factory, models=("digits", "gaussian-mixture")):

@@ -16,7 +16,7 @@ import pytest
 import adjointdpm
 from adjointdpm_server.config import Limits, ServerConfig
 from adjointdpm_server.engine import EngineStats
-from adjointdpm_server.server import build_server
+from adjointdpm_server.wire import build_server
 from reliability._servers import SilentGradient
 
 LIMITS = Limits(max_batch=16, max_steps=200, max_iterations=50, max_tensor_elements=2**20,

@@ -212,7 +212,7 @@ def test_abandoned_stream_is_cancelled_by_the_sdk(client, server):
 
 
 def test_silent_stream_is_closed_after_the_first_message_timeout(server, monkeypatch):
-    from adjointdpm_server import jobs
+    from adjointdpm_server.wire import streams as jobs
 
     monkeypatch.setattr(jobs, "FIRST_MESSAGE_S", 0.5)
     never = threading.Event()

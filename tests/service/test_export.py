@@ -18,7 +18,7 @@ import torch
 
 import adjointdpm
 from adjointdpm_server.config import Limits, ServerConfig
-from adjointdpm_server.server import build_server
+from adjointdpm_server.wire import build_server
 from tests.models.tiny_sd import build_tiny_sd
 
 PROMPT = "a photo of <*>"

@@ -9,7 +9,7 @@ import pytest
 
 import adjointdpm
 from adjointdpm_server.config import Limits, ServerConfig
-from adjointdpm_server.server import build_server
+from adjointdpm_server.wire import build_server
 
 LOSS = adjointdpm.ServerLoss("classifier", {"label": 8})
 ARGS = dict(targets=["x_T", "cond"], labels=[1, 2, 3, 4], seed=5, steps=6)

@@ -9,7 +9,7 @@ import pytest
 
 import adjointdpm
 from adjointdpm_server.config import ServerConfig
-from adjointdpm_server.server import build_server
+from adjointdpm_server.wire import build_server
 
 LOSS = adjointdpm.ServerLoss("classifier", {"label": 8})
 

@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import adjointdpm
 from adjointdpm_server.config import Limits, ServerConfig
-from adjointdpm_server.server import build_server
+from adjointdpm_server.wire import build_server
 
 MSE = adjointdpm.ServerLoss("mse", tensors={"target": np.zeros((1, 8, 8), np.float32)})
 TO_EIGHT = adjointdpm.ServerLoss("classifier", params={"label": 8})
@@ -103,9 +103,9 @@ def test_queue_positions_full_queue_and_deadlines(tmp_path):
         for t in threads:
             t.start()
         deadline = time.time() + 20
-        while srv.service.scheduler.queued < 2 and time.time() < deadline:
+        while srv.service.admission.queued < 2 and time.time() < deadline:
             time.sleep(0.02)
-        assert srv.service.scheduler.queued == 2
+        assert srv.service.admission.queued == 2
         assert _code(client.sample, seed=2, steps=2) == "RESOURCE_EXHAUSTED"
         short = adjointdpm.Client(f"127.0.0.1:{srv.port}", timeout=0.5)
         assert _code(short.sample, seed=3, steps=2) in ("DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED")

@@ -21,7 +21,7 @@ from adjointdpm import _requests, options
 from adjointdpm.v1 import adjointdpm_pb2 as pb
 from adjointdpm.cli import build_parser, call_keywords
 from adjointdpm.v1 import adjointdpm_pb2_grpc as pb_grpc
-from adjointdpm_server import convert
+from adjointdpm_server.wire import convert
 from adjointdpm_server.tasks._specs import GuidedSpec, OptimizerSpec, StopSpec, TokenSpec, WeightsSpec
 
 PROTO = Path(__file__).resolve().parents[2] / "proto/adjointdpm/v1/adjointdpm.proto"

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import adjointdpm
-from adjointdpm._tensors import encode_tensor
+from adjointdpm.tensors import encode_tensor
 from adjointdpm.v1 import adjointdpm_pb2 as pb
 from adjointdpm.v1 import adjointdpm_pb2_grpc as pb_grpc
-from adjointdpm_server.artifacts import ArtifactStore
-from adjointdpm_server.auth import Tenants, load_tokens
+from adjointdpm_server.storage.artifacts import ArtifactStore
+from adjointdpm_server.wire.auth import Tenants, load_tokens
 
 
 def _answer(server, reply):

@@ -14,7 +14,7 @@ import pytest
 
 import adjointdpm
 from adjointdpm_server.config import Limits, ServerConfig
-from adjointdpm_server.server import build_server
+from adjointdpm_server.wire import build_server
 
 DTYPES = ("float32", "bfloat16", "float16")
 KINDS = ("server", "client_numpy", "client_torch", "triton")

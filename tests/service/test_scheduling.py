@@ -12,8 +12,8 @@ import pytest
 import adjointdpm
 from adjointdpm_server.config import Limits, ServerConfig
 from adjointdpm_server.errors import Cancelled, DeadlineExceeded, Unavailable
-from adjointdpm_server.scheduler import Scheduler
-from adjointdpm_server.server import build_server
+from adjointdpm_server.admission.queue import AdmissionQueue
+from adjointdpm_server.wire import build_server
 
 
 def _wait_for(predicate, timeout=10.0):
@@ -48,7 +48,7 @@ def _queue(scheduler, waiters):
 
 
 def test_waiters_start_in_arrival_order_and_learn_their_positions():
-    scheduler, order = Scheduler(slots=1, max_queue=8), []
+    scheduler, order = AdmissionQueue(slots=1, max_queue=8), []
     holder = _Waiter(scheduler, "holder", order)
     holder.start()
     _wait_for(lambda: order == ["holder"])
@@ -67,7 +67,7 @@ def test_waiters_start_in_arrival_order_and_learn_their_positions():
 
 @pytest.mark.parametrize("error", [Cancelled("cancelled"), DeadlineExceeded("too late")])
 def test_a_waiter_that_gives_up_leaves_the_queue_and_the_next_starts(error):
-    scheduler, order = Scheduler(slots=1, max_queue=8), []
+    scheduler, order = AdmissionQueue(slots=1, max_queue=8), []
     holder = _Waiter(scheduler, "holder", order)
     holder.start()
     _wait_for(lambda: order == ["holder"])
@@ -93,7 +93,7 @@ def test_a_waiter_that_gives_up_leaves_the_queue_and_the_next_starts(error):
 
 
 def test_a_closed_scheduler_refuses_new_work_and_lets_admitted_jobs_finish():
-    scheduler, order = Scheduler(slots=1, max_queue=8), []
+    scheduler, order = AdmissionQueue(slots=1, max_queue=8), []
     holder = _Waiter(scheduler, "holder", order)
     holder.start()
     _wait_for(lambda: order == ["holder"])

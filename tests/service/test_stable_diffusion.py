@@ -11,7 +11,7 @@ import adjointdpm
 from adjointdpm_server.config import Limits, ServerConfig
 from adjointdpm_server.core import sample
 from adjointdpm_server.losses import LossContext, build_loss
-from adjointdpm_server.server import build_server
+from adjointdpm_server.wire import build_server
 from tests.models.tiny_sd import HIDDEN, build_tiny_clip, build_tiny_sd
 
 PROMPT = "a photo of <*>"

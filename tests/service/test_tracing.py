@@ -15,8 +15,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 import adjointdpm
 from adjointdpm_server.config import ServerConfig
-from adjointdpm_server.server import build_server
-from adjointdpm_server.telemetry import JsonFormatter
+from adjointdpm_server.wire import build_server
+from adjointdpm_server.telemetry.logs import JsonFormatter
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_tracing_is_off_unless_the_environment_configures_it(env, expect):
     import subprocess
     import sys
 
-    code = ("from adjointdpm_server import tracing\n"
+    code = ("from adjointdpm_server.telemetry import tracing\n"
             "try:\n    print(tracing.configure_from_env())\nexcept ValueError:\n    print('ValueError')\n")
     clean = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     out = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True,

@@ -15,7 +15,7 @@ import pytest
 import adjointdpm
 from adjointdpm_server.__main__ import parse_args
 from adjointdpm_server.config import Limits, ServerConfig
-from adjointdpm_server.server import build_server
+from adjointdpm_server.wire import build_server
 from adjointdpm_server.tasks import _work
 
 TO_EIGHT = adjointdpm.ServerLoss("classifier", params={"label": 8})

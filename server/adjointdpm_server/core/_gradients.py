@@ -90,19 +90,19 @@ class SolveFunction(torch.autograd.Function):
     """``y_N = solve(y_0; cond, uncond, θ)`` with a memory-light backward (docs/design.md §2)."""
 
     @staticmethod
-    def forward(ctx, engine, y0, cond, uncond, *params):
+    def forward(ctx, solve, y0, cond, uncond, *params):
         tape = None
-        if engine.mode == "auto":
+        if solve.mode == "auto":
             # The kept graphs must start from the leaves the backward pass differentiates against.
             needs = ctx.needs_input_grad
             ctx.vjp = VJP(cond, uncond, params, needs_cond=needs[2], needs_uncond=needs[3])
-            tape = ctx.vjp.tape = Tape(ctx.vjp, len(engine.nodes) - 1, engine.memory_budget,
-                                       exclude=engine.network_tensors())
-        store, ranked = engine.storage()
-        y_end, stored = engine.solver.solve(engine.field, y0, engine.nodes, ctx.vjp.cond if tape else cond,
-                                            ctx.vjp.uncond if tape else uncond, store=store,
-                                            callback=engine.callback, tape=tape, anchors=ranked)
-        ctx.engine, ctx.stored = engine, stored
+            tape = ctx.vjp.tape = Tape(ctx.vjp, len(solve.nodes) - 1, solve.memory_budget,
+                                       exclude=solve.network_tensors())
+        store, ranked = solve.storage()
+        y_end, stored = solve.solver.solve(solve.field, y0, solve.nodes, ctx.vjp.cond if tape else cond,
+                                           ctx.vjp.uncond if tape else uncond, store=store,
+                                           callback=solve.callback, tape=tape, anchors=ranked)
+        ctx.solve, ctx.stored = solve, stored
         ctx.eps_end = ranked.eps_end if ranked is not None else None
         ctx.cond, ctx.uncond, ctx.params = cond, uncond, params
         ctx.y_end = y_end
@@ -111,12 +111,12 @@ class SolveFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, ybar):
-        engine = ctx.engine
+        solve = ctx.solve
         needs = ctx.needs_input_grad
-        vjp = ctx.vjp if engine.mode == "auto" else VJP(ctx.cond, ctx.uncond, ctx.params,
-                                                         needs_cond=needs[2], needs_uncond=needs[3])
-        y0bar = engine.solver.backward(engine.field, vjp, engine.nodes, ctx.y_end, ybar,
-                                       stored=ctx.stored, callback=engine.callback, eps_end=ctx.eps_end)
+        vjp = ctx.vjp if solve.mode == "auto" else VJP(ctx.cond, ctx.uncond, ctx.params,
+                                                        needs_cond=needs[2], needs_uncond=needs[3])
+        y0bar = solve.solver.backward(solve.field, vjp, solve.nodes, ctx.y_end, ybar,
+                                      stored=ctx.stored, callback=solve.callback, eps_end=ctx.eps_end)
         grads = iter(vjp.grads)
         cond_bar = next(grads) if needs[2] else None
         uncond_bar = next(grads) if needs[3] else None

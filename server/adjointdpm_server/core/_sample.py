@@ -33,7 +33,7 @@ class Progress:
 
 
 @dataclass
-class _Engine:
+class _Solve:
     solver: object
     field: GuidedEps
     nodes: list
@@ -167,11 +167,11 @@ def sample(eps_fn, x_T: torch.Tensor, cond=None, *, schedule: Schedule, steps: i
     elif grad_mode == "backprop":
         y_end, _ = step_solver.solve(field, y0, nodes, cond, uncond, callback=progress)
     else:
-        engine = _Engine(step_solver, field, nodes, grad_mode, progress)
+        solve = _Solve(step_solver, field, nodes, grad_mode, progress)
         if grad_mode == "auto":
-            engine.memory_budget = default_budget(y0.device) if memory_budget is None else memory_budget
+            solve.memory_budget = default_budget(y0.device) if memory_budget is None else memory_budget
         elif grad_mode == "adjoint":
-            engine.anchors = plan_anchors(len(nodes) - 1, memory_budget, y0.numel() * y0.element_size(),
+            solve.anchors = plan_anchors(len(nodes) - 1, memory_budget, y0.numel() * y0.element_size(),
                                           pending=step_solver.order if step_solver.ranks_anchors else 0)
-        y_end = SolveFunction.apply(engine, y0, cond, uncond, *theta)
+        y_end = SolveFunction.apply(solve, y0, cond, uncond, *theta)
     return y_end * nodes[-1].alpha

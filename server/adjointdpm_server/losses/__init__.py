@@ -19,10 +19,10 @@ import torch
 
 from ..errors import InvalidArgument
 from ._base import LossContext, LossPlugin
-from ._remote import RemoteLoss
+from ._remote import LossAnswer, RemoteLoss, check_reply
 
-__all__ = ["LossContext", "LossPlugin", "RemoteLoss", "discover_losses", "available_losses",
-           "build_loss"]
+__all__ = ["LossContext", "LossPlugin", "RemoteLoss", "LossAnswer", "check_reply",
+           "discover_losses", "available_losses", "build_loss"]
 
 GROUP = "adjointdpm.losses"
 log = logging.getLogger("adjointdpm.losses")

@@ -71,17 +71,3 @@ class LossPlugin(abc.ABC):
         if (low is not None and value < low) or (high is not None and value > high):
             raise InvalidArgument(f"parameter {key!r} must lie in [{low}, {high}]; got {value}")
         return float(value)
-
-    @staticmethod
-    def tensor_like(tensors: Mapping[str, torch.Tensor], key: str, x_shape: tuple, *,
-                    required: bool = True) -> torch.Tensor | None:
-        """A tensor input broadcastable to one sample or the batch of shape ``x_shape``."""
-        t = tensors.get(key)
-        if t is None:
-            if required:
-                raise InvalidArgument(f"this loss needs the tensor input {key!r}")
-            return None
-        if tuple(t.shape[-len(x_shape) + 1:]) != tuple(x_shape[1:]) or t.dim() > len(x_shape):
-            raise InvalidArgument(f"tensor {key!r} has shape {tuple(t.shape)}; expected "
-                                  f"{tuple(x_shape[1:])} or (B, {', '.join(map(str, x_shape[1:]))})")
-        return t

@@ -1,12 +1,14 @@
 """A loss computed elsewhere (the client, a Triton server): value and ∂L/∂x come back as numbers.
 
-Autograd sees it as a function of ``x``: forward asks for (value, grad), backward returns
-``grad_output · grad``. The caller supplies ``ask(x: np.ndarray) -> (value, grad)``.
+Autograd sees it as a function of ``x``: forward asks for the answer, backward returns
+``grad_output · grad``. The caller supplies ``ask(x: np.ndarray, dtype) -> LossAnswer``, checked
+where it entered the server (``check_reply``), never again here.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -15,14 +17,24 @@ import torch
 from ..errors import InvalidArgument
 from ..integrity import check_input, check_number, safe_bound
 
-__all__ = ["RemoteLoss", "check_reply", "wire_array"]
+__all__ = ["RemoteLoss", "LossAnswer", "check_reply", "wire_array"]
 
 
-def check_reply(value, grad, shape, who: str, dtype=np.float32, values=None) -> tuple[np.ndarray, np.ndarray]:
-    """A remote answer is numbers we did not compute: finite and within the safe range of the
-    working ``dtype`` (x's), the gradient shaped like x, per-sample ``values`` (if any) one per
-    sample and summing to ``value``. Returns (per-sample values, gradient); without ``values`` each
-    sample is credited value / batch."""
+@dataclass(frozen=True)
+class LossAnswer:
+    """A remote loss's answer after ``check_reply``: what the server's arithmetic may trust."""
+
+    values: np.ndarray  # (B,) float64: each sample's loss, summing to the term's value
+    grad: np.ndarray    # x's shape: ∂value/∂x, finite and within the working dtype's safe range
+
+
+def check_reply(value, grad, shape, who: str, working: torch.dtype = torch.float32,
+                values=None) -> LossAnswer:
+    """A remote answer is numbers we did not compute, checked once where it enters (the stream's
+    edge for a client, the Triton plugin for Triton): finite and within the safe range of the
+    ``working`` dtype (x's: what the answer will be used in; bfloat16 has float32's range), the
+    gradient shaped like x, per-sample ``values`` (if any) one per sample and summing to
+    ``value``; without ``values`` each sample is credited value / batch."""
     value = float(value)
     grad = np.asarray(grad)
     if tuple(grad.shape) != tuple(shape):
@@ -32,13 +44,12 @@ def check_reply(value, grad, shape, who: str, dtype=np.float32, values=None) -> 
         raise InvalidArgument(f"{who} returned a non-finite loss value ({value})")
     if not np.isfinite(grad).all():
         raise InvalidArgument(f"{who} returned a gradient with NaN or Inf entries")
-    torch_dtype = torch.from_numpy(np.zeros(0, dtype=dtype)).dtype
-    bound = safe_bound(torch_dtype)
+    bound = safe_bound(working)
     check_number(f"the loss value {who} returned", value, bound)
-    check_input(f"the gradient {who} returned", grad, torch_dtype)
+    check_input(f"the gradient {who} returned", grad, working)
     batch = shape[0]
     if values is None or len(values) == 0:
-        return np.full(batch, value / batch), grad
+        return LossAnswer(np.full(batch, value / batch), grad)
     values = np.asarray(values, dtype=np.float64)
     if values.shape != (batch,):
         raise InvalidArgument(f"{who} returned {values.size} per-sample values for a batch of {batch}")
@@ -47,7 +58,7 @@ def check_reply(value, grad, shape, who: str, dtype=np.float32, values=None) -> 
     if abs(values.sum() - value) > 1e-3 * max(1.0, abs(value)):
         raise InvalidArgument(f"{who} returned per-sample values summing to {values.sum():.6g}, "
                               f"not to its value {value:.6g}")
-    return values, grad
+    return LossAnswer(values, grad)
 
 
 def wire_array(x: torch.Tensor) -> np.ndarray:
@@ -64,9 +75,9 @@ class _Remote(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, ask):
-        values, grad = ask(wire_array(x))
-        ctx.save_for_backward(torch.as_tensor(grad, dtype=x.dtype, device=x.device))
-        return torch.as_tensor(values, dtype=x.dtype, device=x.device)
+        answer = ask(wire_array(x))
+        ctx.save_for_backward(torch.as_tensor(answer.grad, dtype=x.dtype, device=x.device))
+        return torch.as_tensor(answer.values, dtype=x.dtype, device=x.device)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -75,19 +86,11 @@ class _Remote(torch.autograd.Function):
 
 
 class RemoteLoss:
-    """``loss(x)``: per-sample losses whose values and gradient come from ``ask``, which returns
-    ``(value, grad)`` or ``(value, grad, per-sample values)``."""
+    """``loss(x)``: per-sample losses whose values and gradient come from ``ask(array, dtype)``,
+    which returns a ``LossAnswer`` already checked by its edge (``check_reply``) for x's dtype."""
 
-    def __init__(self, ask: Callable[[np.ndarray], tuple], who: str):
+    def __init__(self, ask: Callable[[np.ndarray, torch.dtype], LossAnswer], who: str):
         self.ask, self.who = ask, who
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        working = torch.empty(0, dtype=x.dtype).numpy().dtype if x.dtype != torch.bfloat16 else None
-
-        def checked(array):
-            value, grad, *values = self.ask(array)
-            # the reply is checked in the dtype it will be used in: x's (bfloat16 has float32's range)
-            return check_reply(value, grad, array.shape, self.who, working or np.float32,
-                               values[0] if values else None)
-
-        return _Remote.apply(x, checked)
+        return _Remote.apply(x, lambda array: self.ask(array, x.dtype))

@@ -21,7 +21,7 @@ import torch
 
 from ..errors import InvalidArgument, NotFound, Unavailable
 from ._base import LossContext, LossPlugin
-from ._remote import RemoteLoss
+from ._remote import LossAnswer, RemoteLoss, check_reply
 
 __all__ = ["TritonLoss"]
 
@@ -83,7 +83,8 @@ class TritonLoss(LossPlugin):
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self._loss(x)
 
-    def _ask(self, x: np.ndarray) -> tuple[float, np.ndarray]:
+    def _ask(self, x: np.ndarray, working: torch.dtype) -> LossAnswer:
+        """Triton's answer, checked here where it enters the server."""
         import tritonclient.grpc as grpcclient
         from tritonclient.utils import InferenceServerException
 
@@ -103,9 +104,10 @@ class TritonLoss(LossPlugin):
         if value.shape not in ((1,), (x.shape[0],)):
             raise InvalidArgument(f"{self.who} returned a loss of shape {value.shape}; expected "
                                   f"[1] (the batch's loss) or [{x.shape[0]}] (one per sample)")
-        if value.shape == (1,):
-            return float(value[0]), np.array(grad)  # a writable copy of a read-only view
-        return float(value.astype(np.float64).sum()), np.array(grad), value.astype(np.float64)
+        if value.shape == (1,):  # np.array: a writable copy of a read-only view
+            return check_reply(float(value[0]), np.array(grad), x.shape, self.who, working)
+        return check_reply(float(value.astype(np.float64).sum()), np.array(grad), x.shape, self.who,
+                           working, value.astype(np.float64))
 
     def _error(self, e) -> Exception:
         """The server's status, as the error the user acts on: fix the request or retry later."""

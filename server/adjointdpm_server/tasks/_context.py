@@ -3,24 +3,34 @@ implements it; tests and examples may pass their own)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from ..artifacts import ArtifactStore
     from ..config import Limits
-    from ..engine import NetworkEngine
     from ..models import ModelBackend
+    from ..storage.artifacts import ArtifactStore
 
-__all__ = ["TaskContext"]
+__all__ = ["TaskContext", "NetworkCalls"]
+
+
+class NetworkCalls(Protocol):
+    """What a task asks of whatever runs its network calls (the server's ``NetworkEngine``,
+    which batches them across jobs): nothing else of it, and never its attributes."""
+
+    def network(self, module: nn.Module, job, model: str = "") -> Callable:
+        """``module`` as this job's ``eps_fn``: its calls go through the engine."""
+
+    def shares_calls(self) -> bool:
+        """Whether a call now would batch with another job's (``auto`` then keeps no graphs)."""
 
 
 class TaskContext(Protocol):
     limits: Limits              # request limits, checked before allocating
     settings: dict              # what loss plugins may read (Triton address, CLIP directory)
     artifacts: ArtifactStore    # adapters, embeddings, checkpoints, weight gradients
-    engine: NetworkEngine       # every network call goes through it (batched across jobs)
+    engine: NetworkCalls        # every network call goes through it (batched across jobs)
 
     def model(self, name: str = "") -> tuple[str, ModelBackend]:
         """(name, backend) of a resident model; the default one for ``""``; NOT_FOUND otherwise."""

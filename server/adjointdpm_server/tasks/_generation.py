@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import tracing
 from ..core import GRIDS, HALF_DTYPES, SOLVERS, Progress, default_budget, sample
 from ..errors import InvalidArgument
 from ..models import Conditioning, ModelBackend
-from ._context import TaskContext
+from ..telemetry import tracing
+from ._context import NetworkCalls, TaskContext
 from ._job import Job
 from ._specs import GenerationSpec
 
@@ -36,7 +36,7 @@ class Prepared:
     t_start: float | None
     batch: int
     prompts: list[str] = field(default_factory=list)
-    engine: object = None  # the NetworkEngine every network call goes through (None: direct)
+    engine: NetworkCalls | None = None  # what runs every network call (None: called directly)
     requested_guidance: float | None = None  # the scale asked for (CFG or a network input)
     grad_memory_bytes: int | None = None  # the server's gradient budget (None: half the free memory)
 

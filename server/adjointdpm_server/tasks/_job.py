@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
+import torch
 
 from ..errors import Cancelled, DeadlineExceeded, FailedPrecondition
+from ..losses import LossAnswer, check_reply
 
 __all__ = ["Job", "LocalJob", "ClientQuery", "Checkpoint", "IterationReport", "ValidationReport", "Queued"]
 
@@ -30,6 +32,11 @@ class ClientQuery:
     domain: str
     x: np.ndarray
     iteration: int
+    working: torch.dtype = torch.float32  # what the answer will be used in (its safe range)
+
+    @property
+    def who(self) -> str:
+        return f"client loss {self.name!r}"
 
 
 @dataclass
@@ -81,8 +88,9 @@ class Job:
     def emit(self, event) -> None:
         pass
 
-    def ask(self, query: ClientQuery) -> tuple:
-        """(value, grad) or (value, grad, per-sample values) of a client loss term at query.x."""
+    def ask(self, query: ClientQuery) -> LossAnswer:
+        """The client's answer for a loss term at query.x, checked (``check_reply``) where it
+        entered: a task uses it as it is."""
         raise FailedPrecondition(f"loss {query.name!r} is a client-side loss, but this call has "
                                  "no client to compute it")
 
@@ -104,8 +112,11 @@ class LocalJob(Job):
     def emit(self, event) -> None:
         self.events.append(event)
 
-    def ask(self, query: ClientQuery) -> tuple:
+    def ask(self, query: ClientQuery) -> LossAnswer:
+        """``fn(x) → (value, grad)`` or ``(value, grad, per-sample values)``, checked here."""
         fn = self.client_losses.get(query.name)
         if fn is None:
             return super().ask(query)
-        return fn(query.x)
+        value, grad, *values = fn(query.x)
+        return check_reply(value, grad, query.x.shape, query.who, query.working,
+                           values[0] if values else None)

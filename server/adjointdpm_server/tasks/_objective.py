@@ -53,11 +53,11 @@ class Objective:
         return any(s.domain == "image" for s in self.specs)
 
     def _asker(self, index: int, spec: LossSpec):
-        def ask(x):
+        def ask(x, working):
             self.job.check()
             check_result(f"{'image' if spec.domain == 'image' else 'latent'} for the client loss "
                          f"{spec.name!r}", x, from_inputs=True)  # never send NaN to a client
-            return self.job.ask(ClientQuery(index, spec.name, spec.domain, x, self.iteration))
+            return self.job.ask(ClientQuery(index, spec.name, spec.domain, x, self.iteration, working))
         return ask
 
     def __call__(self, x0: torch.Tensor, images: torch.Tensor | None = None) -> "Evaluation":

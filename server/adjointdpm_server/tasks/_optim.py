@@ -7,11 +7,11 @@ from typing import Callable
 
 import torch
 
-from .. import tracing
-from ..artifacts import MAX_NAME
 from ..core import HALF_DTYPES
 from ..errors import InvalidArgument, ServiceError
 from ..integrity import NonFiniteResult
+from ..storage.artifacts import MAX_NAME
+from ..telemetry import tracing
 from ._images import to_png
 from ._job import IterationReport, Job
 from ._objective import Evaluation

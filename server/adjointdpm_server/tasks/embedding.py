@@ -20,10 +20,11 @@ from ._generation import prepare, run_sampler
 from ._images import to_png
 from ._job import Job
 from ._objective import Evaluation, Objective
-from ._optim import Patience, check_iterations, check_name, check_stop, make_optimizer, master_tensor, optimize
+from ._optim import (Patience, check_iterations, check_name, check_stop, make_optimizer,
+                     master_tensor, optimize)
 from ._specs import GenerationSpec, LossSpec, OptimizerSpec, StopSpec, TokenSpec
-from .gradient import check_grad_mode, encode_token, token_leaf
 from ._work import check_work, embedding_work
+from .gradient import check_grad_mode, encode_token, token_leaf
 from .optimize_latent import OptimizeResult
 
 __all__ = ["run_optimize_embedding", "embedding_prior", "PRIORS"]

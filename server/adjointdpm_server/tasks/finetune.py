@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument
-from ..artifacts import HEADER_BYTES
 from ..models._adapters import full_copy, trainable_state, with_lora
+from ..storage.artifacts import HEADER_BYTES
 from ._context import TaskContext
 from ._generation import prepare, run_sampler
 from ._images import to_png
@@ -25,8 +25,8 @@ from ._job import Checkpoint, Job, ValidationReport
 from ._objective import Objective
 from ._optim import Patience, check_iterations, check_name, check_stop, make_optimizer, optimize
 from ._specs import ExampleSpec, GenerationSpec, LossSpec, OptimizerSpec, StopSpec
-from .gradient import check_grad_mode
 from ._work import check_work, finetune_work
+from .gradient import check_grad_mode
 from .optimize_latent import OptimizeResult
 
 __all__ = ["run_finetune", "METHODS", "OPTIM_PREFIX"]

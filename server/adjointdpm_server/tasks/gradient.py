@@ -11,19 +11,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import tracing
 from ..core import GRAD_MODES
 from ..errors import InvalidArgument
 from ..integrity import check_result
 from ..models import Conditioning
 from ..models._adapters import with_lora, with_trainable_view
+from ..telemetry import tracing
 from ._context import TaskContext
 from ._generation import Prepared, prepare, run_sampler
 from ._images import to_png
 from ._job import Job
 from ._objective import Objective
-from ._reply import check_reply_size, reply_bytes
 from ._optim import master_tensor
+from ._reply import check_reply_size, reply_bytes
 from ._specs import GenerationSpec, LossSpec, TokenSpec, WeightsSpec
 from ._work import check_work, gradient_work
 

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import tracing
 from ..core import time_grid
 from ..errors import InvalidArgument
 from ..integrity import MAX_WEIGHT, check_number, check_result
+from ..telemetry import tracing
 from ._context import TaskContext
 from ._generation import prepare, run_sampler
 from ._images import to_png

@@ -10,9 +10,12 @@ is larger than both budgets together, so a health check always finds a thread.
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
+from functools import partial
 
 import grpc
 
+from ._handlers import wrap
 from .auth import HEALTH_CHECK
 
 __all__ = ["CallLimitInterceptor", "HEALTH_WATCH", "pool_size"]
@@ -46,33 +49,14 @@ class _Budget:
             self.used -= 1
 
 
-def _counted(handler, budget: _Budget):
-    """The same handler, holding one unit of ``budget`` while its behaviour runs."""
-    if handler.response_streaming:
-        inner = handler.stream_stream if handler.request_streaming else handler.unary_stream
-
-        def streaming(request, context):
-            budget.take(context)
-            try:
-                yield from inner(request, context)
-            finally:
-                budget.give()
-
-        make = (grpc.stream_stream_rpc_method_handler if handler.request_streaming
-                else grpc.unary_stream_rpc_method_handler)
-        return make(streaming, handler.request_deserializer, handler.response_serializer)
-    inner = handler.stream_unary if handler.request_streaming else handler.unary_unary
-
-    def unary(request, context):
-        budget.take(context)
-        try:
-            return inner(request, context)
-        finally:
-            budget.give()
-
-    make = (grpc.stream_unary_rpc_method_handler if handler.request_streaming
-            else grpc.unary_unary_rpc_method_handler)
-    return make(unary, handler.request_deserializer, handler.response_serializer)
+@contextmanager
+def _holding(budget: _Budget, request, context):
+    """One unit of ``budget`` held while the call's behaviour runs."""
+    budget.take(context)
+    try:
+        yield request
+    finally:
+        budget.give()
 
 
 class CallLimitInterceptor(grpc.ServerInterceptor):
@@ -84,4 +68,5 @@ class CallLimitInterceptor(grpc.ServerInterceptor):
         handler = continuation(details)
         if handler is None or details.method == HEALTH_CHECK:
             return handler
-        return _counted(handler, self.watches if details.method == HEALTH_WATCH else self.calls)
+        budget = self.watches if details.method == HEALTH_WATCH else self.calls
+        return wrap(handler, partial(_holding, budget))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from .errors import FailedPrecondition, InvalidArgument
+from ..errors import FailedPrecondition, InvalidArgument
 
 __all__ = ["FORMATS", "export"]
 

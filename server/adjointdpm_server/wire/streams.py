@@ -18,12 +18,13 @@ import traceback
 
 import torch
 
-from adjointdpm._tensors import TensorError, decode_tensor
+from adjointdpm.tensors import TensorError, decode_tensor
 
-from .errors import (Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument,
-                     ResourceExhausted, ServiceError)
-from . import tracing
-from .tasks import ClientQuery, Job, Queued
+from ..errors import (Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument,
+                      ResourceExhausted, ServiceError)
+from ..tasks import ClientQuery, Job, Queued
+from ..losses import LossAnswer, check_reply
+from ..telemetry import tracing
 
 log = logging.getLogger("adjointdpm.jobs")
 
@@ -35,16 +36,16 @@ _EMPTY = "a stream message carries neither a request nor a loss reply (its oneof
 
 
 class StreamJob(Job):
-    """``scheduler`` bounds the active jobs; ``engine`` runs their network calls (a job waiting
+    """``admission`` bounds the active jobs; ``engine`` runs their network calls (a job waiting
     for its client is parked there); ``metrics`` (optional) counts NFE and queue time; the
     deadline is the client's, capped at ``max_request_s``."""
 
-    def __init__(self, context, limits, scheduler, engine, *, metrics=None, rpc: str = "",
+    def __init__(self, context, limits, admission, engine, *, metrics=None, rpc: str = "",
                  max_request_s: float | None = None, caller: str = "local"):
         now = time.monotonic()
         limits_s = [s for s in (context.time_remaining(), max_request_s) if s is not None]
         super().__init__(deadline=now + min(limits_s) if limits_s else None, caller=caller)
-        self.limits, self.scheduler, self.engine = limits, scheduler, engine
+        self.limits, self.admission, self.engine = limits, admission, engine
         self.metrics, self.rpc = metrics, rpc
         self._out: queue.Queue = queue.Queue()
         self._replies: queue.Queue = queue.Queue(maxsize=1)  # at most the one reply asked for
@@ -67,7 +68,8 @@ class StreamJob(Job):
             raise InvalidArgument(self._protocol_error)
         super().check()
 
-    def ask(self, query: ClientQuery) -> tuple:
+    def ask(self, query: ClientQuery) -> LossAnswer:
+        """The client's reply, decoded and checked once, here at the edge (``check_reply``)."""
         self._asking.set()
         with tracing.span("adjointdpm.client_loss", loss=query.name, term=int(query.term)):
             self._out.put(("event", query))
@@ -83,7 +85,8 @@ class StreamJob(Job):
                                  dtypes=("float16", "float32", "float64"))
         except TensorError as err:
             raise InvalidArgument(str(err)) from err
-        return reply.value, grad, list(reply.values)
+        return check_reply(reply.value, grad, query.x.shape, query.who, query.working,
+                           list(reply.values))
 
     def _await_reply(self, query: ClientQuery):
         deadline = time.monotonic() + self.limits.client_loss_timeout_s
@@ -157,7 +160,7 @@ class StreamJob(Job):
         def work():
             queued_at = time.monotonic()
             try:
-                with self.scheduler.slot(self.check, lambda k: self.emit(Queued(k))), \
+                with self.admission.slot(self.check, lambda k: self.emit(Queued(k))), \
                         self.engine.session(self):
                     tracing.record("adjointdpm.queue", queued_at)
                     if self.metrics is not None:

@@ -2,49 +2,23 @@
 or a fresh one, echoed in the response metadata and put on every log line of the request,
 task threads included), the request counter and latency histogram by RPC and the status the
 client saw, and INVALID_ARGUMENT (not INTERNAL) for request bytes that do not decode.
-
-Logs are JSON lines (``configure_logging``) so that a cluster's log pipeline can index them.
 """
 
 from __future__ import annotations
 
-import contextvars
-import json
 import logging
 import time
 import uuid
+from contextlib import contextmanager
 
 import grpc
 
-from . import tracing
-from .errors import InvalidArgument
+from ..errors import InvalidArgument
+from ..telemetry import tracing
+from ..telemetry.logs import REQUEST_ID, TENANT
+from ._handlers import wrap
 
-__all__ = ["REQUEST_ID", "TENANT", "TelemetryInterceptor", "configure_logging", "JsonFormatter"]
-
-REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
-# The call's tenant (from its bearer token; "default" without auth; None: not authenticated),
-# set here for the handler and its task threads: logs carry it, the service scopes by it.
-TENANT: contextvars.ContextVar[str | None] = contextvars.ContextVar("tenant", default=None)
-
-
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {"ts": round(record.created, 3), "level": record.levelname, "logger": record.name,
-                 "msg": record.getMessage(), "request_id": REQUEST_ID.get(),
-                 "tenant": TENANT.get() or "-", "trace_id": tracing.trace_id()}
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
-def configure_logging(level: int = logging.INFO, json_lines: bool = True) -> None:
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter(
-        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-
+__all__ = ["TelemetryInterceptor"]
 
 def _code(context, failed: bool) -> str:
     """The status the client saw: the one set, else — when the call was over before the handler
@@ -133,33 +107,15 @@ class TelemetryInterceptor(grpc.ServerInterceptor):
         if handler is None:
             return None
         rpc = details.method.rsplit("/", 1)[-1]
-        if handler.response_streaming:
-            inner = handler.stream_stream if handler.request_streaming else handler.unary_stream
 
-            def streaming(request, context):
-                token, start = self._begin(details, context)
-                failed = True
-                try:
-                    yield from inner(_checked(request, context, handler.request_streaming), context)
-                    failed = False
-                finally:
-                    self._end(rpc, context, start, failed, token)
-
-            make = (grpc.stream_stream_rpc_method_handler if handler.request_streaming
-                    else grpc.unary_stream_rpc_method_handler)
-            return make(streaming, _tolerant(handler.request_deserializer), handler.response_serializer)
-        inner = handler.stream_unary if handler.request_streaming else handler.unary_unary
-
-        def unary(request, context):
+        @contextmanager
+        def observed(request, context):
             token, start = self._begin(details, context)
             failed = True
             try:
-                result = inner(_checked(request, context, handler.request_streaming), context)
+                yield _checked(request, context, handler.request_streaming)
                 failed = False
-                return result
             finally:
                 self._end(rpc, context, start, failed, token)
 
-        make = (grpc.stream_unary_rpc_method_handler if handler.request_streaming
-                else grpc.unary_unary_rpc_method_handler)
-        return make(unary, _tolerant(handler.request_deserializer), handler.response_serializer)
+        return wrap(handler, observed, request_deserializer=_tolerant(handler.request_deserializer))

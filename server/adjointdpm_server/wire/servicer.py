@@ -16,18 +16,18 @@ import grpc
 from adjointdpm.v1 import adjointdpm_pb2 as pb
 from adjointdpm.v1 import adjointdpm_pb2_grpc as pb_grpc
 
+from ..admission.queue import AdmissionQueue
+from ..core import GRAD_MODES, SOLVERS
+from ..errors import ResourceExhausted, ServiceError
+from ..losses import available_losses
+from ..runtime import Runtime
+from ..storage.export import export
+from ..tasks import (run_finetune, run_gradient, run_optimize_embedding, run_optimize_latent,
+                     run_sample)
+from ..telemetry.logs import TENANT
 from . import convert
 from .auth import DEFAULT_TENANT, caller_of
-from .core import GRAD_MODES, SOLVERS
-from .errors import ResourceExhausted, ServiceError
-from .export import export
-from .jobs import StreamJob
-from .losses import available_losses
-from .runtime import Runtime
-from .scheduler import Scheduler
-from .telemetry import TENANT
-from .tasks import (run_finetune, run_gradient, run_optimize_embedding, run_optimize_latent,
-                    run_sample)
+from .streams import StreamJob
 
 log = logging.getLogger("adjointdpm.service")
 
@@ -59,7 +59,7 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
     def __init__(self, runtime: Runtime, metrics=None):
         self.rt = runtime
         config = runtime.config
-        self.scheduler = Scheduler(config.max_active_jobs, config.max_queue)
+        self.admission = AdmissionQueue(config.max_active_jobs, config.max_queue)
         self.metrics = metrics
         self.jobs: set[StreamJob] = set()
         self._active = 0
@@ -92,7 +92,7 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
         tenant = self._tenant()
         config = self.rt.config
         try:
-            job = StreamJob(context, self.rt.limits, self.scheduler, self.rt.engine,
+            job = StreamJob(context, self.rt.limits, self.admission, self.rt.engine,
                             metrics=self.metrics, rpc=rpc, max_request_s=config.max_request_s,
                             caller=caller_of(context, tenant if config.tokens else None))
             job.tenant = tenant
@@ -118,7 +118,7 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
     def drain(self, grace: float) -> bool:
         """Graceful shutdown: refuse new jobs, ask running fine-tunes for a checkpoint, wait up
         to ``grace`` seconds, then cancel what is left. True when everything finished in time."""
-        self.scheduler.close()
+        self.admission.close()
         with self._active_lock:
             jobs = list(self.jobs)
         for job in jobs:
@@ -140,7 +140,7 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
     @property
     def idle(self) -> bool:
         """No task thread running and nothing queued."""
-        return not self._active and not self.scheduler.running and not self.scheduler.queued
+        return not self._active and not self.admission.running and not self.admission.queued
 
     # -- streaming RPCs -------------------------------------------------------------------------
     def Sample(self, request, context):

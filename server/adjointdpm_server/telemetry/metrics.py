@@ -55,11 +55,11 @@ class Metrics:
         self.memory_peak.labels(device=device).set_function(lambda: _peak_memory_bytes(device))
         self._http = None
 
-    def watch(self, scheduler, engine) -> None:
-        """Job gauges are read from the scheduler and the engine at scrape time; the engine
+    def watch(self, admission, engine) -> None:
+        """Job gauges are read from the admission queue and the engine at scrape time; the engine
         reports each network call it runs."""
-        self.jobs_running.set_function(lambda: scheduler.running)
-        self.jobs_queued.set_function(lambda: scheduler.queued)
+        self.jobs_running.set_function(lambda: admission.running)
+        self.jobs_queued.set_function(lambda: admission.queued)
         self.jobs_active.set_function(lambda: engine.active)
         self.jobs_waiting_client.set_function(lambda: engine.waiting_client)
         engine.observer = self.observe_network_call

@@ -13,12 +13,12 @@ from grpc_reflection.v1alpha import reflection
 
 from adjointdpm.v1 import adjointdpm_pb2, adjointdpm_pb2_grpc
 
-from .admission import CallLimitInterceptor, pool_size
+from ..config import ServerConfig
+from ..runtime import Runtime
+from ..telemetry.metrics import Metrics
 from .auth import Tenants, TokenAuthInterceptor, server_credentials
-from .config import ServerConfig
-from .metrics import Metrics
-from .runtime import Runtime
-from .service import AdjointDPMService
+from .call_limit import CallLimitInterceptor, pool_size
+from .servicer import AdjointDPMService
 from .telemetry import TelemetryInterceptor
 
 log = logging.getLogger("adjointdpm.server")
@@ -93,7 +93,7 @@ def build_server(config: ServerConfig, runtime: Runtime | None = None) -> Server
     runtime.artifacts.expire(config.artifact_retention_s)
     metrics = Metrics(device=config.device)
     service = AdjointDPMService(runtime, metrics)
-    metrics.watch(service.scheduler, runtime.engine)
+    metrics.watch(service.admission, runtime.engine)
     tenants = Tenants(config.tokens) if config.tokens else None
     interceptors = [TelemetryInterceptor(metrics, tenants)]
     if tenants is not None:

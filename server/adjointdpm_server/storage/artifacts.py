@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from ..errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 
 __all__ = ["ArtifactInfo", "ArtifactStore", "ScopedArtifacts", "Reservation", "KINDS",
            "DEFAULT_TENANT", "HEADER_BYTES"]

@@ -9,12 +9,12 @@ from collections import deque
 from contextlib import contextmanager
 from typing import Callable
 
-from .errors import ResourceExhausted, Unavailable
+from ..errors import ResourceExhausted, Unavailable
 
-__all__ = ["Scheduler"]
+__all__ = ["AdmissionQueue"]
 
 
-class Scheduler:
+class AdmissionQueue:
     def __init__(self, slots: int = 1, max_queue: int = 16):
         if slots < 1 or max_queue < 0:
             raise ValueError("slots must be >= 1 and max_queue >= 0")

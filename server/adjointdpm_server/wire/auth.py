@@ -13,10 +13,13 @@ import hashlib
 import hmac
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable
 
 import grpc
+
+from ._handlers import wrap
 
 __all__ = ["load_tokens", "Tenants", "TokenAuthInterceptor", "server_credentials", "caller_of",
            "DEFAULT_TENANT"]
@@ -85,20 +88,13 @@ def caller_of(context, tenant: str | None = None) -> str:
     return "peer:" + host
 
 
-def _deny(handler, code: grpc.StatusCode, details: str):
-    """A handler of the same kind as ``handler`` that only aborts."""
-    def abort(request, context):
+def _denied(code: grpc.StatusCode, details: str):
+    """A call's behaviour replaced by a refusal (``wrap`` keeps the handler's kind)."""
+    @contextmanager
+    def refuse(request, context):
         context.abort(code, details)
-
-    if handler is None:
-        return None
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(abort)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(abort)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(abort)
-    return grpc.unary_unary_rpc_method_handler(abort)
+        yield request  # never reached: abort raises
+    return refuse
 
 
 class TokenAuthInterceptor(grpc.ServerInterceptor):
@@ -114,8 +110,8 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
             return continuation(handler_call_details)
         header = dict(metadata or ()).get("authorization", "")
         reason = "missing bearer token" if not header else "invalid bearer token"
-        return _deny(continuation(handler_call_details), grpc.StatusCode.UNAUTHENTICATED,
-                     f"{reason}: send 'authorization: Bearer <token>'")
+        return wrap(continuation(handler_call_details),
+                    _denied(grpc.StatusCode.UNAUTHENTICATED, f"{reason}: send 'authorization: Bearer <token>'"))
 
 
 def server_credentials(cert: str | Path, key: str | Path, client_ca: str | Path | None = None):

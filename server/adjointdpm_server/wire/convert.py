@@ -13,16 +13,16 @@ import torch
 from google.protobuf import json_format, struct_pb2
 
 from adjointdpm import options
-from adjointdpm._tensors import TensorError, decode_tensor, encode_tensor
+from adjointdpm.tensors import TensorError, decode_tensor, encode_tensor
 from adjointdpm.v1 import adjointdpm_pb2 as pb
 
-from .core import HALF_DTYPES
-from .errors import InvalidArgument
-from .integrity import MAX_PARAM, MAX_WEIGHT, check_input, check_number
-from .tasks import (Checkpoint, ClientQuery, ExampleSpec, GenerationSpec, GuidedSpec,
-                    IterationReport, LossSpec, OptimizerSpec, Queued, StopSpec, TokenSpec,
-                    ValidationReport, WeightsSpec)
-from .tasks._generation import IterationProgress
+from ..core import HALF_DTYPES
+from ..errors import InvalidArgument
+from ..integrity import MAX_PARAM, MAX_WEIGHT, check_input, check_number
+from ..tasks import (Checkpoint, ClientQuery, ExampleSpec, GenerationSpec, GuidedSpec,
+                     IterationReport, LossSpec, OptimizerSpec, Queued, StopSpec, TokenSpec,
+                     ValidationReport, WeightsSpec)
+from ..tasks._generation import IterationProgress
 
 DOMAINS = {pb.IMAGE: "image", pb.LATENT: "latent"}
 
