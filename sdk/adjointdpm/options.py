@@ -19,11 +19,11 @@ and are reported by it; the bounds here hold on every server. Torch-free: protob
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, make_dataclass
 from typing import Any
 
-__all__ = ["Option", "RPCS", "options", "option", "default", "read", "check", "InvalidOption",
-           "INPUTS", "TARGETS"]
+__all__ = ["Option", "RPCS", "options", "option", "default", "read", "check", "values", "TYPES",
+           "InvalidOption", "INPUTS", "TARGETS"]
 
 
 class InvalidOption(ValueError):
@@ -325,3 +325,60 @@ def check(rpc: str, values: dict[str, Any]) -> dict[str, Any]:
                 or (o.below is not None and value >= o.below)):
             raise InvalidOption(f"{o.path} must be {_bounds_text(o)}; got {value:g}")
     return values
+
+
+# ---- typed options objects ---------------------------------------------------------------------
+
+def _dataclass(name: str, opts: tuple[Option, ...], groups: tuple[str, ...] = ()):
+    """A frozen dataclass whose fields are ``opts`` by SDK name (a negated option in the SDK's
+    sense), each defaulting to its option's default and documented by it; ``groups`` are fields
+    holding a group's own object (None: the group is not set)."""
+    def spec(o: Option):
+        meta = {"doc": o.describe(), "path": o.path}
+        if isinstance(o.default, list):
+            return field(default_factory=lambda d=o.default: list(d), metadata=meta)
+        return field(default=o.default, metadata=meta)
+
+    fields = [(o.name, Any, spec(o)) for o in opts]
+    fields += [(g, Any, field(default=None, metadata={"doc": f"the {g} group", "path": g}))
+               for g in groups]
+    cls = make_dataclass(name, fields, frozen=True)
+    cls.__doc__ = f"The options of one {name.removesuffix('Options')} request (adjointdpm.options)."
+    return cls
+
+
+def _group_classes(rpc: str) -> dict[str, type]:
+    groups: dict[str, list[Option]] = {}
+    for o in RPCS[rpc]:
+        if o.group:
+            groups.setdefault(o.group, []).append(o)
+    return {g: _dataclass("".join(p.title() for p in g.split("_")) + "Options", tuple(items))
+            for g, items in groups.items()}
+
+
+GROUPS = {rpc: _group_classes(rpc) for rpc in RPCS}
+# Groups whose absence means their defaults (the others' absence means "off": no guidance, no
+# early stop, no token to learn).
+UNSET_MEANS_DEFAULTS = ("weights",)
+TYPES = {rpc: _dataclass(f"{rpc}Options", tuple(o for o in RPCS[rpc] if not o.group),
+                         tuple(GROUPS[rpc])) for rpc in RPCS}
+
+
+def values(rpc: str, request):
+    """The request's options as ``TYPES[rpc]``, read and checked: attributes by SDK keyword
+    (``opts.lr``, ``opts.images``), a group set in the request as its own object
+    (``opts.stop_when.patience``), one left unset as None."""
+    flat = check(rpc, read(rpc, request))
+    top, groups = {}, {}
+    for o in RPCS[rpc]:
+        value = flat[o.path]
+        value = (not value) if o.kind == "negated" else value
+        if o.group:
+            groups.setdefault(o.group, {})[o.name] = value
+        else:
+            top[o.name] = value
+    for group, cls in GROUPS[rpc].items():
+        holder, leaf = _field(request, group)
+        present = holder.HasField(leaf) or group in UNSET_MEANS_DEFAULTS
+        top[group] = cls(**groups[group]) if present else None
+    return TYPES[rpc](**top)

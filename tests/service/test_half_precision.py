@@ -54,7 +54,7 @@ from adjointdpm_server.integrity import NonFiniteResult  # noqa: E402
 from adjointdpm_server.models import PrecisionUnsupported, check_precision  # noqa: E402
 from adjointdpm_server.runtime import Runtime  # noqa: E402
 from adjointdpm_server.tasks._optim import ITERATE_RANGE, MasterOptimizer, non_finite_loss  # noqa: E402
-from adjointdpm_server.tasks._specs import OptimizerSpec  # noqa: E402
+from adjointdpm import options  # noqa: E402
 
 
 def test_a_dtype_the_device_cannot_compute_in_is_refused_at_start_naming_the_alternative(tmp_path):
@@ -67,7 +67,7 @@ def test_a_dtype_the_device_cannot_compute_in_is_refused_at_start_naming_the_alt
 def test_float16_adam_steps_a_float32_master_copy():
     """Adam on a float16 parameter: ε = 1e-8 and g² underflow in float16; the master does not."""
     p = torch.full((4,), 1.0, dtype=torch.float16, requires_grad=True)
-    opt = MasterOptimizer(OptimizerSpec(name="adam", lr=1e-3, iterations=1), [p])
+    opt = MasterOptimizer(options.TYPES["OptimizeLatent"](optimizer="adam", lr=1e-3), [p])
     assert opt.masters[0].dtype == torch.float32 and opt.masters[0] is not p
     p.grad = torch.full((4,), 1e-5, dtype=torch.float16)  # g² = 1e-10: 0 in float16
     opt.step()
@@ -75,7 +75,7 @@ def test_float16_adam_steps_a_float32_master_copy():
     assert torch.allclose(p.float(), torch.full((4,), 1.0 - 1e-3), atol=1e-3)
     assert opt.state[p]["exp_avg_sq"].dtype == torch.float32
     f32 = torch.ones(3, requires_grad=True)
-    assert MasterOptimizer(OptimizerSpec(name="sgd", lr=0.1, iterations=1), [f32]).masters[0] is f32
+    assert MasterOptimizer(options.TYPES["OptimizeLatent"](optimizer="sgd", lr=0.1), [f32]).masters[0] is f32
 
 
 def test_a_non_finite_loss_is_the_requests_fault_only_when_its_numbers_moved_the_iterate_out_of_range():

@@ -22,7 +22,7 @@ from adjointdpm.v1 import adjointdpm_pb2 as pb
 from adjointdpm.cli import build_parser, call_keywords
 from adjointdpm.v1 import adjointdpm_pb2_grpc as pb_grpc
 from adjointdpm_server.wire import convert
-from adjointdpm_server.tasks._specs import GuidedSpec, OptimizerSpec, StopSpec, TokenSpec, WeightsSpec
+from adjointdpm_server.tasks._specs import TokenSpec
 
 PROTO = Path(__file__).resolve().parents[2] / "proto/adjointdpm/v1/adjointdpm.proto"
 REQUESTS = {rpc: message for _, (rpc, message, _) in _requests.METHODS.items()}
@@ -80,11 +80,27 @@ def test_the_in_process_specs_default_to_the_same_values():
             got = getattr(spec(), field)
             assert got == want or (want is None and not got), (spec.__name__, field, got, want)
 
-    same(OptimizerSpec, "OptimizeLatent", "optimizer.")
-    same(GuidedSpec, "OptimizeLatent", "guided.")
-    same(StopSpec, "OptimizeLatent", "stop_when.")
-    same(TokenSpec, "ComputeGradient", "token.")
-    same(WeightsSpec, "ComputeGradient", "weights.")
+    same(TokenSpec, "ComputeGradient", "token.")  # the one spec that still has defaults
+
+
+def test_the_typed_options_objects_default_like_the_table_and_read_the_wire():
+    for rpc in REQUESTS:
+        empty = options.values(rpc, REQUESTS[rpc]())
+        for o in options.options(rpc):
+            if o.group:
+                group = getattr(empty, o.group)
+                assert group is None or getattr(group, o.name) == o.default, (rpc, o.path)
+                if group is None:
+                    assert getattr(options.GROUPS[rpc][o.group](), o.name) == o.default
+            else:
+                assert getattr(empty, o.name) == o.default, (rpc, o.name)
+    request = pb.FinetuneRequest(optimizer=pb.Optimizer(lr=0.2), keep_best=True)
+    request.stop_when.patience = 3
+    opts = options.values("FinetuneWeights", request)
+    assert (opts.lr, opts.keep_best, opts.stop_when.patience, opts.iterations) == (0.2, True, 3, 10)
+    assert options.values("OptimizeLatent", pb.OptimizeLatentRequest()).guided is None  # off
+    assert options.values("ComputeGradient", pb.GradientRequest()).weights.lora_rank == 0  # defaults
+    assert options.values("Sample", pb.SampleRequest(no_images=True)).images is False
 
 
 def _show(value) -> str:
@@ -264,10 +280,9 @@ def test_a_fine_tune_from_raw_grpc_with_nothing_set_trains_like_the_sdk_default(
 
 
 def test_convert_reads_options_once_for_the_server():
-    values = convert.options_of("FinetuneWeights", pb.FinetuneRequest())
-    spec = convert.optimizer(values)
-    assert spec.lr == options.default("FinetuneWeights", "lr") == 1e-3
-    assert convert.optimizer(convert.options_of("OptimizeLatent", pb.OptimizeLatentRequest())).lr == 0.05
+    assert convert.options_of("FinetuneWeights", pb.FinetuneRequest()).lr == 1e-3
+    assert options.default("FinetuneWeights", "lr") == 1e-3
+    assert convert.options_of("OptimizeLatent", pb.OptimizeLatentRequest()).lr == 0.05
 
 
 def test_every_public_method_of_both_clients_has_a_signature():

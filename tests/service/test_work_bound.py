@@ -137,14 +137,14 @@ def test_a_guided_jobs_nfe_counts_every_call(server):
     """``job.nfe`` (what the NFE metric counts) after guided sampling is the estimate: its
     sampling segments count on from the gradients before them (a callback shared by the
     segments counted from the start, and took the count back after each gradient)."""
-    from adjointdpm_server.tasks import (GenerationSpec, GuidedSpec, LocalJob, LossSpec, OptimizerSpec,
-                                         run_optimize_latent)
+    from adjointdpm import options
+    from adjointdpm_server.tasks import GenerationSpec, LocalJob, LossSpec, run_optimize_latent
 
     job = LocalJob()
+    guided = options.GROUPS["OptimizeLatent"]["guided"](every=2, inner_steps=2)
     run_optimize_latent(server.runtime.for_tenant("default"), GenerationSpec(seed=0, steps=5),
                         [LossSpec("server", "classifier", params={"label": 8})], job,
-                        optimizer=OptimizerSpec(), grad_mode="checkpoint",
-                        guided=GuidedSpec(every=2, inner_steps=2))
+                        options.TYPES["OptimizeLatent"](grad_mode="checkpoint", guided=guided))
     assert job.nfe == _work.guided_work(5, "dpm3", "checkpoint", 2, 2, 0).calls == 46
 
 

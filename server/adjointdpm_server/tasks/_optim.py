@@ -15,7 +15,6 @@ from ..telemetry import tracing
 from ._images import to_png
 from ._job import IterationReport, Job
 from ._objective import Evaluation
-from ._specs import OptimizerSpec, StopSpec
 
 __all__ = ["make_optimizer", "MasterOptimizer", "master_tensor", "check_iterations", "check_name", "check_stop", "report", "optimize",
            "learning_rate", "SCHEDULES", "Patience", "non_finite_loss", "ITERATE_RANGE"]
@@ -23,19 +22,21 @@ __all__ = ["make_optimizer", "MasterOptimizer", "master_tensor", "check_iteratio
 SCHEDULES = ("constant", "cosine", "linear")
 
 
-def check_iterations(spec: OptimizerSpec, limits) -> None:
+def check_iterations(spec, limits) -> None:
+    """``spec``: the request's options (``optimizer``, ``lr``, ``iterations``, ``schedule``,
+    ``warmup``)."""
     if not 1 <= spec.iterations <= limits.max_iterations:
         raise InvalidArgument(f"iterations must lie in 1…{limits.max_iterations}; got {spec.iterations}")
     if not (math.isfinite(spec.lr) and spec.lr > 0):
         raise InvalidArgument(f"the learning rate must be positive and finite; got {spec.lr}")
-    if (spec.schedule or "constant") not in SCHEDULES:
+    if spec.schedule not in SCHEDULES:
         raise InvalidArgument(f"the learning-rate schedule must be one of {', '.join(SCHEDULES)}; "
                               f"got {spec.schedule!r}")
     if not 0 <= spec.warmup < spec.iterations:
         raise InvalidArgument(f"warmup must be fewer than the {spec.iterations} iterations; got {spec.warmup}")
 
 
-def check_stop(stop: StopSpec | None, limits, *, per_sample: bool = False) -> None:
+def check_stop(stop, limits, *, per_sample: bool = False) -> None:
     """``per_sample``: the call stops samples one by one (OptimizeLatent), where a changed verdict
     means something; elsewhere the run stops as a whole."""
     if stop is None:
@@ -67,11 +68,11 @@ class MasterOptimizer:
     master cast back after each step), so a float16 network trains like a float32 one; float32 and
     float64 parameters are their own masters. ``state`` is keyed by the parameters given."""
 
-    def __init__(self, spec: OptimizerSpec, params):
+    def __init__(self, spec, params):
         self.params = list(params)
         self.masters = [p.detach().float().requires_grad_() if p.dtype in HALF_DTYPES else p
                         for p in self.params]
-        name = spec.name or "adam"
+        name = spec.optimizer
         if name == "adam":
             self.inner = torch.optim.Adam(self.masters, lr=spec.lr)
         elif name == "sgd":
@@ -109,18 +110,18 @@ class MasterOptimizer:
                 m.copy_(p)
 
 
-def make_optimizer(spec: OptimizerSpec, params) -> MasterOptimizer:
+def make_optimizer(spec, params) -> MasterOptimizer:
     return MasterOptimizer(spec, params)
 
 
-def learning_rate(spec: OptimizerSpec, it: int) -> float:
+def learning_rate(spec, it: int) -> float:
     """The step size of iteration ``it``: linear warm-up over ``warmup`` iterations, then the
     schedule from lr down (cosine or linear, reaching 0 one step after the last). A function of
     the iteration alone, so a resumed fine-tune continues the same curve."""
     if it < spec.warmup:
         return spec.lr * (it + 1) / (spec.warmup + 1)
     progress = (it - spec.warmup) / max(1, spec.iterations - spec.warmup)
-    kind = spec.schedule or "constant"
+    kind = spec.schedule
     if kind == "cosine":
         return spec.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
     if kind == "linear":
@@ -132,16 +133,17 @@ class Patience:
     """Run-level early stop and keep-best: ``update(loss) → True`` when the run should stop
     (the loss reached ``loss_below`` or ``patience`` updates passed without a new best)."""
 
-    def __init__(self, stop: StopSpec | None):
-        self.stop = stop or StopSpec()
+    def __init__(self, stop):
+        self.stop = stop  # the request's stop_when, or None: never stop early
         self.best, self.best_at, self.count, self.stop_now = math.inf, -1, 0, False
 
     def update(self, loss: float) -> bool:
         if loss < self.best:
             self.best, self.best_at = loss, self.count
         self.count += 1
-        below = self.stop.loss_below is not None and loss <= self.stop.loss_below
-        tired = bool(self.stop.patience) and self.count - 1 - self.best_at >= self.stop.patience
+        stop = self.stop
+        below = stop is not None and stop.loss_below is not None and loss <= stop.loss_below
+        tired = stop is not None and bool(stop.patience) and self.count - 1 - self.best_at >= stop.patience
         self.stop_now = below or tired
         return self.stop_now
 
@@ -182,7 +184,7 @@ def report(job: Job, iteration: int, evaluation: Evaluation, grad_norm: float, i
     return loss
 
 
-def optimize(job: Job, opt: MasterOptimizer, params, spec: OptimizerSpec,
+def optimize(job: Job, opt: MasterOptimizer, params, spec,
              loss_at: Callable[[int], tuple], *, first: int = 0, history: list | None = None,
              after_step: Callable[[int], bool | None] | None = None) -> list[float]:
     """The loop every optimizing task shares: set the step size of the schedule, ``loss_at(it) →

@@ -48,46 +48,12 @@ class LossSpec:
 
 
 @dataclass
-class OptimizerSpec:
-    name: str = "adam"
-    lr: float = 0.05
-    iterations: int = 10
-    momentum: float = 0.0
-    schedule: str = "constant"
-    warmup: int = 0
-
-
-@dataclass
-class StopSpec:
-    """When to stop early (per sample in OptimizeLatent; the run elsewhere)."""
-
-    loss_below: float | None = None
-    verdict_changed: bool = False
-    patience: int = 0
-
-
-@dataclass
 class TokenSpec:
+    """The token a request learns or differentiates, its starting embedding decoded."""
+
     placeholder: str = "<*>"
     initializer: str = ""
     embedding: torch.Tensor | None = None
-
-
-@dataclass
-class WeightsSpec:
-    parameters: list[str] = field(default_factory=list)
-    lora_rank: int = 0
-    inline: bool = False
-
-
-@dataclass
-class GuidedSpec:
-    every: int = 1
-    scale: float = 0.0
-    inner_steps: int = 1
-    grad_steps: int = 0
-    step: str = "normalized"
-    clip: float = 0.0
 
 
 @dataclass

@@ -24,9 +24,9 @@ from ._images import to_png
 from ._job import Job
 from ._objective import Evaluation, Objective
 from ._optim import check_iterations, check_stop, make_optimizer, master_tensor, optimize, report
-from ._specs import GenerationSpec, GuidedSpec, LossSpec, OptimizerSpec, StopSpec
+from ._specs import GenerationSpec, LossSpec
 from ._work import check_work, guided_work, optimize_latent_work
-from .gradient import check_grad_mode
+from .compute_gradient import check_grad_mode
 
 __all__ = ["OptimizeResult", "run_optimize_latent", "project", "BestIterates", "guided_step"]
 
@@ -76,8 +76,8 @@ class BestIterates:
     threshold or whose verdict changed keeps *that* iterate and is frozen; one out of patience is
     frozen at its best."""
 
-    def __init__(self, stop: StopSpec | None):
-        self.stop = stop or StopSpec()
+    def __init__(self, stop):
+        self.stop = stop  # the request's stop_when, or None: only the best iterate is kept
         self.loss = None
 
     def observe(self, it: int, x: torch.Tensor, x0: torch.Tensor, losses: torch.Tensor,
@@ -91,9 +91,10 @@ class BestIterates:
             self.stopped = torch.zeros(b, dtype=torch.bool)
         active = ~self.stopped
         met = torch.zeros_like(active)
-        if self.stop.loss_below is not None:
-            met |= losses <= self.stop.loss_below
-        if self.stop.verdict_changed and flipped is not None:
+        stop = self.stop
+        if stop is not None and stop.loss_below is not None:
+            met |= losses <= stop.loss_below
+        if stop is not None and stop.verdict_changed and flipped is not None:
             met |= flipped.to("cpu")
         met &= active
         take = (active & (losses < self.loss)) | met
@@ -102,8 +103,8 @@ class BestIterates:
         where = take.to(x.device).view(-1, *[1] * (x.dim() - 1))
         self.x = torch.where(where, x.detach(), self.x)
         self.x0 = torch.where(where.view(-1, *[1] * (x0.dim() - 1)), x0.detach(), self.x0)
-        if self.stop.patience:
-            met |= active & (it - self.iteration >= self.stop.patience)
+        if stop is not None and stop.patience:
+            met |= active & (it - self.iteration >= stop.patience)
         self.stopped |= met
 
     def freeze(self, x: torch.Tensor) -> None:
@@ -126,11 +127,12 @@ def guided_step(g: torch.Tensor, scale: float, kind: str, clip: float, sigma: fl
     return delta.clamp(-clip, clip) if clip > 0 else delta
 
 
-def run_optimize_latent(ctx: TaskContext, spec: GenerationSpec, losses: list[LossSpec], job: Job, *,
-                        optimizer: OptimizerSpec, norm: str = "", epsilon: float = 0.0,
-                        norm_weight: float = 0.0, image_every: int = 0, grad_mode: str = "",
-                        memory_budget_mib: int = 0,
-                        guided: GuidedSpec | None = None, stop: StopSpec | None = None) -> OptimizeResult:
+def run_optimize_latent(ctx: TaskContext, spec: GenerationSpec, losses: list[LossSpec], job: Job,
+                        opts) -> OptimizeResult:
+    """OptimizeLatent with the request's options ``opts`` (``adjointdpm.options``' type)."""
+    optimizer, norm, epsilon, norm_weight = opts, opts.constraint, opts.epsilon, opts.norm_weight
+    image_every, grad_mode, memory_budget_mib = opts.image_every, opts.grad_mode, opts.memory_budget_mib
+    guided, stop = opts.guided, opts.stop_when
     check_iterations(optimizer, ctx.limits)
     check_stop(stop, ctx.limits, per_sample=True)
     mode = check_grad_mode(grad_mode)
@@ -212,22 +214,21 @@ def run_optimize_latent(ctx: TaskContext, spec: GenerationSpec, losses: list[Los
                           last_x_T=x.detach())
 
 
-def _check_guided(prep, guided: GuidedSpec, mode: str, limits) -> None:
+def _check_guided(prep, guided, mode: str, limits) -> None:
     """Each factor, then their product (the network calls), before any work."""
-    every, inner = guided.every or 1, guided.inner_steps or 1
-    if guided.grad_steps > limits.max_steps:
+    every, inner, grad_steps = guided.every, guided.inner_steps, guided.grad_steps or 0
+    if grad_steps > limits.max_steps:
         raise InvalidArgument(f"guided grad_steps must be at most {limits.max_steps}")
     if inner * -(-prep.steps // every) > 10_000:
         raise InvalidArgument("too many guidance gradients (steps / every × inner_steps)")
-    check_work(limits, guided_work(prep.steps, prep.solver, mode, every, inner, guided.grad_steps))
+    check_work(limits, guided_work(prep.steps, prep.solver, mode, every, inner, grad_steps))
 
 
-def _guided(prep, objective, job, optimizer: OptimizerSpec, guided: GuidedSpec, mode: str,
+def _guided(prep, objective, job, optimizer, guided, mode: str,
             memory_budget_mib: int = 0):
     """Guided sampling: x_t ← x_t − step(∂L/∂x_t) at every ``every``-th node (§4.1.1)."""
-    every = guided.every or 1
-    scale = guided.scale or optimizer.lr
-    inner = guided.inner_steps or 1
+    every, inner = guided.every, guided.inner_steps
+    scale = optimizer.lr if guided.scale is None else guided.scale
     schedule = prep.backend.schedule
     t_start = schedule.t_max if prep.t_start is None else prep.t_start
     ts = time_grid(schedule, prep.steps, prep.grid, t_start, schedule.t_min).tolist()

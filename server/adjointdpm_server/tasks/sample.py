@@ -26,8 +26,9 @@ class SampleResult:
     pixels: torch.Tensor | None
 
 
-def run_sample(ctx: TaskContext, spec: GenerationSpec, job: Job, *, images: bool = True,
-               pixels: bool = False) -> SampleResult:
+def run_sample(ctx: TaskContext, spec: GenerationSpec, job: Job, opts) -> SampleResult:
+    """Sample with the request's options ``opts``: ``images`` (PNGs), ``pixels`` (float images)."""
+    images, pixels = opts.images, opts.pixels
     prep = prepare(ctx, spec)
     check_work(ctx.limits, sample_work(prep.steps, prep.solver))
     check_reply_size(ctx.limits, reply_bytes(prep, images=images, pixels=pixels, latents=2), "result")

@@ -19,9 +19,8 @@ from adjointdpm.v1 import adjointdpm_pb2 as pb
 from ..core import HALF_DTYPES
 from ..errors import InvalidArgument
 from ..integrity import MAX_PARAM, MAX_WEIGHT, check_input, check_number
-from ..tasks import (Checkpoint, ClientQuery, ExampleSpec, GenerationSpec, GuidedSpec,
-                     IterationReport, LossSpec, OptimizerSpec, Queued, StopSpec, TokenSpec,
-                     ValidationReport, WeightsSpec)
+from ..tasks import (Checkpoint, ClientQuery, ExampleSpec, GenerationSpec, IterationReport, LossSpec,
+                     Queued, TokenSpec, ValidationReport)
 from ..tasks._generation import IterationProgress
 
 DOMAINS = {pb.IMAGE: "image", pb.LATENT: "latent"}
@@ -104,47 +103,21 @@ def losses(terms, limits) -> list[LossSpec]:
     return specs
 
 
-def options_of(rpc: str, request) -> dict:
-    """The request's options by field path, unset fields read as their one default and every
-    value within its bounds (``adjointdpm.options``: the SDK and the CLI take the same defaults)."""
+def options_of(rpc: str, request):
+    """The request's options as its typed object (``adjointdpm.options.values``): unset fields
+    read as their one default, every value within its bounds, else INVALID_ARGUMENT naming it."""
     try:
-        return options.check(rpc, options.read(rpc, request))
+        return options.values(rpc, request)
     except options.InvalidOption as err:
         raise InvalidArgument(str(err)) from err
 
 
-def optimizer(values: dict) -> OptimizerSpec:
-    o = "optimizer."
-    return OptimizerSpec(name=values[o + "name"], lr=values[o + "lr"], iterations=values[o + "iterations"],
-                         momentum=values[o + "momentum"], schedule=values[o + "schedule"],
-                         warmup=values[o + "warmup"])
-
-
-def stop(parent, values: dict) -> StopSpec | None:
-    """``parent.stop_when`` when set."""
-    if not parent.HasField("stop_when"):
-        return None
-    s = "stop_when."
-    return StopSpec(loss_below=values[s + "loss_below"], verdict_changed=values[s + "verdict_changed"],
-                    patience=values[s + "patience"])
-
-
-def token(msg: pb.TokenSpec, limits, values: dict) -> TokenSpec:
-    return TokenSpec(placeholder=values["token.placeholder"], initializer=values["token.initializer"],
+def token(msg: pb.TokenSpec, limits, opts) -> TokenSpec:
+    """The token group with its starting embedding decoded (``opts.token`` may be unset: the
+    defaults)."""
+    group = opts.token or options.GROUPS["ComputeGradient"]["token"]()
+    return TokenSpec(placeholder=group.placeholder, initializer=group.initializer,
                      embedding=maybe_tensor(msg, "embedding", limits, "token.embedding"))
-
-
-def weights(values: dict) -> WeightsSpec:
-    w = "weights."
-    return WeightsSpec(parameters=values[w + "parameters"], lora_rank=values[w + "lora_rank"],
-                       inline=values[w + "inline"])
-
-
-def guided(values: dict) -> GuidedSpec:
-    g = "guided."
-    return GuidedSpec(every=values[g + "every"], scale=values[g + "scale"] or 0.0,
-                      inner_steps=values[g + "inner_steps"], grad_steps=values[g + "grad_steps"] or 0,
-                      step=values[g + "step"], clip=values[g + "clip"])
 
 
 def examples(items, limits, field: str = "examples") -> list[ExampleSpec]:

@@ -22,7 +22,7 @@ from ..errors import ResourceExhausted, ServiceError
 from ..losses import available_losses
 from ..runtime import Runtime
 from ..storage.export import export
-from ..tasks import (run_finetune, run_gradient, run_optimize_embedding, run_optimize_latent,
+from ..tasks import (run_finetune_weights, run_compute_gradient, run_optimize_embedding, run_optimize_latent,
                      run_sample)
 from ..telemetry.logs import TENANT
 from . import convert
@@ -144,37 +144,27 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
 
     # -- streaming RPCs -------------------------------------------------------------------------
     def Sample(self, request, context):
-        def build(request, ctx):
-            spec = convert.generation(request.generation, ctx.limits)
-            v = convert.options_of("Sample", request)
-            return lambda job: run_sample(ctx, spec, job, images=not v["no_images"],
-                                          pixels=v["return_pixels"])
+        def build(r, ctx):
+            spec, opts = convert.generation(r.generation, ctx.limits), convert.options_of("Sample", r)
+            return lambda job: run_sample(ctx, spec, job, opts)
         return self._stream(context, "Sample", build, convert.sample_result, request=request)
 
     def ComputeGradient(self, request_iterator, context):
         def build(r, ctx):
-            limits = ctx.limits
-            spec, losses = convert.generation(r.generation, limits), convert.losses(r.losses, limits)
-            v = convert.options_of("ComputeGradient", r)
-            token, weights = convert.token(r.token, limits, v), convert.weights(v)
-            return lambda job: run_gradient(ctx, spec, losses, job, targets=v["targets"],
-                                            grad_mode=v["grad_mode"],
-                                            memory_budget_mib=v["memory_budget_mib"],
-                                            token=token, weights=weights, images=v["return_images"])
-        return self._stream(context, "ComputeGradient", build, convert.gradient_result, request_iterator=request_iterator)
+            spec, losses = convert.generation(r.generation, ctx.limits), convert.losses(r.losses, ctx.limits)
+            opts = convert.options_of("ComputeGradient", r)
+            token = convert.token(r.token, ctx.limits, opts)
+            return lambda job: run_compute_gradient(ctx, spec, losses, job, opts, token)
+        return self._stream(context, "ComputeGradient", build, convert.gradient_result,
+                            request_iterator=request_iterator)
 
     def OptimizeLatent(self, request_iterator, context):
         def build(r, ctx):
-            limits = ctx.limits
-            spec, losses = convert.generation(r.generation, limits), convert.losses(r.losses, limits)
-            v = convert.options_of("OptimizeLatent", r)
-            guided = convert.guided(v) if r.HasField("guided") else None
-            return lambda job: run_optimize_latent(
-                ctx, spec, losses, job, optimizer=convert.optimizer(v),
-                norm=v["constraint.norm"], epsilon=v["constraint.epsilon"], norm_weight=v["norm_weight"],
-                image_every=v["image_every"], grad_mode=v["grad_mode"],
-                memory_budget_mib=v["memory_budget_mib"], guided=guided, stop=convert.stop(r, v))
-        return self._stream(context, "OptimizeLatent", build, convert.optimize_result, request_iterator=request_iterator)
+            spec, losses = convert.generation(r.generation, ctx.limits), convert.losses(r.losses, ctx.limits)
+            opts = convert.options_of("OptimizeLatent", r)
+            return lambda job: run_optimize_latent(ctx, spec, losses, job, opts)
+        return self._stream(context, "OptimizeLatent", build, convert.optimize_result,
+                            request_iterator=request_iterator)
 
     def FinetuneWeights(self, request_iterator, context):
         def build(r, ctx):
@@ -182,30 +172,20 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
             spec, losses = convert.generation(r.generation, limits), convert.losses(r.losses, limits)
             examples = convert.examples(r.examples, limits)
             validation = convert.examples(r.validation, limits, "validation")
-            v = convert.options_of("FinetuneWeights", r)
-            return lambda job: run_finetune(
-                ctx, spec, examples, losses, job, optimizer=convert.optimizer(v),
-                method=v["method"], lora_rank=v["lora_rank"], lora_alpha=v["lora_alpha"],
-                target_modules=v["target_modules"], checkpoint_every=v["checkpoint_every"],
-                name=v["name"], batch_size=v["batch_size"] or 0, grad_mode=v["grad_mode"],
-                memory_budget_mib=v["memory_budget_mib"], resume_from=v["resume_from"],
-                keep_checkpoints=v["keep_checkpoints"], validation=validation,
-                validate_every=v["validate_every"], keep_best=v["keep_best"], stop=convert.stop(r, v))
-        return self._stream(context, "FinetuneWeights", build, convert.optimize_result, request_iterator=request_iterator)
+            opts = convert.options_of("FinetuneWeights", r)
+            return lambda job: run_finetune_weights(ctx, spec, examples, losses, job, opts, validation)
+        return self._stream(context, "FinetuneWeights", build, convert.optimize_result,
+                            request_iterator=request_iterator)
 
     def OptimizeEmbedding(self, request_iterator, context):
         def build(r, ctx):
-            limits = ctx.limits
-            spec, losses = convert.generation(r.generation, limits), convert.losses(r.losses, limits)
-            v = convert.options_of("OptimizeEmbedding", r)
-            target = convert.maybe_tensor(r, "target_image", limits)
-            token = convert.token(r.token, limits, v) if r.HasField("token") else None
-            return lambda job: run_optimize_embedding(
-                ctx, spec, losses, job, optimizer=convert.optimizer(v), token=token,
-                target_image=target, name=v["name"], grad_mode=v["grad_mode"],
-                memory_budget_mib=v["memory_budget_mib"], image_every=v["image_every"],
-                prior=v["prior"], prior_weight=v["prior_weight"], stop=convert.stop(r, v))
-        return self._stream(context, "OptimizeEmbedding", build, convert.optimize_result, request_iterator=request_iterator)
+            spec, losses = convert.generation(r.generation, ctx.limits), convert.losses(r.losses, ctx.limits)
+            opts = convert.options_of("OptimizeEmbedding", r)
+            target = convert.maybe_tensor(r, "target_image", ctx.limits)
+            token = convert.token(r.token, ctx.limits, opts) if r.HasField("token") else None
+            return lambda job: run_optimize_embedding(ctx, spec, losses, job, opts, token, target)
+        return self._stream(context, "OptimizeEmbedding", build, convert.optimize_result,
+                            request_iterator=request_iterator)
 
     # -- unary ----------------------------------------------------------------------------------
     def ListModels(self, request, context):

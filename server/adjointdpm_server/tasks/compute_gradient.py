@@ -24,10 +24,10 @@ from ._job import Job
 from ._objective import Objective
 from ._optim import master_tensor
 from ._reply import check_reply_size, reply_bytes
-from ._specs import GenerationSpec, LossSpec, TokenSpec, WeightsSpec
+from ._specs import GenerationSpec, LossSpec, TokenSpec
 from ._work import check_work, gradient_work
 
-__all__ = ["TARGETS", "GradientResult", "run_gradient", "check_grad_mode", "token_leaf"]
+__all__ = ["TARGETS", "GradientResult", "run_compute_gradient", "check_grad_mode", "token_leaf"]
 
 TARGETS = ("x_T", "cond", "token", "weights")
 
@@ -86,10 +86,12 @@ def encode_token(prep: Prepared, token: TokenSpec, leaf: torch.Tensor) -> Condit
         raise InvalidArgument(str(err)) from err
 
 
-def run_gradient(ctx: TaskContext, spec: GenerationSpec, losses: list[LossSpec], job: Job, *,
-                 targets=("x_T",), grad_mode: str = "", memory_budget_mib: int = 0,
-                 token: TokenSpec | None = None,
-                 weights: WeightsSpec | None = None, images: bool = False) -> GradientResult:
+def run_compute_gradient(ctx: TaskContext, spec: GenerationSpec, losses: list[LossSpec], job: Job,
+                         opts, token: TokenSpec | None = None) -> GradientResult:
+    """ComputeGradient with the request's options ``opts``; ``token`` carries a decoded starting
+    embedding when the request gives one."""
+    targets, grad_mode, memory_budget_mib = opts.targets, opts.grad_mode, opts.memory_budget_mib
+    weights, images = opts.weights, opts.images
     targets = tuple(dict.fromkeys(targets or ("x_T",)))
     unknown = [t for t in targets if t not in TARGETS]
     if unknown:
@@ -118,7 +120,6 @@ def run_gradient(ctx: TaskContext, spec: GenerationSpec, losses: list[LossSpec],
     prep.uncond = uncond
     eps_fn, weight_leaves = prep.eps_fn, {}
     if "weights" in targets:
-        weights = weights or WeightsSpec()
         try:
             if weights.lora_rank:
                 if weights.lora_rank > ctx.limits.max_lora_rank:

@@ -24,12 +24,12 @@ from ._images import to_png
 from ._job import Checkpoint, Job, ValidationReport
 from ._objective import Objective
 from ._optim import Patience, check_iterations, check_name, check_stop, make_optimizer, optimize
-from ._specs import ExampleSpec, GenerationSpec, LossSpec, OptimizerSpec, StopSpec
+from ._specs import ExampleSpec, GenerationSpec, LossSpec
 from ._work import check_work, finetune_work
-from .gradient import check_grad_mode
+from .compute_gradient import check_grad_mode
 from .optimize_latent import OptimizeResult
 
-__all__ = ["run_finetune", "METHODS", "OPTIM_PREFIX"]
+__all__ = ["run_finetune_weights", "METHODS", "OPTIM_PREFIX"]
 
 METHODS = ("lora", "full")
 OPTIM_PREFIX = "__optim__/"  # optimizer state in a checkpoint: __optim__/<param>/<key>
@@ -92,15 +92,16 @@ def _examples_generation(ctx, spec: GenerationSpec, examples: list[ExampleSpec])
                           grid=spec.grid)
 
 
-def run_finetune(ctx: TaskContext, spec: GenerationSpec, examples: list[ExampleSpec], losses: list[LossSpec],
-                 job: Job, *, optimizer: OptimizerSpec, method: str = "lora", lora_rank: int = 4,
-                 lora_alpha: float | None = None, target_modules=(), checkpoint_every: int = 0,
-                 name: str = "", batch_size: int = 0, grad_mode: str = "",
-                 memory_budget_mib: int = 0,
-                 resume_from: str = "", keep_checkpoints: int = 3,
-                 validation: list[ExampleSpec] = (), validate_every: int = 1, keep_best: bool = False,
-                 stop: StopSpec | None = None) -> OptimizeResult:
-    """``keep_checkpoints``: this run's newest checkpoints kept, older ones deleted (quota)."""
+def run_finetune_weights(ctx: TaskContext, spec: GenerationSpec, examples: list[ExampleSpec],
+                         losses: list[LossSpec], job: Job, opts,
+                         validation: list[ExampleSpec] = ()) -> OptimizeResult:
+    """FinetuneWeights with the request's options ``opts``; ``validation``: held-out examples.
+    ``keep_checkpoints``: this run's newest checkpoints kept, older ones deleted (quota)."""
+    optimizer, method, lora_rank, lora_alpha = opts, opts.method, opts.lora_rank, opts.lora_alpha
+    target_modules, checkpoint_every, name = opts.target_modules, opts.checkpoint_every, opts.name
+    batch_size, grad_mode, memory_budget_mib = opts.batch_size or 0, opts.grad_mode, opts.memory_budget_mib
+    resume_from, keep_checkpoints, validate_every = opts.resume_from, opts.keep_checkpoints, opts.validate_every
+    keep_best, stop = opts.keep_best, opts.stop_when
     check_iterations(optimizer, ctx.limits)
     check_stop(stop, ctx.limits)
     if keep_best and not validation:

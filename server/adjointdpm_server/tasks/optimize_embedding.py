@@ -22,9 +22,9 @@ from ._job import Job
 from ._objective import Evaluation, Objective
 from ._optim import (Patience, check_iterations, check_name, check_stop, make_optimizer,
                      master_tensor, optimize)
-from ._specs import GenerationSpec, LossSpec, OptimizerSpec, StopSpec, TokenSpec
+from ._specs import GenerationSpec, LossSpec, TokenSpec
 from ._work import check_work, embedding_work
-from .gradient import check_grad_mode, encode_token, token_leaf
+from .compute_gradient import check_grad_mode, encode_token, token_leaf
 from .optimize_latent import OptimizeResult
 
 __all__ = ["run_optimize_embedding", "embedding_prior", "PRIORS"]
@@ -44,14 +44,15 @@ def embedding_prior(kind: str, table: torch.Tensor):
     return lambda v: 0.5 * ((v.float().reshape(-1, table.shape[1]) - mean) / std).square().mean()
 
 
-def run_optimize_embedding(ctx: TaskContext, spec: GenerationSpec, losses: list[LossSpec], job: Job, *,
-                           optimizer: OptimizerSpec, token: TokenSpec | None = None,
-                           target_image: torch.Tensor | None = None, name: str = "",
-                           grad_mode: str = "", memory_budget_mib: int = 0, image_every: int = 0,
-                           prior: str = "",
-                           prior_weight: float = 0.0, stop: StopSpec | None = None) -> OptimizeResult:
-    """``prior_weight`` counts once per sample using the vector, so its balance with the summed
-    per-sample losses does not depend on the batch (0 = 1 when a prior is named)."""
+def run_optimize_embedding(ctx: TaskContext, spec: GenerationSpec, losses: list[LossSpec], job: Job,
+                           opts, token: TokenSpec | None = None,
+                           target_image: torch.Tensor | None = None) -> OptimizeResult:
+    """OptimizeEmbedding with the request's options ``opts``; ``token`` (SD: the token to learn,
+    with a decoded starting embedding) and ``target_image`` are its tensors. ``prior_weight``
+    counts once per sample using the vector, so its balance with the summed per-sample losses
+    does not depend on the batch."""
+    optimizer, name, grad_mode, memory_budget_mib = opts, opts.name, opts.grad_mode, opts.memory_budget_mib
+    image_every, prior, prior_weight, stop = opts.image_every, opts.prior, opts.prior_weight, opts.stop_when
     check_iterations(optimizer, ctx.limits)
     check_stop(stop, ctx.limits)
     if prior not in PRIORS:
