@@ -119,3 +119,23 @@ def test_the_rooms_table_is_the_architecture_documents():
         cells = row.split("|")
         named = set(re.findall(r"`([a-z_]+)`", cells[3]))
         assert named == allowed, (room, named, allowed)
+
+
+MAX_LINES, MAX_PARAMS = 40, 7  # a task step reads in one screen; the options object carries the rest
+
+
+def test_every_task_step_reads_in_one_screen():
+    """Every function and method under tasks/ is at most 40 lines (def to last line, docstring
+    included) with at most 7 positional parameters (the run_* take ctx, their inputs, the job and
+    opts); keyword-only ones are named overrides with defaults (run_sampler's), not a list to
+    remember."""
+    long = []
+    for path in sorted((SERVER / "tasks").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                args = node.args
+                params = len(args.posonlyargs) + len(args.args)
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_LINES or params > MAX_PARAMS:
+                    long.append(f"tasks/{path.name}:{node.lineno} {node.name}: {lines} lines, {params} parameters")
+    assert not long, "\n".join(long)

@@ -2,7 +2,9 @@
 
     adjointdpm [--target HOST:PORT] [--token T] [--tls] [--ca F] [--cert F --key F] COMMAND ...
 
-Commands: models, losses, sample, grad, optimize, finetune, invert, artifact. Each writes its
+Commands, named after their RPCs: models, losses, sample, compute-gradient, optimize-latent,
+finetune-weights, optimize-embedding, artifact (the short names grad, optimize, finetune and
+invert are aliases). Each writes its
 PNGs and tensors (safetensors) into ``--out`` (default ./out), prints one line per file and a
 final summary line. ``main(argv)`` returns the exit code: 0, 1 for a service error, 2 for usage.
 """
@@ -148,10 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="enlarge PNGs by this factor (nearest neighbour); 0 = so that they "
                              "are at least 256 px, 1 = native size")
 
-    def command(name, text, *flags, writes=True):
+    def command(name, text, *flags, writes=True, alias=None):
         p = sub.add_parser(name, help=text, description=text, allow_abbrev=False,
-                           parents=[output] if writes else [])
-        p.set_defaults(option_flags=())
+                           aliases=[alias] if alias else [], parents=[output] if writes else [])
+        p.set_defaults(option_flags=(), handler=name)
         for add in flags:
             add(p)
         return p
@@ -163,16 +165,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("sample", "sample images", _generation_flags("Sample"))
 
     rpc = "ComputeGradient"
-    p = command("grad", "gradient of a loss w.r.t. x_T, cond, a token or weights",
-                _generation_flags(rpc), _loss_flags(rpc), _token_flags(rpc))
+    p = command("compute-gradient", "gradient of a loss w.r.t. x_T, cond, a token or weights",
+                _generation_flags(rpc), _loss_flags(rpc), _token_flags(rpc), alias="grad")
     _flag(p, rpc, "--target", "targets", dest="targets", action="append", choices=options.TARGETS,
           help="what to differentiate (repeatable)")
     _flag(p, rpc, "--parameters", "weights.parameters", action="append")
     _flag(p, rpc, "--lora-rank", "weights.lora_rank", type=int)
 
     rpc = "OptimizeLatent"
-    p = command("optimize", "optimize x_T (or steer sampling) to lower a loss",
-                _generation_flags(rpc), _loss_flags(rpc), _optimizer_flags(rpc))
+    p = command("optimize-latent", "optimize x_T (or steer sampling) to lower a loss",
+                _generation_flags(rpc), _loss_flags(rpc), _optimizer_flags(rpc), alias="optimize")
     _flag(p, rpc, "--constraint", "constraint", type=lambda v: "" if v == "none" else v,
           metavar="{none,linf,l2,sphere}",
           help="keep x_T in an ε-ball around the start or on its sphere: none ('' on the wire), "
@@ -188,8 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
           help="each sample stops once the model's classifier changes its verdict (audits)")
 
     rpc = "FinetuneWeights"
-    p = command("finetune", "fine-tune the model (LoRA or full) on a loss",
-                _generation_flags(rpc), _loss_flags(rpc), _optimizer_flags(rpc))
+    p = command("finetune-weights", "fine-tune the model (LoRA or full) on a loss",
+                _generation_flags(rpc), _loss_flags(rpc), _optimizer_flags(rpc), alias="finetune")
     p.add_argument("--examples", type=int, default=4, help="N examples, seeds SEED..SEED+N-1 (SEED=0)")
     p.add_argument("--validation", type=int, default=0,
                    help="N held-out examples (the seeds after the examples')")
@@ -205,9 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, rpc, "--keep-best", "keep_best", action="store_const", const=True)
 
     rpc = "OptimizeEmbedding"
-    p = command("invert", "learn an embedding from a target image and/or a loss",
+    p = command("optimize-embedding", "learn an embedding from a target image and/or a loss",
                 _generation_flags(rpc), _loss_flags(rpc, required=False), _optimizer_flags(rpc),
-                _token_flags(rpc))
+                _token_flags(rpc), alias="invert")
     p.add_argument("--target-image", type=Path, help="PNG or .npy (C, H, W) in [0, 1]")
     _flag(p, rpc, "--name", "name")
     _flag(p, rpc, "--image-every", "image_every", type=int)
@@ -414,8 +416,9 @@ def cmd_artifact(client, args) -> None:
     print(f"artifact {args.id}")
 
 
-COMMANDS = {"models": cmd_models, "losses": cmd_losses, "sample": cmd_sample, "grad": cmd_grad,
-            "optimize": cmd_optimize, "finetune": cmd_finetune, "invert": cmd_invert,
+COMMANDS = {"models": cmd_models, "losses": cmd_losses, "sample": cmd_sample,
+            "compute-gradient": cmd_grad, "optimize-latent": cmd_optimize,
+            "finetune-weights": cmd_finetune, "optimize-embedding": cmd_invert,
             "artifact": cmd_artifact}
 
 
@@ -424,11 +427,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-        if args.command == "invert" and not (args.loss or args.target_image):
-            parser.error("invert needs --target-image and/or --loss")
+        if args.handler == "optimize-embedding" and not (args.loss or args.target_image):
+            parser.error("optimize-embedding needs --target-image and/or --loss")
         args.progress = args.progress or sys.stderr.isatty()
         with _client(args, parser) as client:
-            COMMANDS[args.command](client, args)
+            COMMANDS[args.handler](client, args)
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else 2
     except adjointdpm.AdjointDPMError as err:

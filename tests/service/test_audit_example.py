@@ -12,10 +12,10 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def _audit_line() -> tuple[list[str], str]:
-    """The README's `adjointdpm optimize … --stop-on-flip` command (continuations joined) as argv
+    """The README's `adjointdpm optimize-latent … --stop-on-flip` command (continuations joined) as argv
     after `adjointdpm`, and its trailing comment."""
     text = README.read_text().replace("\\\n", " ")
-    lines = [ln for ln in text.splitlines() if ln.startswith("adjointdpm optimize") and "--stop-on-flip" in ln]
+    lines = [ln for ln in text.splitlines() if ln.startswith("adjointdpm optimize-latent") and "--stop-on-flip" in ln]
     assert len(lines) == 1, "the README lost its audit example (or has two)"
     command, _, comment = lines[0].partition("#")
     return shlex.split(command)[1:], comment

@@ -150,8 +150,26 @@ def test_a_wrong_keyword_is_a_type_error_before_anything_is_sent(client):
 
 # ---- the CLI: a flag not given sends nothing, so the option's one default applies ----------------
 
-COMMANDS = {"sample": "Sample", "grad": "ComputeGradient", "optimize": "OptimizeLatent",
-            "finetune": "FinetuneWeights", "invert": "OptimizeEmbedding"}
+COMMANDS = {"sample": "Sample", "compute-gradient": "ComputeGradient", "optimize-latent": "OptimizeLatent",
+            "finetune-weights": "FinetuneWeights", "optimize-embedding": "OptimizeEmbedding"}
+ALIASES = {"grad": "compute-gradient", "optimize": "optimize-latent", "finetune": "finetune-weights",
+           "invert": "optimize-embedding"}
+
+
+def test_one_name_per_rpc_in_the_cli_the_sdk_and_the_tasks():
+    """The proto's name in each one's case: ComputeGradient → compute-gradient (CLI),
+    compute_gradient (SDK), run_compute_gradient (tasks); the old CLI names stay as aliases."""
+    import adjointdpm_server.tasks as tasks
+
+    parser, _ = _subparser("sample")
+    for command, rpc in COMMANDS.items():
+        snake = re.sub(r"(?<!^)([A-Z])", r"_\1", rpc).lower()
+        assert command == snake.replace("_", "-")
+        assert callable(getattr(adjointdpm.Client, snake)) and callable(getattr(tasks, f"run_{snake}"))
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for alias, command in ALIASES.items():
+        assert sub.choices[alias] is sub.choices[command]
+        assert parser.parse_args([alias, *(["--loss", "mse"] if alias != "invert" else [])]).handler == command
 
 
 def _subparser(command):
@@ -185,11 +203,11 @@ def test_cli_flags_left_out_send_nothing_and_their_help_states_the_one_default(c
 
 def test_cli_flags_given_become_the_sdk_keywords():
     parser = build_parser()
-    args = parser.parse_args(["finetune", "--loss", "mse", "--lr", "0.01", "--patience", "3", "--rank", "2",
+    args = parser.parse_args(["finetune-weights", "--loss", "mse", "--lr", "0.01", "--patience", "3", "--rank", "2",
                               "--keep-best", "--label", "1", "--label", "2", "--validate-every", "2"])
     assert call_keywords(args) == {"lr": 0.01, "stop_when": {"patience": 3}, "lora_rank": 2,
                                    "keep_best": True, "labels": [1, 2], "validate_every": 2}
-    args = parser.parse_args(["optimize", "--loss", "mse", "--constraint", "none", "--stop-on-flip"])
+    args = parser.parse_args(["optimize-latent", "--loss", "mse", "--constraint", "none", "--stop-on-flip"])
     assert call_keywords(args) == {"constraint": "", "stop_when": {"verdict_changed": True}}
 
 

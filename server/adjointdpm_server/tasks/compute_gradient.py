@@ -21,7 +21,7 @@ from ._context import TaskContext
 from ._generation import Prepared, prepare, run_sampler
 from ._images import to_png
 from ._job import Job
-from ._objective import Objective
+from ._objective import Evaluation, Objective
 from ._optim import master_tensor
 from ._reply import check_reply_size, reply_bytes
 from ._specs import GenerationSpec, LossSpec, TokenSpec
@@ -74,6 +74,8 @@ def token_leaf(prep: Prepared, token: TokenSpec) -> torch.Tensor:
 
 
 def encode_token(prep: Prepared, token: TokenSpec, leaf: torch.Tensor) -> Conditioning:
+    """The guided conditioning of the prompt with ``leaf`` at the placeholder, so the token's
+    gradient flows through the text encoder."""
     placeholder = token.placeholder or "<*>"
     if not prep.prompts:
         raise InvalidArgument(f"a token target needs a prompt containing {placeholder!r}")
@@ -86,89 +88,165 @@ def encode_token(prep: Prepared, token: TokenSpec, leaf: torch.Tensor) -> Condit
         raise InvalidArgument(str(err)) from err
 
 
-def run_compute_gradient(ctx: TaskContext, spec: GenerationSpec, losses: list[LossSpec], job: Job,
-                         opts, token: TokenSpec | None = None) -> GradientResult:
-    """ComputeGradient with the request's options ``opts``; ``token`` carries a decoded starting
-    embedding when the request gives one."""
-    targets, grad_mode, memory_budget_mib = opts.targets, opts.grad_mode, opts.memory_budget_mib
-    weights, images = opts.weights, opts.images
+def checked_targets(targets) -> tuple[str, ...]:
+    """The requested targets once each, in order (x_T when none), so a typo fails before any work."""
     targets = tuple(dict.fromkeys(targets or ("x_T",)))
     unknown = [t for t in targets if t not in TARGETS]
     if unknown:
         raise InvalidArgument(f"unknown gradient targets {unknown}; choose from {', '.join(TARGETS)}")
-    mode = check_grad_mode(grad_mode)
-    prep = prepare(ctx, spec)
-    check_work(ctx.limits, gradient_work(prep.steps, prep.solver, mode))
-    objective = Objective(ctx, prep.backend, losses, job)
-    leaves: dict[str, torch.Tensor] = {}
+    return targets
 
+
+@dataclass
+class _Plan:
+    """What the sampler runs on and what one backward differentiates (leaves, then weights)."""
+    x_T: torch.Tensor
+    cond: object
+    leaves: dict[str, torch.Tensor]
+    model: str
+    eps_fn: object
+    weight_leaves: dict[str, torch.Tensor] = field(default_factory=dict)
+    inline: bool = False
+
+    @property
+    def names(self) -> list[str]:
+        """The gradients' names, in the order of ``inputs``."""
+        return list(self.leaves) + list(self.weight_leaves)
+
+    @property
+    def inputs(self) -> list[torch.Tensor]:
+        """Every tensor ``torch.autograd.grad`` differentiates, in the order of ``names``."""
+        return list(self.leaves.values()) + list(self.weight_leaves.values())
+
+    def split(self, grads: list[torch.Tensor]) -> tuple[dict, dict]:
+        """``grads`` (in ``inputs`` order) as target gradients and weight gradients, by name."""
+        return (dict(zip(self.leaves, grads[:len(self.leaves)])),
+                dict(zip(self.weight_leaves, grads[len(self.leaves):])))
+
+    @property
+    def weight_count(self) -> int:
+        """How many weight-gradient numbers the reply or artifact carries."""
+        return sum(p.numel() for p in self.weight_leaves.values())
+
+
+def cond_leaf(prep: Prepared, targets) -> tuple[torch.Tensor, object]:
+    """The embedded conditioning as a leaf (cond, uncond): its gradient is ∂L/∂cond."""
+    if "token" in targets:
+        raise InvalidArgument("choose cond or token, not both (the token acts through cond)")
+    c = prep.backend.embed(Conditioning(prep.cond, prep.uncond))
+    return c.cond.detach().clone().requires_grad_(), c.uncond
+
+
+def target_leaves(prep: Prepared, targets, token: TokenSpec | None) -> _Plan:
+    """The gradient's leaves for each target among x_T, cond and token, and the cond they give."""
     x_T = prep.x_T.clone().requires_grad_("x_T" in targets)
-    if "x_T" in targets:
-        leaves["x_T"] = x_T
+    leaves = {"x_T": x_T} if "x_T" in targets else {}
     cond, uncond = prep.cond, prep.uncond
     if "cond" in targets:
-        if "token" in targets:
-            raise InvalidArgument("choose cond or token, not both (the token acts through cond)")
-        c = prep.backend.embed(Conditioning(cond, uncond))
-        cond, uncond = c.cond.detach().clone().requires_grad_(), c.uncond
+        cond, uncond = cond_leaf(prep, targets)
         leaves["cond"] = cond
     if "token" in targets:
-        leaf = token_leaf(prep, token or TokenSpec())
-        c = encode_token(prep, token or TokenSpec(), leaf)
+        token = token or TokenSpec()
+        leaves["token"] = token_leaf(prep, token)
+        c = encode_token(prep, token, leaves["token"])
         cond, uncond = c.cond, c.uncond
-        leaves["token"] = leaf
-    prep.uncond = uncond
-    eps_fn, weight_leaves = prep.eps_fn, {}
-    if "weights" in targets:
-        try:
-            if weights.lora_rank:
-                if weights.lora_rank > ctx.limits.max_lora_rank:
-                    raise InvalidArgument(f"lora_rank must be at most {ctx.limits.max_lora_rank}")
-                if spec.adapter:
-                    raise InvalidArgument("a fresh LoRA goes on the base model: leave adapter unset")
-                eps_fn = with_lora(prep.eps_fn, weights.lora_rank, targets=prep.backend.lora_targets)
-                weight_leaves = {n: p for n, p in eps_fn.named_parameters() if p.requires_grad}
-            else:
-                eps_fn, weight_leaves = with_trainable_view(prep.eps_fn, weights.parameters)
-        except ValueError as err:
-            raise InvalidArgument(str(err)) from err
+    prep.uncond = uncond  # the sampler reads uncond from prep
+    return _Plan(x_T, cond, leaves, prep.model, prep.eps_fn)
 
-    estimate = reply_bytes(prep, images=images,
-                           extra_elements=sum(leaf.numel() for leaf in leaves.values()))
+
+def weight_leaves(ctx: TaskContext, spec: GenerationSpec, prep: Prepared, weights):
+    """(network, its weight leaves): a fresh LoRA on the base model, or a trainable view of the
+    named parameters, so the gradient reaches weights without touching the shared network."""
+    try:
+        if not weights.lora_rank:
+            return with_trainable_view(prep.eps_fn, weights.parameters)
+        if weights.lora_rank > ctx.limits.max_lora_rank:
+            raise InvalidArgument(f"lora_rank must be at most {ctx.limits.max_lora_rank}")
+        if spec.adapter:
+            raise InvalidArgument("a fresh LoRA goes on the base model: leave adapter unset")
+        eps_fn = with_lora(prep.eps_fn, weights.lora_rank, targets=prep.backend.lora_targets)
+        return eps_fn, {n: p for n, p in eps_fn.named_parameters() if p.requires_grad}
+    except ValueError as err:
+        raise InvalidArgument(str(err)) from err
+
+
+def weights_inline(limits, weights, plan: _Plan, estimate: int, element_size: int) -> bool:
+    """Whether weight gradients go inline: asked for and within the message; else an artifact."""
+    count = plan.weight_count
+    return (bool(plan.weight_leaves) and weights.inline
+            and count <= limits.max_inline_weight_elements
+            and estimate + count * element_size <= limits.max_message_bytes)
+
+
+def gradient_plan(ctx: TaskContext, spec: GenerationSpec, prep: Prepared, targets, opts,
+                  token: TokenSpec | None) -> _Plan:
+    """The leaves, the weight leaves and where weight gradients go, with the reply size checked
+    before the sample runs (a result too big for a message is refused before the work)."""
+    plan = target_leaves(prep, targets, token)
+    if "weights" in targets:
+        plan.eps_fn, plan.weight_leaves = weight_leaves(ctx, spec, prep, opts.weights)
+    estimate = reply_bytes(prep, images=opts.images,
+                           extra_elements=sum(leaf.numel() for leaf in plan.leaves.values()))
     check_reply_size(ctx.limits, estimate, "gradient result")
-    weight_count = sum(p.numel() for p in weight_leaves.values())
-    # inline when asked and when it fits in the message; otherwise the gradients go to an artifact
-    inline = (bool(weight_leaves) and weights.inline
-              and weight_count <= ctx.limits.max_inline_weight_elements
-              and estimate + weight_count * prep.x_T.element_size() <= ctx.limits.max_message_bytes)
-    x0 = run_sampler(prep, job, x_T=x_T, cond=cond, eps_fn=eps_fn, grad_mode=mode,
-                     memory_budget_mib=memory_budget_mib)
-    decoded = prep.backend.decode(x0) if objective.needs_image or images else None
-    total, values, per_sample = objective(x0, decoded)
-    inputs = list(leaves.values()) + list(weight_leaves.values())
+    plan.inline = weights_inline(ctx.limits, opts.weights, plan, estimate, prep.x_T.element_size())
+    return plan
+
+
+def differentiate(total, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """One backward for every input; zeros where the loss does not reach one (not None)."""
     if not isinstance(total, torch.Tensor) or not total.requires_grad:
         raise InvalidArgument("the loss does not depend on the requested targets")
     with tracing.span("adjointdpm.backward"):
         grads = torch.autograd.grad(total, inputs, allow_unused=True)
-    grads = [torch.zeros_like(i) if g is None else g for i, g in zip(inputs, grads)]
-    job.check()
+    return [torch.zeros_like(i) if g is None else g for i, g in zip(inputs, grads)]
+
+
+def check_outputs(spec: GenerationSpec, losses: list[LossSpec], evaluation: Evaluation, x0,
+                  gradients: dict[str, torch.Tensor]) -> None:
+    """The checked outputs: loss, x_0 and each gradient finite before they leave (INVALID_ARGUMENT
+    when the request's own numbers drove them there, INTERNAL otherwise)."""
     from_inputs = spec.has_client_numbers or any(
         loss.kind == "client" or loss.tensors for loss in losses)
-    outputs = {"loss": total, "x_0": x0,
-               **{f"gradient w.r.t. {n}": g for n, g in zip(list(leaves) + list(weight_leaves), grads)}}
+    outputs = {"loss": evaluation.total, "x_0": x0,
+               **{f"gradient w.r.t. {n}": g for n, g in gradients.items()}}
     for name, value in outputs.items():
         check_result(name, value, from_inputs=from_inputs)
-    named = dict(zip(leaves, grads[:len(leaves)]))
-    weight_grads = dict(zip(weight_leaves, grads[len(leaves):]))
-    result = GradientResult(float(total.detach()), values, x0.detach(),
-                            to_png(decoded) if images else [], {k: v.detach() for k, v in named.items()},
-                            nfe=job.nfe, sample_losses=per_sample.tolist())
+
+
+def attach_weight_gradients(ctx: TaskContext, result: GradientResult, plan: _Plan, weights,
+                            grads: dict[str, torch.Tensor]) -> None:
+    """Weight gradients inline when they fit, else as a ``weight_gradients`` artifact."""
+    if plan.inline:
+        result.weight_gradients = {k: v.detach() for k, v in grads.items()}
+        return
+    result.weights_artifact = ctx.artifacts.save(
+        "weight_gradients", grads, model=plan.model,
+        metadata={"lora_rank": weights.lora_rank, "parameters": list(weights.parameters),
+                  "loss": result.loss, "elements": plan.weight_count})
+
+
+def run_compute_gradient(ctx: TaskContext, spec: GenerationSpec, losses: list[LossSpec], job: Job,
+                         opts, token: TokenSpec | None = None) -> GradientResult:
+    """ComputeGradient with the request's options ``opts``; ``token`` carries a decoded starting
+    embedding when the request gives one."""
+    targets = checked_targets(opts.targets)
+    mode = check_grad_mode(opts.grad_mode)
+    prep = prepare(ctx, spec)
+    check_work(ctx.limits, gradient_work(prep.steps, prep.solver, mode))
+    objective = Objective(ctx, prep.backend, losses, job)
+    plan = gradient_plan(ctx, spec, prep, targets, opts, token)
+    x0 = run_sampler(prep, job, x_T=plan.x_T, cond=plan.cond, eps_fn=plan.eps_fn, grad_mode=mode,
+                     memory_budget_mib=opts.memory_budget_mib)
+    decoded = prep.backend.decode(x0) if objective.needs_image or opts.images else None
+    evaluation = objective(x0, decoded)
+    grads = differentiate(evaluation.total, plan.inputs)
+    job.check()
+    check_outputs(spec, losses, evaluation, x0, dict(zip(plan.names, grads)))
+    named, weight_grads = plan.split(grads)
+    result = GradientResult(float(evaluation.total.detach()), evaluation.values, x0.detach(),
+                            to_png(decoded) if opts.images else [],
+                            {k: v.detach() for k, v in named.items()},
+                            nfe=job.nfe, sample_losses=evaluation.per_sample.tolist())
     if weight_grads:
-        if inline:
-            result.weight_gradients = {k: v.detach() for k, v in weight_grads.items()}
-        else:
-            result.weights_artifact = ctx.artifacts.save(
-                "weight_gradients", weight_grads, model=prep.model,
-                metadata={"lora_rank": weights.lora_rank, "parameters": list(weights.parameters),
-                          "loss": result.loss, "elements": weight_count})
+        attach_weight_gradients(ctx, result, plan, opts.weights, weight_grads)
     return result

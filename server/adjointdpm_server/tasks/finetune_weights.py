@@ -13,6 +13,9 @@ losses and, where the model has a classifier, how many images keep the base mode
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 import torch
 
 from ..errors import Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument
@@ -48,6 +51,7 @@ def _checkpoint_tensors(model, opt) -> dict[str, torch.Tensor]:
 
 
 def _restore(model, opt, tensors: dict[str, torch.Tensor]) -> None:
+    """Put saved weights and optimizer state back (resume, keep_best); refuse what does not fit."""
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in tensors.items():
@@ -97,137 +101,183 @@ def run_finetune_weights(ctx: TaskContext, spec: GenerationSpec, examples: list[
                          validation: list[ExampleSpec] = ()) -> OptimizeResult:
     """FinetuneWeights with the request's options ``opts``; ``validation``: held-out examples.
     ``keep_checkpoints``: this run's newest checkpoints kept, older ones deleted (quota)."""
-    optimizer, method, lora_rank, lora_alpha = opts, opts.method, opts.lora_rank, opts.lora_alpha
-    target_modules, checkpoint_every, name = opts.target_modules, opts.checkpoint_every, opts.name
-    batch_size, grad_mode, memory_budget_mib = opts.batch_size or 0, opts.grad_mode, opts.memory_budget_mib
-    resume_from, keep_checkpoints, validate_every = opts.resume_from, opts.keep_checkpoints, opts.validate_every
-    keep_best, stop = opts.keep_best, opts.stop_when
-    check_iterations(optimizer, ctx.limits)
-    check_stop(stop, ctx.limits)
-    if keep_best and not validation:
+    mode = _check_request(ctx, spec, opts, validation)
+    prep = prepare(ctx, _examples_generation(ctx, spec, examples))
+    check_work(ctx.limits, finetune_work(prep.steps, prep.solver, mode, opts.iterations,
+                                         opts.validate_every, bool(validation)))
+    model, meta = _adapted_copy(prep, opts)
+    run = _Run(ctx, job, opts, prep, model, meta, mode)
+    with ctx.artifacts.reserve(_reserved_bytes(run.params, opts.keep_checkpoints)):
+        return _train(run, spec, losses, validation)
+
+
+def _check_request(ctx: TaskContext, spec: GenerationSpec, opts, validation) -> str:
+    """Refuse a malformed request before any work; returns the grad mode it asks for."""
+    check_iterations(opts, ctx.limits)
+    check_stop(opts.stop_when, ctx.limits)
+    if opts.keep_best and not validation:
         raise InvalidArgument("keep_best needs validation examples")
-    if not 1 <= validate_every <= ctx.limits.max_iterations:
+    if not 1 <= opts.validate_every <= ctx.limits.max_iterations:
         raise InvalidArgument(f"validate_every must lie in 1…{ctx.limits.max_iterations}")
-    mode = check_grad_mode(grad_mode)
-    check_name(name)
-    if not 1 <= keep_checkpoints <= 100:
-        raise InvalidArgument(f"keep_checkpoints must lie in 1…100; got {keep_checkpoints}")
-    if method not in METHODS:
-        raise InvalidArgument(f"method must be lora or full; got {method!r}")
+    mode = check_grad_mode(opts.grad_mode)
+    check_name(opts.name)
+    if not 1 <= opts.keep_checkpoints <= 100:
+        raise InvalidArgument(f"keep_checkpoints must lie in 1…100; got {opts.keep_checkpoints}")
+    if opts.method not in METHODS:
+        raise InvalidArgument(f"method must be lora or full; got {opts.method!r}")
     if spec.adapter:
         raise InvalidArgument("fine-tuning starts from the base model; adapter must be empty")
-    if method == "lora" and lora_rank > ctx.limits.max_lora_rank:
+    if opts.method == "lora" and opts.lora_rank > ctx.limits.max_lora_rank:
         raise InvalidArgument(f"lora_rank must be at most {ctx.limits.max_lora_rank}")
-    prep = prepare(ctx, _examples_generation(ctx, spec, examples))
-    check_work(ctx.limits, finetune_work(prep.steps, prep.solver, mode, optimizer.iterations,
-                                         validate_every, bool(validation)))
-    targets = tuple(target_modules) or prep.backend.lora_targets
+    return mode
+
+
+def _adapted_copy(prep, opts) -> tuple[torch.nn.Module, dict]:
+    """A trainable copy (the resident model is never touched) and the metadata a resume must match."""
+    lora = opts.method == "lora"
+    targets = tuple(opts.target_modules) or prep.backend.lora_targets
     try:
-        model = (with_lora(prep.eps_fn, lora_rank or 4, lora_alpha or None, targets)
-                 if method == "lora" else full_copy(prep.eps_fn))
+        model = (with_lora(prep.eps_fn, opts.lora_rank or 4, opts.lora_alpha or None, targets)
+                 if lora else full_copy(prep.eps_fn))
     except ValueError as err:
         raise InvalidArgument(f"model {prep.model!r}: {err}") from err
-    params = [p for p in model.parameters() if p.requires_grad]
-    # Refused before any work when the run's artifacts cannot fit: up to keep + 1 checkpoints at
-    # once (weights and two optimizer moments each), then the adapter. The bytes are reserved
-    # until the run ends, so concurrent runs cannot all pass this check and fail at a checkpoint.
+    meta = {"method": opts.method, "rank": (opts.lora_rank or 4) if lora else 0,
+            "alpha": (opts.lora_alpha or None) if lora else None,
+            "targets": list(targets) if lora else [], "name": opts.name}
+    return model, meta
+
+
+def _reserved_bytes(params, keep_checkpoints: int) -> int:
+    """Bytes to reserve up front, so a run whose artifacts cannot fit is refused before any work.
+
+    Up to keep + 1 checkpoints at once (weights and two optimizer moments each), then the
+    adapter. The bytes stay reserved until the run ends, so concurrent runs cannot all pass this
+    check and fail at a checkpoint."""
     weight_bytes = sum(p.numel() * p.element_size() for p in params)
-    planned = (keep_checkpoints + 1) * (3 * weight_bytes + HEADER_BYTES) + weight_bytes + HEADER_BYTES
-    with ctx.artifacts.reserve(planned):
-        return _train(ctx, spec, losses, job, prep, model, params, optimizer, method=method,
-                      lora_rank=lora_rank, lora_alpha=lora_alpha, targets=targets,
-                      checkpoint_every=checkpoint_every, name=name, batch_size=batch_size,
-                      mode=mode, memory_budget_mib=memory_budget_mib, resume_from=resume_from,
-                      keep_checkpoints=keep_checkpoints, validation=validation,
-                      validate_every=validate_every, keep_best=keep_best, stop=stop)
+    return (keep_checkpoints + 1) * (3 * weight_bytes + HEADER_BYTES) + weight_bytes + HEADER_BYTES
 
 
-def _train(ctx, spec, losses, job, prep, model, params, optimizer, *, method, lora_rank,
-           lora_alpha, targets, checkpoint_every, name, batch_size, mode, memory_budget_mib,
-           resume_from, keep_checkpoints, validation, validate_every, keep_best, stop):
+def _train(run: _Run, spec: GenerationSpec, losses: list[LossSpec], validation) -> OptimizeResult:
     """The run itself, once admitted (its artifacts' bytes reserved)."""
-    meta = {"method": method, "rank": (lora_rank or 4) if method == "lora" else 0,
-            "alpha": (lora_alpha or None) if method == "lora" else None,
-            "targets": list(targets) if method == "lora" else [], "name": name}
+    _start(run, spec, losses, validation)
+    try:
+        optimize(run.job, run.opt, run.params, run.opts, run.loss_at, first=run.first,
+                 history=run.history, after_step=run.after_step)
+    except (Cancelled, DeadlineExceeded):
+        if len(run.history) > run.first:
+            run.checkpoint(len(run.history))  # durable: a stopped fine-tune resumes from here
+        raise
+    return _finish(run)
 
+
+def _start(run: _Run, spec: GenerationSpec, losses: list[LossSpec], validation) -> None:
+    """What training measures against: the base model's outputs (the content reference), the
+    held-out validator, the optimizer, and a resumed checkpoint's state."""
     with torch.no_grad():
-        x0_base = run_sampler(prep, job, grad_mode="none")
-        reference = {"latent": x0_base, "image": prep.backend.decode(x0_base)}
-    objective = Objective(ctx, prep.backend, losses, job, reference=reference)
-    validator = _Validator(ctx, spec, validation, losses, job, prep) if validation else None
-    opt = make_optimizer(optimizer, params)
-    n = prep.batch
-    size = min(batch_size or n, n)
-    history, first = [], 0
-    if resume_from:
-        history, first = _resume(ctx, resume_from, prep.model, meta, model, opt, optimizer.iterations)
+        x0_base = run_sampler(run.prep, run.job, grad_mode="none")
+        run.reference = {"latent": x0_base, "image": run.prep.backend.decode(x0_base)}
+    run.objective = Objective(run.ctx, run.prep.backend, losses, run.job, reference=run.reference)
+    run.validator = _Validator(run.ctx, spec, validation, losses, run.job) if validation else None
+    run.opt = make_optimizer(run.opts, run.params)
+    if run.opts.resume_from:
+        run.history, run.first = _resume(run)
 
-    kept: list[str] = []
 
-    def checkpoint(done: int):
-        info = ctx.artifacts.save("checkpoint", _checkpoint_tensors(model, opt), model=prep.model,
-                                 name=name, iteration=done, metadata={**meta, "history": history})
-        job.emit(Checkpoint(info))
-        kept.append(info.id)
-        while len(kept) > keep_checkpoints:
-            ctx.artifacts.delete(kept.pop(0))
+def _finish(run: _Run) -> OptimizeResult:
+    """Save the adapter (the best validated one under keep_best) and sample with it for the reply."""
+    if run.best_state is not None:
+        _restore(run.model, run.opt, run.best_state)
+    done = run.best_done if run.opts.keep_best else len(run.history)
+    info = run.ctx.artifacts.save(run.opts.method, trainable_state(run.model), model=run.prep.model,
+                                  name=run.opts.name, iteration=done,
+                                  metadata={**run.meta, "history": run.history})
+    run.model.requires_grad_(False)
+    with torch.no_grad():
+        run.objective.set_reference(run.reference)
+        x0 = run_sampler(run.prep, run.job, eps_fn=run.model, grad_mode="none",
+                         iteration=len(run.history))
+        images = run.prep.backend.decode(x0)
+    return OptimizeResult(run.history[-1], run.history, run.prep.x_T, x0, to_png(images),
+                          to_png(run.reference["image"]), info, best_iteration=[done],
+                          iterations_run=len(run.history))
 
-    def loss_at(it):
+
+@dataclass(eq=False)
+class _Run:
+    """One admitted fine-tune: the state its steps share, and the steps ``optimize`` calls back."""
+
+    ctx: TaskContext
+    job: Job
+    opts: Any
+    prep: Any
+    model: torch.nn.Module
+    meta: dict  # method, rank, alpha, targets, name: on every checkpoint and the adapter
+    mode: str  # the grad mode
+    params: list = field(init=False)
+    patience: Patience = field(init=False)
+    reference: dict | None = None  # the base model's outputs on the examples
+    objective: Objective | None = None
+    validator: _Validator | None = None
+    opt: Any = None
+    history: list = field(default_factory=list)  # the training loss per iteration
+    first: int = 0  # the iteration this run starts at (a resumed checkpoint's)
+    kept: list = field(default_factory=list)  # this run's checkpoint ids, oldest first
+    best_done: int = 0
+    best_state: dict | None = None  # under keep_best: the best validated weights
+
+    def __post_init__(self):
+        """Derived once from the copy and the request: what trains, and when to stop early."""
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.patience = Patience(self.opts.stop_when)
+
+    def loss_at(self, it: int):
+        """One iteration's loss: the sampler through the copy on this iteration's minibatch."""
+        prep, n = self.prep, self.prep.batch
+        size = min(self.opts.batch_size or n, n)
         idx = torch.arange(it * size, (it + 1) * size) % n
-        objective.iteration = it
-        objective.set_reference({k: v[idx] for k, v in reference.items()})
+        self.objective.iteration = it
+        self.objective.set_reference({k: v[idx] for k, v in self.reference.items()})
         cond = prep.cond[idx] if isinstance(prep.cond, torch.Tensor) else prep.cond
         uncond = prep.uncond[idx] if isinstance(prep.uncond, torch.Tensor) else prep.uncond
-        x0 = run_sampler(prep, job, x_T=prep.x_T[idx], cond=cond, eps_fn=model, grad_mode=mode,
-                         memory_budget_mib=memory_budget_mib,
+        x0 = run_sampler(prep, self.job, x_T=prep.x_T[idx], cond=cond, eps_fn=self.model,
+                         grad_mode=self.mode, memory_budget_mib=self.opts.memory_budget_mib,
                          iteration=it, uncond=uncond)
-        return objective(x0), None, {}
+        return self.objective(x0), None, {}
 
-    patience, best = Patience(stop), {"done": 0, "state": None}
+    def checkpoint(self, done: int) -> None:
+        """A resumable point (weights, optimizer state, history); only the newest few are kept."""
+        info = self.ctx.artifacts.save("checkpoint", _checkpoint_tensors(self.model, self.opt),
+                                       model=self.prep.model, name=self.opts.name, iteration=done,
+                                       metadata={**self.meta, "history": self.history})
+        self.job.emit(Checkpoint(info))
+        self.kept.append(info.id)
+        while len(self.kept) > self.opts.keep_checkpoints:
+            self.ctx.artifacts.delete(self.kept.pop(0))
 
-    def after_step(done):
-        periodic = checkpoint_every and done % checkpoint_every == 0
-        if done < optimizer.iterations and (periodic or job.checkpoint_now.is_set()):
-            job.checkpoint_now.clear()
-            checkpoint(done)
-        if validator is None:
-            return patience.update(history[-1])  # the training loss (before this step)
-        if done % validate_every and done < optimizer.iterations:
+    def after_step(self, done: int) -> bool:
+        """Checkpoint when due or asked, validate when due; True stops the run early."""
+        opts = self.opts
+        periodic = opts.checkpoint_every and done % opts.checkpoint_every == 0
+        if done < opts.iterations and (periodic or self.job.checkpoint_now.is_set()):
+            self.job.checkpoint_now.clear()
+            self.checkpoint(done)
+        if self.validator is None:
+            return self.patience.update(self.history[-1])  # the training loss (before this step)
+        if done % opts.validate_every and done < opts.iterations:
             return False
-        validator(model, done, patience)
-        if patience.improved:
-            best["done"] = done
-            if keep_best:
-                best["state"] = {k: v.clone() for k, v in trainable_state(model).items()}
-        return patience.stop_now
-
-    try:
-        optimize(job, opt, params, optimizer, loss_at, first=first, history=history,
-                 after_step=after_step)
-    except (Cancelled, DeadlineExceeded):
-        if len(history) > first:
-            checkpoint(len(history))  # durable: a stopped fine-tune resumes from here
-        raise
-    if best["state"] is not None:
-        _restore(model, opt, best["state"])
-    done = best["done"] if keep_best else len(history)
-    info = ctx.artifacts.save(method, trainable_state(model), model=prep.model, name=name,
-                             iteration=done, metadata={**meta, "history": history})
-    model.requires_grad_(False)
-    with torch.no_grad():
-        objective.set_reference(reference)
-        x0 = run_sampler(prep, job, eps_fn=model, grad_mode="none", iteration=len(history))
-        images = prep.backend.decode(x0)
-    return OptimizeResult(history[-1], history, prep.x_T, x0, to_png(images),
-                          to_png(reference["image"]), info, best_iteration=[done],
-                          iterations_run=len(history))
+        self.validator(self.model, done, self.patience)
+        if self.patience.improved:
+            self.best_done = done
+            if opts.keep_best:
+                self.best_state = {k: v.clone() for k, v in trainable_state(self.model).items()}
+        return self.patience.stop_now
 
 
 class _Validator:
     """The held-out examples: the base model's outputs (the content reference, the verdicts to
     keep), then ``validator(model, done, patience) → validation loss`` emitting a Validation event."""
 
-    def __init__(self, ctx, spec, validation, losses, job, train_prep):
+    def __init__(self, ctx, spec, validation, losses, job):
         self.job = job
         self.prep = prepare(ctx, _examples_generation(ctx, spec, list(validation)))
         backend = self.prep.backend
@@ -257,8 +307,9 @@ class _Validator:
         return loss
 
 
-def _resume(ctx, checkpoint_id, model_name, meta, model, opt, iterations) -> tuple[list, int]:
+def _resume(run: _Run) -> tuple[list, int]:
     """Load a checkpoint of the same run: weights, optimizer state, loss history so far."""
+    ctx, checkpoint_id, model_name, meta = run.ctx, run.opts.resume_from, run.prep.model, run.meta
     tensors, info = ctx.artifacts.load(checkpoint_id)
     if info.kind != "checkpoint":
         raise InvalidArgument(f"resume_from must be a checkpoint; {checkpoint_id} is a {info.kind}")
@@ -268,9 +319,9 @@ def _resume(ctx, checkpoint_id, model_name, meta, model, opt, iterations) -> tup
         if info.metadata.get(key) != meta.get(key):
             raise FailedPrecondition(f"checkpoint {checkpoint_id} was made with {key}="
                                      f"{info.metadata.get(key)!r}, this request has {meta.get(key)!r}")
-    if info.iteration >= iterations:
+    if info.iteration >= run.opts.iterations:
         raise InvalidArgument(f"checkpoint {checkpoint_id} is at iteration {info.iteration}; "
                               f"ask for more than that many iterations")
-    _restore(model, opt, tensors)
+    _restore(run.model, run.opt, tensors)
     history = [float(v) for v in info.metadata.get("history", [])][:info.iteration]
     return history, info.iteration

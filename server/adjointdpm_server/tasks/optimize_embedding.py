@@ -11,12 +11,14 @@ digits) into conditionings the model never saw, which sample hazy digits.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..errors import InvalidArgument
 from ..integrity import MAX_WEIGHT, check_number
 from ._context import TaskContext
-from ._generation import prepare, run_sampler
+from ._generation import Prepared, prepare, run_sampler
 from ._images import to_png
 from ._job import Job
 from ._objective import Evaluation, Objective
@@ -44,85 +46,137 @@ def embedding_prior(kind: str, table: torch.Tensor):
     return lambda v: 0.5 * ((v.float().reshape(-1, table.shape[1]) - mean) / std).square().mean()
 
 
+def check_options(ctx: TaskContext, spec: GenerationSpec, opts) -> tuple[str, float]:
+    """(grad mode, prior weight), every option checked before the model is loaded."""
+    check_iterations(opts, ctx.limits)
+    check_stop(opts.stop_when, ctx.limits)
+    if opts.prior not in PRIORS:
+        raise InvalidArgument(f"prior must be norm or gaussian; got {opts.prior!r}")
+    prior_weight = (check_number("prior_weight", opts.prior_weight, MAX_WEIGHT)
+                    or (1.0 if opts.prior else 0.0))
+    if prior_weight < 0:
+        raise InvalidArgument(f"prior_weight must be ≥ 0; got {prior_weight}")
+    mode = check_grad_mode(opts.grad_mode)
+    check_name(opts.name)
+    if spec.embedding or spec.cond is not None:
+        raise InvalidArgument("the embedding is what this call learns: leave embedding and cond unset")
+    return mode, prior_weight
+
+
+def with_target(losses: list[LossSpec], target_image: torch.Tensor | None) -> list[LossSpec]:
+    """The request's losses, plus an image MSE to ``target_image`` when one is given."""
+    losses = list(losses)
+    if target_image is not None:
+        losses.append(LossSpec("server", "mse", 1.0, "image", {}, {"target": target_image}))
+    return losses
+
+
+def prior_penalty(prep: Prepared, prior: str):
+    """``v → penalty`` from the model's embedding table, or None without a prior."""
+    if prior and not prep.backend.has_embedding_table:
+        raise InvalidArgument(f"model {prep.model!r} has no embedding table for a prior")
+    return embedding_prior(prior, prep.backend.embedding_table()) if prior else None
+
+
+class _Embedding:
+    """The vector being learned and the conditioning it gives: a new token through the text
+    encoder (Stable Diffusion), else one conditioning vector shared by the batch."""
+
+    def __init__(self, prep: Prepared, spec: GenerationSpec, token: TokenSpec | None):
+        self.prep, self.textual, self.token = prep, prep.backend.has_text_encoder, token or TokenSpec()
+        if self.textual:
+            self.leaf = token_leaf(prep, self.token)
+            self.meta = {"placeholder": self.token.placeholder or "<*>",
+                         "prompt": prep.prompts[0] if prep.prompts else ""}
+        else:
+            backend = prep.backend
+            start = backend.embed(backend.encode(1, **({"labels": spec.labels[:1]} if spec.labels else {})))
+            self.leaf = master_tensor(start.cond).requires_grad_()  # float32 under a half network
+            self.uncond = backend.embed(backend.encode(prep.batch)).uncond
+            self.meta = {}
+        self.best = self.leaf.detach().clone()
+
+    def conditioning(self) -> tuple[object, object]:
+        """(cond, uncond) from the current vector, rebuilt each time so the gradient reaches it."""
+        if self.textual:
+            c = encode_token(self.prep, self.token, self.leaf)
+            return c.cond, c.uncond
+        return self.leaf.expand(self.prep.batch, *self.leaf.shape[1:]), self.uncond
+
+    def sample(self, job: Job, **kwargs) -> torch.Tensor:
+        """x_0 under the current vector (``kwargs``: run_sampler's grad mode, iteration, budget)."""
+        cond, uncond = self.conditioning()
+        return run_sampler(self.prep, job, cond=cond, uncond=uncond, **kwargs)
+
+    @torch.no_grad()
+    def pictures(self, job: Job) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_0, decoded images) without gradient: the before and after pictures."""
+        x0 = self.sample(job, grad_mode="none")
+        return x0, self.prep.backend.decode(x0)
+
+    def save_best(self, ctx: TaskContext, opts, iteration: int):
+        """The best iterate (lowest loss) as an ``embedding`` artifact for ``generation.embedding``."""
+        with torch.no_grad():
+            self.leaf.copy_(self.best)
+        return ctx.artifacts.save("embedding", {"token" if self.textual else "cond": self.leaf.detach()},
+                                  model=self.prep.model, name=opts.name, iteration=iteration,
+                                  metadata={**self.meta, "prior": opts.prior})
+
+
+@dataclass
+class _Loss:
+    """``optimize``'s loss_at: the objective on this iteration's sample plus the prior's pull,
+    remembering the best vector for the early stop and the artifact."""
+    embedding: _Embedding
+    objective: Objective
+    job: Job
+    opts: object
+    mode: str
+    penalty: object  # v → the prior's penalty, or None
+    prior_weight: float
+    patience: Patience
+
+    def __call__(self, it: int):
+        """(evaluation, images to report or None, extra report fields) of iteration ``it``."""
+        self.objective.iteration = it
+        x0 = self.embedding.sample(self.job, grad_mode=self.mode, iteration=it,
+                                   memory_budget_mib=self.opts.memory_budget_mib)
+        images = self.embedding.prep.backend.decode(x0)
+        evaluation = self.with_prior(self.objective(x0, images))
+        self.patience.update(float(evaluation.total.detach()))
+        if self.patience.improved:
+            self.embedding.best = self.embedding.leaf.detach().clone()
+        every = self.opts.image_every
+        return evaluation, images if every and it % every == 0 else None, {}
+
+    def with_prior(self, evaluation: Evaluation) -> Evaluation:
+        """The prior term, counted once per sample using the vector so that its balance with the
+        summed per-sample losses does not depend on the batch."""
+        if self.penalty is None:
+            return evaluation
+        term = self.prior_weight * self.penalty(self.embedding.leaf)
+        return Evaluation(evaluation.total + self.embedding.prep.batch * term, evaluation.values,
+                          evaluation.per_sample + float(term.detach()))
+
+
 def run_optimize_embedding(ctx: TaskContext, spec: GenerationSpec, losses: list[LossSpec], job: Job,
                            opts, token: TokenSpec | None = None,
                            target_image: torch.Tensor | None = None) -> OptimizeResult:
     """OptimizeEmbedding with the request's options ``opts``; ``token`` (SD: the token to learn,
-    with a decoded starting embedding) and ``target_image`` are its tensors. ``prior_weight``
-    counts once per sample using the vector, so its balance with the summed per-sample losses
-    does not depend on the batch."""
-    optimizer, name, grad_mode, memory_budget_mib = opts, opts.name, opts.grad_mode, opts.memory_budget_mib
-    image_every, prior, prior_weight, stop = opts.image_every, opts.prior, opts.prior_weight, opts.stop_when
-    check_iterations(optimizer, ctx.limits)
-    check_stop(stop, ctx.limits)
-    if prior not in PRIORS:
-        raise InvalidArgument(f"prior must be norm or gaussian; got {prior!r}")
-    prior_weight = check_number("prior_weight", prior_weight, MAX_WEIGHT) or (1.0 if prior else 0.0)
-    if prior_weight < 0:
-        raise InvalidArgument(f"prior_weight must be ≥ 0; got {prior_weight}")
-    mode = check_grad_mode(grad_mode)
-    check_name(name)
-    if spec.embedding or spec.cond is not None:
-        raise InvalidArgument("the embedding is what this call learns: leave embedding and cond unset")
+    with a decoded starting embedding) and ``target_image`` are its tensors."""
+    mode, prior_weight = check_options(ctx, spec, opts)
     prep = prepare(ctx, spec)
-    check_work(ctx.limits, embedding_work(prep.steps, prep.solver, mode, optimizer.iterations))
-    losses = list(losses)
-    if target_image is not None:
-        losses.append(LossSpec("server", "mse", 1.0, "image", {}, {"target": target_image}))
-    objective = Objective(ctx, prep.backend, losses, job)
-    textual = prep.backend.has_text_encoder
-    token = token or TokenSpec()
-    if textual:
-        leaf = token_leaf(prep, token)
-        meta = {"placeholder": token.placeholder or "<*>", "prompt": prep.prompts[0] if prep.prompts else ""}
-    else:
-        start = prep.backend.embed(prep.backend.encode(1, **({"labels": spec.labels[:1]} if spec.labels else {})))
-        leaf = master_tensor(start.cond).requires_grad_()  # float32 under a half network
-        uncond = prep.backend.embed(prep.backend.encode(prep.batch)).uncond
-        meta = {}
-    if prior and not prep.backend.has_embedding_table:
-        raise InvalidArgument(f"model {prep.model!r} has no embedding table for a prior")
-    penalty = embedding_prior(prior, prep.backend.embedding_table()) if prior else None
-    opt = make_optimizer(optimizer, [leaf])
-
-    def conditioning():
-        if textual:
-            c = encode_token(prep, token, leaf)
-            return c.cond, c.uncond
-        return leaf.expand(prep.batch, *leaf.shape[1:]), uncond
-
-    with torch.no_grad():
-        initial = to_png(prep.backend.decode(run_sampler(prep, job, cond=conditioning()[0],
-                                                         uncond=conditioning()[1], grad_mode="none")))
-
-    best_leaf, patience = leaf.detach().clone(), Patience(stop)
-
-    def loss_at(it):
-        nonlocal best_leaf
-        objective.iteration = it
-        cond, uncond_now = conditioning()
-        x0 = run_sampler(prep, job, cond=cond, uncond=uncond_now, grad_mode=mode, iteration=it,
-                         memory_budget_mib=memory_budget_mib)
-        images = prep.backend.decode(x0)
-        total, values, per_sample = objective(x0, images)
-        if penalty is not None:
-            term = prior_weight * penalty(leaf)
-            total, per_sample = total + prep.batch * term, per_sample + float(term.detach())
-        patience.update(float(total.detach()))
-        if patience.improved:
-            best_leaf = leaf.detach().clone()
-        shown = images if image_every and it % image_every == 0 else None
-        return Evaluation(total, values, per_sample), shown, {}
-
-    history = optimize(job, opt, [leaf], optimizer, loss_at, after_step=lambda done: patience.stop_now)
-    key = "token" if textual else "cond"
-    with torch.no_grad():
-        leaf.copy_(best_leaf)
-    info = ctx.artifacts.save("embedding", {key: leaf.detach()}, model=prep.model, name=name,
-                             iteration=patience.best_at, metadata={**meta, "prior": prior})
-    with torch.no_grad():
-        cond, uncond_now = conditioning()
-        x0 = run_sampler(prep, job, cond=cond, uncond=uncond_now, grad_mode="none")
-        images = prep.backend.decode(x0)
+    check_work(ctx.limits, embedding_work(prep.steps, prep.solver, mode, opts.iterations))
+    objective = Objective(ctx, prep.backend, with_target(losses, target_image), job)
+    embedding = _Embedding(prep, spec, token)
+    loss = _Loss(embedding, objective, job, opts, mode, prior_penalty(prep, opts.prior), prior_weight,
+                 Patience(opts.stop_when))
+    opt = make_optimizer(opts, [embedding.leaf])
+    initial = to_png(embedding.pictures(job)[1])
+    history = optimize(job, opt, [embedding.leaf], opts, loss,
+                       after_step=lambda done: loss.patience.stop_now)
+    patience = loss.patience
+    info = embedding.save_best(ctx, opts, patience.best_at)
+    x0, images = embedding.pictures(job)
     return OptimizeResult(patience.best, history, prep.x_T, x0, to_png(images), initial, info,
                           best_iteration=[patience.best_at], iterations_run=len(history))

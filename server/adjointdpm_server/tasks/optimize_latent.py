@@ -77,11 +77,13 @@ class BestIterates:
     frozen at its best."""
 
     def __init__(self, stop):
+        """Nothing seen yet: the batch's size comes with the first ``observe``."""
         self.stop = stop  # the request's stop_when, or None: only the best iterate is kept
         self.loss = None
 
     def observe(self, it: int, x: torch.Tensor, x0: torch.Tensor, losses: torch.Tensor,
                 flipped: torch.Tensor | None = None) -> None:
+        """Iteration ``it``'s per-sample losses at x (→ x0): keep improvements, stop whom stop_when says."""
         losses = losses.to(torch.float64)
         if self.loss is None:
             b = x.shape[0]
@@ -129,89 +131,57 @@ def guided_step(g: torch.Tensor, scale: float, kind: str, clip: float, sigma: fl
 
 def run_optimize_latent(ctx: TaskContext, spec: GenerationSpec, losses: list[LossSpec], job: Job,
                         opts) -> OptimizeResult:
-    """OptimizeLatent with the request's options ``opts`` (``adjointdpm.options``' type)."""
-    optimizer, norm, epsilon, norm_weight = opts, opts.constraint, opts.epsilon, opts.norm_weight
-    image_every, grad_mode, memory_budget_mib = opts.image_every, opts.grad_mode, opts.memory_budget_mib
-    guided, stop = opts.guided, opts.stop_when
-    check_iterations(optimizer, ctx.limits)
-    check_stop(stop, ctx.limits, per_sample=True)
-    mode = check_grad_mode(grad_mode)
-    if norm not in NORMS:
-        raise InvalidArgument(f"constraint norm must be one of linf, l2, sphere; got {norm!r}")
-    epsilon = check_number("constraint.epsilon", epsilon, 1e6)
-    norm_weight = check_number("norm_weight", norm_weight, MAX_WEIGHT)
-    if norm in ("linf", "l2") and not epsilon > 0:
-        raise InvalidArgument(f"a {norm} constraint needs epsilon > 0")
-    if guided is not None:
-        if stop is not None:
-            raise InvalidArgument("stop_when applies to optimizing x_T, not to guided sampling")
-        if guided.step not in GUIDED_STEPS:
-            raise InvalidArgument(f"guided.step must be normalized or raw; got {guided.step!r}")
-        check_number("guided.clip", guided.clip, 1e6)
-        if guided.clip < 0:
-            raise InvalidArgument(f"guided.clip must be ≥ 0; got {guided.clip}")
+    """OptimizeLatent with the request's options ``opts`` (``adjointdpm.options``' type): the whole
+    request checked before any work, then guided sampling (§4.1.1) or the search over x_T (§4.1.2)."""
+    mode = _check_options(ctx.limits, opts)
     prep = prepare(ctx, spec)
-    if guided is None:
-        check_work(ctx.limits, optimize_latent_work(prep.steps, prep.solver, mode, optimizer.iterations))
-    else:
-        _check_guided(prep, guided, mode, ctx.limits)
-    verdict = stop is not None and stop.verdict_changed
-    if verdict and not prep.backend.has_classifier:
-        raise InvalidArgument("stop_when.verdict_changed needs a model with a classifier (digits)")
+    _check_run(ctx.limits, prep, opts, mode)
     objective = Objective(ctx, prep.backend, losses, job)
-    if guided is not None:
-        return _guided(prep, objective, job, optimizer, guided, mode, memory_budget_mib)
+    if opts.guided is not None:
+        return _Guidance(prep, objective, job, opts, mode).run()
+    return _LatentSearch(prep, objective, job, opts, mode).run()
 
-    with torch.no_grad():
-        x0_start = run_sampler(prep, job, grad_mode="none")
-        image_start = prep.backend.decode(x0_start)
-        initial = to_png(image_start)
-        start_class = prep.backend.classify(image_start).argmax(1) if verdict else None
-    objective.set_reference({"latent": x0_start, "image": image_start})  # for content terms
-    start = master_tensor(prep.x_T)  # float32 under a half network: Adam steps it there
-    x = start.clone().requires_grad_()
-    opt = make_optimizer(optimizer, [x])
-    dim = x[0].numel()
-    best = BestIterates(stop)
 
-    def evaluate(it, x0):
-        images = prep.backend.decode(x0) if objective.needs_image or image_every or verdict else None
-        total, values, per_sample = objective(x0, images)
-        if norm_weight:
-            penalty = norm_weight * (x.flatten(1).square().sum(1) / dim - 1).square()
-            total, per_sample = total + penalty.sum(), per_sample + penalty.detach().to("cpu", torch.float64)
-        flipped = None
-        if verdict:
-            with torch.no_grad():
-                flipped = prep.backend.classify(images.detach()).argmax(1) != start_class
-        best.observe(it, x, x0, per_sample, flipped)
-        return Evaluation(total, values, per_sample), images
+def _check_options(limits, opts) -> str:
+    """Refuse a malformed request before the model is touched; returns the checked grad mode."""
+    check_iterations(opts, limits)
+    check_stop(opts.stop_when, limits, per_sample=True)
+    mode = check_grad_mode(opts.grad_mode)
+    _check_constraint(opts)
+    if opts.guided is not None:
+        _check_guidance(opts.guided, opts.stop_when)
+    return mode
 
-    def loss_at(it):
-        objective.iteration = it
-        x_now = x.detach().clone()
-        evaluation, images = evaluate(it, run_sampler(prep, job, x_T=x, grad_mode=mode, iteration=it,
-                                                      memory_budget_mib=memory_budget_mib))
-        shown = images if image_every and it % image_every == 0 else None
-        return evaluation, shown, {"x_T": x_now, "stopped": best.stopped.tolist()}
 
-    def after_step(done):
-        with torch.no_grad():
-            x.copy_(project(x, start, norm, epsilon))
-            best.freeze(x)
-        return bool(best.stopped.all())
+def _check_constraint(opts) -> None:
+    """The feasible set (the audit's ε-ball, §4.1.2, or the sphere) and the norm penalty are sound."""
+    if opts.constraint not in NORMS:
+        raise InvalidArgument(f"constraint norm must be one of linf, l2, sphere; got {opts.constraint!r}")
+    check_number("constraint.epsilon", opts.epsilon, 1e6)
+    check_number("norm_weight", opts.norm_weight, MAX_WEIGHT)
+    if opts.constraint in ("linf", "l2") and not opts.epsilon > 0:
+        raise InvalidArgument(f"a {opts.constraint} constraint needs epsilon > 0")
 
-    history = optimize(job, opt, [x], optimizer, loss_at, after_step=after_step)
-    with torch.no_grad():
-        objective.iteration = len(history)
-        if not best.stopped.all():  # the last step's iterate is a candidate too
-            evaluate(len(history), run_sampler(prep, job, x_T=x.detach(), grad_mode="none",
-                                               iteration=len(history)))
-        images = prep.backend.decode(best.x0)
-    return OptimizeResult(float(best.loss.sum()), history, best.x, best.x0, to_png(images), initial,
-                          sample_losses=best.loss.tolist(), best_iteration=best.iteration.tolist(),
-                          stopped=best.stopped.tolist(), iterations_run=len(history),
-                          last_x_T=x.detach())
+
+def _check_guidance(guided, stop) -> None:
+    """Guided sampling (§4.1.1) steps by a known rule and has no per-sample stop to honour."""
+    if stop is not None:
+        raise InvalidArgument("stop_when applies to optimizing x_T, not to guided sampling")
+    if guided.step not in GUIDED_STEPS:
+        raise InvalidArgument(f"guided.step must be normalized or raw; got {guided.step!r}")
+    check_number("guided.clip", guided.clip, 1e6)
+    if guided.clip < 0:
+        raise InvalidArgument(f"guided.clip must be ≥ 0; got {guided.clip}")
+
+
+def _check_run(limits, prep, opts, mode: str) -> None:
+    """What needs the prepared sampler: the network calls bounded, a verdict with a classifier."""
+    if opts.guided is None:
+        check_work(limits, optimize_latent_work(prep.steps, prep.solver, mode, opts.iterations))
+    else:
+        _check_guided(prep, opts.guided, mode, limits)
+    if opts.stop_when is not None and opts.stop_when.verdict_changed and not prep.backend.has_classifier:
+        raise InvalidArgument("stop_when.verdict_changed needs a model with a classifier (digits)")
 
 
 def _check_guided(prep, guided, mode: str, limits) -> None:
@@ -224,41 +194,147 @@ def _check_guided(prep, guided, mode: str, limits) -> None:
     check_work(limits, guided_work(prep.steps, prep.solver, mode, every, inner, grad_steps))
 
 
-def _guided(prep, objective, job, optimizer, guided, mode: str,
-            memory_budget_mib: int = 0):
-    """Guided sampling: x_t ← x_t − step(∂L/∂x_t) at every ``every``-th node (§4.1.1)."""
-    every, inner = guided.every, guided.inner_steps
-    scale = optimizer.lr if guided.scale is None else guided.scale
-    schedule = prep.backend.schedule
-    t_start = schedule.t_max if prep.t_start is None else prep.t_start
-    ts = time_grid(schedule, prep.steps, prep.grid, t_start, schedule.t_min).tolist()
-    with torch.no_grad():
-        x0_start = run_sampler(prep, job, grad_mode="none")
-        initial = to_png(prep.backend.decode(x0_start))
-    x, history, it = master_tensor(prep.x_T), [], 0
-    for i in range(0, prep.steps, every):
-        for _ in range(inner):
-            job.check()
-            objective.iteration = it
-            xt = x.clone().requires_grad_()
-            rest = guided.grad_steps or (prep.steps - i)
-            x0 = run_sampler(prep, job, x_T=xt, steps=rest, grad_mode=mode, t_start=ts[i], iteration=it,
-                             memory_budget_mib=memory_budget_mib)
-            evaluation = objective(x0)
-            with tracing.span("adjointdpm.backward"):
-                (g,) = torch.autograd.grad(evaluation.total, [xt])
-            history.append(report(job, it, evaluation, float(g.norm()), lr=scale, iterate=[xt]))
-            sigma = float(schedule.sigma(torch.tensor(ts[i], dtype=torch.float64)))
-            x = (x - guided_step(g, scale, guided.step, guided.clip, sigma)).detach()
-            it += 1
-        segment = ts[i:min(i + every, prep.steps) + 1]
+class _LatentSearch:
+    """One search over x_T through the whole sampler (the audit of §4.1.2 when constrained): the
+    prepared sampler, the objective, the start, the iterate ``x`` and each sample's best."""
+
+    def __init__(self, prep, objective: Objective, job: Job, opts, mode: str):
+        """The run's parts; the start, x and the best iterates come when ``run`` samples the start."""
+        self.prep, self.objective, self.job, self.opts, self.mode = prep, objective, job, opts, mode
+        self.verdict = opts.stop_when is not None and opts.stop_when.verdict_changed
+        self.start_class = None  # the unoptimized verdict, when stop_when.verdict_changed asks
+
+    def run(self) -> OptimizeResult:
+        """Sample the start, step x_T by the optimizer from it, then report each sample's best."""
+        initial = self.sample_start()
+        self.start = master_tensor(self.prep.x_T)  # float32 under a half network: Adam steps it there
+        self.x = self.start.clone().requires_grad_()
+        opt = make_optimizer(self.opts, [self.x])
+        self.dim = self.x[0].numel()
+        self.best = BestIterates(self.opts.stop_when)
+        history = optimize(self.job, opt, [self.x], self.opts, self.loss_at, after_step=self.after_step)
+        return self.finish(history, initial)
+
+    def sample_start(self) -> list[bytes]:
+        """The unoptimized sample: its PNGs, the content terms' reference and the verdict to flip."""
+        with torch.no_grad():
+            x0_start = run_sampler(self.prep, self.job, grad_mode="none")
+            image_start = self.prep.backend.decode(x0_start)
+            initial = to_png(image_start)
+            if self.verdict:
+                self.start_class = self.prep.backend.classify(image_start).argmax(1)
+        self.objective.set_reference({"latent": x0_start, "image": image_start})  # for content terms
+        return initial
+
+    def loss_at(self, it: int):
+        """One iteration's loss through the sampler from x_T, with the event's x_T and stopped."""
+        self.objective.iteration = it
+        x_now = self.x.detach().clone()
+        x0 = run_sampler(self.prep, self.job, x_T=self.x, grad_mode=self.mode, iteration=it,
+                         memory_budget_mib=self.opts.memory_budget_mib)
+        evaluation, images = self.evaluate(it, x0)
+        every = self.opts.image_every
+        shown = images if every and it % every == 0 else None
+        return evaluation, shown, {"x_T": x_now, "stopped": self.best.stopped.tolist()}
+
+    def evaluate(self, it: int, x0: torch.Tensor):
+        """Score x0 (plus the norm penalty) and let each sample keep its best or stop on it."""
+        needs_image = self.objective.needs_image or self.opts.image_every or self.verdict
+        images = self.prep.backend.decode(x0) if needs_image else None
+        total, values, per_sample = self.objective(x0, images)
+        if self.opts.norm_weight:
+            penalty = self.norm_penalty()
+            total, per_sample = total + penalty.sum(), per_sample + penalty.detach().to("cpu", torch.float64)
+        self.best.observe(it, self.x, x0, per_sample, self.flipped(images))
+        return Evaluation(total, values, per_sample), images
+
+    def norm_penalty(self) -> torch.Tensor:
+        """norm_weight · (|x_T|²/d − 1)² per sample: keeps x_T where Gaussian noise lives."""
+        return self.opts.norm_weight * (self.x.flatten(1).square().sum(1) / self.dim - 1).square()
+
+    def flipped(self, images) -> torch.Tensor | None:
+        """Per sample, whether the classifier's verdict left the start's (the audit's finding, §4.1.2)."""
+        if not self.verdict:
+            return None
+        with torch.no_grad():
+            return self.prep.backend.classify(images.detach()).argmax(1) != self.start_class
+
+    def after_step(self, done: int) -> bool:
+        """Back into the feasible set and stopped samples frozen; True once every sample stopped."""
+        with torch.no_grad():
+            self.x.copy_(project(self.x, self.start, self.opts.constraint, self.opts.epsilon))
+            self.best.freeze(self.x)
+        return bool(self.best.stopped.all())
+
+    def finish(self, history: list[float], initial: list[bytes]) -> OptimizeResult:
+        """The result from each sample's best iterate, the last step's iterate a candidate too."""
+        best, n = self.best, len(history)
+        with torch.no_grad():
+            self.objective.iteration = n
+            if not best.stopped.all():  # the last step's iterate is a candidate too
+                self.evaluate(n, run_sampler(self.prep, self.job, x_T=self.x.detach(), grad_mode="none",
+                                             iteration=n))
+            images = self.prep.backend.decode(best.x0)
+        return OptimizeResult(float(best.loss.sum()), history, best.x, best.x0, to_png(images), initial,
+                              sample_losses=best.loss.tolist(), best_iteration=best.iteration.tolist(),
+                              stopped=best.stopped.tolist(), iterations_run=n, last_x_T=self.x.detach())
+
+
+class _Guidance:
+    """Guided sampling (§4.1.1): x_t ← x_t − step(∂L/∂x_t) at every ``every``-th node, then on."""
+
+    def __init__(self, prep, objective: Objective, job: Job, opts, mode: str):
+        """The step's size (``guided.scale``, else the lr) and the sampler's time grid to guide on."""
+        self.prep, self.objective, self.job, self.opts, self.mode = prep, objective, job, opts, mode
+        self.scale = opts.lr if opts.guided.scale is None else opts.guided.scale
+        schedule = prep.backend.schedule
+        t_start = schedule.t_max if prep.t_start is None else prep.t_start
+        self.ts = time_grid(schedule, prep.steps, prep.grid, t_start, schedule.t_min).tolist()
+        self.history, self.it = [], 0
+
+    def run(self) -> OptimizeResult:
+        """Step x_t at each guided node, sample on to the next, then score the sample."""
+        prep, guided = self.prep, self.opts.guided
+        with torch.no_grad():
+            x0_start = run_sampler(prep, self.job, grad_mode="none")
+            initial = to_png(prep.backend.decode(x0_start))
+        x = master_tensor(prep.x_T)
+        for i in range(0, prep.steps, guided.every):
+            for _ in range(guided.inner_steps):
+                x = self.step(x, i)
+            x = self.sample_on(x, i)
+        return self.finish(x, initial)
+
+    def step(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """One guidance step at node i: ∂L/∂x_t by the adjoint solve from t (eq. 11), reported."""
+        self.job.check()
+        guided, it = self.opts.guided, self.it
+        self.objective.iteration = it
+        xt = x.clone().requires_grad_()
+        rest = guided.grad_steps or (self.prep.steps - i)
+        x0 = run_sampler(self.prep, self.job, x_T=xt, steps=rest, grad_mode=self.mode, t_start=self.ts[i],
+                         iteration=it, memory_budget_mib=self.opts.memory_budget_mib)
+        evaluation = self.objective(x0)
+        with tracing.span("adjointdpm.backward"):
+            (g,) = torch.autograd.grad(evaluation.total, [xt])
+        self.history.append(report(self.job, it, evaluation, float(g.norm()), lr=self.scale, iterate=[xt]))
+        sigma = float(self.prep.backend.schedule.sigma(torch.tensor(self.ts[i], dtype=torch.float64)))
+        self.it += 1
+        return (x - guided_step(g, self.scale, guided.step, guided.clip, sigma)).detach()
+
+    def sample_on(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """Sample without gradients from node i to the next guided node (or the end)."""
+        segment = self.ts[i:min(i + self.opts.guided.every, self.prep.steps) + 1]
         with torch.no_grad():
             # a callback of its own (counting from the job's nfe now: a shared one counted
             # from the start and took the progress nfe back after each gradient)
-            x = run_sampler(prep, job, x_T=x, steps=len(segment) - 1, grad_mode="none",
-                            timesteps=segment)
-    with torch.no_grad():
-        images = prep.backend.decode(x)
-        evaluation = objective(x, images)
-    return OptimizeResult(float(evaluation.total), history, prep.x_T.detach(), x, to_png(images),
-                          initial, sample_losses=evaluation.per_sample.tolist(), iterations_run=it)
+            return run_sampler(self.prep, self.job, x_T=x, steps=len(segment) - 1, grad_mode="none",
+                               timesteps=segment)
+
+    def finish(self, x: torch.Tensor, initial: list[bytes]) -> OptimizeResult:
+        """The guided sample, scored once more with its images for the result."""
+        with torch.no_grad():
+            images = self.prep.backend.decode(x)
+            evaluation = self.objective(x, images)
+        return OptimizeResult(float(evaluation.total), self.history, self.prep.x_T.detach(), x, to_png(images),
+                              initial, sample_losses=evaluation.per_sample.tolist(), iterations_run=self.it)

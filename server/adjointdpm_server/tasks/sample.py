@@ -28,13 +28,13 @@ class SampleResult:
 
 def run_sample(ctx: TaskContext, spec: GenerationSpec, job: Job, opts) -> SampleResult:
     """Sample with the request's options ``opts``: ``images`` (PNGs), ``pixels`` (float images)."""
-    images, pixels = opts.images, opts.pixels
     prep = prepare(ctx, spec)
     check_work(ctx.limits, sample_work(prep.steps, prep.solver))
-    check_reply_size(ctx.limits, reply_bytes(prep, images=images, pixels=pixels, latents=2), "result")
+    check_reply_size(ctx.limits, reply_bytes(prep, images=opts.images, pixels=opts.pixels, latents=2),
+                     "result")
     with torch.no_grad():
         x0 = run_sampler(prep, job, grad_mode="none")
-        decoded = prep.backend.decode(x0) if images or pixels else None
+        decoded = prep.backend.decode(x0) if opts.images or opts.pixels else None
     check_result("x_0", x0, from_inputs=spec.has_client_numbers)
-    return SampleResult(x0, prep.x_T, to_png(decoded) if images else [],
-                        decoded.float() if pixels else None)
+    return SampleResult(x0, prep.x_T, to_png(decoded) if opts.images else [],
+                        decoded.float() if opts.pixels else None)
