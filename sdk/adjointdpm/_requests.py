@@ -122,8 +122,10 @@ def _set(request, o, value) -> None:
     if value is None:
         return
     holder, leaf = options._field(request, o.path)
-    if o.kind == "tensor":
-        getattr(holder, leaf).CopyFrom(encode_tensor(np.asarray(value, dtype=np.float32)))
+    if o.kind == "tensor":  # float32 on the wire; an explicit cond keeps its own float precision
+        keep = o.path == "generation.cond" and np.asarray(value).dtype in (np.float16, np.float64)
+        array = np.asarray(value) if keep else np.asarray(value, dtype=np.float32)
+        getattr(holder, leaf).CopyFrom(encode_tensor(array))
     elif o.kind == "targets":
         unknown = [t for t in _many(value) if t not in _TARGETS]
         if unknown:

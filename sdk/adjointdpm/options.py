@@ -4,7 +4,7 @@ This is the one home of what a field left unset means. The server reads a reques
 (``read``: unset → the default, then ``check``: the bounds), the SDK builds its keyword
 arguments, signatures and docstrings from it, the CLI its flags' defaults and help. A field left
 unset on the wire, an SDK keyword left out and a CLI flag not given therefore mean the same thing
-(tests/test_options.py walks every field of every request message to hold that).
+(tests/service/test_options.py walks every field of every request message to hold that).
 
     >>> from adjointdpm import options
     >>> options.default("FinetuneWeights", "lr")
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, make_dataclass
 from typing import Any
 
 __all__ = ["Option", "RPCS", "options", "option", "default", "read", "check", "values", "TYPES",
-           "InvalidOption", "INPUTS", "TARGETS"]
+           "GROUPS", "InvalidOption", "INPUTS", "TARGETS"]
 
 
 class InvalidOption(ValueError):
@@ -91,7 +91,8 @@ def _generation() -> tuple[Option, ...]:
         Option(g + "labels", [], "class labels, one or one per sample", kind="list"),
         Option(g + "cond", None, "an explicit conditioning tensor instead of prompt/labels", kind="tensor"),
         Option(g + "embedding", "", "artifact id of a learned embedding (OptimizeEmbedding)"),
-        Option(g + "batch", None, "samples; unset = 1, or x_T's batch", low=1),
+        Option(g + "batch", None, "samples; unset = x_T's batch, else the number of labels or "
+               "prompts, else 1", low=1),
         Option(g + "seed", None, "x_T ~ N(0, I) from this seed (unset: a fresh random draw)", low=0),
         Option(g + "x_T", None, "the start state (B, *latent_shape) instead of a seed", kind="tensor"),
         Option(g + "steps", None, "sampler steps; unset = the model's default_steps", low=1),
@@ -183,7 +184,7 @@ RPCS: dict[str, tuple[Option, ...]] = {
         *_gradient_options(),
         Option("guided.every", 1, "steer x_t at every k-th step", group="guided", low=1),
         Option("guided.scale", None, "step size (unset = the learning rate)", group="guided",
-               low=0, high=1e6),
+               above=0, high=1e6),
         Option("guided.inner_steps", 1, "gradient steps per steered node", group="guided", low=1),
         Option("guided.grad_steps", None, "sampler steps of each inner t → 0 solve (unset = the "
                "remaining steps)", group="guided", low=1),

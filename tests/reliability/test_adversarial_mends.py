@@ -19,7 +19,6 @@ from google.protobuf import struct_pb2
 import adjointdpm
 from adjointdpm.v1 import adjointdpm_pb2 as pb
 from adjointdpm.v1 import adjointdpm_pb2_grpc as pb_grpc
-from adjointdpm.v1 import tensor_pb2
 from adjointdpm_server.config import Limits, ServerConfig
 from adjointdpm_server.wire import build_server
 

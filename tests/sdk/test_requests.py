@@ -50,7 +50,7 @@ def test_sample_keywords_land_in_their_fields(sdk, fake):
     expected = pb.SampleRequest(
         generation=pb.Generation(model="digits", adapter="lora-1", prompt=["a cat"],
                                  negative_prompt=["blurry"], labels=[0, 1],
-                                 cond=encode_tensor(cond.astype(np.float32)), embedding="emb-1",
+                                 cond=encode_tensor(cond), embedding="emb-1",  # cond keeps its float64
                                  batch=2, seed=0, x_T=encode_tensor(x_T), steps=12, solver="euler",
                                  guidance_scale=2.5, grid="karras", t_start=0.5),
         no_images=True, return_pixels=True)

@@ -111,3 +111,22 @@ def test_a_learning_rate_that_blows_x_T_up_is_invalid_argument_not_internal(half
         half_client.optimize_latent(mse, optimizer="sgd", lr=1e6, iterations=12, labels=1, seed=0, steps=4)
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "lower the learning rate" in err.value.details
+
+
+def test_a_float64_server_asks_client_losses_in_float64_and_half_servers_in_float32(tmp_path):
+    """The wire carries a dtype numpy has: float64 from a float64 server, float32 from a half one."""
+    seen = {}
+    for dtype in ("float64", "bfloat16"):
+        def darker(image, dtype=dtype):
+            seen[dtype] = image.dtype
+            return float(image.mean()), np.full_like(image, 1.0 / image.size)
+
+        srv = build_server(ServerConfig(models=("digits",), port=0, dtype=dtype, artifact_dir=tmp_path / dtype))
+        try:
+            with adjointdpm.Client(f"127.0.0.1:{srv.port}", timeout=120) as client:
+                r = client.compute_gradient(adjointdpm.ClientLoss(darker, autograd=False), labels=1,
+                                            seed=0, steps=2)
+        finally:
+            srv.stop(0)
+        assert np.isfinite(r.gradients["x_T"]).all()
+    assert seen == {"float64": np.float64, "bfloat16": np.float32}

@@ -7,8 +7,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["GenerationSpec", "LossSpec", "OptimizerSpec", "TokenSpec", "WeightsSpec",
-           "GuidedSpec", "ExampleSpec", "StopSpec"]
+__all__ = ["GenerationSpec", "LossSpec", "TokenSpec", "ExampleSpec"]
 
 
 @dataclass

@@ -188,7 +188,8 @@ def gradient_plan(ctx: TaskContext, spec: GenerationSpec, prep: Prepared, target
     estimate = reply_bytes(prep, images=opts.images,
                            extra_elements=sum(leaf.numel() for leaf in plan.leaves.values()))
     check_reply_size(ctx.limits, estimate, "gradient result")
-    plan.inline = weights_inline(ctx.limits, opts.weights, plan, estimate, prep.x_T.element_size())
+    plan.inline = weights_inline(ctx.limits, opts.weights, plan, estimate,
+                                 max(4, prep.x_T.element_size()))  # half travels as float32
     return plan
 
 

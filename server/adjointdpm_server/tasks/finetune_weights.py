@@ -150,11 +150,14 @@ def _adapted_copy(prep, opts) -> tuple[torch.nn.Module, dict]:
 def _reserved_bytes(params, keep_checkpoints: int) -> int:
     """Bytes to reserve up front, so a run whose artifacts cannot fit is refused before any work.
 
-    Up to keep + 1 checkpoints at once (weights and two optimizer moments each), then the
-    adapter. The bytes stay reserved until the run ends, so concurrent runs cannot all pass this
-    check and fail at a checkpoint."""
+    Up to keep + 1 checkpoints at once (weights and two optimizer moments each, the moments in
+    float32 whatever the weights' dtype: MasterOptimizer), then the adapter. The bytes stay
+    reserved until the run ends, so concurrent runs cannot all pass this check and fail at a
+    checkpoint."""
     weight_bytes = sum(p.numel() * p.element_size() for p in params)
-    return (keep_checkpoints + 1) * (3 * weight_bytes + HEADER_BYTES) + weight_bytes + HEADER_BYTES
+    moment_bytes = sum(p.numel() * max(4, p.element_size()) for p in params)
+    checkpoint = weight_bytes + 2 * moment_bytes + HEADER_BYTES
+    return (keep_checkpoints + 1) * checkpoint + weight_bytes + HEADER_BYTES
 
 
 def _train(run: _Run, spec: GenerationSpec, losses: list[LossSpec], validation) -> OptimizeResult:

@@ -52,10 +52,7 @@ def check_options(ctx: TaskContext, spec: GenerationSpec, opts) -> tuple[str, fl
     check_stop(opts.stop_when, ctx.limits)
     if opts.prior not in PRIORS:
         raise InvalidArgument(f"prior must be norm or gaussian; got {opts.prior!r}")
-    prior_weight = (check_number("prior_weight", opts.prior_weight, MAX_WEIGHT)
-                    or (1.0 if opts.prior else 0.0))
-    if prior_weight < 0:
-        raise InvalidArgument(f"prior_weight must be ≥ 0; got {prior_weight}")
+    prior_weight = check_number("prior_weight", opts.prior_weight, MAX_WEIGHT)  # > 0: the options
     mode = check_grad_mode(opts.grad_mode)
     check_name(opts.name)
     if spec.embedding or spec.cond is not None:

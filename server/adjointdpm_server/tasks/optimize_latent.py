@@ -329,11 +329,12 @@ class _Guidance:
             # a callback of its own (counting from the job's nfe now: a shared one counted
             # from the start and took the progress nfe back after each gradient)
             return run_sampler(self.prep, self.job, x_T=x, steps=len(segment) - 1, grad_mode="none",
-                               timesteps=segment)
+                               timesteps=segment).to(x.dtype)  # the state stays float32
 
     def finish(self, x: torch.Tensor, initial: list[bytes]) -> OptimizeResult:
         """The guided sample, scored once more with its images for the result."""
         with torch.no_grad():
+            x = x.to(self.prep.backend.dtype)  # the network's dtype, as run_sampler returns x_0
             images = self.prep.backend.decode(x)
             evaluation = self.objective(x, images)
         return OptimizeResult(float(evaluation.total), self.history, self.prep.x_T.detach(), x, to_png(images),

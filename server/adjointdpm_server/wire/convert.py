@@ -149,7 +149,7 @@ def event(item) -> pb.Event:
     if isinstance(item, ClientQuery):
         return pb.Event(loss_query=pb.LossQuery(term=item.term, name=item.name,
                                                 domain=pb.IMAGE if item.domain == "image" else pb.LATENT,
-                                                x=encode_tensor(np.asarray(item.x, dtype=np.float32)),
+                                                x=encode_tensor(np.asarray(item.x)),
                                                 iteration=item.iteration))
     if isinstance(item, IterationReport):
         return pb.Event(iteration=pb.Iteration(
