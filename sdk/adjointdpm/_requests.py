@@ -5,6 +5,7 @@ query; ``keywords`` gives the methods their signatures and docstrings)."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import numpy as np
@@ -57,9 +58,10 @@ GROUP_DOCS = {
 }
 
 
-def keywords(method: str) -> list[tuple[str, object, str]]:
+@functools.lru_cache(maxsize=None)
+def keywords(method: str) -> tuple[tuple[str, object, str], ...]:
     """The SDK keywords of a method, in order: (name, default, one-line doc); a dict keyword's doc
-    lists its keys with theirs."""
+    lists its keys with theirs. Built once per method (``build`` checks every call against it)."""
     rpc = METHODS[method][0]
     out, groups = [], {}
     for o in options.options(rpc):
@@ -72,7 +74,7 @@ def keywords(method: str) -> list[tuple[str, object, str]]:
     for group, items in groups.items():
         keys = "; ".join(f"{o.name}: {o.describe()}" for o in items)
         out.append((group, None, f"{GROUP_DOCS[group]} {keys}"))
-    return out
+    return tuple(out)
 
 
 def build(method: str, /, *inputs, **kwargs):
@@ -95,20 +97,29 @@ def build(method: str, /, *inputs, **kwargs):
         request.examples.extend(_examples(inputs[1]))
         request.validation.extend(_examples(kwargs.get("validation", ())))
     for o in options.options(rpc):
-        if o.group:
-            given = kwargs.get(o.group)
-            if given is None:
-                continue
-            unknown = set(given) - {g.name for g in options.options(rpc) if g.group == o.group}
-            if unknown:
-                raise TypeError(f"{o.group} takes {', '.join(g.name for g in options.options(rpc) if g.group == o.group)}"
-                                f"; not {sorted(unknown)}")
-            options._field(request, o.path)[0].SetInParent()
-            if o.name in given:
-                _set(request, o, given[o.name])
-        elif o.name in kwargs:
+        if not o.group and o.name in kwargs:
             _set(request, o, kwargs[o.name])
+    for group, members in _groups(rpc).items():
+        given = kwargs.get(group)
+        if given is None:
+            continue
+        unknown = sorted(set(given) - set(members))
+        if unknown:
+            raise TypeError(f"{group} takes {', '.join(members)}; not {unknown}")
+        getattr(request, group).SetInParent()  # set, even when empty: the group is on
+        for key, value in given.items():
+            _set(request, members[key], value)
     return request, client
+
+
+@functools.lru_cache(maxsize=None)
+def _groups(rpc: str) -> dict[str, dict[str, options.Option]]:
+    """A dict keyword's options by key, per group (``stop_when`` → {"patience": …})."""
+    groups: dict[str, dict] = {}
+    for o in options.options(rpc):
+        if o.group:
+            groups.setdefault(o.group, {})[o.name] = o
+    return groups
 
 
 def _many(value) -> list:

@@ -89,8 +89,8 @@ class RemoteLoss:
     """``loss(x)``: per-sample losses whose values and gradient come from ``ask(array, dtype)``,
     which returns a ``LossAnswer`` already checked by its edge (``check_reply``) for x's dtype."""
 
-    def __init__(self, ask: Callable[[np.ndarray, torch.dtype], LossAnswer], who: str):
-        self.ask, self.who = ask, who
+    def __init__(self, ask: Callable[[np.ndarray, torch.dtype], LossAnswer]):
+        self.ask = ask
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return _Remote.apply(x, lambda array: self.ask(array, x.dtype))

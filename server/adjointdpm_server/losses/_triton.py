@@ -74,7 +74,7 @@ class TritonLoss(LossPlugin):
         import tritonclient.grpc as grpcclient
 
         self._client = grpcclient.InferenceServerClient(self.url)  # connects on first use
-        self._loss = RemoteLoss(self._ask, self.who)
+        self._loss = RemoteLoss(self._ask)
 
     @classmethod
     def available(cls, settings: Mapping[str, Any]) -> bool:

@@ -35,7 +35,7 @@ class Objective:
             if not math.isfinite(spec.weight):
                 raise InvalidArgument(f"loss term {index} has a non-finite weight")
             if spec.kind == "client":
-                self.terms.append(RemoteLoss(self._asker(index, spec), f"client loss {spec.name!r}"))
+                self.terms.append(RemoteLoss(self._asker(index, spec)))
             elif spec.kind == "server":
                 context = LossContext(backend, ctx.settings, reference and reference[spec.domain])
                 self.contexts.append((spec.domain, context))

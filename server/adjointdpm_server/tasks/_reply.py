@@ -7,7 +7,12 @@ import math
 from ..errors import ResourceExhausted
 from ._generation import Prepared
 
-__all__ = ["reply_bytes", "check_reply_size"]
+__all__ = ["reply_bytes", "check_reply_size", "wire_itemsize"]
+
+
+def wire_itemsize(prep: Prepared) -> int:
+    """Bytes per number of a result on the wire: half precision travels as float32."""
+    return max(4, prep.x_T.element_size())
 
 
 def reply_bytes(prep: Prepared, *, images: bool = False, pixels: bool = False, latents: int = 1,
@@ -15,7 +20,7 @@ def reply_bytes(prep: Prepared, *, images: bool = False, pixels: bool = False, l
     """An upper estimate of a result's size: ``latents`` latent tensors per sample (x_0, x_T),
     PNGs (at most the raw 8-bit pixels plus headers), float pixels, and ``extra_elements`` more
     numbers (gradients) in the working dtype."""
-    item = max(4, prep.x_T.element_size())  # half precision travels as float32
+    item = wire_itemsize(prep)
     latent = math.prod(prep.backend.latent_shape)
     image = math.prod(prep.backend.image_shape)
     per_sample = latents * latent * item + (image + 256 if images else 0) + (image * 4 if pixels else 0)

@@ -23,7 +23,7 @@ from ._images import to_png
 from ._job import Job
 from ._objective import Evaluation, Objective
 from ._optim import master_tensor
-from ._reply import check_reply_size, reply_bytes
+from ._reply import check_reply_size, reply_bytes, wire_itemsize
 from ._specs import GenerationSpec, LossSpec, TokenSpec
 from ._work import check_work, gradient_work
 
@@ -188,8 +188,7 @@ def gradient_plan(ctx: TaskContext, spec: GenerationSpec, prep: Prepared, target
     estimate = reply_bytes(prep, images=opts.images,
                            extra_elements=sum(leaf.numel() for leaf in plan.leaves.values()))
     check_reply_size(ctx.limits, estimate, "gradient result")
-    plan.inline = weights_inline(ctx.limits, opts.weights, plan, estimate,
-                                 max(4, prep.x_T.element_size()))  # half travels as float32
+    plan.inline = weights_inline(ctx.limits, opts.weights, plan, estimate, wire_itemsize(prep))
     return plan
 
 

@@ -151,8 +151,7 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
 
     def ComputeGradient(self, request_iterator, context):
         def build(r, ctx):
-            spec, losses = convert.generation(r.generation, ctx.limits), convert.losses(r.losses, ctx.limits)
-            opts = convert.options_of("ComputeGradient", r)
+            spec, losses, opts = _inputs("ComputeGradient", r, ctx.limits)
             token = convert.token(r.token, ctx.limits, opts)
             return lambda job: run_compute_gradient(ctx, spec, losses, job, opts, token)
         return self._stream(context, "ComputeGradient", build, convert.gradient_result,
@@ -160,27 +159,23 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
 
     def OptimizeLatent(self, request_iterator, context):
         def build(r, ctx):
-            spec, losses = convert.generation(r.generation, ctx.limits), convert.losses(r.losses, ctx.limits)
-            opts = convert.options_of("OptimizeLatent", r)
+            spec, losses, opts = _inputs("OptimizeLatent", r, ctx.limits)
             return lambda job: run_optimize_latent(ctx, spec, losses, job, opts)
         return self._stream(context, "OptimizeLatent", build, convert.optimize_result,
                             request_iterator=request_iterator)
 
     def FinetuneWeights(self, request_iterator, context):
         def build(r, ctx):
-            limits = ctx.limits
-            spec, losses = convert.generation(r.generation, limits), convert.losses(r.losses, limits)
-            examples = convert.examples(r.examples, limits)
-            validation = convert.examples(r.validation, limits, "validation")
-            opts = convert.options_of("FinetuneWeights", r)
+            spec, losses, opts = _inputs("FinetuneWeights", r, ctx.limits)
+            examples = convert.examples(r.examples, ctx.limits)
+            validation = convert.examples(r.validation, ctx.limits, "validation")
             return lambda job: run_finetune_weights(ctx, spec, examples, losses, job, opts, validation)
         return self._stream(context, "FinetuneWeights", build, convert.optimize_result,
                             request_iterator=request_iterator)
 
     def OptimizeEmbedding(self, request_iterator, context):
         def build(r, ctx):
-            spec, losses = convert.generation(r.generation, ctx.limits), convert.losses(r.losses, ctx.limits)
-            opts = convert.options_of("OptimizeEmbedding", r)
+            spec, losses, opts = _inputs("OptimizeEmbedding", r, ctx.limits)
             target = convert.maybe_tensor(r, "target_image", ctx.limits)
             token = convert.token(r.token, ctx.limits, opts) if r.HasField("token") else None
             return lambda job: run_optimize_embedding(ctx, spec, losses, job, opts, token, target)
@@ -243,3 +238,9 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
                         break
         except Exception as err:  # noqa: BLE001
             _abort(context, err)
+
+
+def _inputs(rpc: str, request, limits):
+    """What every loss-taking RPC reads first: its generation, its loss terms, its options."""
+    return (convert.generation(request.generation, limits), convert.losses(request.losses, limits),
+            convert.options_of(rpc, request))
