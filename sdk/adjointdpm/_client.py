@@ -24,11 +24,25 @@ from .v1 import adjointdpm_pb2_grpc as pb_grpc
 __all__ = ["Client", "Call", "AdjointDPMError"]
 
 class AdjointDPMError(RuntimeError):
-    """A call that ended with a non-OK status: ``code`` (grpc.StatusCode) and ``details``."""
+    """A call that ended with a non-OK status: ``code`` (grpc.StatusCode) and ``details``;
+    ``retry_after`` (seconds or None): when the server says a retry may succeed (a refusal
+    under load sends it as ``grpc-retry-pushback-ms``)."""
 
-    def __init__(self, code, details: str):
+    def __init__(self, code, details: str, retry_after: float | None = None):
         super().__init__(f"{code.name}: {details}")
-        self.code, self.details = code, details
+        self.code, self.details, self.retry_after = code, details, retry_after
+
+    @classmethod
+    def of(cls, err) -> "AdjointDPMError":
+        """From a ``grpc.RpcError`` (or ``grpc.aio.AioRpcError``)."""
+        retry_after = None
+        for key, value in (err.trailing_metadata() or ()):
+            if key == "grpc-retry-pushback-ms":
+                try:
+                    retry_after = max(0.0, int(value) / 1000)
+                except ValueError:
+                    pass
+        return cls(err.code(), err.details(), retry_after)
 
 
 _CLIENT_KEYWORDS = (
@@ -127,7 +141,7 @@ class Call:
                 self._observe(event)
                 yield event
         except grpc.RpcError as err:
-            raise AdjointDPMError(err.code(), err.details()) from None
+            raise AdjointDPMError.of(err) from None
         finally:
             if self.result is None:  # abandoned (break, an exception, Ctrl-C): free the server's slot
                 self.cancel()
@@ -193,7 +207,7 @@ class Client:
         try:
             return method(request, metadata=self.metadata + trace_metadata(), timeout=self.timeout)
         except grpc.RpcError as err:
-            raise AdjointDPMError(err.code(), err.details()) from None
+            raise AdjointDPMError.of(err) from None
 
     def _bidi(self, method, wrapper, request, client_losses: dict[int, ClientLoss]):
         """Open the stream, send the request, answer the server's loss queries as they come."""
@@ -283,7 +297,7 @@ class Client:
             chunks = list(self.stub.GetArtifact(pb.GetArtifactRequest(id=artifact_id, format=format),
                                                 metadata=self.metadata + trace_metadata(), timeout=self.timeout))
         except grpc.RpcError as err:
-            raise AdjointDPMError(err.code(), err.details()) from None
+            raise AdjointDPMError.of(err) from None
         return _requests.artifact_from(chunks, path)
 
 

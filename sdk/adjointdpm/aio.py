@@ -46,7 +46,7 @@ class AsyncCall(Call):
                 self._observe(event)
                 yield event
         except grpc.RpcError as err:  # grpc.aio.AioRpcError
-            raise AdjointDPMError(err.code(), err.details()) from None
+            raise AdjointDPMError.of(err) from None
         finally:
             if self.result is None:  # abandoned or cancelled: free the server's slot
                 self.cancel()
@@ -91,7 +91,7 @@ class Client:
         try:
             return await method(request, metadata=self.metadata + trace_metadata(), timeout=self.timeout)
         except grpc.RpcError as err:
-            raise AdjointDPMError(err.code(), err.details()) from None
+            raise AdjointDPMError.of(err) from None
 
     def _bidi(self, method, wrapper, request, client_losses):
         """The event stream of a bidi call: the request is written first, each loss query is
@@ -169,5 +169,5 @@ class Client:
                 pb.GetArtifactRequest(id=artifact_id, format=format), metadata=self.metadata + trace_metadata(),
                 timeout=self.timeout)]
         except grpc.RpcError as err:
-            raise AdjointDPMError(err.code(), err.details()) from None
+            raise AdjointDPMError.of(err) from None
         return _requests.artifact_from(chunks, path)

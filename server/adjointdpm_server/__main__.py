@@ -18,7 +18,7 @@ import sys
 import threading
 from pathlib import Path
 
-from .config import Limits, ServerConfig
+from .config import Limits, ServerConfig, caller_weights
 
 
 def parse_args(argv=None) -> ServerConfig:
@@ -49,6 +49,19 @@ def parse_args(argv=None) -> ServerConfig:
     p.add_argument("--shared-artifacts", action="store_true",
                    help="every tenant sees every artifact (single-team deployments)")
     p.add_argument("--tenant-max-jobs", type=int, help="a tenant's active + queued jobs")
+    p.add_argument("--tenant-max-queue", type=int,
+                   help="a tenant's waiting jobs (default: --max-queue; a full queue still makes "
+                        "room for a tenant that waits with fewer jobs than the longest)")
+    p.add_argument("--max-parked-jobs", type=int,
+                   help="jobs waiting for a client's loss reply without a slot (default: 2 × "
+                        "--max-active-jobs); beyond, a waiting job keeps its slot")
+    p.add_argument("--tenant-max-parked", type=int,
+                   help="of them one tenant's (default: half of --max-parked-jobs)")
+    p.add_argument("--tenant-weights", default="", metavar="NAME=W,…",
+                   help="relative shares of slots and device time, e.g. alice=2,bob=1 (default 1)")
+    p.add_argument("--engine-chunk-rows", type=int,
+                   help="while other tenants wait, a larger network call runs in chunks of this "
+                        "many samples (default: --max-network-batch)")
     p.add_argument("--tenant-storage-mib", type=float, help="a tenant's artifact storage")
     p.add_argument("--artifact-storage-mib", type=float, help="all artifacts together")
     p.add_argument("--max-health-watches", type=int, default=8,
@@ -81,6 +94,10 @@ def parse_args(argv=None) -> ServerConfig:
 
     if bool(a.tls_cert) != bool(a.tls_key):
         p.error("--tls-cert and --tls-key go together")
+    try:
+        weights = caller_weights(a.tenant_weights)
+    except ValueError as err:
+        p.error(str(err))
     limits = Limits(max_batch=a.max_batch, max_steps=a.max_steps, max_iterations=a.max_iterations,
                     max_examples=a.max_examples, max_network_calls=max(0, a.max_network_calls),
                     max_tensor_elements=a.max_tensor_elements,
@@ -94,7 +111,9 @@ def parse_args(argv=None) -> ServerConfig:
         max_network_batch=a.max_network_batch, batch_window_ms=a.batch_window_ms,
         max_request_s=a.max_request_seconds, workers=a.workers,
         tokens=load_tokens(a.tokens_file), shared_artifacts=a.shared_artifacts,
-        tenant_max_jobs=a.tenant_max_jobs, tenant_storage_mib=a.tenant_storage_mib,
+        tenant_max_jobs=a.tenant_max_jobs, tenant_max_queue=a.tenant_max_queue,
+        max_parked_jobs=a.max_parked_jobs, tenant_max_parked=a.tenant_max_parked,
+        tenant_weights=weights, engine_chunk_rows=a.engine_chunk_rows, tenant_storage_mib=a.tenant_storage_mib,
         artifact_storage_mib=a.artifact_storage_mib, max_health_watches=a.max_health_watches,
         health_open=not a.protect_health, tls_cert=a.tls_cert,
         tls_key=a.tls_key, tls_client_ca=a.tls_client_ca, health_port=a.health_port,

@@ -43,6 +43,11 @@ class ServerConfig:
     tokens: tuple[str, ...] = ()               # "TENANT:TOKEN" or "TOKEN" (tenant default); empty = no auth
     shared_artifacts: bool = False             # every tenant sees every artifact (single-team servers)
     tenant_max_jobs: int | None = None         # a tenant's active + queued jobs
+    tenant_max_queue: int | None = None        # a tenant's waiting jobs; None = max_queue
+    max_parked_jobs: int | None = None         # jobs parked on a client without a slot; None = 2 × max_active_jobs
+    tenant_max_parked: int | None = None       # of them one tenant's; None = half of max_parked_jobs
+    tenant_weights: tuple[tuple[str, float], ...] = ()  # (caller, weight): admission and device share
+    engine_chunk_rows: int | None = None       # a call's rows while others wait; None = max_network_batch
     tenant_storage_mib: float | None = None    # a tenant's artifact bytes, checkpoints included
     artifact_storage_mib: float | None = None  # all artifacts together
     health_open: bool = True                   # health checks need no token
@@ -61,3 +66,19 @@ class ServerConfig:
         """What loss plugins may read (docs/design.md §4: server-side plugins)."""
         return {"triton_url": self.triton_url, "triton_allowed_urls": self.triton_allowed_urls,
                 "clip_model_dir": str(self.clip_model_dir) if self.clip_model_dir else None}
+
+
+def caller_weights(spec: str) -> tuple[tuple[str, float], ...]:
+    """``--tenant-weights alice=2,bob=0.5`` → ((caller, weight), …); a name is a tenant
+    (``tenant:alice``), a name with a colon a caller as the server names it (``peer:10.0.0.7``)."""
+    weights = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, eq, value = part.rpartition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = float("nan")
+        if not eq or not name or not weight > 0 or weight == float("inf"):
+            raise ValueError(f"--tenant-weights: {part!r} is not NAME=WEIGHT with a positive weight")
+        weights.append((name if ":" in name else "tenant:" + name, weight))
+    return tuple(weights)

@@ -11,7 +11,13 @@ __all__ = ["ServiceError", "InvalidArgument", "NotFound", "FailedPrecondition",
 
 
 class ServiceError(Exception):
+    """``retry_after_s``: when a retry may succeed (sent as ``grpc-retry-pushback-ms``)."""
+
     code = "INTERNAL"
+
+    def __init__(self, *args, retry_after_s: float | None = None):
+        super().__init__(*args)
+        self.retry_after_s = retry_after_s
 
 
 class InvalidArgument(ServiceError, ValueError):

@@ -55,7 +55,9 @@ class Runtime:
         self.settings = config.loss_settings()
         self.limits = dataclasses.replace(config.limits, working_dtype=config.dtype)
         self.engine = NetworkEngine(max_batch=config.max_network_batch,
-                                    window_ms=config.batch_window_ms)
+                                    window_ms=config.batch_window_ms,
+                                    weights=dict(config.tenant_weights),
+                                    chunk_rows=config.engine_chunk_rows)
         self._adapters: OrderedDict[tuple[str, str], torch.nn.Module] = OrderedDict()
         self._adapter_cache = adapter_cache
         self._lock = threading.Lock()

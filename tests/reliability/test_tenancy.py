@@ -146,8 +146,12 @@ def test_tenant_job_quota(tmp_path):
                 adjointdpm.Client(target, token="token-b", timeout=60) as b:
             held = [SilentGradient(channel, "token-a") for _ in range(2)]
             assert all(h.asked.wait(30) for h in held) and all(h.code is None for h in held)
-            code, details = _code(lambda: a.sample(labels=1, steps=3))
-            assert code == "RESOURCE_EXHAUSTED" and "tenant job quota: 2 of 2" in details
+            with pytest.raises(adjointdpm.AdjointDPMError) as refused:
+                a.sample(labels=1, steps=3)
+            assert refused.value.code.name == "RESOURCE_EXHAUSTED"
+            assert "job quota is full: 2 of 2" in refused.value.details
+            assert "per-tenant limit" in refused.value.details
+            assert refused.value.retry_after is not None and refused.value.retry_after > 0
             b.sample(labels=1, steps=3)  # another tenant is not affected
             for h in held:
                 h.close()

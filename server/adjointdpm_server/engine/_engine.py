@@ -1,11 +1,20 @@
 """``NetworkEngine``: one thread owns the device and runs network calls, batched across jobs.
 
-Jobs submit work items and wait. The engine thread takes the oldest item of the next caller in
-round-robin order, adds every compatible pending item (same network, dtype, per-sample shapes,
-kind) one per caller per round up to ``max_batch`` samples, concatenates, runs one call and
-splits the result. It waits at most ``window_ms`` for more work, and not at all once every
-runnable job has submitted. A job that waits for its client is *parked*: it holds no device
-turn and nobody waits for it. ``window_ms = 0`` runs every call alone (batching off).
+Jobs submit work items and wait. The device is shared between callers (tenants) by start-time
+fair queuing on what their calls cost: each caller has a virtual time, advanced after every
+call by its share of the call's measured seconds (its rows / the call's rows) over its weight;
+the next batch starts with the oldest item of the caller with the least virtual time, then adds
+compatible pending items (same network, dtype, per-sample shapes, kind) one per caller per
+round, up to ``max_batch`` samples; it concatenates them, runs one call and splits the result.
+While another caller has work, a head larger than ``chunk_rows`` runs in chunks at row
+boundaries (every served network is per-sample, so the joined result is the unsplit call's).
+
+It waits at most ``window_ms`` for more work after the oldest pending item, and not at all once
+every runnable job has submitted; after a call it waits up to ``window_ms`` for a job whose
+caller is owed the device (least virtual time) to send its next call — a sequential caller is
+not made to wait behind a whole call of a busier one (anticipation). A job that waits for its
+client is *parked*: it holds no device turn and nobody waits for it. ``window_ms = 0`` runs
+every call alone (batching off).
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ import time
 from collections import Counter, deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 
@@ -27,6 +36,7 @@ from ._work import FORWARD, SOLO, VJP, WorkItem
 __all__ = ["NetworkEngine", "EngineStats"]
 
 log = logging.getLogger("adjointdpm.engine")
+MAX_CALLERS_COUNTED = 256  # distinct callers in stats.work (a metric label each)
 
 
 @dataclass
@@ -38,20 +48,27 @@ class EngineStats:
     items: Counter = field(default_factory=Counter)  # job calls served, by kind
     max_rows: int = 0
     window_expired: int = 0  # batches that waited the whole window for jobs that never came
+    chunks: int = 0          # calls that ran part of a larger item while others waited
+    work: Counter = field(default_factory=Counter)   # device seconds by caller
     recent: deque = field(default_factory=lambda: deque(maxlen=256))  # (kind, [caller per item])
 
 
 class NetworkEngine:
     def __init__(self, *, max_batch: int = 64, window_ms: float = 5.0,
-                 observer: Callable[[str, str, int], None] | None = None):
-        if max_batch < 1 or window_ms < 0:
-            raise ValueError("max_batch must be >= 1 and window_ms >= 0")
+                 observer: Callable[[str, str, int], None] | None = None,
+                 weights: Mapping[str, float] | None = None, chunk_rows: int | None = None):
+        if max_batch < 1 or window_ms < 0 or (chunk_rows is not None and chunk_rows < 1):
+            raise ValueError("max_batch and chunk_rows must be >= 1 and window_ms >= 0")
         self.max_batch, self.window_s = max_batch, window_ms / 1000.0
+        self.chunk_rows = chunk_rows or max_batch
+        self.weights = dict(weights or {})
         self.observer = observer
         self.stats = EngineStats()
         self._cond = threading.Condition()
-        self._queues: dict[str, deque[WorkItem]] = {}
-        self._rotation: deque[str] = deque()  # callers, the next to serve first
+        self._queues: dict[str, deque[WorkItem]] = {}  # pending items by caller, oldest first
+        self._vtime: dict[str, float] = {}    # caller → device seconds received / weight
+        self._now_v = 0.0                     # the virtual time of the last batch's head
+        self._last_done: dict = {}            # job → when its last call ended (anticipation)
         self._registered: Counter = Counter()  # job → sessions open (normally 1)
         self._parked: Counter = Counter()
         self._pending: Counter = Counter()     # job → items waiting
@@ -76,6 +93,8 @@ class NetworkEngine:
                 counter[job] -= 1
                 if counter[job] <= 0:
                     del counter[job]
+                    if counter is self._registered:
+                        self._last_done.pop(job, None)
                 self._cond.notify_all()
 
     def session(self, job):
@@ -92,8 +111,11 @@ class NetworkEngine:
 
     def shares_calls(self) -> bool:
         """Whether a job's network calls would now batch with another job's: batching is on and
-        more than one job is active (``auto`` then recomputes rather than keeping solo graphs)."""
-        return self.window_s > 0 and self.max_batch > 1 and self.active > 1
+        more than one job is runnable (``auto`` then recomputes rather than keeping solo graphs;
+        a job parked on its client makes no calls to share)."""
+        with self._cond:
+            runnable = sum(1 for job in self._registered if job not in self._parked)
+        return self.window_s > 0 and self.max_batch > 1 and runnable > 1
 
     @property
     def waiting_client(self) -> int:
@@ -105,9 +127,9 @@ class NetworkEngine:
             if self._closed:
                 raise Cancelled("the server is shutting down")
             queue = self._queues.get(item.caller)
-            if queue is None:
+            if queue is None:  # back with work: no credit for the time it had none (SFQ)
                 queue = self._queues[item.caller] = deque()
-                self._rotation.append(item.caller)
+                self._vtime[item.caller] = max(self._vtime.get(item.caller, 0.0), self._now_v)
             queue.append(item)
             self._pending[item.job] += 1
             self._npending += 1
@@ -139,7 +161,6 @@ class NetworkEngine:
             for item in items:
                 item.state = "closed"  # not pending any more: a withdrawal leaves it alone
             self._queues.clear()
-            self._rotation.clear()
             self._pending.clear()
             self._npending = 0
             self._cond.notify_all()
@@ -160,9 +181,8 @@ class NetworkEngine:
     def _take(self, item: WorkItem) -> None:
         queue = self._queues[item.caller]
         queue.remove(item)
-        if not queue:  # a caller with nothing pending leaves the rotation (no growth per caller)
+        if not queue:  # a caller with nothing pending leaves (its virtual time stays a while)
             del self._queues[item.caller]
-            self._rotation.remove(item.caller)
         self._pending[item.job] -= 1
         if self._pending[item.job] <= 0:
             del self._pending[item.job]
@@ -174,12 +194,36 @@ class NetworkEngine:
             return True
         return all(job in self._pending or job in self._parked for job in self._registered)
 
+    def weight(self, caller: str) -> float:
+        return self.weights.get(caller, 1.0)
+
+    def work_by_caller(self) -> dict[str, float]:
+        """Device seconds each caller's rows took (at most MAX_CALLERS_COUNTED, then "other")."""
+        with self._cond:
+            return dict(self.stats.work)
+
+    def _order(self) -> list[str]:
+        """Callers with pending work, the one owed the device most first (least virtual time;
+        ties: the oldest item)."""
+        return sorted(self._queues, key=lambda c: (self._vtime[c], self._queues[c][0].submitted))
+
+    def _others_active(self, caller: str) -> bool:
+        """Whether a caller other than ``caller`` has work pending or a runnable job."""
+        return len(self._queues) > 1 or any(
+            job.caller != caller for job in self._registered if job not in self._parked)
+
     def _select(self) -> list[WorkItem]:
-        """The next batch: the head of the next caller in turn, then compatible items, one per
-        caller per round, up to ``max_batch`` samples; that caller goes to the back."""
-        callers = [c for c in self._rotation if self._queues.get(c)]
+        """The next batch: the head of the caller owed the device most (in chunks while others
+        have work), then compatible items, one per caller per round, up to ``max_batch``."""
+        callers = self._order()
         first = callers[0]
+        self._now_v = self._vtime[first]
         head = self._queues[first][0]
+        if head.key is not None and head.rows > self.chunk_rows and self._others_active(first):
+            head = head.split(self.chunk_rows)  # the rest stays first in its caller's queue
+            self.stats.chunks += 1
+            head.state = "running"
+            return [head]
         batch, rows = [head], head.rows
         if head.key is not None and self.window_s > 0:
             taken = {id(head)}
@@ -197,8 +241,6 @@ class NetworkEngine:
                             rows += item.rows
                             grew = True
                         break  # one item per caller per round
-        self._rotation.remove(first)
-        self._rotation.append(first)
         for item in batch:
             self._take(item)
             item.state = "running"
@@ -220,6 +262,7 @@ class NetworkEngine:
                             self.stats.window_expired += 1  # flushed for want of others
                             break
                         self._cond.wait(remaining)
+                    self._anticipate()
                 if not self._npending:  # everything was withdrawn meanwhile
                     continue
                 batch = self._select()
@@ -228,24 +271,63 @@ class NetworkEngine:
             # job's whole graph (backprop), and the item its job (docs/design.md §6).
             del batch
 
+    def _anticipate(self) -> None:
+        """Under the lock: wait (≤ window after its last call ended) for a runnable job with no
+        call pending whose caller is not the next to be served but is owed the device as much
+        (its jobs' calls would otherwise wait behind the next caller's whole call)."""
+        while self._npending and not self._closed:
+            first = self._order()[0]
+            least = self._vtime[first]
+            until = max((done for job, done in self._last_done.items()
+                         if job.caller != first and job in self._registered
+                         and job not in self._parked and job not in self._pending
+                         and self._vtime.get(job.caller, self._now_v) <= least), default=None)
+            remaining = None if until is None else until + self.window_s - time.monotonic()
+            if remaining is None or remaining <= 0:
+                return
+            self._cond.wait(remaining)
+
     def _execute(self, batch: list[WorkItem]) -> None:
+        started = time.monotonic()
         try:
             outputs = _run(batch)
         except BaseException as err:  # noqa: BLE001 — delivered to the jobs, the engine goes on
             if len(batch) == 1:
-                self._record(batch)
-                batch[0].finish(error=err)
+                self._record(batch, time.monotonic() - started)
+                self._finish(batch[0], error=err)
                 return
             for item in batch:  # find whose input failed: nobody else's job is hurt
                 self._execute([item])
             return
-        self._record(batch)
+        self._record(batch, time.monotonic() - started)
         for item, out in zip(batch, outputs):
-            item.finish(result=out)
+            self._finish(item, result=out)
 
-    def _record(self, batch: list[WorkItem]) -> None:
+    def _finish(self, item: WorkItem, result=None, error=None) -> None:
+        whole = item.parent or item
+        with self._cond:
+            self._last_done[whole.job] = time.monotonic()
+            if item.parent is not None and error is not None and whole.state == "pending":
+                self._take(whole)  # a chunk failed: the rest of its item does not run
+        item.finish(result=result, error=error)
+
+    def _charge(self, batch: list[WorkItem], seconds: float) -> None:
+        """Under the lock: each caller pays its rows' share of the call's measured time."""
+        rows = sum(it.rows for it in batch)
+        for item in batch:
+            spent = seconds * item.rows / rows
+            known = item.caller in self.stats.work or len(self.stats.work) < MAX_CALLERS_COUNTED
+            self.stats.work[item.caller if known else "other"] += spent
+            self._vtime[item.caller] = (max(self._vtime.get(item.caller, 0.0), self._now_v)
+                                        + spent / self.weight(item.caller))
+        if len(self._vtime) > 2 * len(self._queues) + 64:  # forget callers with no debt left
+            for caller in [c for c, v in self._vtime.items() if c not in self._queues and v <= self._now_v]:
+                del self._vtime[caller]
+
+    def _record(self, batch: list[WorkItem], seconds: float) -> None:
         kind, rows = batch[0].kind, sum(it.rows for it in batch)
         with self._cond:
+            self._charge(batch, seconds)
             s = self.stats
             s.calls[kind] += 1
             s.rows[kind] += rows

@@ -55,8 +55,35 @@ class WorkItem:
     result: Any = None
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    parent: "WorkItem | None" = None  # a chunk's item
+    parts: list = field(default_factory=list)  # the results of this item's chunks, in order
+
+    def split(self, rows: int) -> "WorkItem":
+        """The first ``rows`` samples as a chunk of their own; this item keeps the rest (the
+        engine runs them in order, so the chunks' results join into the unsplit call's)."""
+        def cut(value):
+            if isinstance(value, torch.Tensor) and value.dim() >= 1:
+                return value[:rows], value[rows:]
+            return value, value
+
+        (x, self.x), (t, self.t) = cut(self.x), cut(self.t)
+        (cond, self.cond), (cotangent, self.cotangent) = cut(self.cond), cut(self.cotangent)
+        self.rows -= rows
+        return WorkItem(self.kind, self.key, self.job, self.caller, self.model, rows,
+                        module=self.module, x=x, t=t, cond=cond, cotangent=cotangent,
+                        cond_grad=self.cond_grad, submitted=self.submitted, parent=self)
 
     def finish(self, result=None, error: BaseException | None = None) -> None:
+        if self.parent is not None:  # a chunk: its result waits for the rest of the item
+            parent, self.parent = self.parent, None
+            if error is not None and parent.state in ("pending", "running"):
+                parent.finish(error=error)
+            elif parent.state in ("pending", "running"):
+                parent.parts.append(result)
+            return
+        if error is None and self.parts:
+            result = _join([*self.parts, result])
+        self.parts = []
         self.result, self.error, self.state = result, error, "done"
         self.done.set()
 
@@ -64,3 +91,11 @@ class WorkItem:
         """Drop the tensors (inputs, result: under backprop a graph of the whole solve so far),
         once the job has what it needs of them."""
         self.x = self.t = self.cond = self.cotangent = self.closure = self.result = None
+        self.parts = []
+
+
+def _join(results: list):
+    """Chunks' results as one: tensors (forward) or (ε, ∂x, ∂cond) triples (vjp) along rows."""
+    if isinstance(results[0], torch.Tensor):
+        return torch.cat(results)
+    return tuple(None if parts[0] is None else torch.cat(parts) for parts in zip(*results))

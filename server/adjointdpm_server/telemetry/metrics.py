@@ -2,7 +2,9 @@
 
 One registry per server (tests run several in one process). Requests by RPC and status,
 latency and queue-time histograms, network evaluations by phase (forward sampling vs the
-backward/adjoint pass), running and queued jobs, peak accelerator memory.
+backward/adjoint pass), running and queued jobs, peak accelerator memory; per tenant (the
+caller the fair share counts: ``tenant:NAME``, or ``peer:HOST`` when auth is off) its queued,
+running and parked jobs and the device seconds its network calls took.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import resource
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 __all__ = ["Metrics"]
 
@@ -63,6 +66,7 @@ class Metrics:
         self.jobs_active.set_function(lambda: engine.active)
         self.jobs_waiting_client.set_function(lambda: engine.waiting_client)
         engine.observer = self.observe_network_call
+        self.registry.register(_TenantCollector(admission, engine))
 
     def observe_network_call(self, model: str, kind: str, rows: int) -> None:
         kind = "vjp" if kind == "vjp" else "forward"  # a solo call builds a graph: a forward
@@ -80,3 +84,29 @@ class Metrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+class _TenantCollector:
+    """Per-caller gauges read at scrape time: only callers with jobs now (their jobs) or ever
+    served (their device seconds, kept for at most the engine's bounded set of callers)."""
+
+    def __init__(self, admission, engine):
+        self.admission, self.engine = admission, engine
+
+    def describe(self):
+        return []  # collected at scrape time only (labels come and go)
+
+    def collect(self):
+        jobs = GaugeMetricFamily("adjointdpm_tenant_jobs", "a tenant's jobs by state (queued: "
+                                 "waiting for a slot; running: holding one; parked: waiting for "
+                                 "its client without one)", labels=["tenant", "state"])
+        for caller, load in sorted(self.admission.load().items()):
+            for state in ("queued", "running", "parked"):
+                jobs.add_metric([caller, state], getattr(load, state))
+        yield jobs
+        work = CounterMetricFamily("adjointdpm_tenant_device_seconds", "device time of a "
+                                   "tenant's network calls (its rows' share of each call)",
+                                   labels=["tenant"])
+        for caller, seconds in sorted(self.engine.work_by_caller().items()):
+            work.add_metric([caller], seconds)
+        yield work

@@ -98,7 +98,8 @@ def build_server(config: ServerConfig, runtime: Runtime | None = None) -> Server
     interceptors = [TelemetryInterceptor(metrics, tenants)]
     if tenants is not None:
         interceptors.append(TokenAuthInterceptor(tenants, health_open=config.health_open))
-    interceptors.append(CallLimitInterceptor(config.workers, config.max_health_watches))
+    interceptors.append(CallLimitInterceptor(config.workers, config.max_health_watches,
+                                             by_tenant=tenants is not None))
     size = config.limits.max_message_bytes
     server = grpc.server(  # no maximum_concurrent_rpcs: it would count health checks too
         futures.ThreadPoolExecutor(max_workers=pool_size(config.workers, config.max_health_watches),

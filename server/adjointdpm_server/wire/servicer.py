@@ -16,7 +16,7 @@ import grpc
 from adjointdpm.v1 import adjointdpm_pb2 as pb
 from adjointdpm.v1 import adjointdpm_pb2_grpc as pb_grpc
 
-from ..admission.queue import AdmissionQueue
+from ..admission import AdmissionQueue
 from ..core import GRAD_MODES, SOLVERS
 from ..errors import ResourceExhausted, ServiceError
 from ..losses import available_losses
@@ -27,6 +27,7 @@ from ..tasks import (run_finetune_weights, run_compute_gradient, run_optimize_em
 from ..telemetry.logs import TENANT
 from . import convert
 from .auth import DEFAULT_TENANT, caller_of
+from .call_limit import RETRY_PUSHBACK
 from .streams import StreamJob
 
 log = logging.getLogger("adjointdpm.service")
@@ -50,6 +51,8 @@ def _abort(context, err: Exception):
     if isinstance(err, ServiceError):
         if err.code == "INTERNAL":
             log.error("internal error: %s", err)
+        if err.retry_after_s is not None:  # gRPC's server pushback (gRFC A6)
+            context.set_trailing_metadata(((RETRY_PUSHBACK, str(round(err.retry_after_s * 1000))),))
         context.abort(grpc.StatusCode[err.code], _details(str(err)))
     log.exception("internal error", exc_info=err)
     context.abort(grpc.StatusCode.INTERNAL, _details(f"internal error: {type(err).__name__}: {err}"))
@@ -59,7 +62,10 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
     def __init__(self, runtime: Runtime, metrics=None):
         self.rt = runtime
         config = runtime.config
-        self.admission = AdmissionQueue(config.max_active_jobs, config.max_queue)
+        self.admission = AdmissionQueue(
+            config.max_active_jobs, config.max_queue, tenant_max_queue=config.tenant_max_queue,
+            max_parked=config.max_parked_jobs, tenant_max_parked=config.tenant_max_parked,
+            weights=dict(config.tenant_weights))
         self.metrics = metrics
         self.jobs: set[StreamJob] = set()
         self._active = 0
@@ -99,8 +105,11 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
             with self._active_lock:
                 held = sum(1 for j in self.jobs if j.tenant == tenant)
                 if config.tenant_max_jobs is not None and held >= config.tenant_max_jobs:
-                    raise ResourceExhausted(f"tenant job quota: {held} of {config.tenant_max_jobs} "
-                                            "jobs active or queued; retry when one ends")
+                    hint = self.admission.typical_job_s
+                    raise ResourceExhausted(f"your tenant's job quota is full: {held} of "
+                                            f"{config.tenant_max_jobs} jobs active or queued (the "
+                                            f"per-tenant limit); retry in {hint:.1f} s",
+                                            retry_after_s=hint)
                 self.jobs.add(job)
             if request_iterator is not None:
                 request = job.receive(request_iterator, rpc)

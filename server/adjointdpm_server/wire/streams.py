@@ -54,6 +54,7 @@ class StreamJob(Job):
         if not context.add_callback(self.cancelled.set):  # the call already ended
             self.cancelled.set()
         self._protocol_error: str | None = None
+        self._admitted = None  # the admission slot, once the job runs
 
     def count_nfe(self, phase: str, n: int) -> None:
         if self.metrics is not None and n > 0:
@@ -73,7 +74,8 @@ class StreamJob(Job):
         self._asking.set()
         with tracing.span("adjointdpm.client_loss", loss=query.name, term=int(query.term)):
             self._out.put(("event", query))
-            with self.engine.parked(self):  # waiting for the client holds no device turn
+            # waiting for the client holds no device turn and (within its allowance) no slot
+            with self.engine.parked(self), self._admitted.parked():
                 reply = self._await_reply(query)
         if reply.term != query.term:
             raise InvalidArgument(f"loss reply for term {reply.term}, but term {query.term} was asked")
@@ -160,8 +162,8 @@ class StreamJob(Job):
         def work():
             queued_at = time.monotonic()
             try:
-                with self.admission.slot(self.check, lambda k: self.emit(Queued(k))), \
-                        self.engine.session(self):
+                with self.admission.slot(self.check, lambda k: self.emit(Queued(k)),
+                                         self.caller) as self._admitted, self.engine.session(self):
                     tracing.record("adjointdpm.queue", queued_at)
                     if self.metrics is not None:
                         self.metrics.queue_time.labels(rpc=self.rpc).observe(time.monotonic() - queued_at)
