@@ -177,3 +177,58 @@ def test_a_job_parked_on_its_client_shares_no_calls():
             assert not engine.shares_calls()
         assert engine.shares_calls()
     assert not engine.shares_calls()
+
+
+def test_an_exclusive_turn_holds_the_device_and_is_charged_to_its_caller():
+    """A weight-training backward runs in its job's thread inside ``exclusive``: B's call waits
+    for the turn to end, A's own calls in it run inline (no deadlock), and A pays the turn."""
+    engine = NetworkEngine(max_batch=8, window_ms=5)
+    a, b = LocalJob(caller="A"), LocalJob(caller="B")
+    order = []
+
+    def b_call():
+        engine.submit(WorkItem(SOLO, None, b, "B", "", 1, closure=lambda: order.append("B")))
+
+    with engine.session(a), engine.session(b):
+        with engine.exclusive(a):
+            worker = threading.Thread(target=b_call)
+            worker.start()
+            time.sleep(0.3)
+            inner = engine.submit(WorkItem(SOLO, None, a, "A", "", 1, closure=lambda: "inline"))
+            order.append("A")
+        worker.join(10)
+    engine.close()
+    assert inner == "inline" and order == ["A", "B"]
+    assert engine.stats.work["A"] >= 0.3 > engine.stats.work["B"]
+
+
+def test_a_cancelled_job_waiting_for_its_exclusive_turn_leaves_the_queue():
+    engine = NetworkEngine(max_batch=8, window_ms=5)
+    a, b = LocalJob(caller="A"), LocalJob(caller="B")
+    with engine.session(a), engine.session(b), engine.exclusive(a):
+        b.cancelled.set()
+        with pytest.raises(Exception) as err:
+            with engine.exclusive(b):
+                pass
+        assert type(err.value).__name__ == "Cancelled"
+        assert not engine._queues  # its turn was withdrawn
+    engine.close()
+
+
+def test_alone_an_exclusive_turn_takes_nothing():
+    """No other caller's work: the pass runs beside the engine's calls as before (no turn)."""
+    engine = NetworkEngine(max_batch=8, window_ms=5)
+    a = LocalJob(caller="A")
+    with engine.session(a), engine.exclusive(a):
+        assert engine.submit(WorkItem(SOLO, None, a, "A", "", 1, closure=lambda: 7)) == 7
+    engine.close()
+    assert engine.stats.calls["lease"] == 0 and engine.stats.calls["solo"] == 1
+
+
+def test_auto_recomputes_only_from_share_from_runnable_jobs():
+    engine = NetworkEngine(max_batch=8, window_ms=5, share_from=3)
+    jobs = [LocalJob(caller=f"c{k}") for k in range(3)]
+    with engine.session(jobs[0]), engine.session(jobs[1]):
+        assert not engine.shares_calls()
+        with engine.session(jobs[2]):
+            assert engine.shares_calls()

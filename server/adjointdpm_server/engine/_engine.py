@@ -31,7 +31,7 @@ import torch
 
 from ..errors import Cancelled
 from ._network import EngineNetwork
-from ._work import FORWARD, SOLO, VJP, WorkItem
+from ._work import FORWARD, LEASE, SOLO, VJP, WorkItem
 
 __all__ = ["NetworkEngine", "EngineStats"]
 
@@ -56,11 +56,13 @@ class EngineStats:
 class NetworkEngine:
     def __init__(self, *, max_batch: int = 64, window_ms: float = 5.0,
                  observer: Callable[[str, str, int], None] | None = None,
-                 weights: Mapping[str, float] | None = None, chunk_rows: int | None = None):
+                 weights: Mapping[str, float] | None = None, chunk_rows: int | None = None,
+                 share_from: int = 2):
         if max_batch < 1 or window_ms < 0 or (chunk_rows is not None and chunk_rows < 1):
             raise ValueError("max_batch and chunk_rows must be >= 1 and window_ms >= 0")
         self.max_batch, self.window_s = max_batch, window_ms / 1000.0
         self.chunk_rows = chunk_rows or max_batch
+        self.share_from = max(2, share_from)
         self.weights = dict(weights or {})
         self.observer = observer
         self.stats = EngineStats()
@@ -69,7 +71,9 @@ class NetworkEngine:
         self._vtime: dict[str, float] = {}    # caller → device seconds received / weight
         self._now_v = 0.0                     # the virtual time of the last batch's head
         self._last_done: dict = {}            # job → when its last call ended (anticipation)
+        self._last_key: dict = {}             # job → its last call's batch key (who to wait for)
         self._registered: Counter = Counter()  # job → sessions open (normally 1)
+        self._exclusive = None                 # the job holding the device (``exclusive``)
         self._parked: Counter = Counter()
         self._pending: Counter = Counter()     # job → items waiting
         self._npending = 0
@@ -95,6 +99,7 @@ class NetworkEngine:
                     del counter[job]
                     if counter is self._registered:
                         self._last_done.pop(job, None)
+                        self._last_key.pop(job, None)
                 self._cond.notify_all()
 
     def session(self, job):
@@ -110,33 +115,64 @@ class NetworkEngine:
         return len(self._registered)
 
     def shares_calls(self) -> bool:
-        """Whether a job's network calls would now batch with another job's: batching is on and
-        more than one job is runnable (``auto`` then recomputes rather than keeping solo graphs;
-        a job parked on its client makes no calls to share)."""
+        """Whether a job's network calls would now batch with enough others' to pay for
+        recomputing rather than keeping solo graphs (``auto``): batching is on and at least
+        ``share_from`` jobs are runnable (a job parked on its client makes no calls to share).
+        On an accelerator 2; on a CPU more, since kept graphs' backward passes run in the jobs'
+        threads beside the engine's, on the other cores (docs/design.md §5)."""
         with self._cond:
             runnable = sum(1 for job in self._registered if job not in self._parked)
-        return self.window_s > 0 and self.max_batch > 1 and runnable > 1
+        return self.window_s > 0 and self.max_batch > 1 and runnable >= self.share_from
 
     @property
     def waiting_client(self) -> int:
         return len(self._parked)
 
+    @contextmanager
+    def exclusive(self, job):
+        """The device for work ``job`` does in its own thread — the backward pass through the
+        graphs a weight-training job keeps — as one turn of the fair share: the engine runs
+        nothing else meanwhile, the job's own calls in it run inline, and its time is charged to
+        the job's caller like a call's (else N such passes would run beside every call, unshared
+        and uncounted). With no other caller's work here it takes no turn: a single tenant's
+        passes run side by side as before."""
+        with self._cond:
+            alone = not self._others_active(job.caller)
+        if alone:
+            yield
+            return
+        release, granted = threading.Event(), threading.Event()
+
+        def hold():
+            granted.set()
+            while not release.wait(0.05) and not self._closed:
+                pass
+
+        item = WorkItem(LEASE, None, job, job.caller, "", 1, closure=hold)
+        self._enqueue(item)
+        try:
+            while not granted.wait(0.05) and not item.done.is_set():
+                job.check()  # cancelled while waiting: withdrawn below
+            if item.error is not None:
+                raise item.error
+            with self._cond:
+                self._exclusive = job
+            yield
+        finally:
+            with self._cond:
+                if self._exclusive is job:
+                    self._exclusive = None
+            release.set()
+            self._withdraw(item)
+            if item.state != "withdrawn":
+                item.done.wait()
+            item.release()
+
     def submit(self, item: WorkItem):
         """Queue ``item`` and wait for its result; a cancelled job withdraws its pending item."""
-        with self._cond:
-            if self._closed:
-                raise Cancelled("the server is shutting down")
-            queue = self._queues.get(item.caller)
-            if queue is None:  # back with work: no credit for the time it had none (SFQ)
-                queue = self._queues[item.caller] = deque()
-                self._vtime[item.caller] = max(self._vtime.get(item.caller, 0.0), self._now_v)
-            queue.append(item)
-            self._pending[item.job] += 1
-            self._npending += 1
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="adjointdpm-engine", daemon=True)
-                self._thread.start()
-            self._cond.notify_all()
+        if self._exclusive is item.job and threading.current_thread() is not self._thread:
+            return item.closure() if item.kind == SOLO else _run([item])[0]  # its own turn
+        self._enqueue(item)
         try:
             while not item.done.wait(0.05):
                 try:
@@ -151,6 +187,24 @@ class NetworkEngine:
             return item.result
         finally:
             item.release()  # the engine may hold the item a moment longer, never its tensors
+
+    def _enqueue(self, item: WorkItem) -> None:
+        with self._cond:
+            if self._closed:
+                raise Cancelled("the server is shutting down")
+            queue = self._queues.get(item.caller)
+            if queue is None:  # back with work: no credit for the time it had none (SFQ)
+                queue = self._queues[item.caller] = deque()
+                self._vtime[item.caller] = max(self._vtime.get(item.caller, 0.0), self._now_v)
+            queue.append(item)
+            if item.job in self._registered:
+                self._last_key[item.job] = item.key
+            self._pending[item.job] += 1
+            self._npending += 1
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="adjointdpm-engine", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop the engine thread after the call it is running (a process must not exit while
@@ -189,10 +243,16 @@ class NetworkEngine:
         self._npending -= 1
 
     def _ready(self) -> bool:
-        """Every runnable job has submitted, or a full batch is waiting."""
+        """A full batch is waiting, or every runnable job that could join the next batch has
+        submitted: a job whose last call was of another kind (its backward while the next batch
+        is a forward one, another model) is not waited for."""
         if sum(it.rows for q in self._queues.values() for it in q) >= self.max_batch:
             return True
-        return all(job in self._pending or job in self._parked for job in self._registered)
+        head = self._queues[self._order()[0]][0].key
+        if head is None:  # a call that runs alone waits for nobody
+            return True
+        return all(job in self._pending or job in self._parked
+                   or self._last_key.get(job, head) != head for job in self._registered)
 
     def weight(self, caller: str) -> float:
         return self.weights.get(caller, 1.0)
@@ -334,7 +394,7 @@ class NetworkEngine:
             s.items[kind] += len(batch)
             s.max_rows = max(s.max_rows, rows)
             s.recent.append((kind, [item.caller for item in batch]))
-        if self.observer is not None:
+        if self.observer is not None and kind != LEASE:  # a lease is no network call
             try:
                 self.observer(batch[0].model, kind, rows)
             except Exception:  # noqa: BLE001 — metrics must never stop the engine
@@ -350,7 +410,7 @@ def _cat(values):
 def _run(batch: list[WorkItem]) -> list:
     """One network call for the whole batch, split back per item."""
     head = batch[0]
-    if head.kind == SOLO:
+    if head.kind in (SOLO, LEASE):
         return [head.closure()]
     rows = [it.rows for it in batch]
     x, t = _cat([it.x for it in batch]), _cat([it.t for it in batch])

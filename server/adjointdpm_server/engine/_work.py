@@ -9,9 +9,9 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["WorkItem", "batch_key", "FORWARD", "VJP", "SOLO"]
+__all__ = ["WorkItem", "batch_key", "FORWARD", "VJP", "SOLO", "LEASE"]
 
-FORWARD, VJP, SOLO = "forward", "vjp", "solo"
+FORWARD, VJP, SOLO, LEASE = "forward", "vjp", "solo", "lease"
 
 
 def _signature(value) -> tuple | None:
@@ -34,8 +34,9 @@ def batch_key(kind: str, module, x: torch.Tensor, t: torch.Tensor, cond,
 
 @dataclass(eq=False)
 class WorkItem:
-    """``kind``: forward (no grad), vjp (inputs + cotangent → ε and input gradients) or solo
-    (a closure run alone on the engine thread: calls that build a graph for weight gradients)."""
+    """``kind``: forward (no grad), vjp (inputs + cotangent → ε and input gradients), solo
+    (a closure run alone on the engine thread: calls that build a graph for weight gradients)
+    or lease (the engine thread waits while a job works on the device in its own thread)."""
 
     kind: str
     key: tuple | None

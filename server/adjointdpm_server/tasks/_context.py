@@ -3,7 +3,7 @@ implements it; tests and examples may pass their own)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Callable, ContextManager, Protocol
 
 if TYPE_CHECKING:
     from torch import nn
@@ -24,6 +24,10 @@ class NetworkCalls(Protocol):
 
     def shares_calls(self) -> bool:
         """Whether a call now would batch with another job's (``auto`` then keeps no graphs)."""
+
+    def exclusive(self, job) -> ContextManager:
+        """The device for work ``job`` does in its own thread (a weight-training backward pass),
+        as one turn of the fair share."""
 
 
 class TaskContext(Protocol):

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Callable
+from typing import Callable, ContextManager
 
 import torch
 
@@ -186,11 +187,14 @@ def report(job: Job, iteration: int, evaluation: Evaluation, grad_norm: float, i
 
 def optimize(job: Job, opt: MasterOptimizer, params, spec,
              loss_at: Callable[[int], tuple], *, first: int = 0, history: list | None = None,
-             after_step: Callable[[int], bool | None] | None = None) -> list[float]:
+             after_step: Callable[[int], bool | None] | None = None,
+             backward_turn: Callable[[], ContextManager] = contextlib.nullcontext) -> list[float]:
     """The loop every optimizing task shares: set the step size of the schedule, ``loss_at(it) →
-    (evaluation, images to report or None, extra report fields)``, backward, report, step, then
-    ``after_step(iterations done)`` (a projection, a checkpoint, a validation), which returns True
-    to stop early. The job is checked between iterations (cancel, deadline)."""
+    (evaluation, images to report or None, extra report fields)``, backward (inside
+    ``backward_turn()``: a weight-training job's pass holds the device as a turn of the fair
+    share), report, step, then ``after_step(iterations done)`` (a projection, a checkpoint, a
+    validation), which returns True to stop early. The job is checked between iterations
+    (cancel, deadline)."""
     history = [] if history is None else history
     for it in range(first, spec.iterations):
         job.check()
@@ -199,7 +203,7 @@ def optimize(job: Job, opt: MasterOptimizer, params, spec,
             group["lr"] = lr
         evaluation, images, extra = loss_at(it)
         opt.zero_grad()
-        with tracing.span("adjointdpm.backward"):
+        with tracing.span("adjointdpm.backward"), backward_turn():
             evaluation.total.backward()
         grad_norm = math.sqrt(sum(float(p.grad.square().sum()) for p in params if p.grad is not None))
         history.append(report(job, it, evaluation, grad_norm, images, lr=lr, iterate=params, **extra))

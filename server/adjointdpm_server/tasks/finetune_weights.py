@@ -13,6 +13,8 @@ losses and, where the model has a classifier, how many images keep the base mode
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -165,7 +167,7 @@ def _train(run: _Run, spec: GenerationSpec, losses: list[LossSpec], validation) 
     _start(run, spec, losses, validation)
     try:
         optimize(run.job, run.opt, run.params, run.opts, run.loss_at, first=run.first,
-                 history=run.history, after_step=run.after_step)
+                 history=run.history, after_step=run.after_step, backward_turn=run.backward_turn)
     except (Cancelled, DeadlineExceeded):
         if len(run.history) > run.first:
             run.checkpoint(len(run.history))  # durable: a stopped fine-tune resumes from here
@@ -232,6 +234,12 @@ class _Run:
         """Derived once from the copy and the request: what trains, and when to stop early."""
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.patience = Patience(self.opts.stop_when)
+
+    def backward_turn(self):
+        """The backward pass through the copy's kept graphs runs in this job's thread: it holds
+        the engine's device for its duration, a turn of the fair share like a network call."""
+        engine = self.prep.engine
+        return contextlib.nullcontext() if engine is None else engine.exclusive(self.job)
 
     def loss_at(self, it: int):
         """One iteration's loss: the sampler through the copy on this iteration's minibatch."""
