@@ -57,8 +57,7 @@ class Runtime:
         self.engine = NetworkEngine(max_batch=config.max_network_batch,
                                     window_ms=config.batch_window_ms,
                                     weights=dict(config.tenant_weights),
-                                    chunk_rows=config.engine_chunk_rows,
-                                    share_from=_share_from(config.device))
+                                    chunk_rows=config.engine_chunk_rows)
         self._adapters: OrderedDict[tuple[str, str], torch.nn.Module] = OrderedDict()
         self._adapter_cache = adapter_cache
         self._lock = threading.Lock()
@@ -103,16 +102,6 @@ class Runtime:
             while len(self._adapters) > self._adapter_cache:
                 self._adapters.popitem(last=False)
         return eps
-
-
-def _share_from(device: str) -> int:
-    """Runnable jobs from which ``auto`` gradients recompute to batch rather than keep graphs:
-    2 on an accelerator (one device does everything); on a CPU, kept graphs' backward passes run
-    in the jobs' own threads beside the engine's calls, so batching pays only beyond the cores'
-    parallelism — from 2 × torch's threads + 1 (measured: benchmarks/results/load.md)."""
-    if device == "cpu":
-        return 2 * torch.get_num_threads() + 1
-    return 2
 
 
 class TenantContext:

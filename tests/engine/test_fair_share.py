@@ -225,10 +225,15 @@ def test_alone_an_exclusive_turn_takes_nothing():
     assert engine.stats.calls["lease"] == 0 and engine.stats.calls["solo"] == 1
 
 
-def test_auto_recomputes_only_from_share_from_runnable_jobs():
-    engine = NetworkEngine(max_batch=8, window_ms=5, share_from=3)
-    jobs = [LocalJob(caller=f"c{k}") for k in range(3)]
-    with engine.session(jobs[0]), engine.session(jobs[1]):
-        assert not engine.shares_calls()
-        with engine.session(jobs[2]):
-            assert engine.shares_calls()
+def test_a_sampling_job_is_no_company_for_a_gradients_vjps(digits64):
+    """``auto`` recomputes to batch its VJPs only beside jobs that may make VJP calls: those that
+    asked (gradient jobs) and those that have made no call yet — not a job that only samples."""
+    engine = NetworkEngine(max_batch=8, window_ms=5)
+    sampler, grad, newcomer = (LocalJob(caller=c) for c in ("A", "B", "C"))
+    x, t, cond = _inputs(digits64, 2)
+    with engine.session(sampler), engine.session(grad), torch.no_grad():
+        engine.network(digits64.eps_fn, sampler)(x, t, cond)  # a forward call: it samples
+        assert not engine.shares_calls(grad)
+        with engine.session(newcomer):
+            assert engine.shares_calls(grad)  # it may be a gradient job about to ask
+    engine.close()

@@ -83,8 +83,12 @@ def _disconnect_mid_stream(target: str, k: int) -> None:
     if k % 2:
         events = stub.Sample(pb.SampleRequest(generation=pb.Generation(seed=k, steps=200, batch=4)))
     else:
+        # checkpoint, not auto: beside a sampling job auto keeps its forward graph, whose freed
+        # pages glibc gives back only in part (RSS swings by ±150 MiB from round to round,
+        # measured; the old auto recomputed beside any job) — noise that would hide a leak
         request = pb.GradientRequest(generation=pb.Generation(seed=k, steps=100, batch=2),
-                                     losses=[pb.LossTerm(client="never_answered")])
+                                     losses=[pb.LossTerm(client="never_answered")],
+                                     grad_mode="checkpoint")
         events = stub.ComputeGradient(iter([pb.GradientMessage(request=request)]))
     for event in events:
         if event.WhichOneof("kind") in ("progress", "loss_query"):

@@ -58,15 +58,21 @@ class Admitted:
     def __init__(self, queue: "AdmissionQueue", caller: str, check: Callable[[], None]):
         self.queue, self.caller, self.check = queue, caller, check
         self.holding = True
+        self.lent_s = 0.0  # time the slot was lent (the job parked without it)
 
     @contextmanager
     def parked(self):
         released = self.queue._park(self)
+        started = time.monotonic()
         try:
             yield
-        finally:
-            if released:
-                self.queue._resume(self)
+        except BaseException:
+            if released:  # the job ends (cancelled, timed out): it takes no slot to end
+                self.queue._unpark(self.caller)
+            raise
+        if released:
+            self.lent_s += time.monotonic() - started
+            self.queue._resume(self)
 
 
 class AdmissionQueue:
@@ -98,7 +104,8 @@ class AdmissionQueue:
     # -- what operators and metrics read ---------------------------------------------------------
     @property
     def running(self) -> int:
-        return sum(self._running.values())
+        with self._cond:  # re-entrant: also read under the lock (scrapes read it from outside)
+            return sum(self._running.values())
 
     @property
     def queued(self) -> int:
@@ -106,7 +113,8 @@ class AdmissionQueue:
 
     @property
     def parked_jobs(self) -> int:
-        return sum(self._parked.values())
+        with self._cond:
+            return sum(self._parked.values())
 
     def load(self) -> dict[str, CallerLoad]:
         """Every caller with a job here: queued, running, parked."""
@@ -149,7 +157,7 @@ class AdmissionQueue:
             with self._cond:
                 if held.holding:
                     self._release(caller)
-                spent = time.monotonic() - started
+                spent = time.monotonic() - started - held.lent_s  # the slot's time, not the client's
                 self._typical_s += 0.2 * (spent - self._typical_s)
 
     def _enqueue(self, caller: str, resume: bool) -> _Waiter | None:
@@ -311,11 +319,16 @@ class AdmissionQueue:
             self._release(caller)
             return True
 
-    def _resume(self, held: Admitted) -> None:
+    def _unpark(self, caller: str) -> None:
         with self._cond:
-            self._parked[held.caller] -= 1
-            if self._parked[held.caller] <= 0:
-                del self._parked[held.caller]
+            self._parked[caller] -= 1
+            if self._parked[caller] <= 0:
+                del self._parked[caller]
+            self._cond.notify_all()
+
+    def _resume(self, held: Admitted) -> None:
+        self._unpark(held.caller)
+        with self._cond:
             waiter = self._enqueue(held.caller, resume=True)
         if waiter is not None:
             self._wait(waiter, held.check, None)

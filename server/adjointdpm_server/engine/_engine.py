@@ -56,13 +56,11 @@ class EngineStats:
 class NetworkEngine:
     def __init__(self, *, max_batch: int = 64, window_ms: float = 5.0,
                  observer: Callable[[str, str, int], None] | None = None,
-                 weights: Mapping[str, float] | None = None, chunk_rows: int | None = None,
-                 share_from: int = 2):
+                 weights: Mapping[str, float] | None = None, chunk_rows: int | None = None):
         if max_batch < 1 or window_ms < 0 or (chunk_rows is not None and chunk_rows < 1):
             raise ValueError("max_batch and chunk_rows must be >= 1 and window_ms >= 0")
         self.max_batch, self.window_s = max_batch, window_ms / 1000.0
         self.chunk_rows = chunk_rows or max_batch
-        self.share_from = max(2, share_from)
         self.weights = dict(weights or {})
         self.observer = observer
         self.stats = EngineStats()
@@ -72,6 +70,7 @@ class NetworkEngine:
         self._now_v = 0.0                     # the virtual time of the last batch's head
         self._last_done: dict = {}            # job → when its last call ended (anticipation)
         self._last_key: dict = {}             # job → its last call's batch key (who to wait for)
+        self._gradient_jobs: set = set()      # jobs that asked ``shares_calls`` (make VJP calls)
         self._registered: Counter = Counter()  # job → sessions open (normally 1)
         self._exclusive = None                 # the job holding the device (``exclusive``)
         self._parked: Counter = Counter()
@@ -100,6 +99,7 @@ class NetworkEngine:
                     if counter is self._registered:
                         self._last_done.pop(job, None)
                         self._last_key.pop(job, None)
+                        self._gradient_jobs.discard(job)
                 self._cond.notify_all()
 
     def session(self, job):
@@ -114,15 +114,18 @@ class NetworkEngine:
     def active(self) -> int:
         return len(self._registered)
 
-    def shares_calls(self) -> bool:
-        """Whether a job's network calls would now batch with enough others' to pay for
-        recomputing rather than keeping solo graphs (``auto``): batching is on and at least
-        ``share_from`` jobs are runnable (a job parked on its client makes no calls to share).
-        On an accelerator 2; on a CPU more, since kept graphs' backward passes run in the jobs'
-        threads beside the engine's, on the other cores (docs/design.md §5)."""
+    def shares_calls(self, job=None) -> bool:
+        """Whether ``job``'s gradient calls would now batch with another job's, so that ``auto``
+        recomputes rather than keeping solo graphs: batching is on and another runnable job may
+        make such calls — one that asked this too (a gradient job: ``job`` is one from now on)
+        or one that has made no call yet; a job parked on its client makes none, a sampling job
+        no VJP."""
         with self._cond:
-            runnable = sum(1 for job in self._registered if job not in self._parked)
-        return self.window_s > 0 and self.max_batch > 1 and runnable >= self.share_from
+            if job is not None and job in self._registered:
+                self._gradient_jobs.add(job)
+            runnable = sum(1 for j in self._registered if j not in self._parked
+                           and (j in self._gradient_jobs or j not in self._last_key))
+        return self.window_s > 0 and self.max_batch > 1 and runnable > 1
 
     @property
     def waiting_client(self) -> int:

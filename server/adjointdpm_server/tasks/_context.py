@@ -22,8 +22,9 @@ class NetworkCalls(Protocol):
     def network(self, module: nn.Module, job, model: str = "") -> Callable:
         """``module`` as this job's ``eps_fn``: its calls go through the engine."""
 
-    def shares_calls(self) -> bool:
-        """Whether a call now would batch with another job's (``auto`` then keeps no graphs)."""
+    def shares_calls(self, job) -> bool:
+        """Whether ``job``'s gradient calls now would batch with other jobs' (``auto`` then
+        keeps no graphs)."""
 
     def exclusive(self, job) -> ContextManager:
         """The device for work ``job`` does in its own thread (a weight-training backward pass),

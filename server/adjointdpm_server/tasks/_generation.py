@@ -184,12 +184,12 @@ def _with_iteration(p: Progress, iteration: int) -> IterationProgress:
     return IterationProgress(p.phase, p.step, p.total, p.t, p.nfe, iteration)
 
 
-def _memory_budget(prep: Prepared, grad_mode: str, request_mib: int, device) -> int | None:
+def _memory_budget(prep: Prepared, job: Job, grad_mode: str, request_mib: int, device) -> int | None:
     """The bytes ``sample`` may hold for the gradient: the server's budget (``--grad-memory-mib``,
     else half the device's free memory), lowered by the request's; 0 for ``auto`` while other
     jobs run (a kept graph is a solo call, a recomputed one batches with theirs: docs/design.md
     §5); None for an ``adjoint`` that names none (the paper's, re-solved from y_N)."""
-    if grad_mode == "auto" and prep.engine is not None and prep.engine.shares_calls():
+    if grad_mode == "auto" and prep.engine is not None and prep.engine.shares_calls(job):
         return 0
     if grad_mode != "auto" and not (grad_mode == "adjoint" and request_mib):
         return None
@@ -209,7 +209,7 @@ def run_sampler(prep: Prepared, job: Job, *, x_T=None, cond=None, uncond=None, e
     going through the engine; ``memory_budget_mib`` (0: the server's) can lower, never raise,
     the server's gradient memory budget."""
     x_T = prep.x_T if x_T is None else x_T
-    budget = _memory_budget(prep, grad_mode, memory_budget_mib, x_T.device)
+    budget = _memory_budget(prep, job, grad_mode, memory_budget_mib, x_T.device)
     cond = prep.cond if cond is None else cond
     uncond = prep.uncond if uncond is None else uncond
     network_dtype = None

@@ -40,8 +40,8 @@ class Metrics:
         self.nfe = Counter("adjointdpm_nfe", "network function evaluations, by phase "
                            "(forward: sampling; backward: the gradient pass — adjoint or checkpoint)",
                            ["phase"], registry=r)
-        self.jobs_running = Gauge("adjointdpm_jobs_running", "jobs admitted (states in memory)",
-                                  registry=r)
+        self.jobs_running = Gauge("adjointdpm_jobs_running", "jobs admitted (states in memory: "
+                                  "holding a slot, or parked on a client's reply)", registry=r)
         self.jobs_queued = Gauge("adjointdpm_jobs_queued", "jobs waiting to be admitted", registry=r)
         self.jobs_active = Gauge("adjointdpm_jobs_active", "admitted jobs running on the engine",
                                  registry=r)
@@ -61,7 +61,7 @@ class Metrics:
     def watch(self, admission, engine) -> None:
         """Job gauges are read from the admission queue and the engine at scrape time; the engine
         reports each network call it runs."""
-        self.jobs_running.set_function(lambda: admission.running)
+        self.jobs_running.set_function(lambda: admission.running + admission.parked_jobs)
         self.jobs_queued.set_function(lambda: admission.queued)
         self.jobs_active.set_function(lambda: engine.active)
         self.jobs_waiting_client.set_function(lambda: engine.waiting_client)
