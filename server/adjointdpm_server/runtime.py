@@ -57,7 +57,8 @@ class Runtime:
         self.engine = NetworkEngine(max_batch=config.max_network_batch,
                                     window_ms=config.batch_window_ms,
                                     weights=dict(config.tenant_weights),
-                                    chunk_rows=config.engine_chunk_rows)
+                                    chunk_rows=config.engine_chunk_rows,
+                                    share_from=_share_from(config.device))
         self._adapters: OrderedDict[tuple[str, str], torch.nn.Module] = OrderedDict()
         self._adapter_cache = adapter_cache
         self._lock = threading.Lock()
@@ -102,6 +103,14 @@ class Runtime:
             while len(self._adapters) > self._adapter_cache:
                 self._adapters.popitem(last=False)
         return eps
+
+
+def _share_from(device: str) -> int:
+    """Gradient jobs from which ``auto`` recomputes to batch rather than keeping graphs: 2 on an
+    accelerator (one device does everything); on a CPU, kept graphs' backward passes run in the
+    jobs' threads on the other cores, so batching pays only beyond that parallelism: from
+    2 × torch's threads + 1 (docs/design.md §5)."""
+    return 2 * torch.get_num_threads() + 1 if device == "cpu" else 2
 
 
 class TenantContext:

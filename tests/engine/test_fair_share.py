@@ -237,3 +237,14 @@ def test_a_sampling_job_is_no_company_for_a_gradients_vjps(digits64):
         with engine.session(newcomer):
             assert engine.shares_calls(grad)  # it may be a gradient job about to ask
     engine.close()
+
+
+def test_auto_recomputes_only_from_share_from_gradient_jobs():
+    """On a CPU ``share_from`` is above 2: a few gradient jobs keep graphs side by side (their
+    backward passes use the other cores), more recompute to batch."""
+    engine = NetworkEngine(max_batch=8, window_ms=5, share_from=3)
+    jobs = [LocalJob(caller=f"c{k}") for k in range(3)]
+    with engine.session(jobs[0]), engine.session(jobs[1]):
+        assert not engine.shares_calls(jobs[0]) and engine.gradient_jobs(jobs[1]) == 2
+        with engine.session(jobs[2]):
+            assert engine.shares_calls(jobs[2])

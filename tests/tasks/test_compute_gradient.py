@@ -233,3 +233,21 @@ def test_same_result_over_the_wire(ctx, target, tmp_path_factory):
     np.testing.assert_allclose(wire.sample_losses, local.sample_losses, rtol=1e-6)
     np.testing.assert_allclose(wire.gradients["x_T"], local.gradients["x_T"].numpy(), rtol=1e-5, atol=1e-7)
     assert wire.nfe == local.nfe
+
+
+def test_graphs_kept_side_by_side_share_the_memory_budget(ctx, runtime):
+    """Below ``share_from`` gradient jobs (a CPU: above 2) ``auto`` keeps graphs in each job;
+    their budgets split the one the server has, so k jobs together stay within it."""
+    import dataclasses
+
+    from adjointdpm_server.tasks._generation import _memory_budget, prepare
+
+    prep = dataclasses.replace(prepare(ctx, gen()), grad_memory_bytes=64 << 20)
+    a, b = LocalJob(caller="a"), LocalJob(caller="b")
+    cpu = torch.device("cpu")
+    assert runtime.engine.share_from > 2
+    with runtime.engine.session(a):
+        assert _memory_budget(prep, a, "auto", 0, cpu) == 64 << 20
+        with runtime.engine.session(b):
+            assert _memory_budget(prep, a, "auto", 0, cpu) == 32 << 20
+            assert _memory_budget(prep, a, "checkpoint", 0, cpu) is None

@@ -56,11 +56,13 @@ class EngineStats:
 class NetworkEngine:
     def __init__(self, *, max_batch: int = 64, window_ms: float = 5.0,
                  observer: Callable[[str, str, int], None] | None = None,
-                 weights: Mapping[str, float] | None = None, chunk_rows: int | None = None):
+                 weights: Mapping[str, float] | None = None, chunk_rows: int | None = None,
+                 share_from: int = 2):
         if max_batch < 1 or window_ms < 0 or (chunk_rows is not None and chunk_rows < 1):
             raise ValueError("max_batch and chunk_rows must be >= 1 and window_ms >= 0")
         self.max_batch, self.window_s = max_batch, window_ms / 1000.0
         self.chunk_rows = chunk_rows or max_batch
+        self.share_from = max(2, share_from)
         self.weights = dict(weights or {})
         self.observer = observer
         self.stats = EngineStats()
@@ -114,18 +116,23 @@ class NetworkEngine:
     def active(self) -> int:
         return len(self._registered)
 
-    def shares_calls(self, job=None) -> bool:
-        """Whether ``job``'s gradient calls would now batch with another job's, so that ``auto``
-        recomputes rather than keeping solo graphs: batching is on and another runnable job may
-        make such calls — one that asked this too (a gradient job: ``job`` is one from now on)
-        or one that has made no call yet; a job parked on its client makes none, a sampling job
-        no VJP."""
+    def gradient_jobs(self, job=None) -> int:
+        """Runnable jobs that may make VJP calls now: those that asked (gradient jobs: ``job`` is
+        one from now on) and those that have made no call yet; a job parked on its client makes
+        none, a sampling job no VJP."""
         with self._cond:
             if job is not None and job in self._registered:
                 self._gradient_jobs.add(job)
-            runnable = sum(1 for j in self._registered if j not in self._parked
-                           and (j in self._gradient_jobs or j not in self._last_key))
-        return self.window_s > 0 and self.max_batch > 1 and runnable > 1
+            return sum(1 for j in self._registered if j not in self._parked
+                       and (j in self._gradient_jobs or j not in self._last_key))
+
+    def shares_calls(self, job=None) -> bool:
+        """Whether ``job``'s gradient calls would now batch with enough others' to pay for
+        recomputing rather than keeping solo graphs (``auto``): batching is on and at least
+        ``share_from`` gradient jobs run. On an accelerator 2; on a CPU more, since kept graphs'
+        backward passes run in the jobs' own threads beside the engine's calls, on the other
+        cores — a parallelism a batched recompute gives up (docs/design.md §5)."""
+        return self.window_s > 0 and self.max_batch > 1 and self.gradient_jobs(job) >= self.share_from
 
     @property
     def waiting_client(self) -> int:

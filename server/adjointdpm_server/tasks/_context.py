@@ -22,6 +22,9 @@ class NetworkCalls(Protocol):
     def network(self, module: nn.Module, job, model: str = "") -> Callable:
         """``module`` as this job's ``eps_fn``: its calls go through the engine."""
 
+    def gradient_jobs(self, job) -> int:
+        """How many gradient jobs run now, ``job`` included (kept graphs share the budget)."""
+
     def shares_calls(self, job) -> bool:
         """Whether ``job``'s gradient calls now would batch with other jobs' (``auto`` then
         keeps no graphs)."""

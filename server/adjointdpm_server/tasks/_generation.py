@@ -186,14 +186,19 @@ def _with_iteration(p: Progress, iteration: int) -> IterationProgress:
 
 def _memory_budget(prep: Prepared, job: Job, grad_mode: str, request_mib: int, device) -> int | None:
     """The bytes ``sample`` may hold for the gradient: the server's budget (``--grad-memory-mib``,
-    else half the device's free memory), lowered by the request's; 0 for ``auto`` while other
-    jobs run (a kept graph is a solo call, a recomputed one batches with theirs: docs/design.md
-    §5); None for an ``adjoint`` that names none (the paper's, re-solved from y_N)."""
-    if grad_mode == "auto" and prep.engine is not None and prep.engine.shares_calls(job):
-        return 0
+    else half the device's free memory), lowered by the request's; for ``auto``, 0 while enough
+    other gradient jobs run (a kept graph is a solo call, a recomputed one batches with theirs:
+    docs/design.md §5), else shared with the gradient jobs that may keep graphs beside it; None
+    for an ``adjoint`` that names none (the paper's, re-solved from y_N)."""
+    company = 1
+    if grad_mode == "auto" and prep.engine is not None:
+        if prep.engine.shares_calls(job):
+            return 0
+        company = max(1, prep.engine.gradient_jobs(job))  # graphs kept side by side share it
     if grad_mode != "auto" and not (grad_mode == "adjoint" and request_mib):
         return None
     budget = prep.grad_memory_bytes if prep.grad_memory_bytes is not None else default_budget(device)
+    budget //= company
     return min(budget, int(request_mib) << 20) if request_mib else budget
 
 
