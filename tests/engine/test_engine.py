@@ -244,7 +244,7 @@ def test_window_zero_runs_every_call_alone(mixture64):
         out, errors = _in_threads([lambda j=j: call(j) for j in jobs])
     assert errors == [None] * 4
     assert engine.stats.calls["forward"] == engine.stats.items["forward"] == 4
-    assert not engine._queues and not engine._last_done  # nothing kept per caller or job once idle
+    assert not engine._queues and not engine._last_done and not engine._trainers  # nothing kept once idle
 
 
 def test_the_window_waits_for_a_job_between_its_calls(mixture64):

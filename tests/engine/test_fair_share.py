@@ -248,3 +248,17 @@ def test_auto_recomputes_only_from_share_from_gradient_jobs():
         assert not engine.shares_calls(jobs[0]) and engine.gradient_jobs(jobs[1]) == 2
         with engine.session(jobs[2]):
             assert engine.shares_calls(jobs[2])
+
+
+def test_a_job_training_weights_is_no_company_for_a_gradients_vjps(digits64):
+    """A fine-tune's calls build weight graphs and run solo: beside it a gradient job keeps its
+    graphs (it recomputed for nothing, 1.6× the device time, under 16 fine-tunes)."""
+    from adjointdpm_server.models._adapters import with_lora
+
+    engine = NetworkEngine(max_batch=8, window_ms=5)
+    trainer, grad = LocalJob(caller="A"), LocalJob(caller="B")
+    with engine.session(trainer), engine.session(grad):
+        assert engine.shares_calls(grad)  # the trainer has made no call: it may be one
+        engine.network(with_lora(digits64.eps_fn, rank=2), trainer)
+        assert not engine.shares_calls(grad)
+    engine.close()

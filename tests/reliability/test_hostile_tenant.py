@@ -12,6 +12,7 @@ import threading
 import time
 
 import grpc
+import pytest
 from prometheus_client import generate_latest
 
 import adjointdpm
@@ -135,16 +136,13 @@ def test_a_burst_of_one_tenants_calls_cannot_refuse_anothers(tmp_path):
             stub = pb_grpc.AdjointDPMStub(channel)
             held = [stub.ComputeGradient(silent(), metadata=(("authorization", "Bearer token-a"),),
                                          timeout=60) for _ in range(4)]
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                try:
-                    a.list_models()  # a unary call counts too: refused once A's 4 are held
-                except adjointdpm.AdjointDPMError as err:
-                    refused = err
-                    break
-                time.sleep(0.05)
-            else:
-                raise AssertionError("A's fifth call was never refused")
+            deadline = time.monotonic() + 30  # all 4 in their handlers (a probe sent earlier
+            while len(srv.service.jobs) < 4 and time.monotonic() < deadline:  # could take a
+                time.sleep(0.05)  # budget unit first and have a stream refused instead)
+            assert len(srv.service.jobs) == 4
+            with pytest.raises(adjointdpm.AdjointDPMError) as caught:
+                a.list_models()  # a unary call counts too: refused, A holds all 4
+            refused = caught.value
             assert refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "global limit; 4 of them are yours" in refused.details
             assert refused.retry_after == 1.0

@@ -73,6 +73,7 @@ class NetworkEngine:
         self._last_done: dict = {}            # job → when its last call ended (anticipation)
         self._last_key: dict = {}             # job → its last call's batch key (who to wait for)
         self._gradient_jobs: set = set()      # jobs that asked ``shares_calls`` (make VJP calls)
+        self._trainers: set = set()           # jobs training weights (solo calls only)
         self._registered: Counter = Counter()  # job → sessions open (normally 1)
         self._exclusive = None                 # the job holding the device (``exclusive``)
         self._parked: Counter = Counter()
@@ -84,7 +85,12 @@ class NetworkEngine:
     # -- what jobs do ----------------------------------------------------------------------------
     def network(self, module, job, model: str = "") -> EngineNetwork:
         """``module`` as ``eps_fn`` for ``job``: its calls go through this engine."""
-        return EngineNetwork(self, module, job, model)
+        network = EngineNetwork(self, module, job, model)
+        if network.trainable:  # its calls build weight graphs: solo, never a VJP to share
+            with self._cond:
+                if job in self._registered:
+                    self._trainers.add(job)
+        return network
 
     @contextmanager
     def _held(self, counter: Counter, job):
@@ -102,6 +108,7 @@ class NetworkEngine:
                         self._last_done.pop(job, None)
                         self._last_key.pop(job, None)
                         self._gradient_jobs.discard(job)
+                        self._trainers.discard(job)
                 self._cond.notify_all()
 
     def session(self, job):
@@ -119,11 +126,11 @@ class NetworkEngine:
     def gradient_jobs(self, job=None) -> int:
         """Runnable jobs that may make VJP calls now: those that asked (gradient jobs: ``job`` is
         one from now on) and those that have made no call yet; a job parked on its client makes
-        none, a sampling job no VJP."""
+        none, a sampling job no VJP, a job training weights only solo calls."""
         with self._cond:
             if job is not None and job in self._registered:
                 self._gradient_jobs.add(job)
-            return sum(1 for j in self._registered if j not in self._parked
+            return sum(1 for j in self._registered if j not in self._parked and j not in self._trainers
                        and (j in self._gradient_jobs or j not in self._last_key))
 
     def shares_calls(self, job=None) -> bool:
