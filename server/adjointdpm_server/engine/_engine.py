@@ -31,12 +31,12 @@ import torch
 
 from ..errors import Cancelled
 from ._network import EngineNetwork
+from ._share import FairShare
 from ._work import FORWARD, LEASE, SOLO, VJP, WorkItem
 
 __all__ = ["NetworkEngine", "EngineStats"]
 
 log = logging.getLogger("adjointdpm.engine")
-MAX_CALLERS_COUNTED = 256  # distinct callers in stats.work (a metric label each)
 
 
 @dataclass
@@ -63,13 +63,11 @@ class NetworkEngine:
         self.max_batch, self.window_s = max_batch, window_ms / 1000.0
         self.chunk_rows = chunk_rows or max_batch
         self.share_from = max(2, share_from)
-        self.weights = dict(weights or {})
         self.observer = observer
         self.stats = EngineStats()
+        self._share = FairShare(weights, work=self.stats.work)
         self._cond = threading.Condition()
         self._queues: dict[str, deque[WorkItem]] = {}  # pending items by caller, oldest first
-        self._vtime: dict[str, float] = {}    # caller → device seconds received / weight
-        self._now_v = 0.0                     # the virtual time of the last batch's head
         self._last_done: dict = {}            # job → when its last call ended (anticipation)
         self._last_key: dict = {}             # job → its last call's batch key (who to wait for)
         self._gradient_jobs: set = set()      # jobs that asked ``shares_calls`` (make VJP calls)
@@ -212,7 +210,7 @@ class NetworkEngine:
             queue = self._queues.get(item.caller)
             if queue is None:  # back with work: no credit for the time it had none (SFQ)
                 queue = self._queues[item.caller] = deque()
-                self._vtime[item.caller] = max(self._vtime.get(item.caller, 0.0), self._now_v)
+                self._share.back(item.caller)
             queue.append(item)
             if item.job in self._registered:
                 self._last_key[item.job] = item.key
@@ -271,8 +269,12 @@ class NetworkEngine:
         return all(job in self._pending or job in self._parked
                    or self._last_key.get(job, head) != head for job in self._registered)
 
+    @property
+    def weights(self) -> dict[str, float]:
+        return self._share.weights
+
     def weight(self, caller: str) -> float:
-        return self.weights.get(caller, 1.0)
+        return self._share.weight(caller)
 
     def work_by_caller(self) -> dict[str, float]:
         """Device seconds each caller's rows took (at most MAX_CALLERS_COUNTED, then "other")."""
@@ -280,9 +282,8 @@ class NetworkEngine:
             return dict(self.stats.work)
 
     def _order(self) -> list[str]:
-        """Callers with pending work, the one owed the device most first (least virtual time;
-        ties: the oldest item)."""
-        return sorted(self._queues, key=lambda c: (self._vtime[c], self._queues[c][0].submitted))
+        """Callers with pending work, the one owed the device most first (``FairShare``)."""
+        return self._share.order(self._queues)
 
     def _others_active(self, caller: str) -> bool:
         """Whether a caller other than ``caller`` has work pending or a runnable job."""
@@ -294,7 +295,7 @@ class NetworkEngine:
         have work), then compatible items, one per caller per round, up to ``max_batch``."""
         callers = self._order()
         first = callers[0]
-        self._now_v = self._vtime[first]
+        self._share.serve(first)
         head = self._queues[first][0]
         if head.key is not None and head.rows > self.chunk_rows and self._others_active(first):
             head = head.split(self.chunk_rows)  # the rest stays first in its caller's queue
@@ -354,11 +355,11 @@ class NetworkEngine:
         (its jobs' calls would otherwise wait behind the next caller's whole call)."""
         while self._npending and not self._closed:
             first = self._order()[0]
-            least = self._vtime[first]
+            least = self._share.vtime(first)
             until = max((done for job, done in self._last_done.items()
                          if job.caller != first and job in self._registered
                          and job not in self._parked and job not in self._pending
-                         and self._vtime.get(job.caller, self._now_v) <= least), default=None)
+                         and self._share.vtime(job.caller) <= least), default=None)
             remaining = None if until is None else until + self.window_s - time.monotonic()
             if remaining is None or remaining <= 0:
                 return
@@ -388,23 +389,10 @@ class NetworkEngine:
                 self._take(whole)  # a chunk failed: the rest of its item does not run
         item.finish(result=result, error=error)
 
-    def _charge(self, batch: list[WorkItem], seconds: float) -> None:
-        """Under the lock: each caller pays its rows' share of the call's measured time."""
-        rows = sum(it.rows for it in batch)
-        for item in batch:
-            spent = seconds * item.rows / rows
-            known = item.caller in self.stats.work or len(self.stats.work) < MAX_CALLERS_COUNTED
-            self.stats.work[item.caller if known else "other"] += spent
-            self._vtime[item.caller] = (max(self._vtime.get(item.caller, 0.0), self._now_v)
-                                        + spent / self.weight(item.caller))
-        if len(self._vtime) > 2 * len(self._queues) + 64:  # forget callers with no debt left
-            for caller in [c for c, v in self._vtime.items() if c not in self._queues and v <= self._now_v]:
-                del self._vtime[caller]
-
     def _record(self, batch: list[WorkItem], seconds: float) -> None:
         kind, rows = batch[0].kind, sum(it.rows for it in batch)
         with self._cond:
-            self._charge(batch, seconds)
+            self._share.charge(batch, seconds, self._queues)
             s = self.stats
             s.calls[kind] += 1
             s.rows[kind] += rows
