@@ -51,6 +51,7 @@ import os
 import platform
 import queue
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -348,12 +349,13 @@ def child_env(threads: int | None = None) -> dict:
 
 
 class ServerProcess:
-    def __init__(self, threads: int, tmp: Path):
+    def __init__(self, threads: int, tmp: Path, extra: list[str] = ()):
         self.log_path = tmp / "server.log"
         self.log = open(self.log_path, "w")  # noqa: SIM115 — open as long as the child runs
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "adjointdpm_server", "--model", "digits", "--port", "0",
-             "--artifact-dir", str(tmp / "artifacts"), "--log-format", "text", "--metrics-port", "0"],
+             "--artifact-dir", str(tmp / "artifacts"), "--log-format", "text", "--metrics-port", "0",
+             *extra],
             stdout=subprocess.PIPE, stderr=self.log, text=True, env=child_env(threads))
         line = self.proc.stdout.readline()
         if "listening on" not in line:
@@ -577,8 +579,9 @@ def report(args, phases: list[Phase], started: str, total: float, load0: float, 
         f"{load0:.2f} / {os.getloadavg()[0]:.2f}",
         f"- Machine: {machine()}, Python {platform.python_version()}, torch {version('torch')}, "
         f"grpcio {version('grpcio')}; device: CPU",
-        f"- Server: one fresh subprocess `python -m adjointdpm_server --model digits` with default "
-        f"flags (and `--metrics-port 0`, for the per-tenant numbers), `OMP_NUM_THREADS="
+        f"- Server: one fresh subprocess `python -m adjointdpm_server --model digits` with "
+        f"{('`' + args.server_args + '`') if args.server_args else 'default flags'} "
+        f"(and `--metrics-port 0`, for the per-tenant numbers), `OMP_NUM_THREADS="
         f"{args.server_threads}`, tenants alice (A) and bob (B)",
         f"- B: sequential batch-1 calls, {args.b_calls} Samples and {args.b_calls} ComputeGradients "
         f"(server-side classifier loss) alternating, {STEPS} steps, per phase; baseline: the two "
@@ -670,6 +673,8 @@ def main() -> None:
     parser.add_argument("--a-seconds", type=float, help="A's alone window per attack (default 20, --quick 6)")
     parser.add_argument("--settle", type=float, default=2.0, help="seconds after an attack is established")
     parser.add_argument("--server-threads", type=int, default=2)
+    parser.add_argument("--server-args", default="", help="more server flags, e.g. "
+                        "'--engine-chunk-rows 32' (the targets are for the defaults)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: few calls, short windows")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -688,7 +693,7 @@ def main() -> None:
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     t_start, load0 = time.perf_counter(), os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="adjointdpm-hostile-"))
-    server = ServerProcess(args.server_threads, tmp)
+    server = ServerProcess(args.server_threads, tmp, shlex.split(args.server_args))
     print(f"server {server.target}, log {server.log_path}, metrics {server.metrics_url}", flush=True)
     phases: list[Phase] = []
     ok = False
