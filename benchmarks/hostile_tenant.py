@@ -64,6 +64,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _common import machine, stop_process
+
 ROOT = Path(__file__).resolve().parents[1]
 PATHS = [str(ROOT / "sdk"), str(ROOT / "server")]
 sys.path[:0] = [p for p in PATHS if p not in sys.path]
@@ -329,13 +331,7 @@ class Attacker:
             self.close()
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+        stop_process(self.proc, self.log, terminate=False)  # told to stop: it ends by itself
 
 
 # ---- the server, its metrics, tenant B ---------------------------------------------------------
@@ -402,14 +398,7 @@ class ServerProcess:
         return time.perf_counter() - t0
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+        stop_process(self.proc, self.log)
 
 
 @dataclass
@@ -524,16 +513,6 @@ def run_attack(kind: str, server: ServerProcess, client, args, tmp: Path) -> Pha
 
 
 # ---- the report ---------------------------------------------------------------------------------
-
-def machine() -> str:
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable)"
-
 
 def version(name: str) -> str:
     try:

@@ -41,6 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _common import machine, stop_process
+
 RESULTS = Path(__file__).resolve().parent / "results" / "load.md"
 WORKLOADS = ("sample-1", "sample-8", "gradient", "gradient-checkpoint", "client-loss")
 TITLES = {"sample-1": "Sample, batch 1", "sample-8": "Sample, batch 8",
@@ -86,14 +88,7 @@ class ServerProcess:
         threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+        stop_process(self.proc, self.log)
 
 
 @dataclass
@@ -201,16 +196,6 @@ def hostile(target: str, steps: int, n: int = 12) -> tuple[float, float]:
             for s in streams:
                 s.close()
     return alone, beside
-
-
-def machine() -> str:
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable)"
 
 
 def main() -> None:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from _needs import missing
+
 # Two CPU cores in CI: keep each worker single-threaded so xdist workers don't oversubscribe.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -73,8 +75,7 @@ def triton_url(tmp_path_factory):
         lines = (setup.stdout + setup.stderr).strip().splitlines()
         print("\n".join(lines[-40:]), file=sys.stderr)
         reason = [line for line in lines if not line.startswith("WARNING:")][-3:] or lines[-3:]
-        pytest.skip("could not install nvidia-pytriton (scripts/setup_triton.sh failed): "
-                    + " | ".join(reason))
+        missing("nvidia-pytriton (scripts/setup_triton.sh failed): " + " | ".join(reason))
     grpc_port, http_port, metrics_port = _free_ports(3)
     log = tmp_path_factory.mktemp("triton") / "server.log"
     with open(log, "w") as out:

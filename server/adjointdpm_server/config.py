@@ -68,6 +68,9 @@ class ServerConfig:
                 "clip_model_dir": str(self.clip_model_dir) if self.clip_model_dir else None}
 
 
+TENANT_CALLER = "tenant:"  # a caller that is a tenant (wire.auth.caller_of names callers so)
+
+
 def caller_weights(spec: str) -> tuple[tuple[str, float], ...]:
     """``--tenant-weights alice=2,bob=0.5`` → ((caller, weight), …); a name is a tenant
     (``tenant:alice``), a name with a colon a caller as the server names it (``peer:10.0.0.7``)."""
@@ -80,5 +83,5 @@ def caller_weights(spec: str) -> tuple[tuple[str, float], ...]:
             weight = float("nan")
         if not eq or not name or not weight > 0 or weight == float("inf"):
             raise ValueError(f"--tenant-weights: {part!r} is not NAME=WEIGHT with a positive weight")
-        weights.append((name if ":" in name else "tenant:" + name, weight))
+        weights.append((name if ":" in name else TENANT_CALLER + name, weight))
     return tuple(weights)

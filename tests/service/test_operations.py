@@ -10,6 +10,7 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
+from _needs import missing
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import adjointdpm
@@ -54,7 +55,7 @@ def _openssl(*args, cwd):
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
     if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed: cannot make test certificates")
+        missing("openssl: cannot make test certificates")
     d = tmp_path_factory.mktemp("pki")
     _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
              "-days", "1", "-subj", "/CN=test-ca", cwd=d)

@@ -184,10 +184,10 @@ class AdmissionQueue:
         if mine >= self.tenant_max_queue and self.tenant_max_queue < self.max_queue:
             if not queue:
                 del self._waiting[caller]
+            hint = self._retry_after(caller, mine)
             raise ResourceExhausted(
                 f"your queue is full: {mine} of your jobs wait (the per-tenant limit is "
-                f"{self.tenant_max_queue}); retry in {self._retry_after(caller, mine):.1f} s",
-                retry_after_s=self._retry_after(caller, mine))
+                f"{self.tenant_max_queue}); retry in {hint:.1f} s", retry_after_s=hint)
         if self._queued < self.max_queue:
             return
         longest, count = max(((c, sum(not w.resume for w in q)) for c, q in self._waiting.items()),

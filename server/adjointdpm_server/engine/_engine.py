@@ -382,17 +382,19 @@ class NetworkEngine:
             self._finish(item, result=out)
 
     def _finish(self, item: WorkItem, result=None, error=None) -> None:
-        whole = item.parent or item
-        with self._cond:
-            self._last_done[whole.job] = time.monotonic()
-            if item.parent is not None and error is not None and whole.state == "pending":
-                self._take(whole)  # a chunk failed: the rest of its item does not run
+        if item.parent is not None and error is not None:
+            with self._cond:
+                if item.parent.state == "pending":
+                    self._take(item.parent)  # a chunk failed: the rest of its item does not run
         item.finish(result=result, error=error)
 
     def _record(self, batch: list[WorkItem], seconds: float) -> None:
         kind, rows = batch[0].kind, sum(it.rows for it in batch)
         with self._cond:
             self._share.charge(batch, seconds, self._queues)
+            done = time.monotonic()
+            for item in batch:  # when each job's call ended (anticipation)
+                self._last_done[(item.parent or item).job] = done
             s = self.stats
             s.calls[kind] += 1
             s.rows[kind] += rows

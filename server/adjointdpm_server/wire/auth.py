@@ -19,6 +19,7 @@ from typing import Iterable
 
 import grpc
 
+from ..config import TENANT_CALLER
 from ._handlers import wrap
 
 __all__ = ["load_tokens", "Tenants", "TokenAuthInterceptor", "server_credentials", "caller_of",
@@ -82,7 +83,7 @@ def caller_of(context, tenant: str | None = None) -> str:
     """Who a call is from, for fair sharing: its tenant when tokens are configured, else the
     peer's address without the port."""
     if tenant is not None:
-        return "tenant:" + tenant
+        return TENANT_CALLER + tenant
     peer = context.peer() or "unknown"
     host = peer.rsplit(":", 1)[0] if peer.count(":") >= 2 else peer
     return "peer:" + host
