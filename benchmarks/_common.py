@@ -6,18 +6,20 @@ import os
 import platform
 import subprocess
 
-__all__ = ["machine", "stop_process"]
+__all__ = ["cpu_model", "machine", "stop_process"]
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "?"
 
 
 def machine() -> str:
     """CPU model and cores, as the results files print it."""
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable)"
+    return f"{cpu_model()}, {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable)"
 
 
 def stop_process(proc: subprocess.Popen, log, *, terminate: bool = True) -> None:

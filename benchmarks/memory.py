@@ -55,6 +55,8 @@ import sys
 import time
 from pathlib import Path
 
+from _common import cpu_model
+
 MODES = ("none", "backprop", "checkpoint", "adjoint")
 GRAD_MODES = ("backprop", "checkpoint", "adjoint")
 DEFAULT_STEPS = (5, 10, 20, 50, 100)
@@ -342,12 +344,7 @@ def time_table(timing, configs, stat: str = "wall_s") -> list[str]:
 
 
 def machine() -> dict:
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model()
     try:
         with open("/proc/meminfo") as f:
             mem_gib = int(f.readline().split()[1]) / 2**20
