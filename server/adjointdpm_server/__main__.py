@@ -59,6 +59,13 @@ def parse_args(argv=None) -> ServerConfig:
                    help="of them one tenant's (default: half of --max-parked-jobs)")
     p.add_argument("--tenant-weights", default="", metavar="NAME=W,…",
                    help="relative shares of slots and device time, e.g. alice=2,bob=1 (default 1)")
+    p.add_argument("--adapter-cache-mib", type=float,
+                   help="bytes of LoRA adapters kept resident per model, least recently used "
+                        "evicted first, those in use never (default: 1024 on a CPU, a tenth of "
+                        "an accelerator's memory)")
+    p.add_argument("--multi-adapter-batching", choices=("on", "off"), default="on",
+                   help="rows of different LoRA adapters of one model in one network call "
+                        "(off: each adapter's calls batch only with its own)")
     p.add_argument("--engine-chunk-rows", type=int,
                    help="while other tenants wait, a larger network call runs in chunks of this "
                         "many samples (default: --max-network-batch)")
@@ -113,7 +120,9 @@ def parse_args(argv=None) -> ServerConfig:
         tokens=load_tokens(a.tokens_file), shared_artifacts=a.shared_artifacts,
         tenant_max_jobs=a.tenant_max_jobs, tenant_max_queue=a.tenant_max_queue,
         max_parked_jobs=a.max_parked_jobs, tenant_max_parked=a.tenant_max_parked,
-        tenant_weights=weights, engine_chunk_rows=a.engine_chunk_rows, tenant_storage_mib=a.tenant_storage_mib,
+        tenant_weights=weights, engine_chunk_rows=a.engine_chunk_rows,
+        adapter_cache_mib=a.adapter_cache_mib,
+        multi_adapter_batching=a.multi_adapter_batching == "on", tenant_storage_mib=a.tenant_storage_mib,
         artifact_storage_mib=a.artifact_storage_mib, max_health_watches=a.max_health_watches,
         health_open=not a.protect_health, tls_cert=a.tls_cert,
         tls_key=a.tls_key, tls_client_ca=a.tls_client_ca, health_port=a.health_port,

@@ -48,6 +48,8 @@ class ServerConfig:
     tenant_max_parked: int | None = None       # of them one tenant's; None = half of max_parked_jobs
     tenant_weights: tuple[tuple[str, float], ...] = ()  # (caller, weight): admission and device share
     engine_chunk_rows: int | None = None       # a call's rows while others wait; None = max_network_batch
+    adapter_cache_mib: float | None = None     # LoRA adapters resident per model; None = per device
+    multi_adapter_batching: bool = True        # different adapters of one model share calls
     tenant_storage_mib: float | None = None    # a tenant's artifact bytes, checkpoints included
     artifact_storage_mib: float | None = None  # all artifacts together
     health_open: bool = True                   # health checks need no token

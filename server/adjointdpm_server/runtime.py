@@ -1,8 +1,8 @@
 """What the server keeps resident: the models, the engine that runs their network calls, the
-artifact store and adapted copies.
+artifact store, each model's bank of LoRA adapters and copies of fully fine-tuned models.
 
 The gRPC layer hands this to tasks (it is their ``TaskContext``); tasks never modify a resident
-model (adapters are applied to copies, cached here by artifact id).
+model (LoRA adapters live in a bank beside it, full fine-tunes in copies, docs/design.md §5, "Many adapters").
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import torch
 from .config import ServerConfig
 from .engine import NetworkEngine
 from .errors import FailedPrecondition, InvalidArgument, NotFound
-from .models import ModelBackend, check_precision, load_model
-from .models._adapters import load_adapter
+from .models import AdapterBank, AdapterSpec, ModelBackend, check_precision, load_model
+from .models._adapters import fresh_lora, load_adapter
 from .storage.artifacts import ArtifactStore
 
 __all__ = ["Runtime", "model_name"]
@@ -35,7 +35,7 @@ def model_name(spec: str) -> tuple[str, str]:
 
 class Runtime:
     def __init__(self, config: ServerConfig, models: dict[str, ModelBackend] | None = None,
-                 adapter_cache: int = 4):
+                 full_copies: int = 4):
         self.config = config
         if models is None:
             dtype = getattr(torch, config.dtype)
@@ -59,8 +59,11 @@ class Runtime:
                                     weights=dict(config.tenant_weights),
                                     chunk_rows=config.engine_chunk_rows,
                                     share_from=_share_from(config.device))
-        self._adapters: OrderedDict[tuple[str, str], torch.nn.Module] = OrderedDict()
-        self._adapter_cache = adapter_cache
+        budget = int(_bank_mib(config) * 2**20)
+        self.banks = {name: AdapterBank(backend.eps_fn, budget, mixed=config.multi_adapter_batching)
+                      for name, backend in self.models.items()}
+        self._full: OrderedDict[tuple[str, str], torch.nn.Module] = OrderedDict()
+        self._full_copies = full_copies  # whole networks: a few, apart from the bank
         self._lock = threading.Lock()
 
     def model(self, name: str = "") -> tuple[str, ModelBackend]:
@@ -76,33 +79,69 @@ class Runtime:
         return TenantContext(self, tenant)
 
     def adapted(self, model: str, adapter_id: str, artifacts=None) -> torch.nn.Module:
-        """The resident ``eps_fn`` of ``model`` with the adapter applied (a cached copy); the
-        adapter is looked up in ``artifacts`` (a tenant's view) when given."""
+        """The resident ``eps_fn`` of ``model`` with the adapter applied — a view of the model's
+        adapter bank for LoRA (``""``: the base, which shares calls with them), a cached copy
+        for a full fine-tune; the adapter is looked up in ``artifacts`` (a tenant's view)."""
+        bank = self.banks[model]
+        if not adapter_id:
+            return bank.base_view
         info = (artifacts or self.artifacts).info(adapter_id)  # NOT_FOUND before any cache hit
-        with self._lock:
-            if (model, adapter_id) in self._adapters:
-                self._adapters.move_to_end((model, adapter_id))
-                return self._adapters[model, adapter_id]
-        backend = self.models[model]
         if info.kind not in ("lora", "full", "checkpoint"):
             raise InvalidArgument(f"artifact {adapter_id} is a {info.kind}, not an adapter")
         if info.model != model:
             raise FailedPrecondition(f"adapter {adapter_id} was trained on model {info.model!r}, "
                                      f"not {model!r}")
+        meta = info.metadata
+        if meta.get("method", info.kind) == "lora":
+            try:
+                return bank.view(adapter_id, lambda: self._lora_state(model, adapter_id, meta))
+            except ValueError as err:
+                raise FailedPrecondition(f"adapter {adapter_id}: {err}") from err
+        return self._full_copy(model, adapter_id)
+
+    def new_lora(self, model: str, rank: int, alpha: float | None, targets) -> torch.nn.Module:
+        """A fresh trainable LoRA adapter on ``model`` (B = 0: it starts equal to the base), a row
+        of the model's bank like any adapter: its calls batch with other requests'."""
+        backend = self.models[model]
+        state = fresh_lora(backend.eps_fn, rank, alpha, targets)
+        return self.banks[model].trainable(state, AdapterSpec(rank, alpha, tuple(targets)))
+
+    def _lora_state(self, model: str, adapter_id: str, meta: dict):
+        state, _ = self.artifacts.load(adapter_id, device=self.models[model].device)
+        state = {k: v for k, v in state.items() if not k.startswith("__optim__/")}  # checkpoints
+        alpha = meta.get("alpha")
+        spec = AdapterSpec(int(meta.get("rank", 0)), None if alpha is None else float(alpha),
+                           tuple(meta.get("targets", ())))
+        if spec.rank < 1 or not spec.targets:
+            raise ValueError("its metadata names no LoRA rank or target modules")
+        return state, spec
+
+    def _full_copy(self, model: str, adapter_id: str) -> torch.nn.Module:
+        with self._lock:
+            if (model, adapter_id) in self._full:
+                self._full.move_to_end((model, adapter_id))
+                return self._full[model, adapter_id]
+        backend = self.models[model]
         state, info = self.artifacts.load(adapter_id, device=backend.device)
         state = {k: v for k, v in state.items() if not k.startswith("__optim__/")}  # checkpoints
-        meta = info.metadata
         try:
-            eps = load_adapter(backend.eps_fn, meta.get("method", info.kind), state,
-                               rank=int(meta.get("rank", 0)), alpha=meta.get("alpha"),
-                               targets=tuple(meta.get("targets", ())))
+            eps = load_adapter(backend.eps_fn, "full", state)
         except ValueError as err:
             raise FailedPrecondition(f"adapter {adapter_id}: {err}") from err
         with self._lock:
-            self._adapters[model, adapter_id] = eps
-            while len(self._adapters) > self._adapter_cache:
-                self._adapters.popitem(last=False)
+            self._full[model, adapter_id] = eps
+            while len(self._full) > self._full_copies:
+                self._full.popitem(last=False)
         return eps
+
+
+def _bank_mib(config: ServerConfig) -> float:
+    """``--adapter-cache-mib``, else 1 GiB on a CPU and a tenth of an accelerator's memory."""
+    if config.adapter_cache_mib is not None:
+        return max(0.0, config.adapter_cache_mib)
+    if config.device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.device(config.device)).total_memory / 10 / 2**20
+    return 1024.0
 
 
 def _share_from(device: str) -> int:
@@ -127,3 +166,6 @@ class TenantContext:
 
     def adapted(self, model: str, adapter_id: str):
         return self.runtime.adapted(model, adapter_id, self.artifacts)
+
+    def new_lora(self, model: str, rank: int, alpha: float | None, targets):
+        return self.runtime.new_lora(model, rank, alpha, targets)

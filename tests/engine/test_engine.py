@@ -98,7 +98,7 @@ def test_batched_vjp_splits_exactly(digits64):
                                    for j, a, v in zip(jobs, inputs, cots)])
     assert errors == [None] * 4
     assert engine.stats.calls["vjp"] == 1 and engine.stats.items["vjp"] == 4
-    for (eps, gx, gc), (x, t, c), cot in zip(out, inputs, cots):
+    for (eps, gx, gc, _), (x, t, c), cot in zip(out, inputs, cots):
         xl, cl = x.clone().requires_grad_(), c.clone().requires_grad_()
         want = digits64.eps_fn(xl, t, cl)
         wx, wc = torch.autograd.grad(want, [xl, cl], cot)

@@ -122,7 +122,7 @@ def test_a_chunked_forward_and_vjp_equal_the_whole_call(digits64):
     with engine.session(job), _other_caller_active(engine), torch.no_grad():
         network = engine.network(digits64.eps_fn, job)
         eps = network(x, t, cond)
-        eps_v, gx, gc = network.vjp(x, t, cond, cot, True)
+        eps_v, gx, gc, _ = network.vjp(x, t, cond, cot, True)
     engine.close()
     assert engine.stats.chunks == 6  # 10 rows in chunks of 3 (+ the last 1), twice
     assert engine.stats.calls["forward"] == engine.stats.calls["vjp"] == 4

@@ -8,7 +8,7 @@
 """
 
 from ._baseline import sample_torchdiffeq
-from ._field import HALF_DTYPES, GuidedEps, NetworkVJP, Node
+from ._field import HALF_DTYPES, GuidedEps, NetworkVJP, Node, SharedRows
 from ._grids import GRIDS, time_grid
 from ._memory import default_budget
 from ._oracle import GaussianMixture, gaussian_solution
@@ -33,6 +33,7 @@ __all__ = [
     "GuidedEps",
     "Node",
     "NetworkVJP",
+    "SharedRows",
     "SOLVERS",
     "GRAD_MODES",
     "GRIDS",

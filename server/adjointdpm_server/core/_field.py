@@ -13,7 +13,8 @@ import torch
 
 from ._prediction import check_prediction, eps_coefficients
 
-__all__ = ["HALF_DTYPES", "Node", "GuidedEps", "NetworkVJP", "nodes_from_times", "node_at_rho"]
+__all__ = ["HALF_DTYPES", "Node", "GuidedEps", "NetworkVJP", "SharedRows", "nodes_from_times",
+           "node_at_rho"]
 
 #: network precisions whose solver state, CFG and gradient sums stay in float32 (docs/design.md §2.4.2)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -46,13 +47,36 @@ class NetworkVJP(abc.ABC):
     A wrapper declares this (the service's batching engine does) so that a backward step hands
     the network call and its cotangent over in one piece — one forward with grad and one
     ``autograd.grad``, which can then be batched with other requests' calls. Weight gradients
-    never take this path: a summed weight gradient could not be split between requests.
+    take this path only when the network declares ``splits_weights``: each request's weights
+    act on its own rows alone (a LoRA adapter in a :class:`SharedRows` batch), so the gradient of
+    one batched call w.r.t. them is that request's alone; a summed gradient of shared weights
+    could not be split between requests.
     """
+
+    splits_weights: bool = False
 
     @abc.abstractmethod
     def vjp(self, x: torch.Tensor, t: torch.Tensor, cond, cotangent: torch.Tensor,
-            cond_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``(ε, cotangentᵀ ∂ε/∂x, cotangentᵀ ∂ε/∂cond if cond_grad else None)``."""
+            cond_grad: bool, weights: tuple = ()) -> tuple:
+        """``(ε, cotangentᵀ ∂ε/∂x, cotangentᵀ ∂ε/∂cond if cond_grad else None,
+        (cotangentᵀ ∂ε/∂w for w in weights))``."""
+
+
+class SharedRows(abc.ABC):
+    """One of several networks sharing a base, each row of a batch naming its own (per-row
+    LoRA adapters on one resident model, S-LoRA's batching): calls of networks with equal
+    ``shares`` may be concatenated and run as one call through :meth:`run_rows`. A backend
+    declares it; a scheduler reads it and never asks the network anything else."""
+
+    @property
+    @abc.abstractmethod
+    def shares(self) -> object:
+        """What calls must agree on to run as one (hashable)."""
+
+    @abc.abstractmethod
+    def run_rows(self, x: torch.Tensor, t: torch.Tensor, cond, parts: list) -> torch.Tensor:
+        """The output of one call whose rows come from ``parts``: ``(network, rows)`` pairs in
+        order, every network sharing this one's ``shares``."""
 
 
 class GuidedEps:
@@ -139,9 +163,14 @@ class GuidedEps:
     def has_network_vjp(self) -> bool:
         return isinstance(self.eps_fn, NetworkVJP)
 
+    @property
+    def network_splits_weights(self) -> bool:
+        """Whether the network's own VJP also gives its weights' gradients (``splits_weights``)."""
+        return self.has_network_vjp and self.eps_fn.splits_weights
+
     def vjp(self, y: torch.Tensor, node: Node, cond, uncond, cotangent: torch.Tensor,
-            cond_grad: bool, uncond_grad: bool):
-        """``(ε̃, ȳ, c̄, ū)`` through the network's own VJP (``has_network_vjp``): with
+            cond_grad: bool, uncond_grad: bool, weights: tuple = ()):
+        """``(ε̃, ȳ, c̄, ū, w̄)`` through the network's own VJP (``has_network_vjp``): with
         ``x = α y`` and ``ε̃ = s ε_c + (1−s) ε_u`` the cotangents on the two halves of the CFG
         batch are ``s·ε̄`` and ``(1−s)·ε̄``, and ``ȳ = α (x̄_c + x̄_u)``; a prediction turned into
         ε by ``a·out + b·x`` scales the network's cotangent by ``a`` and adds ``α b ε̄`` to ``ȳ``."""
@@ -153,10 +182,10 @@ class GuidedEps:
             cotangent = cotangent * a
         if self.guided:
             s = self.guidance_scale
-            both, gx, gc = self._network_vjp(torch.cat([x, x]), torch.cat([t, t]),
-                                             torch.cat([cond, uncond]),
-                                             torch.cat([s * cotangent, (1.0 - s) * cotangent]),
-                                             cond_grad or uncond_grad)
+            both, gx, gc, gw = self._network_vjp(torch.cat([x, x]), torch.cat([t, t]),
+                                                 torch.cat([cond, uncond]),
+                                                 torch.cat([s * cotangent, (1.0 - s) * cotangent]),
+                                                 cond_grad or uncond_grad, weights)
             self._check(both, (2 * batch,) + tuple(x.shape[1:]))
             eps_c, eps_u = both.chunk(2)
             eps = eps_u + s * (eps_c - eps_u)
@@ -164,19 +193,21 @@ class GuidedEps:
             grad_y = (gx_c + gx_u) * node.alpha
             c_bar, u_bar = gc.chunk(2) if gc is not None else (None, None)
         else:
-            eps, gx, c_bar = self._network_vjp(x, t, cond, cotangent, cond_grad)
+            eps, gx, c_bar, gw = self._network_vjp(x, t, cond, cotangent, cond_grad, weights)
             self._check(eps, tuple(x.shape))
             grad_y, u_bar = gx * node.alpha, None
         self.nfe += 1
         if self.prediction != "epsilon":
             eps = a * eps + b * x
             grad_y = grad_y + (node.alpha * b) * direct
-        return eps, grad_y, c_bar if cond_grad else None, u_bar if uncond_grad else None
+        return eps, grad_y, c_bar if cond_grad else None, u_bar if uncond_grad else None, gw
 
-    def _network_vjp(self, x, t, cond, cotangent, cond_grad):
-        """The network's own VJP, in its precision, with every result back in the state's."""
-        eps, gx, gc = self.eps_fn.vjp(self._net(x), t, self._net(cond), self._net(cotangent), cond_grad)
-        return self._like(eps, x), self._like(gx, x), self._like(gc, cond)
+    def _network_vjp(self, x, t, cond, cotangent, cond_grad, weights=()):
+        """The network's own VJP, in its precision, with every result back in the state's (the
+        weights' gradients stay in their own dtype)."""
+        eps, gx, gc, gw = self.eps_fn.vjp(self._net(x), t, self._net(cond), self._net(cotangent),
+                                          cond_grad, tuple(weights))
+        return self._like(eps, x), self._like(gx, x), self._like(gc, cond), gw
 
     def _check(self, eps, shape) -> None:
         if self._checked:

@@ -51,16 +51,20 @@ class VJP:
         kept = self._kept(step)
         if kept is not None:
             return self._backprop(*kept, cotangent)
-        if self.params or not field.has_network_vjp:
+        if not field.has_network_vjp or (self.params and not field.network_splits_weights):
             return self(lambda y_, c, u: field(y_, node, c, u), y, cotangent)
-        eps, grad_y, c_bar, u_bar = field.vjp(y.detach(), node, self.cond, self.uncond, cotangent,
-                                              self.needs_cond, self.needs_uncond)
+        eps, grad_y, c_bar, u_bar, w_bars = field.vjp(y.detach(), node, self.cond, self.uncond,
+                                                      cotangent, self.needs_cond, self.needs_uncond,
+                                                      tuple(self.params))
         k = 0
         if self.needs_cond:
             self._accumulate(k, c_bar)
             k += 1
         if self.needs_uncond:
             self._accumulate(k, u_bar)
+            k += 1
+        for j, g in enumerate(w_bars):
+            self._accumulate(k + j, g)
         return eps.detach(), grad_y
 
     def __call__(self, fn, y: torch.Tensor, cotangent: torch.Tensor, step: int | None = None):

@@ -29,6 +29,7 @@ from typing import Callable, Mapping
 
 import torch
 
+from ..core import SharedRows
 from ..errors import Cancelled
 from ._network import EngineNetwork
 from ._share import FairShare
@@ -84,7 +85,7 @@ class NetworkEngine:
     def network(self, module, job, model: str = "") -> EngineNetwork:
         """``module`` as ``eps_fn`` for ``job``: its calls go through this engine."""
         network = EngineNetwork(self, module, job, model)
-        if network.trainable:  # its calls build weight graphs: solo, never a VJP to share
+        if network.trainable and not network.splits_weights:  # solo calls, never a shared VJP
             with self._cond:
                 if job in self._registered:
                     self._trainers.add(job)
@@ -414,6 +415,16 @@ def _cat(values):
     return torch.cat(values)
 
 
+def _network(batch: list[WorkItem]):
+    """The call for ``batch``: the network itself, or its shared base with each item's rows
+    through the item's own adapter (``SharedRows``)."""
+    head = batch[0]
+    if isinstance(head.module, SharedRows):
+        parts = [(it.module, it.rows) for it in batch]
+        return lambda x, t, cond: head.module.run_rows(x, t, cond, parts)
+    return head.module
+
+
 def _run(batch: list[WorkItem]) -> list:
     """One network call for the whole batch, split back per item."""
     head = batch[0]
@@ -422,31 +433,37 @@ def _run(batch: list[WorkItem]) -> list:
     rows = [it.rows for it in batch]
     x, t = _cat([it.x for it in batch]), _cat([it.t for it in batch])
     cond = _cat([it.cond for it in batch])
+    network = _network(batch)
     if head.kind == FORWARD:
         with torch.no_grad():
-            out = head.module(x, t, cond)
+            out = network(x, t, cond)
         _check_rows(out, sum(rows))
         return list(out.split(rows)) if len(batch) > 1 else [out]
     assert head.kind == VJP
     # On CUDA, autograd runs a backward on its per-device worker thread, where the job that
     # submitted this call may be blocked (its own backward): run this one on this thread.
+    weights = list({id(w): w for it in batch for w in it.weights}.values())
     with torch.enable_grad(), torch.autograd.set_multithreading_enabled(False):
         x = x.detach().requires_grad_()
         if head.cond_grad:
             cond = cond.detach().requires_grad_()
-        out = head.module(x, t, cond)
+        out = network(x, t, cond)
         _check_rows(out, sum(rows))
         inputs = [x, cond] if head.cond_grad else [x]
-        grads = torch.autograd.grad(out, inputs, _cat([it.cotangent for it in batch]), allow_unused=True)
+        grads = torch.autograd.grad(out, inputs + weights, _cat([it.cotangent for it in batch]),
+                                    allow_unused=True)
     out = out.detach()
     gx = torch.zeros_like(x) if grads[0] is None else grads[0]
     gc = None
     if head.cond_grad:
         gc = torch.zeros_like(cond) if grads[1] is None else grads[1]
+    by_weight = {id(w): torch.zeros_like(w) if g is None else g
+                 for w, g in zip(weights, grads[len(inputs):])}
+    gw = [tuple(by_weight[id(w)] for w in it.weights) for it in batch]
     if len(batch) == 1:
-        return [(out, gx, gc)]
-    parts = zip(out.split(rows), gx.split(rows), gc.split(rows) if gc is not None else [None] * len(rows))
-    return list(parts)
+        return [(out, gx, gc, gw[0])]
+    gcs = gc.split(rows) if gc is not None else [None] * len(rows)
+    return list(zip(out.split(rows), gx.split(rows), gcs, gw))
 
 
 def _check_rows(out, rows: int) -> None:

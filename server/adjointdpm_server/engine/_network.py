@@ -3,8 +3,9 @@
 An ``nn.Module`` around the network (so ``sample`` still sees, and differentiates, its
 parameters) that declares ``core.NetworkVJP``: the backward pass hands each network call over
 with its cotangent, and the engine batches it with other jobs' calls. A call that must build a
-graph (plain backprop, weight gradients, the VJP of a one-step solver) runs alone on the engine
-thread and keeps its graph; its backward then runs in the job's thread.
+graph (plain backprop, weight gradients of a network that owns its weights, the VJP of a
+one-step solver) runs alone on the engine thread and keeps its graph; its backward then runs in
+the job's thread. An adapter's weight gradients go with its VJP calls (``splits_weights``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..core import NetworkVJP
+from ..core import NetworkVJP, SharedRows
 from ._work import FORWARD, SOLO, VJP, WorkItem, batch_key
 
 __all__ = ["EngineNetwork"]
@@ -26,6 +27,8 @@ class EngineNetwork(nn.Module, NetworkVJP):
         object.__setattr__(self, "_job", job)
         self.model = model
         self.trainable = any(p.requires_grad for p in module.parameters())
+        # an adapter's weights act on its own rows: their gradients split from a shared call
+        self.splits_weights = isinstance(module, SharedRows)
 
     def _item(self, kind: str, x, t, cond, **extra) -> WorkItem:
         key = batch_key(kind, self.inner, x, t, cond, extra.get("cond_grad", False))
@@ -44,9 +47,11 @@ class EngineNetwork(nn.Module, NetworkVJP):
             return self._engine.submit(item)
         return self._engine.submit(self._item(FORWARD, x.detach(), t, _detach(cond)))
 
-    def vjp(self, x, t, cond, cotangent, cond_grad: bool):
+    def vjp(self, x, t, cond, cotangent, cond_grad: bool, weights: tuple = ()):
+        if weights and not self.splits_weights:
+            raise ValueError("this network's weight gradients cannot be split from a shared call")
         item = self._item(VJP, x.detach(), t, _detach(cond), cotangent=cotangent.detach(),
-                          cond_grad=bool(cond_grad))
+                          cond_grad=bool(cond_grad), weights=tuple(weights))
         return self._engine.submit(item)
 
 

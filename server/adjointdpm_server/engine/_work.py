@@ -9,6 +9,8 @@ from typing import Any, Callable
 
 import torch
 
+from ..core import SharedRows
+
 __all__ = ["WorkItem", "batch_key", "FORWARD", "VJP", "SOLO", "LEASE"]
 
 FORWARD, VJP, SOLO, LEASE = "forward", "vjp", "solo", "lease"
@@ -25,11 +27,14 @@ def _signature(value) -> tuple | None:
 
 def batch_key(kind: str, module, x: torch.Tensor, t: torch.Tensor, cond,
               cond_grad: bool = False) -> tuple | None:
-    """Calls with equal keys may share one network call; None: this call runs alone."""
+    """Calls with equal keys may share one network call; None: this call runs alone. Networks
+    that declare :class:`~adjointdpm_server.core.SharedRows` (adapters of one base) share calls
+    with each other, any other network only with itself."""
     parts = (_signature(x), _signature(t), _signature(cond))
     if any(p is None for p in parts):
         return None
-    return (kind, id(module), *parts, cond_grad)
+    network = ("shared", module.shares) if isinstance(module, SharedRows) else id(module)
+    return (kind, network, *parts, cond_grad)
 
 
 @dataclass(eq=False)
@@ -50,6 +55,7 @@ class WorkItem:
     cond: Any = None
     cotangent: torch.Tensor | None = None
     cond_grad: bool = False
+    weights: tuple = ()  # vjp: this job's own weights to differentiate (``splits_weights``)
     closure: Callable[[], Any] | None = None
     submitted: float = field(default_factory=time.monotonic)
     state: str = "pending"  # pending → running → done, or withdrawn
@@ -72,7 +78,8 @@ class WorkItem:
         self.rows -= rows
         return WorkItem(self.kind, self.key, self.job, self.caller, self.model, rows,
                         module=self.module, x=x, t=t, cond=cond, cotangent=cotangent,
-                        cond_grad=self.cond_grad, submitted=self.submitted, parent=self)
+                        cond_grad=self.cond_grad, weights=self.weights, submitted=self.submitted,
+                        parent=self)
 
     def finish(self, result=None, error: BaseException | None = None) -> None:
         if self.parent is not None:  # a chunk: its result waits for the rest of the item
@@ -92,11 +99,15 @@ class WorkItem:
         """Drop the tensors (inputs, result: under backprop a graph of the whole solve so far),
         once the job has what it needs of them."""
         self.x = self.t = self.cond = self.cotangent = self.closure = self.result = None
-        self.parts = []
+        self.weights, self.parts = (), []
 
 
 def _join(results: list):
-    """Chunks' results as one: tensors (forward) or (ε, ∂x, ∂cond) triples (vjp) along rows."""
+    """Chunks' results as one: tensors (forward) or (ε, ∂x, ∂cond, ∂weights) (vjp): the first
+    three along rows, the weights' gradients summed (each chunk's rows add theirs)."""
     if isinstance(results[0], torch.Tensor):
         return torch.cat(results)
-    return tuple(None if parts[0] is None else torch.cat(parts) for parts in zip(*results))
+    eps, gx, gc = (None if parts[0] is None else torch.cat(parts)
+                   for parts in zip(*(r[:3] for r in results)))
+    gw = tuple(sum(g[1:], g[0]) for g in zip(*(r[3] for r in results)))
+    return eps, gx, gc, gw

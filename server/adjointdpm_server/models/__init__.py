@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import torch
 
+from ._bank import AdapterBank, AdapterSpec, AdapterView
 from ._base import Conditioning, ModelBackend
 from ._precision import PrecisionUnsupported, check_precision
 
-__all__ = ["Conditioning", "ModelBackend", "MODELS", "load_model", "PrecisionUnsupported",
+__all__ = ["AdapterBank", "AdapterSpec", "AdapterView", "Conditioning", "ModelBackend", "MODELS", "load_model", "PrecisionUnsupported",
            "check_precision"]
 
 

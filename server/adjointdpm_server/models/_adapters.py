@@ -13,10 +13,12 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-__all__ = ["with_lora", "full_copy", "trainable_state", "load_adapter", "with_trainable_view"]
+__all__ = ["with_lora", "fresh_lora", "full_copy", "trainable_state", "load_adapter", "with_trainable_view",
+           "standalone"]
 
 
 def _shared_copy(module: nn.Module) -> nn.Module:
+    module = standalone(module)
     memo = {id(t): t for t in (*module.parameters(), *module.buffers())}
     return copy.deepcopy(module, memo)
 
@@ -56,9 +58,25 @@ def with_lora(eps_fn: nn.Module, rank: int, alpha: float | None = None,
     return model
 
 
+def fresh_lora(eps_fn: nn.Module, rank: int, alpha: float | None = None,
+               targets: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0")) -> dict[str, torch.Tensor]:
+    """The weights of the adapter ``with_lora`` would make (same seed, same names), on the
+    model's device: what a bank's trainable adapter starts from."""
+    model = with_lora(eps_fn, rank, alpha, targets)
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def standalone(eps_fn: nn.Module) -> nn.Module:
+    """A network that owns its module tree: a bank's view becomes a peft copy with its adapter
+    (to copy further, e.g. for a trainable view of its base weights); others pass."""
+    from ._bank import AdapterView
+
+    return eps_fn.standalone() if isinstance(eps_fn, AdapterView) else eps_fn
+
+
 def full_copy(eps_fn: nn.Module) -> nn.Module:
     """An independent copy whose floating-point parameters all require grad."""
-    model = copy.deepcopy(eps_fn)
+    model = copy.deepcopy(standalone(eps_fn))
     for param in model.parameters():
         param.requires_grad_(param.is_floating_point())
     return model

@@ -44,4 +44,8 @@ class TaskContext(Protocol):
         """(name, backend) of a resident model; the default one for ``""``; NOT_FOUND otherwise."""
 
     def adapted(self, model: str, adapter_id: str) -> nn.Module:
-        """The model's ``eps_fn`` with an adapter artifact applied (a cached copy)."""
+        """The model's ``eps_fn`` with an adapter artifact applied (``""``: none): a LoRA
+        adapter is a row of the model's adapter bank, a full fine-tune a cached copy."""
+
+    def new_lora(self, model: str, rank: int, alpha: float | None, targets) -> nn.Module:
+        """A fresh trainable LoRA adapter on the model (B = 0), a row of its adapter bank."""

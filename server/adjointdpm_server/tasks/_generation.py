@@ -148,7 +148,7 @@ def prepare(ctx: TaskContext, spec: GenerationSpec) -> Prepared:
     else:
         x_T = backend.noise(batch, spec.seed)
     c = backend.guide(_conditioning(ctx, spec, name, backend, batch), scale)
-    eps_fn = ctx.adapted(name, spec.adapter) if spec.adapter else backend.eps_fn
+    eps_fn = ctx.adapted(name, spec.adapter)  # "": the base, sharing calls with its adapters
     cfg = None if scale == 1 or backend.guidance == "embedded" else scale  # embedded: cond carries it
     return Prepared(name, backend, eps_fn, x_T, c.cond, c.uncond, steps, solver, grid, cfg, t_start,
                     batch, list(spec.prompt), ctx.engine, scale, ctx.limits.grad_memory_bytes)

@@ -15,7 +15,7 @@ from ..core import GRAD_MODES
 from ..errors import InvalidArgument
 from ..integrity import check_result
 from ..models import Conditioning
-from ..models._adapters import with_lora, with_trainable_view
+from ..models._adapters import with_trainable_view
 from ..telemetry import tracing
 from ._context import TaskContext
 from ._generation import Prepared, prepare, run_sampler
@@ -164,7 +164,7 @@ def weight_leaves(ctx: TaskContext, spec: GenerationSpec, prep: Prepared, weight
             raise InvalidArgument(f"lora_rank must be at most {ctx.limits.max_lora_rank}")
         if spec.adapter:
             raise InvalidArgument("a fresh LoRA goes on the base model: leave adapter unset")
-        eps_fn = with_lora(prep.eps_fn, weights.lora_rank, targets=prep.backend.lora_targets)
+        eps_fn = ctx.new_lora(prep.model, weights.lora_rank, None, prep.backend.lora_targets)
         return eps_fn, {n: p for n, p in eps_fn.named_parameters() if p.requires_grad}
     except ValueError as err:
         raise InvalidArgument(str(err)) from err

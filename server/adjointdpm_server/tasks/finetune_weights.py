@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
+from ..core import SharedRows
 from ..errors import Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument
-from ..models._adapters import full_copy, trainable_state, with_lora
+from ..models._adapters import full_copy, trainable_state
 from ..storage.artifacts import HEADER_BYTES
 from ._context import TaskContext
 from ._generation import prepare, run_sampler
@@ -107,7 +108,7 @@ def run_finetune_weights(ctx: TaskContext, spec: GenerationSpec, examples: list[
     prep = prepare(ctx, _examples_generation(ctx, spec, examples))
     check_work(ctx.limits, finetune_work(prep.steps, prep.solver, mode, opts.iterations,
                                          opts.validate_every, bool(validation)))
-    model, meta = _adapted_copy(prep, opts)
+    model, meta = _adapted_copy(ctx, prep, opts)
     run = _Run(ctx, job, opts, prep, model, meta, mode)
     with ctx.artifacts.reserve(_reserved_bytes(run.params, opts.keep_checkpoints)):
         return _train(run, spec, losses, validation)
@@ -134,12 +135,13 @@ def _check_request(ctx: TaskContext, spec: GenerationSpec, opts, validation) -> 
     return mode
 
 
-def _adapted_copy(prep, opts) -> tuple[torch.nn.Module, dict]:
-    """A trainable copy (the resident model is never touched) and the metadata a resume must match."""
+def _adapted_copy(ctx, prep, opts) -> tuple[torch.nn.Module, dict]:
+    """What trains — a LoRA adapter in the model's bank (its calls batch with other requests'),
+    or a full copy; the resident model is never touched — and the metadata a resume must match."""
     lora = opts.method == "lora"
     targets = tuple(opts.target_modules) or prep.backend.lora_targets
     try:
-        model = (with_lora(prep.eps_fn, opts.lora_rank or 4, opts.lora_alpha or None, targets)
+        model = (ctx.new_lora(prep.model, opts.lora_rank or 4, opts.lora_alpha or None, targets)
                  if lora else full_copy(prep.eps_fn))
     except ValueError as err:
         raise InvalidArgument(f"model {prep.model!r}: {err}") from err
@@ -236,10 +238,17 @@ class _Run:
         self.patience = Patience(self.opts.stop_when)
 
     def backward_turn(self):
-        """The backward pass through the copy's kept graphs runs in this job's thread: it holds
-        the engine's device for its duration, a turn of the fair share like a network call."""
+        """The backward pass through kept graphs runs in this job's thread: it holds the
+        engine's device for its duration, a turn of the fair share like a network call. An
+        adapter of the bank that keeps no graphs (``checkpoint``, ``adjoint``, or ``auto`` while
+        calls are shared) makes its backward calls through the engine, batched with others'."""
         engine = self.prep.engine
-        return contextlib.nullcontext() if engine is None else engine.exclusive(self.job)
+        if engine is None:
+            return contextlib.nullcontext()
+        if isinstance(self.model, SharedRows) and (
+                self.mode in ("checkpoint", "adjoint") or (self.mode == "auto" and engine.shares_calls(self.job))):
+            return contextlib.nullcontext()
+        return engine.exclusive(self.job)
 
     def loss_at(self, it: int):
         """One iteration's loss: the sampler through the copy on this iteration's minibatch."""

@@ -1,0 +1,329 @@
+"""``AdapterBank``: many LoRA adapters on one resident network, each row of a call through its own.
+
+The base model runs once for the whole batch; peft's mixed-adapter batches add each row's LoRA
+delta (its own A, B, rank and scale) for that row only (``adapter_names=`` on every LoRA layer,
+S-LoRA's batching done by peft: docs/design.md §5, "Many adapters"). Adapters live in one shared copy of the
+network (``net``: the base tensors are the resident model's) under names of their own; a request
+holds an :class:`AdapterView` — its adapter as an ``eps_fn`` that declares ``core.SharedRows``,
+so the engine runs views of one bank as one call. An all-base call runs the resident network
+itself (no LoRA layer in the way).
+
+The bank is sized in bytes: adapters are loaded on demand, the least recently used one that no
+live view holds is evicted, and an adapter in use is never evicted (a view pins it). A trained
+adapter (a fine-tune, a weight gradient) is one of the rows too: its weights are the view's own
+leaves, put in place of its placeholders for each call (``torch.func.functional_call``), so a
+batched VJP's gradient w.r.t. them is its rows' alone; the bank's own LoRA tensors never require
+grad (peft flips those flags while it injects; nobody differentiates them).
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+import warnings
+import weakref
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..core import SharedRows
+from ..errors import ResourceExhausted
+from ._adapters import _shared_copy as shared_copy
+
+__all__ = ["AdapterBank", "AdapterView", "AdapterSpec", "BankStats", "BASE", "MixedRowsUnsupported"]
+
+BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
+CANONICAL = "default"  # the adapter name in saved states (peft's, and this service's artifacts)
+
+
+class MixedRowsUnsupported(ValueError):
+    """A LoRA layer saw a batch whose rows do not match the call's rows (a network that folds
+    the batch): that network's adapters run in separate calls."""
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """What a saved adapter is: its LoRA rank, alpha (None: the rank) and target modules."""
+
+    rank: int
+    alpha: float | None
+    targets: tuple[str, ...]
+
+
+@dataclass
+class BankStats:
+    """Counts for metrics, tests and benchmarks."""
+
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    load_seconds: float = 0.0
+    fallbacks: int = 0  # mixed calls this bank could not run (separate calls since)
+    distinct: Counter = field(default_factory=Counter)  # calls by distinct adapters in them
+
+
+@dataclass(eq=False)
+class _Entry:
+    name: str                        # the adapter's name in ``net``
+    key: str                         # the artifact id; "" for a job's own trainable adapter
+    tensors: dict[str, torch.Tensor]  # canonical name → the adapter's tensor (the view's leaves)
+    placeholders: dict[str, str]     # canonical name → the parameter's name in ``net``
+    nbytes: int
+    trainable: bool
+    spec: AdapterSpec
+    views: weakref.WeakSet = field(default_factory=weakref.WeakSet)
+
+
+class AdapterView(nn.Module, SharedRows):
+    """One adapter of a bank (or the base, ``adapter`` None) as ``eps_fn(x, t, cond)``.
+
+    Its parameters are the base's and its adapter's, under the names a peft copy would give
+    them (``…lora_A.default.weight``), so a view trains, saves and restores like that copy.
+    While it lives, its adapter stays in the bank."""
+
+    def __init__(self, bank: "AdapterBank", entry: _Entry | None):
+        super().__init__()
+        self.base = bank.base  # a submodule: parameters() lists the resident weights
+        object.__setattr__(self, "bank", bank)
+        object.__setattr__(self, "entry", entry)
+        self.label = BASE if entry is None else entry.name
+        self._canonical: dict[str, str] = {}
+        if entry is not None:
+            entry.views.add(self)
+            for i, (name, tensor) in enumerate(entry.tensors.items()):
+                param = tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=False)
+                self.register_parameter(f"adapter_{i}", param)
+                self._canonical[f"adapter_{i}"] = name
+
+    @property
+    def shares(self):
+        return self.bank.shares(self)
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        """The base's names, then the adapter's canonical ones (a peft copy's)."""
+        yield from self.base.named_parameters(prefix=prefix, recurse=recurse, remove_duplicate=remove_duplicate)
+        for own, name in self._canonical.items():
+            yield (f"{prefix}.{name}" if prefix else name), self._parameters[own]
+
+    def trainable_weights(self) -> dict[str, torch.Tensor]:
+        """Canonical name → the leaf each call puts in place of the adapter's placeholder."""
+        if self.entry is None or not self.entry.trainable:
+            return {}
+        return {self.entry.placeholders[self._canonical[own]]: p for own, p in self._parameters.items()}
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
+        return self.bank.run_rows(x, t, cond, [(self, int(x.shape[0]))])
+
+    def standalone(self) -> nn.Module:
+        """This adapter on a peft copy of the base of its own (the base itself for ``BASE``),
+        frozen: what to copy further (a trainable view of its base weights)."""
+        from ._adapters import load_adapter
+
+        if self.entry is None:
+            return self.base
+        spec = self.entry.spec
+        state = {self._canonical[own]: p.detach() for own, p in self._parameters.items()}
+        return load_adapter(self.base, "lora", state, rank=spec.rank, alpha=spec.alpha, targets=spec.targets)
+
+    def run_rows(self, x, t, cond, parts):
+        return self.bank.run_rows(x, t, cond, parts)
+
+
+class AdapterBank:
+    """The adapters of one resident network under a byte budget (``budget_bytes``)."""
+
+    def __init__(self, eps_fn: nn.Module, budget_bytes: int, *, mixed: bool = True):
+        if budget_bytes < 0:
+            raise ValueError("the adapter bank's budget must be >= 0 bytes")
+        self.base = eps_fn
+        self.budget = int(budget_bytes)
+        self.mixed = mixed  # False: every adapter runs in calls of its own (today's behaviour)
+        self.stats = BankStats()
+        self.net = shared_copy(eps_fn)
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()  # by artifact id, LRU first
+        self._owned: list[_Entry] = []  # trainable adapters of running jobs
+        self._lock = threading.RLock()  # the network's structure and the row labels
+        self._loading: dict[str, threading.Event] = {}
+        self._rows = threading.local()
+        self._hooked: set[int] = set()
+        self._serial = 0
+        self.base_view = AdapterView(self, None)
+
+    # -- what the server asks --------------------------------------------------------------------
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self._all())
+
+    @property
+    def resident(self) -> int:
+        return len(self._entries) + len(self._owned)
+
+    def shares(self, view: AdapterView):
+        """Views of one bank share calls; with mixing off, only views of one adapter do."""
+        return (id(self), None) if self.mixed else (id(self), view.label)
+
+    def view(self, key: str, load: Callable[[], tuple[Mapping[str, torch.Tensor], AdapterSpec]]) -> AdapterView:
+        """The adapter saved as ``key`` (``load`` reads its tensors and spec on a miss), pinned
+        while the view lives; RESOURCE_EXHAUSTED when the adapters in use leave no room."""
+        while True:
+            with self._lock:
+                entry = self._entries.get(key)
+                if entry is not None:
+                    self._entries.move_to_end(key)
+                    self.stats.hits += 1
+                    return AdapterView(self, entry)
+                pending = self._loading.get(key)
+                if pending is None:
+                    pending = self._loading[key] = threading.Event()
+                    break
+            pending.wait()  # another request is loading it: use theirs
+        try:
+            started = time.perf_counter()
+            tensors, spec = load()
+            with self._lock:
+                entry = self._add(key, dict(tensors), spec, trainable=False)
+                view = AdapterView(self, entry)
+                self.stats.misses += 1
+                self.stats.load_seconds += time.perf_counter() - started
+            return view
+        finally:
+            with self._lock:
+                self._loading.pop(key).set()
+
+    def trainable(self, tensors: Mapping[str, torch.Tensor], spec: AdapterSpec) -> AdapterView:
+        """A job's own adapter to train, starting from ``tensors`` (canonical names): a view whose
+        adapter weights are fresh leaves that require grad; removed when the view is dropped."""
+        leaves = {k: nn.Parameter(v.detach().clone(), requires_grad=True) for k, v in tensors.items()}
+        with self._lock:
+            return AdapterView(self, self._add("", leaves, spec, trainable=True))
+
+    def release_unused(self) -> None:
+        """Drop the trainable adapters whose views are gone (their jobs ended)."""
+        with self._lock:
+            for entry in [e for e in self._owned if not e.views]:
+                self._owned.remove(entry)
+                self._remove(entry)
+
+    # -- the call --------------------------------------------------------------------------------
+    def run_rows(self, x: torch.Tensor, t: torch.Tensor, cond, parts: Sequence[tuple[AdapterView, int]]):
+        """One call: each part's rows through its view's adapter (peft's mixed batch)."""
+        labels: list[str] = []
+        weights: dict[str, torch.Tensor] = {}
+        for view, rows in parts:
+            labels += [view.label] * rows
+            weights.update(view.trainable_weights())
+        distinct = {label for label in labels if label != BASE}
+        self.stats.distinct[len(distinct)] += 1
+        if not distinct:
+            return self.base(x, t, cond)
+        with self._lock:
+            self._rows.labels = labels
+            try:
+                if weights:
+                    return torch.func.functional_call(self.net, weights, (x, t, cond), strict=False)
+                return self.net(x, t, cond)
+            except MixedRowsUnsupported:
+                self.stats.fallbacks += 1
+                self.mixed = False  # from now on each adapter in calls of its own
+                raise
+            finally:
+                self._rows.labels = None
+
+    def _label_rows(self, module, args, kwargs):
+        """A forward pre-hook on every LoRA layer of ``net``: the call's row labels."""
+        labels = self._rows.labels
+        if labels is None:
+            raise RuntimeError("the bank's network runs only through run_rows")
+        rows = args[0].shape[0] if args else next(iter(kwargs.values())).shape[0]
+        if rows != len(labels):
+            if len(set(labels)) > 1:
+                raise MixedRowsUnsupported(f"a LoRA layer saw {rows} rows in a call of {len(labels)}")
+            labels = labels[:1] * rows
+        return args, {**kwargs, "adapter_names": labels}
+
+    # -- the bank's contents (under the lock) ----------------------------------------------------
+    def _all(self) -> list[_Entry]:
+        return [*self._entries.values(), *self._owned]
+
+    def _make_room(self, nbytes: int) -> None:
+        """Evict unpinned adapters, least recently used first, until ``nbytes`` more fit."""
+        for attempt in range(2):
+            self.release_unused()
+            for key, entry in list(self._entries.items()):
+                if self.nbytes + nbytes <= self.budget:
+                    return
+                if not entry.views:
+                    del self._entries[key]
+                    self._remove(entry)
+                    self.stats.evictions += 1
+            if self.nbytes + nbytes <= self.budget:
+                return
+            if attempt == 0:
+                gc.collect()  # a finished request's view may wait in a reference cycle
+        pinned = sum(e.nbytes for e in self._all() if e.views)
+        raise ResourceExhausted(
+            f"the adapter bank is full: adapters in use hold {pinned / 2**20:.1f} MiB of its "
+            f"{self.budget / 2**20:.1f} MiB and this one needs {nbytes / 2**20:.1f} MiB "
+            f"(--adapter-cache-mib)", retry_after_s=1.0)
+
+    def _add(self, key: str, tensors: dict[str, torch.Tensor], spec: AdapterSpec, *, trainable: bool) -> _Entry:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        nbytes = sum(v.numel() * v.element_size() for v in tensors.values())
+        self._make_room(nbytes)
+        self._serial += 1
+        name = f"adapter{self._serial}"
+        config = LoraConfig(r=spec.rank, lora_alpha=spec.rank if spec.alpha is None else spec.alpha,
+                            target_modules=list(spec.targets), init_lora_weights=False)
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Already found a `peft_config`")  # many: the point
+            inject_adapter_in_model(config, self.net, adapter_name=name)
+        entry = _Entry(name, key, tensors, {}, nbytes, trainable, spec)
+        try:
+            self._place(entry)
+        except ValueError:
+            self._remove(entry)
+            raise
+        (self._owned.append(entry) if trainable else self._entries.__setitem__(key, entry))
+        return entry
+
+    def _place(self, entry: _Entry) -> None:
+        """Point the injected placeholders at the adapter's tensors; hook new LoRA layers."""
+        infix = f".{entry.name}."
+        own = {n.replace(infix, f".{CANONICAL}."): (n, p) for n, p in self.net.named_parameters()
+               if infix in n}
+        unknown = sorted(set(entry.tensors) - set(own))
+        missing = sorted(set(own) - set(entry.tensors))
+        if unknown or missing:
+            raise ValueError(f"adapter does not fit this model: {len(unknown)} unknown and "
+                             f"{len(missing)} missing tensors (e.g. {(unknown or missing)[0]})")
+        for canonical, (name, param) in own.items():
+            value = entry.tensors[canonical]
+            if tuple(value.shape) != tuple(param.shape):
+                raise ValueError(f"adapter tensor {canonical} has shape {tuple(value.shape)}, "
+                                 f"the model's {tuple(param.shape)}")
+            param.data = value.detach().to(param.device)
+            entry.placeholders[canonical] = name
+        for param in self.net.parameters():
+            param.requires_grad_(False)  # peft's injection flips flags; nobody differentiates these
+        from peft.tuners.lora import LoraLayer
+
+        for module in self.net.modules():
+            if isinstance(module, LoraLayer) and id(module) not in self._hooked:
+                module.register_forward_pre_hook(self._label_rows, with_kwargs=True)
+                self._hooked.add(id(module))
+
+    def _remove(self, entry: _Entry) -> None:
+        """Take an adapter out of ``net`` (peft's layers stay, with the others' adapters)."""
+        from peft.tuners.lora import LoraLayer
+
+        for module in self.net.modules():
+            if isinstance(module, LoraLayer):
+                for attr in (*module.adapter_layer_names, *module.other_param_names):
+                    store = getattr(module, attr, None)
+                    if isinstance(store, (dict, nn.ModuleDict, nn.ParameterDict)) and entry.name in store:
+                        del store[entry.name]
