@@ -8,12 +8,14 @@ write to their weights), a full copy owns its weights.
 from __future__ import annotations
 
 import copy
+import math
+import warnings
 from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["with_lora", "fresh_lora", "full_copy", "trainable_state", "load_adapter", "with_trainable_view",
+__all__ = ["inject_lora", "adapter_dtype", "with_lora", "fresh_lora", "full_copy", "trainable_state", "load_adapter", "with_trainable_view",
            "standalone"]
 
 
@@ -23,20 +25,45 @@ def _shared_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
+def inject_lora(model: nn.Module, rank: int, alpha: float | None, targets: Sequence[str],
+                adapter_name: str = "default") -> list:
+    """peft's LoRA layers for ``adapter_name`` in ``model`` (in place), their weights left on
+    the meta device for the caller to set. No random generator is touched: the process's is
+    shared by every request thread, so drawing from it (or seeding it) here would make adapters
+    and unseeded requests depend on each other. The meta device comes from ``torch.device`` as a
+    context (a thread-local torch function mode), not peft's ``low_cpu_mem_usage``, whose patch of
+    ``register_parameter`` is process-wide and would hit other threads' modules."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.lora import LoraLayer
+
+    config = LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, target_modules=list(targets),
+                        init_lora_weights=False)
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.filterwarnings("ignore", "Already found a `peft_config`")  # a bank holds many
+        inject_adapter_in_model(config, model, adapter_name=adapter_name)
+    return [m for m in model.modules() if isinstance(m, LoraLayer) and adapter_name in m.lora_A]
+
+
+def adapter_dtype(dtype: torch.dtype) -> torch.dtype:
+    """An adapter's weights are float32 under a half-precision base (as peft's
+    ``autocast_adapter_dtype``: they are what is trained; peft casts the layer's input to them and
+    their output back), else the base's dtype."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def with_lora(eps_fn: nn.Module, rank: int, alpha: float | None = None,
               targets: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0"), *,
-              init_lora_weights: bool | str = True) -> nn.Module:
+              init_lora_weights: bool = True) -> nn.Module:
     """A copy of ``eps_fn`` with a fresh LoRA adapter (peft's adapter ``default``); only the LoRA
     weights require grad. By default B = 0, so it starts equal to the base (``init_lora_weights``
-    goes to peft: ``False`` draws B at random too, e.g. so that both A and B get gradients at
-    once). The adapter is drawn from a fixed seed, so the same request makes the same adapter
-    (the process's random state is left as it was).
+    ``False`` draws B at random too, e.g. so that both A and B get gradients at once). A (and B)
+    are drawn as peft draws them (Kaiming-uniform, a = √5) from a generator of their own seeded
+    0, layer by layer in module order: the same request makes the same adapter whatever other
+    requests do meanwhile.
 
     The copy shares the frozen base tensors with ``eps_fn`` (zero weight memory): it must not be
     moved or cast (``.to(...)``/``.half()`` convert parameters in place) nor have its adapter
     merged, which would change the resident weights."""
-    from peft import LoraConfig, inject_adapter_in_model
-
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1; got {rank}")
     names = [n for n, _ in eps_fn.named_modules()]
@@ -44,17 +71,15 @@ def with_lora(eps_fn: nn.Module, rank: int, alpha: float | None = None,
     if missing or not targets:
         raise ValueError(f"LoRA target modules {missing or list(targets)} are not in this model")
     model = _shared_copy(eps_fn)
-    config = LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, target_modules=list(targets),
-                        init_lora_weights=init_lora_weights)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = inject_adapter_in_model(config, model)
+    gen = torch.Generator().manual_seed(0)
+    for layer in inject_lora(model, rank, alpha, targets):
+        base = layer.get_base_layer().weight
+        for part, zero in ((layer.lora_A["default"], False), (layer.lora_B["default"], bool(init_lora_weights))):
+            value = torch.empty(part.weight.shape, dtype=adapter_dtype(base.dtype))
+            value = value.zero_() if zero else nn.init.kaiming_uniform_(value, a=math.sqrt(5), generator=gen)
+            part.weight = nn.Parameter(value.to(base.device))
     for name, param in model.named_parameters():
         param.requires_grad_("lora_" in name)
-        if "lora_" in name and param.dtype in (torch.float16, torch.bfloat16):
-            # the adapter is what is trained: float32 under a half base (as peft's
-            # autocast_adapter_dtype does); peft casts the layer's input to it and its output back
-            param.data = param.data.float()
     return model
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import gc
 import threading
 import time
-import warnings
 import weakref
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from torch import nn
 from ..core import SharedRows
 from ..errors import ResourceExhausted
 from ._adapters import _shared_copy as shared_copy
+from ._adapters import inject_lora
 
 __all__ = ["AdapterBank", "AdapterView", "AdapterSpec", "BankStats", "BASE", "MixedRowsUnsupported"]
 
@@ -143,7 +143,7 @@ class AdapterBank:
         self.budget = int(budget_bytes)
         self.mixed = mixed  # False: every adapter runs in calls of its own (today's behaviour)
         self.stats = BankStats()
-        self.net = shared_copy(eps_fn)
+        self.net = _fixed_placement(shared_copy(eps_fn), eps_fn)
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # by artifact id, LRU first
         self._owned: list[_Entry] = []  # trainable adapters of running jobs
         self._lock = threading.RLock()  # the network's structure and the row labels
@@ -271,18 +271,11 @@ class AdapterBank:
             f"(--adapter-cache-mib)", retry_after_s=1.0)
 
     def _add(self, key: str, tensors: dict[str, torch.Tensor], spec: AdapterSpec, *, trainable: bool) -> _Entry:
-        from peft import LoraConfig, inject_adapter_in_model
-
         nbytes = sum(v.numel() * v.element_size() for v in tensors.values())
         self._make_room(nbytes)
         self._serial += 1
-        name = f"adapter{self._serial}"
-        config = LoraConfig(r=spec.rank, lora_alpha=spec.rank if spec.alpha is None else spec.alpha,
-                            target_modules=list(spec.targets), init_lora_weights=False)
-        with torch.random.fork_rng(devices=[]), torch.no_grad(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "Already found a `peft_config`")  # many: the point
-            inject_adapter_in_model(config, self.net, adapter_name=name)
-        entry = _Entry(name, key, tensors, {}, nbytes, trainable, spec)
+        entry = _Entry(f"adapter{self._serial}", key, tensors, {}, nbytes, trainable, spec)
+        inject_lora(self.net, spec.rank, spec.alpha, spec.targets, entry.name)
         try:
             self._place(entry)
         except ValueError:
@@ -292,7 +285,7 @@ class AdapterBank:
         return entry
 
     def _place(self, entry: _Entry) -> None:
-        """Point the injected placeholders at the adapter's tensors; hook new LoRA layers."""
+        """Put the adapter's tensors in place of the injected weights; hook new LoRA layers."""
         infix = f".{entry.name}."
         own = {n.replace(infix, f".{CANONICAL}."): (n, p) for n, p in self.net.named_parameters()
                if infix in n}
@@ -301,15 +294,19 @@ class AdapterBank:
         if unknown or missing:
             raise ValueError(f"adapter does not fit this model: {len(unknown)} unknown and "
                              f"{len(missing)} missing tensors (e.g. {(unknown or missing)[0]})")
+        device = next(self.base.parameters()).device
         for canonical, (name, param) in own.items():
             value = entry.tensors[canonical]
             if tuple(value.shape) != tuple(param.shape):
                 raise ValueError(f"adapter tensor {canonical} has shape {tuple(value.shape)}, "
                                  f"the model's {tuple(param.shape)}")
-            param.data = value.detach().to(param.device)
+            owner, _, leaf = name.rpartition(".")
+            # the frozen tensor itself (a trained adapter's leaf: its storage), never a copy
+            setattr(self.net.get_submodule(owner), leaf,
+                    nn.Parameter(value.detach().to(device), requires_grad=False))
             entry.placeholders[canonical] = name
         for param in self.net.parameters():
-            param.requires_grad_(False)  # peft's injection flips flags; nobody differentiates these
+            param.requires_grad_(False)  # peft's injection sets flags; nobody differentiates these
         from peft.tuners.lora import LoraLayer
 
         for module in self.net.modules():
@@ -327,3 +324,22 @@ class AdapterBank:
                     store = getattr(module, attr, None)
                     if isinstance(store, (dict, nn.ModuleDict, nn.ParameterDict)) and entry.name in store:
                         del store[entry.name]
+
+
+def _fixed_placement(net: nn.Module, like: nn.Module) -> nn.Module:
+    """``net`` whose modules answer ``dtype`` and ``device`` without walking their submodules:
+    diffusers' ``ModelMixin.dtype`` visits every module (twice per UNet forward), and a bank's
+    network gains three per adapter per LoRA layer — with 64 adapters that walk cost more than
+    the call. The bank's copy never moves or casts, so the resident network's answer holds."""
+    first = next(like.parameters())
+    fixed = {"dtype": property(lambda self: first.dtype), "device": property(lambda self: first.device)}
+    classes: dict[type, type] = {}
+    for module in net.modules():
+        cls = type(module)
+        if not any(isinstance(getattr(cls, attr, None), property) for attr in fixed):
+            continue
+        if cls not in classes:
+            classes[cls] = type(cls.__name__, (cls,), {a: p for a, p in fixed.items()
+                                                      if isinstance(getattr(cls, a, None), property)})
+        module.__class__ = classes[cls]
+    return net

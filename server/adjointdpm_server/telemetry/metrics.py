@@ -12,7 +12,7 @@ from __future__ import annotations
 import resource
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 __all__ = ["Metrics"]
 
@@ -68,6 +68,10 @@ class Metrics:
         engine.observer = self.observe_network_call
         self.registry.register(_TenantCollector(admission, engine))
 
+    def watch_banks(self, banks) -> None:
+        """Each model's adapter bank (``{model: AdapterBank}``), read at scrape time."""
+        self.registry.register(_BankCollector(banks))
+
     def observe_network_call(self, model: str, kind: str, rows: int) -> None:
         kind = "vjp" if kind == "vjp" else "forward"  # a solo call builds a graph: a forward
         self.network_batch.labels(model=model, kind=kind).observe(rows)
@@ -110,3 +114,46 @@ class _TenantCollector:
         for caller, seconds in sorted(self.engine.work_by_caller().items()):
             work.add_metric([caller], seconds)
         yield work
+
+
+DISTINCT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+class _BankCollector:
+    """The adapter banks: bytes against the budget, adapters resident, hits, misses, evictions,
+    load time, calls by distinct adapters in them, mixed calls that fell back."""
+
+    def __init__(self, banks):
+        self.banks = banks
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        gauges = [("adapter_bank_bytes", "bytes of LoRA adapters resident", lambda b: b.nbytes),
+                  ("adapter_bank_budget_bytes", "the bank's budget (--adapter-cache-mib)", lambda b: b.budget),
+                  ("adapters_resident", "LoRA adapters resident (loaded and trained ones)", lambda b: b.resident)]
+        counters = [("adapter_bank_hits", "adapter lookups served from the bank", "hits"),
+                    ("adapter_bank_misses", "adapters loaded from the artifact store", "misses"),
+                    ("adapter_bank_evictions", "unused adapters evicted for room", "evictions"),
+                    ("adapter_load_seconds", "time spent loading adapters", "load_seconds"),
+                    ("adapter_mixed_fallbacks", "mixed-adapter calls a network could not run "
+                     "(its adapters run in separate calls since)", "fallbacks")]
+        for name, doc, read in gauges:
+            family = GaugeMetricFamily(f"adjointdpm_{name}", doc, labels=["model"])
+            for model, bank in sorted(self.banks.items()):
+                family.add_metric([model], read(bank))
+            yield family
+        for name, doc, attr in counters:
+            family = CounterMetricFamily(f"adjointdpm_{name}", doc, labels=["model"])
+            for model, bank in sorted(self.banks.items()):
+                family.add_metric([model], getattr(bank.stats, attr))
+            yield family
+        family = HistogramMetricFamily("adjointdpm_adapter_batch_distinct", "distinct LoRA adapters "
+                                       "in each network call of a bank (0: base rows only)", labels=["model"])
+        for model, bank in sorted(self.banks.items()):
+            seen = dict(bank.stats.distinct)
+            buckets = [(str(le), sum(n for d, n in seen.items() if d <= le)) for le in DISTINCT_BUCKETS]
+            buckets.append(("+Inf", sum(seen.values())))
+            family.add_metric([model], buckets, sum(d * n for d, n in seen.items()))
+        yield family

@@ -94,6 +94,7 @@ def build_server(config: ServerConfig, runtime: Runtime | None = None) -> Server
     metrics = Metrics(device=config.device)
     service = AdjointDPMService(runtime, metrics)
     metrics.watch(service.admission, runtime.engine)
+    metrics.watch_banks(runtime.banks)
     tenants = Tenants(config.tokens) if config.tokens else None
     interceptors = [TelemetryInterceptor(metrics, tenants)]
     if tenants is not None:
