@@ -64,7 +64,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import machine, stop_process
+from _common import launch_server, machine, stop_process
 
 ROOT = Path(__file__).resolve().parents[1]
 PATHS = [str(ROOT / "sdk"), str(ROOT / "server")]
@@ -347,20 +347,9 @@ def child_env(threads: int | None = None) -> dict:
 class ServerProcess:
     def __init__(self, threads: int, tmp: Path, extra: list[str] = ()):
         self.log_path = tmp / "server.log"
-        self.log = open(self.log_path, "w")  # noqa: SIM115 — open as long as the child runs
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "adjointdpm_server", "--model", "digits", "--port", "0",
-             "--artifact-dir", str(tmp / "artifacts"), "--log-format", "text", "--metrics-port", "0",
-             *extra],
-            stdout=subprocess.PIPE, stderr=self.log, text=True, env=child_env(threads))
-        line = self.proc.stdout.readline()
-        if "listening on" not in line:
-            self.stop()
-            raise RuntimeError(f"the server did not start (first line {line!r}); log:\n{self.tail()}")
-        self.target = line.rsplit(" ", 1)[1].strip()
-        threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
-        found = re.search(r"metrics: (\d+)\)", self.log_path.read_text())
-        self.metrics_url = f"http://127.0.0.1:{found.group(1)}/metrics" if found else None
+        self.proc, self.log, self.target, self.metrics_url = launch_server(
+            ["--model", "digits", "--port", "0", "--artifact-dir", str(tmp / "artifacts"),
+             "--log-format", "text", "--metrics-port", "0", *extra], self.log_path, child_env(threads))
 
     def tail(self, n: int = 30) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])

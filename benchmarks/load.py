@@ -31,17 +31,15 @@ import datetime
 import math
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from _common import machine, stop_process
+from _common import Cell, launch_server, machine, run_clients, stop_process
 
 RESULTS = Path(__file__).resolve().parent / "results" / "load.md"
 WORKLOADS = ("sample-1", "sample-8", "gradient", "gradient-checkpoint", "client-loss")
@@ -74,67 +72,18 @@ class ServerProcess:
     def __init__(self, window_ms: float, threads: int, tmp: Path, name: str):
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         self.window_ms = window_ms
-        self.log = open(tmp / f"{name}.log", "w")  # noqa: SIM115 — open as long as the child runs
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "adjointdpm_server", "--model", "digits", "--port", "0",
-             "--max-active-jobs", "32", "--max-queue", "64", "--batch-window-ms", str(window_ms),
-             "--artifact-dir", str(tmp / f"{name}-artifacts"), "--log-format", "text"],
-            stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
-        line = self.proc.stdout.readline()
-        if "listening on" not in line:
-            self.stop()
-            raise RuntimeError(f"the server did not start (first line {line!r})")
-        self.target = line.rsplit(" ", 1)[1].strip()
-        threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
+        self.proc, self.log, self.target, _ = launch_server(
+            ["--model", "digits", "--port", "0", "--max-active-jobs", "32", "--max-queue", "64",
+             "--batch-window-ms", str(window_ms), "--artifact-dir", str(tmp / f"{name}-artifacts"),
+             "--log-format", "text"], tmp / f"{name}.log", env)
 
     def stop(self) -> None:
         stop_process(self.proc, self.log)
 
 
-@dataclass
-class Cell:
-    latencies: list[float] = field(default_factory=list)
-    wall: float = 0.0
-    errors: list[str] = field(default_factory=list)
-
-    @property
-    def rate(self) -> float:
-        return len(self.latencies) / self.wall if self.wall and self.latencies else float("nan")
-
-
 def run_cell(target: str, workload: str, clients: int, per_client: int, steps: int) -> Cell:
-    import adjointdpm
-
-    cell, lock = Cell(), threading.Lock()
-    pool = [adjointdpm.Client(target) for _ in range(clients)]
-    for c in pool:
-        c.list_models()  # connect before the clock starts
-    barrier = threading.Barrier(clients + 1)
-
-    def worker(k: int) -> None:
-        barrier.wait()
-        for j in range(per_client):
-            t0 = time.perf_counter()
-            try:
-                request(pool[k], workload, 1000 * k + j, steps)
-            except Exception as err:  # noqa: BLE001 — reported in the table
-                with lock:
-                    cell.errors.append(f"{type(err).__name__}: {err}")
-                continue
-            with lock:
-                cell.latencies.append(time.perf_counter() - t0)
-
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(clients)]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    cell.wall = time.perf_counter() - t0
-    for c in pool:
-        c.close()
-    return cell
+    return run_clients(target, clients, per_client,
+                       lambda client, k, j: request(client, workload, 1000 * k + j, steps), Cell())
 
 
 def pct(values, q) -> float:

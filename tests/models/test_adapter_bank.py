@@ -250,3 +250,27 @@ def test_a_network_that_folds_its_batch_falls_back_to_calls_per_adapter():
             bank.run_rows(x, None, None, [(views[0], 1), (views[1], 1)])
     assert bank.stats.fallbacks == 1 and not bank.mixed
     assert views[0].shares != views[1].shares  # separate calls from now on
+
+
+def test_a_trained_adapters_new_weights_reach_the_next_mixed_call(digits64):
+    """Stacked weights are kept between calls of the same adapters, never for a trained one:
+    its weights change in place between calls (an optimizer step)."""
+    eps = digits64.eps_fn
+    bank = AdapterBank(eps, 1 << 30)
+    _, views = loaded(bank, eps, SPECS[:2])
+    spec = AdapterSpec(2, None, ATTENTION)
+    start = random_adapter(eps, spec, seed=3)
+    trained = bank.trainable(start, spec)
+    parts = [(views[0], 1), (trained, 1), (views[1], 1)]
+    x, t, c = inputs(digits64, 3)
+    names = [n for n, p in trained.named_parameters() if p.requires_grad]
+    with torch.no_grad():
+        bank.run_rows(x, t, c, parts)
+        bank.run_rows(x, t, c, [(views[0], 1), (views[1], 2)])  # frozen only: stacks kept
+        for p in trained.parameters():
+            if p.requires_grad:
+                p.add_(0.05)  # the optimizer's step, in place
+        out = bank.run_rows(x, t, c, parts)
+        copy, _ = trained_copy(eps, spec, {n: p for n, p in trained.named_parameters() if p.requires_grad}, names)
+        want = copy(x[1:2], t[1:2], c[1:2])
+    assert (out[1:2] - want).abs().max().item() <= 1e-10

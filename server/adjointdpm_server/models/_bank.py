@@ -21,6 +21,7 @@ from __future__ import annotations
 import gc
 import threading
 import time
+import types
 import weakref
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
@@ -64,6 +65,14 @@ class BankStats:
     load_seconds: float = 0.0
     fallbacks: int = 0  # mixed calls this bank could not run (separate calls since)
     distinct: Counter = field(default_factory=Counter)  # calls by distinct adapters in them
+
+
+class _Rows(threading.local):
+    """What the call running on this thread tells the LoRA layers: each row's adapter, and
+    whether stacked weights may be kept (no trained adapter's weights in it)."""
+
+    labels: list | None = None
+    cacheable: bool = False
 
 
 @dataclass(eq=False)
@@ -148,7 +157,8 @@ class AdapterBank:
         self._owned: list[_Entry] = []  # trainable adapters of running jobs
         self._lock = threading.RLock()  # the network's structure and the row labels
         self._loading: dict[str, threading.Event] = {}
-        self._rows = threading.local()
+        self._rows = _Rows()
+        self.generation = 0  # changes of the adapters in ``net``
         self._hooked: set[int] = set()
         self._serial = 0
         self.base_view = AdapterView(self, None)
@@ -221,7 +231,7 @@ class AdapterBank:
         if not distinct:
             return self.base(x, t, cond)
         with self._lock:
-            self._rows.labels = labels
+            self._rows.labels, self._rows.cacheable = labels, not weights
             try:
                 if weights:
                     return torch.func.functional_call(self.net, weights, (x, t, cond), strict=False)
@@ -307,17 +317,24 @@ class AdapterBank:
             entry.placeholders[canonical] = name
         for param in self.net.parameters():
             param.requires_grad_(False)  # peft's injection sets flags; nobody differentiates these
+        self.generation += 1  # weights stacked before are stale
         from peft.tuners.lora import LoraLayer
+
+        from peft.tuners.lora.layer import Linear as LoraLinear
 
         for module in self.net.modules():
             if isinstance(module, LoraLayer) and id(module) not in self._hooked:
                 module.register_forward_pre_hook(self._label_rows, with_kwargs=True)
+                if isinstance(module, LoraLinear):
+                    module._mixed_batch_forward = types.MethodType(_grouped_forward, module)
+                    module.__dict__["_bank"] = self
                 self._hooked.add(id(module))
 
     def _remove(self, entry: _Entry) -> None:
         """Take an adapter out of ``net`` (peft's layers stay, with the others' adapters)."""
         from peft.tuners.lora import LoraLayer
 
+        self.generation += 1
         for module in self.net.modules():
             if isinstance(module, LoraLayer):
                 for attr in (*module.adapter_layer_names, *module.other_param_names):
@@ -343,3 +360,46 @@ def _fixed_placement(net: nn.Module, like: nn.Module) -> nn.Module:
                                                       if isinstance(getattr(cls, a, None), property)})
         module.__class__ = classes[cls]
     return net
+
+
+def _grouped_forward(layer, x: torch.Tensor, *args, adapter_names: list, **kwargs) -> torch.Tensor:
+    """peft's mixed-adapter forward of a LoRA ``Linear`` with the rows of every adapter in two
+    batched matmuls (Punica's gathered LoRA: each row's A and B·scale, zero-padded to the largest
+    rank, gathered by row) instead of two matmuls and an indexed add per adapter; zero padding
+    adds exact zeros, so a row's result is its adapter's to round-off. One adapter, or adapters
+    of other dtypes or with dropout, take peft's own path."""
+    present = [a for a in dict.fromkeys(adapter_names) if a != BASE and a in layer.lora_A]
+    dtypes = {layer.lora_A[a].weight.dtype for a in present}
+    if len(present) < 2 or len(dtypes) > 1 or any(
+            not isinstance(layer.lora_dropout[a], nn.Identity) for a in present):
+        return type(layer)._mixed_batch_forward(layer, x, *args, adapter_names=adapter_names, **kwargs)
+    from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
+
+    result = layer.base_layer(x, *args, **{k: v for k, v in kwargs.items() if k not in VARIANT_KWARG_KEYS})
+    group = {a: j for j, a in enumerate(present)}
+    rows = [i for i, a in enumerate(adapter_names) if a in group]
+    A, B = _stacked(layer, tuple(present))
+    which = torch.tensor([group[adapter_names[i]] for i in rows], device=x.device)
+    index = torch.tensor(rows, device=x.device)
+    picked = x[index].to(A.dtype)
+    flat = picked.reshape(len(rows), -1, picked.shape[-1])  # (rows, tokens, in)
+    delta = torch.bmm(torch.bmm(flat, A[which].transpose(1, 2)), B[which].transpose(1, 2))
+    result[index] += delta.reshape(*picked.shape[:-1], delta.shape[-1]).to(result.dtype)
+    return result
+
+
+def _stacked(layer, present: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B·scale) of ``present`` stacked, zero-padded to their largest rank; kept on the layer
+    for the next call with the same adapters unless a trained adapter's weights are in this
+    call (``_Rows.cacheable`` false: they change between calls) or the bank changed since."""
+    bank = layer.__dict__["_bank"]
+    key, cacheable = (bank.generation, present), bank._rows.cacheable
+    cached = layer.__dict__.get("_bank_stack")
+    if cacheable and cached is not None and cached[0] == key:
+        return cached[1], cached[2]
+    rank = max(layer.r[a] for a in present)
+    pad = torch.nn.functional.pad
+    A = torch.stack([pad(layer.lora_A[a].weight, (0, 0, 0, rank - layer.r[a])) for a in present])
+    B = torch.stack([pad(layer.lora_B[a].weight * layer.scaling[a], (0, rank - layer.r[a])) for a in present])
+    layer.__dict__["_bank_stack"] = (key, A, B) if cacheable else None
+    return A, B
