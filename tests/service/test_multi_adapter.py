@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import threading
 import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -258,5 +259,47 @@ def test_a_cancelled_request_unpins_its_adapter(tmp_path):
         bank.budget = 0
         bank._make_room(0)  # nothing in use: everything may go
         assert bank.resident == 0 and bank.stats.evictions == 1
+    finally:
+        srv.stop(0)
+
+
+def _scrape(srv) -> dict[str, float]:
+    """{'name{labels}': value} of the server's /metrics."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=10).read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def test_the_banks_metrics_count_what_it_did(tmp_path):
+    srv = _server(tmp_path, metrics_port=0)
+    try:
+        ids = _adapters(srv.runtime, TENANTS[:3])
+        bank = srv.runtime.banks["digits"]
+
+        def sample(tenant, adapter):
+            with _client(srv, tenant) as c:
+                c.sample(labels=1, seed=0, steps=2, adapter=adapter, images=False, progress=False)
+
+        _together([lambda t=t: sample(t, ids[t]) for t in TENANTS[:3]] + [lambda: sample("t8", "")])
+        sample("t0", ids["t0"])  # a hit
+        one = bank._entries[ids["t0"]].nbytes
+        bank.budget = 2 * one  # the next load evicts the least recent of the other two
+        got = _scrape(srv)
+        model = '{model="digits"}'
+        assert got[f"adjointdpm_adapters_resident{model}"] == 3
+        assert got[f"adjointdpm_adapter_bank_bytes{model}"] == bank.nbytes > 0
+        assert got[f"adjointdpm_adapter_bank_misses_total{model}"] == 3
+        assert got[f"adjointdpm_adapter_bank_hits_total{model}"] == 1
+        assert got[f"adjointdpm_adapter_load_seconds_total{model}"] > 0
+        calls = got[f'adjointdpm_adapter_batch_distinct_count{model}']
+        assert calls == sum(bank.stats.distinct.values()) > 0
+        mixed = calls - got['adjointdpm_adapter_batch_distinct_bucket{le="1.0",model="digits"}']
+        assert mixed >= 1, "some call had rows of two or more adapters"
+        (extra,) = _adapters(srv.runtime, ["t5"]).values()
+        sample("t5", extra)
+        got = _scrape(srv)
+        assert got[f"adjointdpm_adapter_bank_evictions_total{model}"] >= 1
+        assert got[f"adjointdpm_adapter_bank_budget_bytes{model}"] == 2 * one
+        assert got[f"adjointdpm_adapter_mixed_fallbacks_total{model}"] == 0
     finally:
         srv.stop(0)

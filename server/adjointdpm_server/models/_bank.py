@@ -335,6 +335,7 @@ class AdapterBank:
         from peft.tuners.lora import LoraLayer
 
         self.generation += 1
+        getattr(self.net, "peft_config", {}).pop(entry.name, None)  # peft's record of it
         for module in self.net.modules():
             if isinstance(module, LoraLayer):
                 for attr in (*module.adapter_layer_names, *module.other_param_names):
@@ -368,7 +369,10 @@ def _grouped_forward(layer, x: torch.Tensor, *args, adapter_names: list, **kwarg
     rank, gathered by row) instead of two matmuls and an indexed add per adapter; zero padding
     adds exact zeros, so a row's result is its adapter's to round-off. One adapter, or adapters
     of other dtypes or with dropout, take peft's own path."""
-    present = [a for a in dict.fromkeys(adapter_names) if a != BASE and a in layer.lora_A]
+    labels = dict.fromkeys(adapter_names)
+    present = [a for a in labels if a != BASE and a in layer.lora_A]
+    if len(labels) == 1 and len(present) == 1 and isinstance(layer.lora_dropout[present[0]], nn.Identity):
+        return _one_adapter(layer, x, present[0], *args, **kwargs)
     dtypes = {layer.lora_A[a].weight.dtype for a in present}
     if len(present) < 2 or len(dtypes) > 1 or any(
             not isinstance(layer.lora_dropout[a], nn.Identity) for a in present):
@@ -403,3 +407,13 @@ def _stacked(layer, present: tuple) -> tuple[torch.Tensor, torch.Tensor]:
     B = torch.stack([pad(layer.lora_B[a].weight * layer.scaling[a], (0, rank - layer.r[a])) for a in present])
     layer.__dict__["_bank_stack"] = (key, A, B) if cacheable else None
     return A, B
+
+
+def _one_adapter(layer, x: torch.Tensor, adapter: str, *args, **kwargs) -> torch.Tensor:
+    """Every row on one adapter: peft's own unmixed arithmetic (no gather, no indexed add), so a
+    request alone costs what a peft copy of its adapter costs."""
+    from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
+
+    result = layer.base_layer(x, *args, **{k: v for k, v in kwargs.items() if k not in VARIANT_KWARG_KEYS})
+    lora_A, lora_B = layer.lora_A[adapter], layer.lora_B[adapter]
+    return (result + lora_B(lora_A(x.to(lora_A.weight.dtype))) * layer.scaling[adapter]).to(result.dtype)

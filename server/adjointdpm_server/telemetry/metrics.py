@@ -116,7 +116,7 @@ class _TenantCollector:
         yield work
 
 
-DISTINCT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+DISTINCT_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64)
 
 
 class _BankCollector:
@@ -153,7 +153,7 @@ class _BankCollector:
                                        "in each network call of a bank (0: base rows only)", labels=["model"])
         for model, bank in sorted(self.banks.items()):
             seen = dict(bank.stats.distinct)
-            buckets = [(str(le), sum(n for d, n in seen.items() if d <= le)) for le in DISTINCT_BUCKETS]
+            buckets = [(str(float(le)), sum(n for d, n in seen.items() if d <= le)) for le in DISTINCT_BUCKETS]
             buckets.append(("+Inf", sum(seen.values())))
             family.add_metric([model], buckets, sum(d * n for d, n in seen.items()))
         yield family
