@@ -68,11 +68,30 @@ class BankStats:
 
 
 class _Rows(threading.local):
-    """What the call running on this thread tells the LoRA layers: each row's adapter, and
-    whether stacked weights may be kept (no trained adapter's weights in it)."""
+    """What the call running on this thread tells the LoRA layers: each row's adapter, whether
+    stacked weights may be kept (no trained adapter's weights in it), and the row layout of
+    each set of adapters present in a layer, computed once per call."""
 
     labels: list | None = None
     cacheable: bool = False
+    layouts: dict | None = None
+
+    def layout(self, layer, present: tuple, labels: list, device):
+        """(which adapter of ``present`` each of its rows takes, those rows' indices or None for
+        all, each row's scale (rows, 1, 1)) — shared by the layers with the same adapters and
+        scales."""
+        scales = tuple(layer.scaling[a] for a in present)
+        key = (present, scales)
+        found = self.layouts.get(key)
+        if found is None:
+            group = {a: j for j, a in enumerate(present)}
+            rows = [i for i, a in enumerate(labels) if a in group]
+            which = torch.tensor([group[labels[i]] for i in rows], device=device)
+            index = None if len(rows) == len(labels) else torch.tensor(rows, device=device)
+            dtype = layer.lora_A[present[0]].weight.dtype
+            scale = torch.tensor(scales, dtype=dtype, device=device)[which].view(-1, 1, 1)
+            found = self.layouts[key] = (which, index, scale)
+        return found
 
 
 @dataclass(eq=False)
@@ -231,7 +250,7 @@ class AdapterBank:
         if not distinct:
             return self.base(x, t, cond)
         with self._lock:
-            self._rows.labels, self._rows.cacheable = labels, not weights
+            self._rows.labels, self._rows.cacheable, self._rows.layouts = labels, not weights, {}
             try:
                 if weights:
                     return torch.func.functional_call(self.net, weights, (x, t, cond), strict=False)
@@ -241,7 +260,7 @@ class AdapterBank:
                 self.mixed = False  # from now on each adapter in calls of its own
                 raise
             finally:
-                self._rows.labels = None
+                self._rows.labels = self._rows.layouts = None
 
     def _label_rows(self, module, args, kwargs):
         """A forward pre-hook on every LoRA layer of ``net``: the call's row labels."""
@@ -365,37 +384,38 @@ def _fixed_placement(net: nn.Module, like: nn.Module) -> nn.Module:
 
 def _grouped_forward(layer, x: torch.Tensor, *args, adapter_names: list, **kwargs) -> torch.Tensor:
     """peft's mixed-adapter forward of a LoRA ``Linear`` with the rows of every adapter in two
-    batched matmuls (Punica's gathered LoRA: each row's A and B·scale, zero-padded to the largest
-    rank, gathered by row) instead of two matmuls and an indexed add per adapter; zero padding
-    adds exact zeros, so a row's result is its adapter's to round-off. One adapter, or adapters
-    of other dtypes or with dropout, take peft's own path."""
+    batched matmuls (Punica's gathered LoRA: each row's A and B, zero-padded to the largest rank
+    present, gathered by row, its scale applied between them) instead of two matmuls and an
+    indexed add per adapter; zero padding adds exact zeros, so a row's result is its adapter's
+    to round-off. All rows on one adapter take peft's unmixed arithmetic; adapters of other
+    dtypes or with dropout, peft's own mixed path."""
     labels = dict.fromkeys(adapter_names)
-    present = [a for a in labels if a != BASE and a in layer.lora_A]
+    present = tuple(a for a in labels if a != BASE and a in layer.lora_A)
     if len(labels) == 1 and len(present) == 1 and isinstance(layer.lora_dropout[present[0]], nn.Identity):
         return _one_adapter(layer, x, present[0], *args, **kwargs)
-    dtypes = {layer.lora_A[a].weight.dtype for a in present}
-    if len(present) < 2 or len(dtypes) > 1 or any(
+    if len(present) < 2 or len({layer.lora_A[a].weight.dtype for a in present}) > 1 or any(
             not isinstance(layer.lora_dropout[a], nn.Identity) for a in present):
         return type(layer)._mixed_batch_forward(layer, x, *args, adapter_names=adapter_names, **kwargs)
     from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
 
     result = layer.base_layer(x, *args, **{k: v for k, v in kwargs.items() if k not in VARIANT_KWARG_KEYS})
-    group = {a: j for j, a in enumerate(present)}
-    rows = [i for i, a in enumerate(adapter_names) if a in group]
-    A, B = _stacked(layer, tuple(present))
-    which = torch.tensor([group[adapter_names[i]] for i in rows], device=x.device)
-    index = torch.tensor(rows, device=x.device)
-    picked = x[index].to(A.dtype)
-    flat = picked.reshape(len(rows), -1, picked.shape[-1])  # (rows, tokens, in)
-    delta = torch.bmm(torch.bmm(flat, A[which].transpose(1, 2)), B[which].transpose(1, 2))
-    result[index] += delta.reshape(*picked.shape[:-1], delta.shape[-1]).to(result.dtype)
+    bank = layer.__dict__["_bank"]
+    which, index, scale = bank._rows.layout(layer, present, adapter_names, x.device)
+    A, B = _stacked(layer, present)
+    picked = x if index is None else x[index]
+    flat = picked.to(A.dtype).reshape(picked.shape[0], -1, picked.shape[-1])  # (rows, tokens, in)
+    h = torch.bmm(flat, A[which].transpose(1, 2)) * scale
+    delta = torch.bmm(h, B[which].transpose(1, 2)).reshape(*picked.shape[:-1], B.shape[1])
+    if index is None:  # every row has an adapter here: no gather, no indexed add
+        return (result + delta).to(result.dtype)
+    result[index] += delta.to(result.dtype)
     return result
 
 
 def _stacked(layer, present: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B·scale) of ``present`` stacked, zero-padded to their largest rank; kept on the layer
-    for the next call with the same adapters unless a trained adapter's weights are in this
-    call (``_Rows.cacheable`` false: they change between calls) or the bank changed since."""
+    """A and B of ``present`` stacked, zero-padded to their largest rank; kept on the layer for
+    the next call with the same adapters unless a trained adapter's weights are in this call
+    (``_Rows.cacheable`` false: they change between calls) or the bank changed since."""
     bank = layer.__dict__["_bank"]
     key, cacheable = (bank.generation, present), bank._rows.cacheable
     cached = layer.__dict__.get("_bank_stack")
@@ -403,10 +423,26 @@ def _stacked(layer, present: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         return cached[1], cached[2]
     rank = max(layer.r[a] for a in present)
     pad = torch.nn.functional.pad
-    A = torch.stack([pad(layer.lora_A[a].weight, (0, 0, 0, rank - layer.r[a])) for a in present])
-    B = torch.stack([pad(layer.lora_B[a].weight * layer.scaling[a], (0, rank - layer.r[a])) for a in present])
+    weights = [_weights(layer, a, cacheable) for a in present]
+    A = torch.stack([w if w.shape[0] == rank else pad(w, (0, 0, 0, rank - w.shape[0])) for w, _ in weights])
+    B = torch.stack([w if w.shape[1] == rank else pad(w, (0, rank - w.shape[1])) for _, w in weights])
     layer.__dict__["_bank_stack"] = (key, A, B) if cacheable else None
     return A, B
+
+
+def _weights(layer, adapter: str, cacheable: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) of one adapter in ``layer``, looked up once per bank generation for frozen ones
+    (a trained adapter's are the leaves a call swaps in: looked up each time)."""
+    if not cacheable:
+        return layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    generation = layer.__dict__["_bank"].generation
+    table = layer.__dict__.get("_bank_weights")
+    if table is None or table[0] != generation:
+        table = layer.__dict__["_bank_weights"] = (generation, {})
+    found = table[1].get(adapter)
+    if found is None:
+        found = table[1][adapter] = (layer.lora_A[adapter].weight, layer.lora_B[adapter].weight)
+    return found
 
 
 def _one_adapter(layer, x: torch.Tensor, adapter: str, *args, **kwargs) -> torch.Tensor:
