@@ -300,6 +300,12 @@ class Client:
             raise AdjointDPMError.of(err) from None
         return _requests.artifact_from(chunks, path)
 
+    def delete_artifact(self, artifact_id: str) -> ArtifactInfo:
+        """Delete one of your artifacts (its storage quota freed); returns what was deleted.
+        NOT_FOUND when it is missing or another tenant's."""
+        reply = self._unary(self.stub.DeleteArtifact, pb.DeleteArtifactRequest(id=artifact_id))
+        return ArtifactInfo.from_message(reply.artifact)
+
 
 def channel_settings(tls, max_message_bytes: int, load_balancing: str | None, options=()):
     """(channel options, credentials or None): shared by ``Client`` and ``adjointdpm.aio.Client``."""

@@ -171,3 +171,8 @@ class Client:
         except grpc.RpcError as err:
             raise AdjointDPMError.of(err) from None
         return _requests.artifact_from(chunks, path)
+
+    async def delete_artifact(self, artifact_id: str) -> ArtifactInfo:
+        """As ``Client.delete_artifact``."""
+        reply = await self._unary(self.stub.DeleteArtifact, pb.DeleteArtifactRequest(id=artifact_id))
+        return ArtifactInfo.from_message(reply.artifact)

@@ -3,7 +3,7 @@
     adjointdpm [--target HOST:PORT] [--token T] [--tls] [--ca F] [--cert F --key F] COMMAND ...
 
 Commands, named after their RPCs: models, losses, sample, compute-gradient, optimize-latent,
-finetune-weights, optimize-embedding, artifact (the short names grad, optimize, finetune and
+finetune-weights, optimize-embedding, artifact, delete-artifact (the short names grad, optimize, finetune and
 invert are aliases). Each writes its
 PNGs and tensors (safetensors) into ``--out`` (default ./out), prints one line per file and a
 final summary line. ``main(argv)`` returns the exit code: 0, 1 for a service error, 2 for usage.
@@ -220,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id")
     p.add_argument("--format", choices=("native", "diffusers"), default="native",
                    help="diffusers: for pipe.load_lora_weights() / pipe.load_textual_inversion()")
+
+    p = command("delete-artifact", "delete one of your artifacts (its storage quota is freed)")
+    p.add_argument("id")
     return parser
 
 
@@ -416,10 +419,15 @@ def cmd_artifact(client, args) -> None:
     print(f"artifact {args.id}")
 
 
+def cmd_delete_artifact(client, args) -> None:
+    info = client.delete_artifact(args.id)
+    print(f"deleted {info.id} ({info.kind}, {info.size} bytes)")
+
+
 COMMANDS = {"models": cmd_models, "losses": cmd_losses, "sample": cmd_sample,
             "compute-gradient": cmd_grad, "optimize-latent": cmd_optimize,
             "finetune-weights": cmd_finetune, "optimize-embedding": cmd_invert,
-            "artifact": cmd_artifact}
+            "artifact": cmd_artifact, "delete-artifact": cmd_delete_artifact}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -99,6 +99,15 @@ class Runtime:
                 raise FailedPrecondition(f"adapter {adapter_id}: {err}") from err
         return self._full_copy(model, adapter_id)
 
+    def forget(self, artifact_id: str) -> None:
+        """A deleted artifact leaves the banks and the full copies (no later request can name it:
+        lookups go to the store first)."""
+        for bank in self.banks.values():
+            bank.forget(artifact_id)
+        with self._lock:
+            for key in [k for k in self._full if k[1] == artifact_id]:
+                del self._full[key]
+
     def new_lora(self, model: str, rank: int, alpha: float | None, targets) -> torch.nn.Module:
         """A fresh trainable LoRA adapter on ``model`` (B = 0: it starts equal to the base), a row
         of the model's bank like any adapter: its calls batch with other requests'."""

@@ -199,6 +199,10 @@ class FakeServicer(pb_grpc.AdjointDPMServicer):
     def ListLosses(self, request, context):
         return self._unary("ListLosses", request, context, self.losses)
 
+    def DeleteArtifact(self, request, context):
+        info = pb.ArtifactInfo(id=request.id, kind="lora", model="digits", size=1)
+        return self._unary("DeleteArtifact", request, context, pb.DeleteArtifactResponse(artifact=info))
+
     def GetArtifact(self, request, context):
         received = self._record("GetArtifact", request, context)
         if self.unary_abort is not None:

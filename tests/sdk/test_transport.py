@@ -20,6 +20,7 @@ CALLS = {
     "ListModels": ("list_models", ()),
     "ListLosses": ("list_losses", ()),
     "GetArtifact": ("download_artifact", ("art-1",)),
+    "DeleteArtifact": ("delete_artifact", ("art-1",)),
 }
 
 
@@ -38,7 +39,7 @@ def test_no_token_no_authorization(sdk, fake, rpc):
     assert fake.only(rpc).time_remaining > 1e6  # and no deadline without a timeout
 
 
-@pytest.mark.parametrize("rpc", ["Sample", "ComputeGradient", "ListModels", "GetArtifact"])
+@pytest.mark.parametrize("rpc", ["Sample", "ComputeGradient", "ListModels", "GetArtifact", "DeleteArtifact"])
 def test_the_timeout_is_every_call_s_deadline(sdk, fake, rpc):
     name, args = CALLS[rpc]
     sdk.call(name, *args, _client={"timeout": 30})

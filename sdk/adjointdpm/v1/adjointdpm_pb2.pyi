@@ -618,6 +618,18 @@ class GetArtifactRequest(_message.Message):
     format: str
     def __init__(self, id: _Optional[str] = ..., format: _Optional[str] = ...) -> None: ...
 
+class DeleteArtifactRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class DeleteArtifactResponse(_message.Message):
+    __slots__ = ("artifact",)
+    ARTIFACT_FIELD_NUMBER: _ClassVar[int]
+    artifact: ArtifactInfo
+    def __init__(self, artifact: _Optional[_Union[ArtifactInfo, _Mapping]] = ...) -> None: ...
+
 class ArtifactChunk(_message.Message):
     __slots__ = ("info", "data")
     INFO_FIELD_NUMBER: _ClassVar[int]

@@ -74,6 +74,11 @@ class AdjointDPMStub:
                 request_serializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.GetArtifactRequest.SerializeToString,
                 response_deserializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.ArtifactChunk.FromString,
                 _registered_method=True)
+        self.DeleteArtifact = channel.unary_unary(
+                '/adjointdpm.v1.AdjointDPM/DeleteArtifact',
+                request_serializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.DeleteArtifactRequest.SerializeToString,
+                response_deserializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.DeleteArtifactResponse.FromString,
+                _registered_method=True)
 
 
 class AdjointDPMServicer:
@@ -134,6 +139,13 @@ class AdjointDPMServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteArtifact(self, request, context):
+        """Delete one of the caller's artifacts (NOT_FOUND for another tenant's, as for a missing one).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdjointDPMServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -176,6 +188,11 @@ def add_AdjointDPMServicer_to_server(servicer, server):
                     servicer.GetArtifact,
                     request_deserializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.GetArtifactRequest.FromString,
                     response_serializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.ArtifactChunk.SerializeToString,
+            ),
+            'DeleteArtifact': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteArtifact,
+                    request_deserializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.DeleteArtifactRequest.FromString,
+                    response_serializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.DeleteArtifactResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -394,6 +411,33 @@ class AdjointDPM:
             '/adjointdpm.v1.AdjointDPM/GetArtifact',
             adjointdpm_dot_v1_dot_adjointdpm__pb2.GetArtifactRequest.SerializeToString,
             adjointdpm_dot_v1_dot_adjointdpm__pb2.ArtifactChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteArtifact(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/adjointdpm.v1.AdjointDPM/DeleteArtifact',
+            adjointdpm_dot_v1_dot_adjointdpm__pb2.DeleteArtifactRequest.SerializeToString,
+            adjointdpm_dot_v1_dot_adjointdpm__pb2.DeleteArtifactResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -173,7 +173,7 @@ class AdapterBank:
         self.stats = BankStats()
         self.net = _fixed_placement(shared_copy(eps_fn), eps_fn)
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # by artifact id, LRU first
-        self._owned: list[_Entry] = []  # trainable adapters of running jobs
+        self._owned: list[_Entry] = []  # jobs' trainable adapters, deleted ones: freed when unused
         self._lock = threading.RLock()  # the network's structure and the row labels
         self._loading: dict[str, threading.Event] = {}
         self._rows = _Rows()
@@ -231,11 +231,20 @@ class AdapterBank:
             return AdapterView(self, self._add("", leaves, spec, trainable=True))
 
     def release_unused(self) -> None:
-        """Drop the trainable adapters whose views are gone (their jobs ended)."""
+        """Drop the trainable and forgotten adapters whose views are gone (their jobs ended)."""
         with self._lock:
             for entry in [e for e in self._owned if not e.views]:
                 self._owned.remove(entry)
                 self._remove(entry)
+
+    def forget(self, key: str) -> None:
+        """The adapter saved as ``key`` is gone (deleted): never served again; removed now, or
+        when the requests using it end (its bytes count until then)."""
+        with self._lock:
+            entry = self._entries.pop(key, None)
+            if entry is not None:
+                self._owned.append(entry)  # like a job's own adapter: released when unused
+                self.release_unused()
 
     # -- the call --------------------------------------------------------------------------------
     def run_rows(self, x: torch.Tensor, t: torch.Tensor, cond, parts: Sequence[tuple[AdapterView, int]]):

@@ -151,12 +151,13 @@ class ArtifactStore:
         return sum(r.held for r in tuple(self._reservations) if tenant is None or r.tenant == tenant)
 
     def _advice(self) -> str:
-        """What a user can do about a full quota (there is no RPC to delete an artifact)."""
+        """What a user can do about a full quota."""
         if self.retention_s:
             expiry = f"wait for older artifacts to expire (after {self.retention_s / 3600:g} h)"
         else:
-            expiry = "artifacts are kept until the operator removes them"
-        return f"{expiry}, keep fewer checkpoints (keep_checkpoints), or ask the operator for more"
+            expiry = "artifacts are kept until deleted"
+        return (f"delete artifacts you no longer need (DeleteArtifact), {expiry}, keep fewer "
+                f"checkpoints (keep_checkpoints), or ask the operator for more")
 
     def _check_quota(self, tenant: str, needed: int, reservation: Reservation | None = None) -> None:
         """``needed`` more bytes fit beside what is stored and what running jobs have reserved

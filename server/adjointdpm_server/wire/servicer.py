@@ -248,6 +248,18 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
         except Exception as err:  # noqa: BLE001
             _abort(context, err)
 
+    def DeleteArtifact(self, request, context):
+        """The caller's artifact gone from the store (its quota freed) and from the adapter
+        banks; a request using it now finishes on what it loaded."""
+        try:
+            artifacts = self.rt.for_tenant(self._tenant()).artifacts
+            info = artifacts.info(request.id)  # NOT_FOUND for another tenant's, as for a missing one
+            artifacts.delete(request.id)
+            self.rt.forget(request.id)
+            return pb.DeleteArtifactResponse(artifact=convert.artifact_info(info))
+        except Exception as err:  # noqa: BLE001
+            _abort(context, err)
+
 
 def _inputs(rpc: str, request, limits):
     """What every loss-taking RPC reads first: its generation, its loss terms, its options."""
