@@ -5,6 +5,7 @@ intact); the sync and asyncio SDKs and the CLI."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -107,3 +108,34 @@ def test_the_asyncio_client_and_the_cli_delete(srv, tmp_path, capsys):
     assert f"deleted {second} (lora" in capsys.readouterr().out
     assert main([*target, "delete-artifact", second]) == 1  # NOT_FOUND: a service error
     assert rt.artifacts.usage("alice") == 0
+
+
+def test_a_resumed_run_prunes_the_checkpoints_its_stopped_run_left(srv):
+    """The run id is in each checkpoint (in the store), so whichever process resumes the run
+    keeps only its newest ``keep_checkpoints``: a stopped run's leftovers go too."""
+    store = srv.runtime.artifacts
+    loss = adjointdpm.ServerLoss("classifier", {"label": 3})
+    examples = [{"seed": k, "label": k} for k in range(2)]
+    with _client(srv, "tok-a") as a:
+        call = a.finetune_weights(loss, examples, iterations=12, steps=2, lora_rank=2, checkpoint_every=1,
+                                  keep_checkpoints=6, stream=True)
+        done = 0
+        for event in call:
+            done += event.WhichOneof("kind") == "iteration"
+            if done == 4:
+                call.cancel()
+                break
+        deadline = time.time() + 30
+        while time.time() < deadline and len(store.list(kind="checkpoint", tenant="alice")) < 4:
+            time.sleep(0.1)
+        time.sleep(1.0)  # the stopped run's last checkpoint
+        left = store.list(kind="checkpoint", tenant="alice")
+        assert len(left) >= 4 and len({i.metadata["run"] for i in left}) == 1
+        newest = max(left, key=lambda i: i.iteration)
+        other = _adapter(srv.runtime, "alice")  # not a checkpoint of the run: never pruned
+        result = a.finetune_weights(loss, examples, iterations=newest.iteration + 2, steps=2, lora_rank=2,
+                                    checkpoint_every=1, keep_checkpoints=2, resume_from=newest.id)
+        after = store.list(kind="checkpoint", tenant="alice")
+        assert len(after) == 2 and {i.metadata["run"] for i in after} == {newest.metadata["run"]}
+        assert max(i.iteration for i in after) == newest.iteration + 1  # the last one is the adapter
+        assert result.artifact.kind == "lora" and store.info(other).id == other

@@ -14,6 +14,7 @@ losses and, where the model has a classifier, how many images keep the base mode
 from __future__ import annotations
 
 import contextlib
+import uuid
 
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 
 from ..core import SharedRows
-from ..errors import Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument
+from ..errors import Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
 from ..models._adapters import full_copy, trainable_state
 from ..storage.artifacts import HEADER_BYTES
 from ._context import TaskContext
@@ -147,7 +148,8 @@ def _adapted_copy(ctx, prep, opts) -> tuple[torch.nn.Module, dict]:
         raise InvalidArgument(f"model {prep.model!r}: {err}") from err
     meta = {"method": opts.method, "rank": (opts.lora_rank or 4) if lora else 0,
             "alpha": (opts.lora_alpha or None) if lora else None,
-            "targets": list(targets) if lora else [], "name": opts.name}
+            "targets": list(targets) if lora else [], "name": opts.name,
+            "run": uuid.uuid4().hex}  # a resumed run takes its checkpoint's (_resume)
     return model, meta
 
 
@@ -188,6 +190,8 @@ def _start(run: _Run, spec: GenerationSpec, losses: list[LossSpec], validation) 
     run.opt = make_optimizer(run.opts, run.params)
     if run.opts.resume_from:
         run.history, run.first = _resume(run)
+        run.kept = _checkpoints_of(run)
+        run.prune()
 
 
 def _finish(run: _Run) -> OptimizeResult:
@@ -271,8 +275,16 @@ class _Run:
                                        metadata={**self.meta, "history": self.history})
         self.job.emit(Checkpoint(info))
         self.kept.append(info.id)
+        self.prune()
+
+    def prune(self) -> None:
+        """Only this run's newest ``keep_checkpoints`` stay: those of a crashed or stopped run
+        it resumed included (the run id is in each checkpoint's metadata, in the store)."""
         while len(self.kept) > self.opts.keep_checkpoints:
-            self.ctx.artifacts.delete(self.kept.pop(0))
+            try:
+                self.ctx.artifacts.delete(self.kept.pop(0))
+            except NotFound:
+                pass  # deleted meanwhile (DeleteArtifact)
 
     def after_step(self, done: int) -> bool:
         """Checkpoint when due or asked, validate when due; True stops the run early."""
@@ -343,5 +355,13 @@ def _resume(run: _Run) -> tuple[list, int]:
         raise InvalidArgument(f"checkpoint {checkpoint_id} is at iteration {info.iteration}; "
                               f"ask for more than that many iterations")
     _restore(run.model, run.opt, tensors)
+    run.meta["run"] = info.metadata.get("run") or checkpoint_id  # the same run, continued
     history = [float(v) for v in info.metadata.get("history", [])][:info.iteration]
     return history, info.iteration
+
+
+def _checkpoints_of(run: _Run) -> list[str]:
+    """The run's checkpoints in the store, oldest first (by iteration, then time)."""
+    mine = [i for i in run.ctx.artifacts.list(kind="checkpoint", model=run.prep.model)
+            if i.metadata.get("run") == run.meta["run"] or i.id == run.opts.resume_from]
+    return [i.id for i in sorted(mine, key=lambda i: (i.iteration, i.created))]
