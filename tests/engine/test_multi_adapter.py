@@ -126,3 +126,18 @@ def test_a_sampler_gradient_through_a_banked_adapter_equals_backprop(digits64, b
         want = torch.autograd.grad(ref.square().sum(), leaves)
         assert max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, want)) <= 1e-10
     assert max(g.abs().max().item() for g in got) > 1e-6
+
+
+def test_adapter_trainers_count_as_gradient_jobs_for_each_other_only(digits64, bank):
+    """Fine-tunes of bank adapters share VJPs, so they count for each other's ``auto``; a lone
+    gradient job beside them still counts alone (its rows would ride in their batches)."""
+    engine = NetworkEngine(max_batch=64, window_ms=5)
+    spec = AdapterSpec(2, None, ("to_q", "to_v"))
+    trainers = [LocalJob(caller="a") for _ in range(3)]
+    lone = LocalJob(caller="b")
+    with _sessions(engine, [*trainers, lone]):
+        for job in trainers:
+            engine.network(bank.trainable(random_adapter(digits64.eps_fn, spec, seed=1), spec), job)
+        engine.network(bank.base_view, lone)
+        assert engine.gradient_jobs(lone) == 1
+        assert engine.gradient_jobs(trainers[0]) == 4  # the three trainers and the lone job
