@@ -3,8 +3,6 @@ base model share one network call — forward calls, VJPs, and a trained adapter
 gradients — each job's result equal to the same job run alone; a whole sampler gradient through
 the engine equals direct backprop through a peft copy."""
 
-import contextlib
-
 import pytest
 import torch
 

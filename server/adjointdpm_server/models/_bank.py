@@ -1,9 +1,10 @@
 """``AdapterBank``: many LoRA adapters on one resident network, each row of a call through its own.
 
-The base model runs once for the whole batch; peft's mixed-adapter batches add each row's LoRA
-delta (its own A, B, rank and scale) for that row only (``adapter_names=`` on every LoRA layer,
-S-LoRA's batching done by peft: docs/design.md §5, "Many adapters"). Adapters live in one shared copy of the
-network (``net``: the base tensors are the resident model's) under names of their own; a request
+The base model runs once for the whole batch; each row's LoRA delta (its own A, B, rank and
+scale) is added for that row only: peft's LoRA layers get the rows' adapters (``adapter_names=``),
+and a LoRA ``Linear`` runs them as Punica's gathered LoRA (``_grouped_forward``: two batched
+matmuls for all adapters; docs/design.md §5, "Many adapters"). Adapters live in one shared copy
+of the network (``net``: the base tensors are the resident model's) under names of their own; a request
 holds an :class:`AdapterView` — its adapter as an ``eps_fn`` that declares ``core.SharedRows``,
 so the engine runs views of one bank as one call. An all-base call runs the resident network
 itself (no LoRA layer in the way).
