@@ -11,7 +11,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Cell", "cpu_model", "machine", "stop_process", "launch_server", "run_clients"]
+__all__ = ["Cell", "cpu_model", "machine", "stop_process", "launch_server", "run_clients", "write_report"]
 
 
 @dataclass
@@ -109,3 +109,11 @@ def run_clients(target: str, clients: int, per_client: int, send, cell: Cell) ->
     for c in pool:
         c.close()
     return cell
+
+
+def write_report(path: Path, text: str) -> None:
+    """Print ``text`` (a results page) and write it to ``path``."""
+    print("\n" + text)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text)
+    print(f"wrote {path}")

@@ -64,7 +64,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import launch_server, machine, stop_process
+from _common import launch_server, machine, stop_process, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 PATHS = [str(ROOT / "sdk"), str(ROOT / "server")]
@@ -703,10 +703,7 @@ def main() -> None:
         if ok and not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
     text = report(args, phases, started, time.perf_counter() - t_start, load0, server.log_path)
-    print("\n" + text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(f"wrote {args.out}")
+    write_report(args.out, text)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import Cell, launch_server, machine, run_clients, stop_process
+from _common import Cell, launch_server, machine, run_clients, stop_process, write_report
 
 RESULTS = Path(__file__).resolve().parent / "results" / "load.md"
 WORKLOADS = ("sample-1", "sample-8", "gradient", "gradient-checkpoint", "client-loss")
@@ -243,10 +243,7 @@ def main() -> None:
     lines.append(f"- Well-behaved caller beside 8 silent streams: p50 {b / a:.2f}× its p50 alone "
                  f"(goal ≤ 1.2×): {'met' if b / a <= 1.2 else 'missed'}")
     text = "\n".join(lines) + "\n"
-    print("\n" + text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(f"wrote {args.out}")
+    write_report(args.out, text)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ alone; the bank never serves one tenant another's adapter and refuses what it ca
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import threading
 import time
@@ -25,11 +26,17 @@ TO_EIGHT = adjointdpm.ServerLoss("classifier", params={"label": 8})
 LIMITS = Limits(max_batch=16, max_steps=100, max_iterations=20, client_loss_timeout_s=20)
 
 
-def _server(tmp_path, **kw):
+@contextlib.contextmanager
+def _serving(tmp_path, **kw):
+    """A float64 digits server with the nine tenants' tokens, stopped at the end."""
     kw.setdefault("batch_window_ms", 200.0)
-    return build_server(ServerConfig(models=("digits",), port=0, dtype="float64", max_active_jobs=16,
-                                     artifact_dir=tmp_path / "artifacts", limits=LIMITS,
-                                     tokens=tuple(f"{t}:tok-{t}" for t in TENANTS), **kw))
+    srv = build_server(ServerConfig(models=("digits",), port=0, dtype="float64", max_active_jobs=16,
+                                    artifact_dir=tmp_path / "artifacts", limits=LIMITS,
+                                    tokens=tuple(f"{t}:tok-{t}" for t in TENANTS), **kw))
+    try:
+        yield srv
+    finally:
+        srv.stop(0)
 
 
 def _adapters(rt, tenants) -> dict[str, str]:
@@ -76,8 +83,7 @@ def _together(fns):
 
 
 def test_tenants_on_eight_adapters_and_the_base_share_calls_and_equal_their_runs_alone(tmp_path):
-    srv = _server(tmp_path)
-    try:
+    with _serving(tmp_path) as srv:
         ids = _adapters(srv.runtime, TENANTS[:8])
 
         def request(tenant, k):
@@ -103,8 +109,6 @@ def test_tenants_on_eight_adapters_and_the_base_share_calls_and_equal_their_runs
         base = alone[8]["x0"]
         assert all(np.abs(alone[k]["x0"] - base).max() > 1e-3 for k in (0, 2, 4, 6)), "adapters act"
         assert bank.resident == 8 and bank.stats.misses == 8 and bank.stats.evictions == 0
-    finally:
-        srv.stop(0)
 
 
 def _adapter_tensors(client, artifact_id) -> dict[str, torch.Tensor]:
@@ -113,8 +117,7 @@ def _adapter_tensors(client, artifact_id) -> dict[str, torch.Tensor]:
 
 
 def test_a_finetune_beside_eight_sampling_tenants_trains_the_same_adapter(tmp_path):
-    srv = _server(tmp_path, batch_window_ms=20.0)
-    try:
+    with _serving(tmp_path, batch_window_ms=20.0) as srv:
         ids = _adapters(srv.runtime, TENANTS[:8])
         common = dict(examples=[{"seed": 0, "label": 0}, {"seed": 1, "label": 1}], iterations=3,
                       lr=0.05, steps=4, lora_rank=2, grad_mode="checkpoint", progress=False)
@@ -149,13 +152,10 @@ def test_a_finetune_beside_eight_sampling_tenants_trains_the_same_adapter(tmp_pa
         print(f"fine-tune beside 8 samplers vs alone: max relative difference {worst:.2e}")
         assert worst <= 1e-9  # not bitwise: its rows ran in calls of other sizes (see the docs)
         assert max(v.abs().max().item() for k, v in first.items() if "lora_B" in k) > 0, "it trained"
-    finally:
-        srv.stop(0)
 
 
 def test_the_bank_never_serves_one_tenant_another_tenants_adapter(tmp_path):
-    srv = _server(tmp_path)
-    try:
+    with _serving(tmp_path) as srv:
         ids = _adapters(srv.runtime, ["t0"])
         with _client(srv, "t0") as a, _client(srv, "t1") as b:
             a.sample(labels=1, seed=0, steps=2, adapter=ids["t0"], images=False, progress=False)
@@ -163,13 +163,10 @@ def test_the_bank_never_serves_one_tenant_another_tenants_adapter(tmp_path):
             with pytest.raises(adjointdpm.AdjointDPMError) as err:
                 b.sample(labels=1, seed=0, steps=2, adapter=ids["t0"], images=False, progress=False)
             assert err.value.code.name == "NOT_FOUND"
-    finally:
-        srv.stop(0)
 
 
 def test_an_adapter_the_bank_cannot_hold_is_refused_with_resource_exhausted(tmp_path):
-    srv = _server(tmp_path, adapter_cache_mib=0.001)
-    try:
+    with _serving(tmp_path, adapter_cache_mib=0.001) as srv:
         ids = _adapters(srv.runtime, ["t0"])
         with _client(srv, "t0") as a:
             with pytest.raises(adjointdpm.AdjointDPMError) as err:
@@ -178,8 +175,6 @@ def test_an_adapter_the_bank_cannot_hold_is_refused_with_resource_exhausted(tmp_
             assert "adapter bank is full" in err.value.details and "--adapter-cache-mib" in err.value.details
             assert err.value.retry_after is not None
             a.sample(labels=1, seed=0, steps=2, images=False, progress=False)  # the base still serves
-    finally:
-        srv.stop(0)
 
 
 def _same_rank_adapters(rt, tenant: str, n: int) -> list[str]:
@@ -201,8 +196,7 @@ def test_one_tenants_adapter_churn_never_evicts_anothers_adapter_in_use(tmp_path
     """t0 samples through a hundred adapters in a bank that holds four while t1's long Sample
     runs on its own: t1's adapter stays resident (pinned) throughout and its result is its result
     alone; the churn evicted only adapters nobody used."""
-    srv = _server(tmp_path, batch_window_ms=5.0)
-    try:
+    with _serving(tmp_path, batch_window_ms=5.0) as srv:
         rt = srv.runtime
         (mine,) = _same_rank_adapters(rt, "t1", 1)
         churn = _same_rank_adapters(rt, "t0", 100)
@@ -233,13 +227,10 @@ def test_one_tenants_adapter_churn_never_evicts_anothers_adapter_in_use(tmp_path
         with _client(srv, "t1") as c:
             alone = c.sample(labels=5, seed=3, steps=60, adapter=mine, images=False, progress=False).x0
         assert np.abs(got - alone).max() <= 1e-10
-    finally:
-        srv.stop(0)
 
 
 def test_a_cancelled_request_unpins_its_adapter(tmp_path):
-    srv = _server(tmp_path, batch_window_ms=5.0)
-    try:
+    with _serving(tmp_path, batch_window_ms=5.0) as srv:
         ids = _adapters(srv.runtime, ["t0"])
         bank = srv.runtime.banks["digits"]
         with _client(srv, "t0") as c:
@@ -259,8 +250,6 @@ def test_a_cancelled_request_unpins_its_adapter(tmp_path):
         bank.budget = 0
         bank._make_room(0)  # nothing in use: everything may go
         assert bank.resident == 0 and bank.stats.evictions == 1
-    finally:
-        srv.stop(0)
 
 
 def _scrape(srv) -> dict[str, float]:
@@ -271,8 +260,7 @@ def _scrape(srv) -> dict[str, float]:
 
 
 def test_the_banks_metrics_count_what_it_did(tmp_path):
-    srv = _server(tmp_path, metrics_port=0)
-    try:
+    with _serving(tmp_path, metrics_port=0) as srv:
         ids = _adapters(srv.runtime, TENANTS[:3])
         bank = srv.runtime.banks["digits"]
 
@@ -301,5 +289,3 @@ def test_the_banks_metrics_count_what_it_did(tmp_path):
         assert got[f"adjointdpm_adapter_bank_evictions_total{model}"] >= 1
         assert got[f"adjointdpm_adapter_bank_budget_bytes{model}"] == 2 * one
         assert got[f"adjointdpm_adapter_mixed_fallbacks_total{model}"] == 0
-    finally:
-        srv.stop(0)

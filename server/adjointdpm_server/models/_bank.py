@@ -98,7 +98,6 @@ class _Rows(threading.local):
 @dataclass(eq=False)
 class _Entry:
     name: str                        # the adapter's name in ``net``
-    key: str                         # the artifact id; "" for a job's own trainable adapter
     tensors: dict[str, torch.Tensor]  # canonical name → the adapter's tensor (the view's leaves)
     placeholders: dict[str, str]     # canonical name → the parameter's name in ``net``
     nbytes: int
@@ -292,14 +291,16 @@ class AdapterBank:
         """Evict unpinned adapters, least recently used first, until ``nbytes`` more fit."""
         for attempt in range(2):
             self.release_unused()
+            used = self.nbytes
             for key, entry in list(self._entries.items()):
-                if self.nbytes + nbytes <= self.budget:
+                if used + nbytes <= self.budget:
                     return
                 if not entry.views:
                     del self._entries[key]
                     self._remove(entry)
                     self.stats.evictions += 1
-            if self.nbytes + nbytes <= self.budget:
+                    used -= entry.nbytes
+            if used + nbytes <= self.budget:
                 return
             if attempt == 0:
                 gc.collect()  # a finished request's view may wait in a reference cycle
@@ -313,7 +314,7 @@ class AdapterBank:
         nbytes = sum(v.numel() * v.element_size() for v in tensors.values())
         self._make_room(nbytes)
         self._serial += 1
-        entry = _Entry(f"adapter{self._serial}", key, tensors, {}, nbytes, trainable, spec)
+        entry = _Entry(f"adapter{self._serial}", tensors, {}, nbytes, trainable, spec)
         inject_lora(self.net, spec.rank, spec.alpha, spec.targets, entry.name)
         try:
             self._place(entry)
