@@ -101,3 +101,32 @@ def triton_url(tmp_path_factory):
 def free_ports():
     """``free_ports(n)``: n loopback ports nothing listens on (for a peer that is down)."""
     return _free_ports
+
+
+# ---- real peers of a multi-replica service: an S3 protocol server and Redis (tests/_stores.py) ---
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on loopback for the whole session; each test takes its own bucket."""
+    from _stores import S3Server
+
+    server = S3Server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_store(s3_server, monkeypatch):
+    """``s3://bucket/prefix`` of a fresh bucket, with the AWS environment pointing at it."""
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    return f"s3://{s3_server.new_bucket()}/artifacts"
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A fresh redis-server process of this test's own (it may restart it)."""
+    from _stores import RedisServer
+
+    server = RedisServer(tmp_path)
+    yield server
+    server.stop()

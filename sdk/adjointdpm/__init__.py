@@ -14,18 +14,18 @@ Imports neither torch nor the server; torch is used only if installed, for clien
 """
 
 from . import aio
-from ._client import AdjointDPMError, Call, Client
+from ._client import AdjointDPMError, Call, Client, JobInterrupted
 from ._losses import ClientLoss, ServerLoss, loss, registered_losses
-from ._results import (ArtifactInfo, GradientResult, IterationRecord, OptimizeResult, SampleResult,
-                       ValidationRecord)
+from ._results import (ArtifactInfo, GradientResult, IterationRecord, JobInfo, OptimizeResult,
+                       SampleResult, ValidationRecord)
 from .tensors import TensorError, decode_tensor, encode_tensor
 
 __version__ = "0.1.0"
 __all__ = [
-    "Client", "Call", "AdjointDPMError", "aio",
+    "Client", "Call", "AdjointDPMError", "JobInterrupted", "aio",
     "loss", "registered_losses", "ClientLoss", "ServerLoss",
     "SampleResult", "GradientResult", "OptimizeResult", "ArtifactInfo", "IterationRecord",
-    "ValidationRecord",
+    "ValidationRecord", "JobInfo",
     "encode_tensor", "decode_tensor", "TensorError",
     "__version__",
 ]

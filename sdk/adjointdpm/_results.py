@@ -10,7 +10,7 @@ import numpy as np
 from .tensors import decode_tensor
 
 __all__ = ["ArtifactInfo", "SampleResult", "GradientResult", "OptimizeResult", "IterationRecord",
-           "ValidationRecord", "save_pngs"]
+           "ValidationRecord", "JobInfo", "save_pngs"]
 
 
 def save_pngs(images: list[bytes], directory, prefix: str) -> list[Path]:
@@ -120,6 +120,21 @@ class ValidationRecord:
     def from_message(cls, m) -> "ValidationRecord":
         return cls(m.iteration, m.loss, list(m.loss_terms),
                    m.agreement if m.HasField("agreement") else None, m.best, list(m.images))
+
+
+@dataclass
+class JobInfo:
+    """A fine-tune's ``job`` event, sent first once it is admitted: ``id`` resumes it
+    (``resume_job=``) when its stream is lost; ``replica`` runs it now; ``iteration``: where it
+    starts (a resumed job: its checkpoint's iteration)."""
+
+    id: str
+    replica: str = ""
+    iteration: int = 0
+
+    @classmethod
+    def from_message(cls, m) -> "JobInfo":
+        return cls(m.id, m.replica, m.iteration)
 
 
 @dataclass

@@ -19,12 +19,13 @@ server stops the job within one solver step.
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from typing import Any, Sequence
 
 import grpc
 
 from . import _requests
-from ._client import _RPCS, AdjointDPMError, Call, _rpc, auth_metadata, channel_settings, trace_metadata
+from ._client import _RPCS, AdjointDPMError, Call, _rpc, open_channel, trace_metadata
 from ._losses import evaluate_client_loss_async
 from ._results import ArtifactInfo
 from .v1 import adjointdpm_pb2 as pb
@@ -37,8 +38,8 @@ class AsyncCall(Call):
     """The events of one streaming call as an async iterator; ``result`` is set at the end.
     ``await call.wait()`` (or awaiting the client method without ``stream=True``) gives it."""
 
-    def __init__(self, events, to_result, on_event=None, progress=None, grpc_call=None):
-        super().__init__(events, to_result, on_event, progress, grpc_call)
+    def __init__(self, events, to_result, on_event=None, progress=None, grpc_call=None, closed=None):
+        super().__init__(events, to_result, on_event, progress, grpc_call, closed)
 
     async def __aiter__(self):
         try:
@@ -46,7 +47,7 @@ class AsyncCall(Call):
                 self._observe(event)
                 yield event
         except grpc.RpcError as err:  # grpc.aio.AioRpcError
-            raise AdjointDPMError.of(err) from None
+            raise self._error(err) from None
         finally:
             if self.result is None:  # abandoned or cancelled: free the server's slot
                 self.cancel()
@@ -64,20 +65,22 @@ class AsyncCall(Call):
 
 
 class Client:
-    """``Client("localhost:50051", token=None, tls=False)``: as ``adjointdpm.Client``, on asyncio.
-    Use it inside one event loop (``async with``, or ``await client.close()``)."""
+    """``Client("localhost:50051", token=None, tls=False)``: as ``adjointdpm.Client``, on asyncio
+    (the same targets: one server, a list of replicas or ``dns:///name:port``; the same
+    retries, health checking and ``JobInterrupted``). Use it inside one event loop
+    (``async with``, or ``await client.close()``)."""
 
-    def __init__(self, target: str, token: str | None = None, tls: bool | dict = False,
+    def __init__(self, target: str | Sequence[str], token: str | None = None, tls: bool | dict = False,
                  timeout: float | None = None, max_message_bytes: int = 64 * 2**20,
-                 load_balancing: str | None = None, options=()):
-        options, creds = channel_settings(tls, max_message_bytes, load_balancing, options)
-        self.channel = (grpc.aio.secure_channel(target, creds, options=options) if creds
-                        else grpc.aio.insecure_channel(target, options=options))
-        self.metadata = auth_metadata(token)
+                 load_balancing: str | None = None, options=(), health_check: bool | None = None):
+        self.channel, self.metadata = open_channel(grpc.aio, target, token, tls, max_message_bytes,
+                                                   load_balancing, options, health_check)
         self.timeout = timeout
         self.stub = pb_grpc.AdjointDPMStub(self.channel)
+        self._closed = False
 
     async def close(self) -> None:
+        self._closed = True
         await self.channel.close()
 
     async def __aenter__(self):
@@ -98,9 +101,16 @@ class Client:
         answered (an async loss awaited) as it arrives, and the writing side closes at the end."""
         call = method(metadata=self.metadata + trace_metadata(), timeout=self.timeout)
 
+        async def write(message):
+            try:
+                await call.write(message)
+            except asyncio.InvalidStateError:  # the RPC already ended: raise its status instead
+                raise grpc.aio.AioRpcError(await call.code(), await call.initial_metadata(),
+                                           await call.trailing_metadata(), await call.details()) from None
+
         async def events():
             try:
-                await call.write(wrapper(request=request))
+                await write(wrapper(request=request))
                 async for event in call:
                     if event.WhichOneof("kind") == "loss_query":
                         q = event.loss_query
@@ -116,7 +126,7 @@ class Client:
                         except BaseException:
                             call.cancel()
                             raise
-                        await call.write(wrapper(loss_reply=_requests.loss_reply(term, q, evaluated)))
+                        await write(wrapper(loss_reply=_requests.loss_reply(term, q, evaluated)))
                     yield event
             finally:
                 if not call.done():
@@ -132,7 +142,7 @@ class Client:
             events = grpc_call
         else:
             events, grpc_call = self._bidi(getattr(self.stub, method), wrapper, request, client_losses)
-        call = AsyncCall(events, to_result, on_event, progress, grpc_call)
+        call = AsyncCall(events, to_result, on_event, progress, grpc_call, closed=lambda: self._closed)
         return call if stream else call.wait()
 
     # -- RPCs: awaitables (or, with stream=True, AsyncCall to iterate) ---------------------------

@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="adjointdpm", description="Gradients through diffusion sampling, from an AdjointDPM server.")
     parser.add_argument("--target", dest="server", metavar="HOST:PORT",
                         default=os.environ.get("ADJOINTDPM_TARGET", "localhost:50051"),
-                        help="server HOST:PORT (env ADJOINTDPM_TARGET, default localhost:50051)")
+                        help="server HOST:PORT; replicas as HOST:PORT,HOST:PORT or dns:///NAME:PORT "
+                             "(env ADJOINTDPM_TARGET, default localhost:50051)")
     parser.add_argument("--token", default=os.environ.get("ADJOINTDPM_TOKEN"),
                         help="bearer token (env ADJOINTDPM_TOKEN)")
     parser.add_argument("--tls", action="store_true", help="TLS with the system roots")
@@ -202,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, rpc, "--checkpoint-every", "checkpoint_every", type=int)
     _flag(p, rpc, "--keep-checkpoints", "keep_checkpoints", type=int)
     _flag(p, rpc, "--resume-from", "resume_from")
+    _flag(p, rpc, "--resume-job", "resume_job")
     _flag(p, rpc, "--name", "name")
     _flag(p, rpc, "--validate-every", "validate_every", type=int)
     _flag(p, rpc, "--keep-best", "keep_best", action="store_const", const=True)

@@ -208,6 +208,8 @@ RPCS: dict[str, tuple[Option, ...]] = {
         Option("batch_size", None, "examples per iteration (unset = all)", low=1),
         *_gradient_options(),
         Option("resume_from", "", "a checkpoint id of the same run to continue"),
+        Option("resume_job", "", "a job id (from its Job event or JobInterrupted): continue that "
+               "job from its last checkpoint, on any replica"),
         Option("keep_checkpoints", 3, "this run's newest checkpoints kept; older ones deleted",
                low=1, high=100),
         Option("validate_every", 1, "iterations between validations", low=1),

@@ -12,6 +12,7 @@ exits 0.
 from __future__ import annotations
 
 import argparse
+import os
 import logging
 import signal
 import sys
@@ -31,6 +32,19 @@ def parse_args(argv=None) -> ServerConfig:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16", "float64"))
     p.add_argument("--artifact-dir", type=Path, default=Path("artifacts"))
+    p.add_argument("--artifact-store", default=os.environ.get("ADJOINTDPM_ARTIFACT_STORE"),
+                   metavar="s3://BUCKET/PREFIX",
+                   help="artifacts in an S3-compatible bucket (endpoint and credentials from the "
+                        "AWS_* environment) instead of --artifact-dir; env ADJOINTDPM_ARTIFACT_STORE")
+    p.add_argument("--coordination", default=os.environ.get("ADJOINTDPM_COORDINATION", "local"),
+                   metavar="local|redis://HOST:PORT/DB",
+                   help="where replicas share quotas, job slots and fine-tune leases: 'local' (one "
+                        "replica) or Redis (N replicas); env ADJOINTDPM_COORDINATION")
+    p.add_argument("--replica-id", help="this replica's name in the cluster (default: POD_NAME or "
+                                        "the host name, and a nonce)")
+    p.add_argument("--lease-seconds", type=float, default=30.0,
+                   help="what a dead replica held (job leases, job slots, storage holds) lapses "
+                        "after this long; renewed every third of it")
     p.add_argument("--artifact-retention-hours", type=float, default=24 * 7, help="0 = keep forever")
     p.add_argument("--max-active-jobs", "--max-concurrent-jobs", type=int, default=16,
                    help="jobs whose states are held in memory (their network calls are batched)")
@@ -71,8 +85,9 @@ def parse_args(argv=None) -> ServerConfig:
                         "many samples (default: --max-network-batch)")
     p.add_argument("--tenant-storage-mib", type=float, help="a tenant's artifact storage")
     p.add_argument("--artifact-storage-mib", type=float, help="all artifacts together")
-    p.add_argument("--max-health-watches", type=int, default=8,
-                   help="concurrent Health/Watch streams (counted apart from other calls)")
+    p.add_argument("--max-health-watches", type=int, default=64,
+                   help="concurrent Health/Watch streams, counted apart from other calls: a client "
+                        "given several replicas holds one on each (health-checked round_robin)")
     p.add_argument("--protect-health", action="store_true", help="health checks need a token too")
     p.add_argument("--tls-cert", type=Path)
     p.add_argument("--tls-key", type=Path)
@@ -80,6 +95,10 @@ def parse_args(argv=None) -> ServerConfig:
     p.add_argument("--health-port", type=int, help="also serve health on this plaintext port (probes)")
     p.add_argument("--metrics-port", type=int, help="Prometheus /metrics on this port")
     p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds to drain on SIGTERM")
+    p.add_argument("--max-connection-age", type=float, default=ServerConfig.max_connection_age_s,
+                   help="seconds before a client connection is sent GOAWAY (its calls finish, within "
+                        "--max-request-seconds): clients reconnect and re-resolve, reaching new "
+                        "replicas; 0 = never")
     p.add_argument("--triton-url", help="host:port of a Triton server for the 'triton' loss")
     p.add_argument("--triton-allow", action="append", default=[], metavar="HOST:PORT",
                    help="another Triton address a request's 'url' parameter may name (repeatable)")
@@ -114,6 +133,8 @@ def parse_args(argv=None) -> ServerConfig:
     config = ServerConfig(
         models=tuple(a.models or ["digits"]), host=a.host, port=a.port, device=a.device, dtype=a.dtype,
         artifact_dir=a.artifact_dir, artifact_retention_s=a.artifact_retention_hours * 3600,
+        artifact_store=a.artifact_store or None, coordination=a.coordination or "local",
+        replica_id=a.replica_id, lease_s=a.lease_seconds,
         max_active_jobs=a.max_active_jobs, max_queue=a.max_queue,
         max_network_batch=a.max_network_batch, batch_window_ms=a.batch_window_ms,
         max_request_s=a.max_request_seconds, workers=a.workers,
@@ -126,6 +147,7 @@ def parse_args(argv=None) -> ServerConfig:
         artifact_storage_mib=a.artifact_storage_mib, max_health_watches=a.max_health_watches,
         health_open=not a.protect_health, tls_cert=a.tls_cert,
         tls_key=a.tls_key, tls_client_ca=a.tls_client_ca, health_port=a.health_port,
+        max_connection_age_s=a.max_connection_age,
         metrics_port=a.metrics_port, shutdown_grace_s=a.shutdown_grace, triton_url=a.triton_url, triton_allowed_urls=tuple(a.triton_allow),
         clip_model_dir=a.clip_model_dir, limits=limits)
     return config, a.log_format

@@ -32,6 +32,10 @@ class ServerConfig:
     device: str = "cpu"
     dtype: str = "float32"
     artifact_dir: Path = Path("artifacts")
+    artifact_store: str | None = None          # s3://bucket/prefix; None = artifact_dir
+    coordination: str = "local"                # cluster state: "local" (one replica) or redis://…
+    replica_id: str | None = None              # this replica's name; None = POD_NAME or host + nonce
+    lease_s: float = 30.0                      # what a replica holds lapses this long after it dies
     artifact_retention_s: float = 7 * 24 * 3600.0  # 0 = keep forever
     max_active_jobs: int = 16                  # jobs whose states are held in memory
     max_queue: int = 32                        # waiting jobs beyond the active ones
@@ -39,7 +43,7 @@ class ServerConfig:
     batch_window_ms: float = 5.0               # how long a network call waits for others; 0 = off
     max_request_s: float = 3600.0              # a job's wall-clock cap (the client's deadline may be shorter)
     workers: int = 64                          # concurrent calls (health checks are not counted)
-    max_health_watches: int = 8                # concurrent Health/Watch streams, counted apart
+    max_health_watches: int = 64               # concurrent Health/Watch streams (one per health-checked client process), counted apart
     tokens: tuple[str, ...] = ()               # "TENANT:TOKEN" or "TOKEN" (tenant default); empty = no auth
     shared_artifacts: bool = False             # every tenant sees every artifact (single-team servers)
     tenant_max_jobs: int | None = None         # a tenant's active + queued jobs
@@ -59,6 +63,7 @@ class ServerConfig:
     health_port: int | None = None             # a plaintext health-only port (kubelet probes under TLS)
     metrics_port: int | None = None            # Prometheus /metrics; None = off
     shutdown_grace_s: float = 30.0             # SIGTERM: drain this long, then cancel
+    max_connection_age_s: float = 600.0        # GOAWAY a connection this old: clients re-resolve; 0 = never
     triton_url: str | None = None
     triton_allowed_urls: tuple[str, ...] = ()  # other Triton addresses a request may name
     clip_model_dir: Path | None = None

@@ -7,7 +7,7 @@ Tasks and losses raise these (no gRPC import below the service layer); the servi
 from __future__ import annotations
 
 __all__ = ["ServiceError", "InvalidArgument", "NotFound", "FailedPrecondition",
-           "ResourceExhausted", "Cancelled", "Unavailable", "DeadlineExceeded"]
+           "ResourceExhausted", "Cancelled", "Unavailable", "DeadlineExceeded", "DataLoss"]
 
 
 class ServiceError(Exception):
@@ -46,3 +46,9 @@ class Unavailable(ServiceError):
 
 class DeadlineExceeded(ServiceError):
     code = "DEADLINE_EXCEEDED"
+
+
+class DataLoss(ServiceError):
+    """Stored bytes that no longer match the checksum recorded when they were written."""
+
+    code = "DATA_LOSS"

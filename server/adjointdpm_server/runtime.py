@@ -8,12 +8,14 @@ model (LoRA adapters live in a bank beside it, full fine-tunes in copies, docs/d
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
 
+from .cluster import coordination, default_replica
 from .config import ServerConfig
 from .engine import NetworkEngine
 from .errors import FailedPrecondition, InvalidArgument, NotFound
@@ -22,6 +24,8 @@ from .models._adapters import fresh_lora, load_adapter
 from .storage.artifacts import ArtifactStore
 
 __all__ = ["Runtime", "model_name"]
+
+log = logging.getLogger("adjointdpm.storage")
 
 
 def model_name(spec: str) -> tuple[str, str]:
@@ -49,9 +53,15 @@ class Runtime:
         self.models = dict(models)
         self.default_model = next(iter(self.models))
         mib = lambda v: None if v is None else int(v * 2**20)  # noqa: E731
-        self.artifacts = ArtifactStore(config.artifact_dir, quota_bytes=mib(config.artifact_storage_mib),
+        self.cluster = coordination(config.coordination, config.replica_id or default_replica(),
+                                    config.lease_s)
+        self.artifacts = ArtifactStore(config.artifact_store or config.artifact_dir,
+                                       quota_bytes=mib(config.artifact_storage_mib),
                                        tenant_quota_bytes=mib(config.tenant_storage_mib),
-                                       retention_s=config.artifact_retention_s)
+                                       retention_s=config.artifact_retention_s, cluster=self.cluster)
+        if self.artifacts.removed_orphans:
+            log.info("artifact store %s: swept %d orphans of dead writers: %s", self.artifacts.blobs.url,
+                     len(self.artifacts.removed_orphans), ", ".join(self.artifacts.removed_orphans))
         self.settings = config.loss_settings()
         self.limits = dataclasses.replace(config.limits, working_dtype=config.dtype)
         self.engine = NetworkEngine(max_batch=config.max_network_batch,
@@ -168,6 +178,7 @@ class TenantContext:
     def __init__(self, runtime: Runtime, tenant: str):
         self.runtime, self.tenant = runtime, tenant
         self.limits, self.settings, self.engine = runtime.limits, runtime.settings, runtime.engine
+        self.cluster = runtime.cluster
         self.artifacts = runtime.artifacts.scoped(None if runtime.config.shared_artifacts else tenant)
 
     def model(self, name: str = ""):

@@ -10,7 +10,11 @@ errors) against two Kubernetes versions: the oldest the manifests support (1.30:
 for any other kind (a CRD such as the ServiceMonitor) it raises SchemaNotFoundError, which its
 CLI reports as a WARN with exit status 0 even under `--strict`, so a CLI run would also wave
 through a misspelled kind. Here an unknown kind fails, except the CRDs listed in CRD_SCHEMAS,
-which are checked against a strict subset of their CRD's OpenAPI schema kept in this file.
+which are checked against a strict subset of their CRD's OpenAPI schema: the ServiceMonitor's kept
+in this file, KEDA's ScaledObject's in schemas/keda-scaledobject-v1alpha1.yaml.
+
+The production overlays (N replicas, object store, Redis, autoscaling) are in RENDERS too, so every
+generic check here applies to them; what only they must say is in test_production.py.
 """
 
 from __future__ import annotations
@@ -36,7 +40,12 @@ K8S = DEPLOY / "k8s"
 DOCKERFILE = DEPLOY / "Dockerfile"
 
 K8S_VERSIONS = ("1.30.0", "1.37.0")
-RENDERS = ("base", "overlays/gpu", "overlays/triton-peer", "gpu+tls+mtls")
+# renders whose artifacts and models are PersistentVolumeClaims (one replica, or RWX volumes)
+SHARED_VOLUME_RENDERS = ("base", "overlays/gpu", "overlays/triton-peer", "gpu+tls+mtls")
+# N replicas: artifacts in a bucket, models in a node-local cache, Redis, an autoscaler
+PRODUCTION_RENDERS = ("overlays/production", "overlays/production-keda")
+RENDERS = SHARED_VOLUME_RENDERS + PRODUCTION_RENDERS
+SCHEMAS = Path(__file__).resolve().parent / "schemas"
 MIN_STARTUP_BUDGET_S = 600  # a Stable Diffusion checkpoint from a network volume
 SERVER_DEPLOYMENT, SERVER_CONTAINER = "adjointdpm", "server"
 
@@ -224,7 +233,10 @@ SERVICEMONITOR_SCHEMA = {
             }},
     },
 }
-CRD_SCHEMAS = {("monitoring.coreos.com/v1", "ServiceMonitor"): SERVICEMONITOR_SCHEMA}
+# A strict subset of KEDA's ScaledObject CRD, kept as test data (see the file's header).
+SCALEDOBJECT_SCHEMA = yaml.safe_load((SCHEMAS / "keda-scaledobject-v1alpha1.yaml").read_text())
+CRD_SCHEMAS = {("monitoring.coreos.com/v1", "ServiceMonitor"): SERVICEMONITOR_SCHEMA,
+               ("keda.sh/v1alpha1", "ScaledObject"): SCALEDOBJECT_SCHEMA}
 
 
 def _validate(doc: dict, version: str) -> None:
@@ -364,7 +376,10 @@ def test_images_are_pinned(docs):
                 assert last.split(":", 1)[1] != "latest", f"{image}: `latest` tag"
 
 
-def test_models_and_artifacts_are_persistent_volumes(docs):
+@pytest.mark.parametrize("name", SHARED_VOLUME_RENDERS)
+def test_models_and_artifacts_are_persistent_volumes(name):
+    """(The production overlays use a bucket and a node-local cache instead: test_production.py.)"""
+    docs = _render(name)
     dep, server = _server(docs)
     pod = dep["spec"]["template"]["spec"]
     claims = {d["metadata"]["name"] for d in _all(docs, "PersistentVolumeClaim")}
@@ -401,18 +416,24 @@ def test_the_tokens_secret_is_mounted(docs):
 def test_services_headless_and_selectors(docs):
     _, server = _server(docs)
     grpc_port = int(_flag(server, "--port"))
+    workloads = _all(docs, "Deployment") + _all(docs, "StatefulSet")
     pod_labels = {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"]
-                  for d in _all(docs, "Deployment")}
-    for dep_ in _all(docs, "Deployment"):
+                  for d in workloads}
+    for dep_ in workloads:
         assert _selects(dep_["spec"]["selector"]["matchLabels"],
                         pod_labels[dep_["metadata"]["name"]])
     services = _all(docs, "Service")
-    for svc in services:  # each Service selects the pods of exactly one Deployment
+    for svc in services:  # each Service selects the pods of exactly one workload
         hits = [n for n, labels in pod_labels.items()
                 if _selects(svc["spec"].get("selector"), labels)]
         assert len(hits) == 1, f"Service {svc['metadata']['name']} selects {hits}"
-    headless = [s for s in services if s["spec"].get("clusterIP") == "None"]
+    headless = [s for s in services if s["spec"].get("clusterIP") == "None"
+                and _selects(s["spec"]["selector"], pod_labels[SERVER_DEPLOYMENT])]
     assert len(headless) == 1, "one headless Service for client-side load balancing"
+    for sts in _all(docs, "StatefulSet"):  # its governing Service is headless and selects it
+        gov = _one(docs, "Service", sts["spec"]["serviceName"])
+        assert gov["spec"].get("clusterIP") == "None"
+        assert _selects(gov["spec"]["selector"], pod_labels[sts["metadata"]["name"]])
     (h,) = headless
     assert _selects(h["spec"]["selector"], pod_labels[SERVER_DEPLOYMENT])
     assert grpc_port in [p["port"] for p in h["spec"]["ports"]]

@@ -124,3 +124,37 @@ def test_rules_are_a_prometheusrule():
         assert re.fullmatch(r"\d+[smh]", r["for"])
         assert r["labels"]["severity"] in {"critical", "warning", "info"}
         assert r["annotations"]["summary"]
+
+
+def _autoscaling_queries() -> tuple[set[str], list[str]]:
+    """(metric names the production HPA asks for, PromQL queries of the KEDA ScaledObject)."""
+    k8s = MONITORING.parent / "k8s" / "overlays"
+    hpa = yaml.safe_load((k8s / "production" / "hpa.yaml").read_text())
+    scaled = yaml.safe_load((k8s / "production-keda" / "scaledobject.yaml").read_text())
+    names = {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"]}
+    return names, [t["metadata"]["query"] for t in scaled["spec"]["triggers"]]
+
+
+def test_autoscaling_metrics_are_exported(exported):
+    """The production autoscalers (HPA through prometheus-adapter, KEDA's prometheus scaler) and the
+    adapter rule name gauges a live server exports, with labels it (or Prometheus) attaches."""
+    names, queries = _autoscaling_queries()
+    assert "adjointdpm_jobs_queued" in names
+    for name in names:
+        assert name in exported, f"the HPA scales on {name}, which the server does not export"
+    operator_labels = EXTERNAL_LABELS | {"service", "endpoint", "container"}  # ServiceMonitor's
+    for query in queries:
+        metrics = METRIC.findall(query)
+        assert metrics and all(m in exported for m in metrics), query
+        for metric, matchers in MATCHERS.findall(query):
+            for label in re.findall(r"([a-zA-Z_]+)\s*(?:=~|!~|!=|=)", matchers):
+                assert label in exported[metric] | operator_labels, f"{metric}{{{label}}}"
+        depth = 0
+        for ch in query:
+            depth += {"(": 1, "{": 1, ")": -1, "}": -1}.get(ch, 0)
+            assert depth >= 0, query
+        assert depth == 0, query
+    adapter = yaml.safe_load((MONITORING / "prometheus-adapter-values.yaml").read_text())
+    for rule in adapter["rules"]["custom"]:
+        pattern = re.search(r'__name__=~"\^?([^"$]+)\$?"', rule["seriesQuery"]).group(1)
+        assert names <= {m for m in exported if re.fullmatch(pattern, m)}, rule["seriesQuery"]

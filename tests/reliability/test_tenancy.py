@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 import adjointdpm
 from adjointdpm.v1 import adjointdpm_pb2 as pb
 from adjointdpm.v1 import adjointdpm_pb2_grpc as pb_grpc
+from adjointdpm_server.cluster import LocalCoordination
 from adjointdpm_server.storage.artifacts import ArtifactStore
 from adjointdpm_server.wire.auth import Tenants
 from adjointdpm_server.config import Limits, ServerConfig
@@ -231,23 +232,35 @@ def test_a_full_disk_is_a_plain_error_and_earlier_artifacts_stay_intact(tmp_path
         proc.wait(10)
 
 
-def test_orphans_are_removed_at_start(tmp_path):
-    store = ArtifactStore(tmp_path)
+def test_orphans_are_removed_at_start_but_never_a_live_write_of_another_replica(tmp_path):
+    """At start a replica removes its own unfinished writes (an earlier life's) at once, and
+    anyone's orphans (temporaries, data without its description, descriptions without data)
+    only once they are older than the lease: a fresh one may be another replica's save between
+    its two publishes, and killing it would lose that artifact."""
     import torch
 
+    store = ArtifactStore(tmp_path, cluster=LocalCoordination("replica-a", lease_s=60))
     kept = store.save("lora", {"w": torch.ones(3)}, model="digits")
-    orphan_data = tmp_path / f"lora-{'a' * 32}.safetensors"
-    orphan_data.write_bytes(b"x")
-    orphan_sidecar = tmp_path / f"embedding-{'b' * 32}.json"
-    orphan_sidecar.write_text("{}")
-    temporary = tmp_path / f"lora-{'c' * 32}.safetensors.tmp"
-    temporary.write_bytes(b"x")
+    names = {"data": f"lora-{'a' * 32}.safetensors", "sidecar": f"embedding-{'b' * 32}.json",
+             "temporary": f"lora-{'c' * 32}.safetensors.replica-b.0123abcd.tmp",
+             "legacy": f"lora-{'d' * 32}.safetensors.tmp",
+             "mine": f"lora-{'e' * 32}.safetensors.replica-a.4567cdef.tmp"}
+    for name in names.values():
+        (tmp_path / name).write_bytes(b"x")
     unrelated = tmp_path / "README.txt"
     unrelated.write_text("not ours")
-    again = ArtifactStore(tmp_path)
-    assert sorted(again.removed_orphans) == sorted(p.name for p in (orphan_data, orphan_sidecar, temporary))
-    assert not orphan_data.exists() and not orphan_sidecar.exists() and not temporary.exists()
-    assert unrelated.exists() and again.info(kept.id).id == kept.id
+
+    again = ArtifactStore(tmp_path, cluster=LocalCoordination("replica-a", lease_s=60))
+    assert again.removed_orphans == [names["mine"]]  # another replica's may still be writing
+    assert all((tmp_path / n).exists() for k, n in names.items() if k != "mine")
+
+    old = time.time() - 120  # older than the lease: their writers are dead
+    for key in ("data", "sidecar", "temporary", "legacy"):
+        os.utime(tmp_path / names[key], (old, old))
+    third = ArtifactStore(tmp_path, cluster=LocalCoordination("replica-c", lease_s=60))
+    assert sorted(third.removed_orphans) == sorted(names[k] for k in ("data", "sidecar", "temporary", "legacy"))
+    assert unrelated.exists() and third.info(kept.id).id == kept.id
+    assert [i.id for i in third.list()] == [kept.id]
 
 
 def _check(channel, timeout=2.0):

@@ -269,7 +269,7 @@ class FinetuneExample(_message.Message):
     def __init__(self, seed: _Optional[int] = ..., x_T: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., prompt: _Optional[str] = ..., label: _Optional[int] = ...) -> None: ...
 
 class FinetuneRequest(_message.Message):
-    __slots__ = ("generation", "examples", "losses", "optimizer", "method", "lora_rank", "lora_alpha", "target_modules", "checkpoint_every", "name", "batch_size", "grad_mode", "resume_from", "keep_checkpoints", "validation", "validate_every", "keep_best", "stop_when", "memory_budget_mib")
+    __slots__ = ("generation", "examples", "losses", "optimizer", "method", "lora_rank", "lora_alpha", "target_modules", "checkpoint_every", "name", "batch_size", "grad_mode", "resume_from", "keep_checkpoints", "validation", "validate_every", "keep_best", "stop_when", "memory_budget_mib", "resume_job")
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     LOSSES_FIELD_NUMBER: _ClassVar[int]
@@ -289,6 +289,7 @@ class FinetuneRequest(_message.Message):
     KEEP_BEST_FIELD_NUMBER: _ClassVar[int]
     STOP_WHEN_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BUDGET_MIB_FIELD_NUMBER: _ClassVar[int]
+    RESUME_JOB_FIELD_NUMBER: _ClassVar[int]
     generation: Generation
     examples: _containers.RepeatedCompositeFieldContainer[FinetuneExample]
     losses: _containers.RepeatedCompositeFieldContainer[LossTerm]
@@ -308,7 +309,8 @@ class FinetuneRequest(_message.Message):
     keep_best: bool
     stop_when: StopWhen
     memory_budget_mib: int
-    def __init__(self, generation: _Optional[_Union[Generation, _Mapping]] = ..., examples: _Optional[_Iterable[_Union[FinetuneExample, _Mapping]]] = ..., losses: _Optional[_Iterable[_Union[LossTerm, _Mapping]]] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., method: _Optional[str] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., checkpoint_every: _Optional[int] = ..., name: _Optional[str] = ..., batch_size: _Optional[int] = ..., grad_mode: _Optional[str] = ..., resume_from: _Optional[str] = ..., keep_checkpoints: _Optional[int] = ..., validation: _Optional[_Iterable[_Union[FinetuneExample, _Mapping]]] = ..., validate_every: _Optional[int] = ..., keep_best: _Optional[bool] = ..., stop_when: _Optional[_Union[StopWhen, _Mapping]] = ..., memory_budget_mib: _Optional[int] = ...) -> None: ...
+    resume_job: str
+    def __init__(self, generation: _Optional[_Union[Generation, _Mapping]] = ..., examples: _Optional[_Iterable[_Union[FinetuneExample, _Mapping]]] = ..., losses: _Optional[_Iterable[_Union[LossTerm, _Mapping]]] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., method: _Optional[str] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., checkpoint_every: _Optional[int] = ..., name: _Optional[str] = ..., batch_size: _Optional[int] = ..., grad_mode: _Optional[str] = ..., resume_from: _Optional[str] = ..., keep_checkpoints: _Optional[int] = ..., validation: _Optional[_Iterable[_Union[FinetuneExample, _Mapping]]] = ..., validate_every: _Optional[int] = ..., keep_best: _Optional[bool] = ..., stop_when: _Optional[_Union[StopWhen, _Mapping]] = ..., memory_budget_mib: _Optional[int] = ..., resume_job: _Optional[str] = ...) -> None: ...
 
 class FinetuneMessage(_message.Message):
     __slots__ = ("request", "loss_reply")
@@ -414,6 +416,16 @@ class Validation(_message.Message):
     best: bool
     def __init__(self, iteration: _Optional[int] = ..., loss: _Optional[float] = ..., loss_terms: _Optional[_Iterable[float]] = ..., agreement: _Optional[float] = ..., images: _Optional[_Iterable[bytes]] = ..., best: _Optional[bool] = ...) -> None: ...
 
+class Job(_message.Message):
+    __slots__ = ("id", "replica", "iteration")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    ITERATION_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    replica: str
+    iteration: int
+    def __init__(self, id: _Optional[str] = ..., replica: _Optional[str] = ..., iteration: _Optional[int] = ...) -> None: ...
+
 class ArtifactInfo(_message.Message):
     __slots__ = ("id", "kind", "model", "size", "name", "iteration", "metadata")
     ID_FIELD_NUMBER: _ClassVar[int]
@@ -509,7 +521,7 @@ class OptimizeResult(_message.Message):
     def __init__(self, loss: _Optional[float] = ..., history: _Optional[_Iterable[float]] = ..., x_T: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., x0: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., images: _Optional[_Iterable[bytes]] = ..., initial_images: _Optional[_Iterable[bytes]] = ..., artifact: _Optional[_Union[ArtifactInfo, _Mapping]] = ..., sample_losses: _Optional[_Iterable[float]] = ..., best_iteration: _Optional[_Iterable[int]] = ..., stopped: _Optional[_Iterable[bool]] = ..., iterations_run: _Optional[int] = ..., last_x_T: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("progress", "queued", "loss_query", "iteration", "checkpoint", "sample", "gradient", "optimized", "validation")
+    __slots__ = ("progress", "queued", "loss_query", "iteration", "checkpoint", "sample", "gradient", "optimized", "validation", "job")
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     LOSS_QUERY_FIELD_NUMBER: _ClassVar[int]
@@ -519,6 +531,7 @@ class Event(_message.Message):
     GRADIENT_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZED_FIELD_NUMBER: _ClassVar[int]
     VALIDATION_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
     progress: Progress
     queued: QueuePosition
     loss_query: LossQuery
@@ -528,7 +541,8 @@ class Event(_message.Message):
     gradient: GradientResult
     optimized: OptimizeResult
     validation: Validation
-    def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., queued: _Optional[_Union[QueuePosition, _Mapping]] = ..., loss_query: _Optional[_Union[LossQuery, _Mapping]] = ..., iteration: _Optional[_Union[Iteration, _Mapping]] = ..., checkpoint: _Optional[_Union[ArtifactInfo, _Mapping]] = ..., sample: _Optional[_Union[SampleResult, _Mapping]] = ..., gradient: _Optional[_Union[GradientResult, _Mapping]] = ..., optimized: _Optional[_Union[OptimizeResult, _Mapping]] = ..., validation: _Optional[_Union[Validation, _Mapping]] = ...) -> None: ...
+    job: Job
+    def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., queued: _Optional[_Union[QueuePosition, _Mapping]] = ..., loss_query: _Optional[_Union[LossQuery, _Mapping]] = ..., iteration: _Optional[_Union[Iteration, _Mapping]] = ..., checkpoint: _Optional[_Union[ArtifactInfo, _Mapping]] = ..., sample: _Optional[_Union[SampleResult, _Mapping]] = ..., gradient: _Optional[_Union[GradientResult, _Mapping]] = ..., optimized: _Optional[_Union[OptimizeResult, _Mapping]] = ..., validation: _Optional[_Union[Validation, _Mapping]] = ..., job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

@@ -7,7 +7,8 @@ keyword), and returns a result dataclass; the wire translates both ways.
 """
 
 from ._context import TaskContext
-from ._job import Checkpoint, ClientQuery, IterationReport, Job, LocalJob, Queued, ValidationReport
+from ._job import (Checkpoint, ClientQuery, IterationReport, Job, JobStarted, LocalJob, Queued,
+                   ValidationReport)
 from ._specs import ExampleSpec, GenerationSpec, LossSpec, TokenSpec
 from .optimize_embedding import run_optimize_embedding
 from .finetune_weights import run_finetune_weights
@@ -17,7 +18,7 @@ from .sample import SampleResult, run_sample
 
 __all__ = [
     "TaskContext", "Job", "LocalJob", "ClientQuery", "IterationReport", "ValidationReport",
-    "Checkpoint", "Queued", "GenerationSpec", "LossSpec", "TokenSpec", "ExampleSpec", "TARGETS",
+    "Checkpoint", "JobStarted", "Queued", "GenerationSpec", "LossSpec", "TokenSpec", "ExampleSpec", "TARGETS",
     "run_sample", "run_compute_gradient", "run_optimize_latent", "run_finetune_weights",
     "run_optimize_embedding",
     "SampleResult", "GradientResult", "OptimizeResult",

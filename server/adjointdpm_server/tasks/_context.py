@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Callable, ContextManager, Protocol
 if TYPE_CHECKING:
     from torch import nn
 
+    from ..cluster import Coordination
     from ..config import Limits
     from ..models import ModelBackend
     from ..storage.artifacts import ArtifactStore
@@ -39,6 +40,8 @@ class TaskContext(Protocol):
     settings: dict              # what loss plugins may read (Triton address, CLIP directory)
     artifacts: ArtifactStore    # adapters, embeddings, checkpoints, weight gradients
     engine: NetworkCalls        # every network call goes through it (batched across jobs)
+    cluster: Coordination       # what replicas share: job leases and the job registry
+    tenant: str                 # whose request this is (its jobs are its own)
 
     def model(self, name: str = "") -> tuple[str, ModelBackend]:
         """(name, backend) of a resident model; the default one for ``""``; NOT_FOUND otherwise."""

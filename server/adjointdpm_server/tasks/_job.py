@@ -17,7 +17,7 @@ import torch
 from ..errors import Cancelled, DeadlineExceeded, FailedPrecondition
 from ..losses import LossAnswer, check_reply
 
-__all__ = ["Job", "LocalJob", "ClientQuery", "Checkpoint", "IterationReport", "ValidationReport", "Queued"]
+__all__ = ["Job", "LocalJob", "ClientQuery", "Checkpoint", "JobStarted", "IterationReport", "ValidationReport", "Queued"]
 
 
 @dataclass
@@ -65,6 +65,15 @@ class ValidationReport:
 @dataclass
 class Checkpoint:
     info: Any  # ArtifactInfo
+
+
+@dataclass
+class JobStarted:
+    """A fine-tune's id, sent first: what its client resumes it by if the stream is lost."""
+
+    id: str
+    replica: str
+    iteration: int
 
 
 class Job:

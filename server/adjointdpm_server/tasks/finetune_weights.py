@@ -9,11 +9,18 @@ Held-out ``validation`` examples (seeds the training never sees) measure what th
 every ``validate_every`` steps the adapter samples them, and a ``Validation`` event reports the
 losses and, where the model has a classifier, how many images keep the base model's verdict.
 ``keep_best`` returns the adapter of the best validation loss; ``stop_when`` ends the run early.
+
+A fine-tune is a *job* of the cluster (``cluster``): its id (``job-<32 hex>``, in every
+checkpoint's metadata as ``run``) is sent first (``JobStarted``); it runs under a lease, so no
+two replicas run it at once, and when its stream or replica is lost, ``resume_job`` continues it
+on any replica from its newest checkpoint (the registry's, or the store's when the registry
+forgot it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 import uuid
 
 from dataclasses import dataclass, field
@@ -21,14 +28,16 @@ from typing import Any
 
 import torch
 
+from ..cluster import JobRecord
 from ..core import SharedRows
-from ..errors import Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
+from ..errors import (Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound,
+                      Unavailable)
 from ..models._adapters import full_copy, trainable_state
 from ..storage.artifacts import HEADER_BYTES
 from ._context import TaskContext
 from ._generation import prepare, run_sampler
 from ._images import to_png
-from ._job import Checkpoint, Job, ValidationReport
+from ._job import Checkpoint, Job, JobStarted, ValidationReport
 from ._objective import Objective
 from ._optim import Patience, check_iterations, check_name, check_stop, make_optimizer, optimize
 from ._specs import ExampleSpec, GenerationSpec, LossSpec
@@ -37,6 +46,8 @@ from .compute_gradient import check_grad_mode
 from .optimize_latent import OptimizeResult
 
 __all__ = ["run_finetune_weights", "METHODS", "OPTIM_PREFIX"]
+
+_JOB_ID = re.compile(r"(job-)?[0-9a-f]{32}")  # bare hex: runs from before jobs had a prefix
 
 METHODS = ("lora", "full")
 OPTIM_PREFIX = "__optim__/"  # optimizer state in a checkpoint: __optim__/<param>/<key>
@@ -106,13 +117,61 @@ def run_finetune_weights(ctx: TaskContext, spec: GenerationSpec, examples: list[
     """FinetuneWeights with the request's options ``opts``; ``validation``: held-out examples.
     ``keep_checkpoints``: this run's newest checkpoints kept, older ones deleted (quota)."""
     mode = _check_request(ctx, spec, opts, validation)
+    record, resume_from = _job_of(ctx, opts)
     prep = prepare(ctx, _examples_generation(ctx, spec, examples))
     check_work(ctx.limits, finetune_work(prep.steps, prep.solver, mode, opts.iterations,
                                          opts.validate_every, bool(validation)))
     model, meta = _adapted_copy(ctx, prep, opts)
-    run = _Run(ctx, job, opts, prep, model, meta, mode)
+    meta["run"] = record.id
+    run = _Run(ctx, job, opts, prep, model, meta, mode, record=record, resume_from=resume_from)
     with ctx.artifacts.reserve(_reserved_bytes(run.params, opts.keep_checkpoints)):
-        return _train(run, spec, losses, validation)
+        record.model = prep.model
+        ctx.cluster.claim(record)  # FAILED_PRECONDITION while a live replica runs it
+        try:
+            job.emit(JobStarted(record.id, record.replica, record.iteration))
+            result = _train(run, spec, losses, validation)
+        except BaseException:
+            ctx.cluster.release(record, "stopped")  # resumable by id
+            raise
+        record.adapter = result.artifact.id
+        ctx.cluster.release(record, "done")
+        return result
+
+
+def _job_of(ctx: TaskContext, opts) -> tuple[JobRecord, str]:
+    """The job this request runs, and the checkpoint it starts from: a new one; the job a
+    checkpoint belongs to (``resume_from``); or a job by id (``resume_job``) at its newest
+    checkpoint — the registry's, else the newest in the store (a registry that forgot it: one
+    replica restarted, a Redis that lost its memory). NOT_FOUND for another tenant's job."""
+    if not opts.resume_job:
+        if not opts.resume_from:
+            return JobRecord(id=f"job-{uuid.uuid4().hex}", tenant=ctx.tenant), ""
+        info = ctx.artifacts.info(opts.resume_from)
+        if info.kind != "checkpoint":
+            raise InvalidArgument(f"resume_from must be a checkpoint; {info.id} is a {info.kind}")
+        run = str(info.metadata.get("run") or info.id)
+        return JobRecord(id=run, tenant=ctx.tenant, checkpoint=info.id, iteration=info.iteration), info.id
+    job_id = opts.resume_job
+    if not _JOB_ID.fullmatch(job_id):
+        raise InvalidArgument("resume_job is not a job id (expected job-<32 hex>, from the Job event)")
+    if opts.resume_from:
+        raise InvalidArgument("give resume_job or resume_from, not both")
+    unknown = NotFound(f"no job {job_id} to resume (a job is known once it has started; one "
+                       "that never wrote a checkpoint and outlived the registry starts anew)")
+    record = ctx.cluster.job(job_id)
+    if record is not None and record.tenant != ctx.tenant:
+        raise unknown  # another tenant's: as if missing
+    if record is not None and record.state == "done":
+        raise FailedPrecondition(f"job {job_id} has finished; its adapter is {record.adapter}")
+    newest = max((i for i in ctx.artifacts.list(kind="checkpoint")
+                  if i.metadata.get("run") == job_id), key=lambda i: (i.iteration, i.created),
+                 default=None)
+    if record is None and newest is None:
+        raise unknown
+    record = record or JobRecord(id=job_id, tenant=ctx.tenant)
+    checkpoint = newest.id if newest is not None else ""
+    record.checkpoint, record.iteration = checkpoint, newest.iteration if newest is not None else 0
+    return record, checkpoint
 
 
 def _check_request(ctx: TaskContext, spec: GenerationSpec, opts, validation) -> str:
@@ -148,8 +207,7 @@ def _adapted_copy(ctx, prep, opts) -> tuple[torch.nn.Module, dict]:
         raise InvalidArgument(f"model {prep.model!r}: {err}") from err
     meta = {"method": opts.method, "rank": (opts.lora_rank or 4) if lora else 0,
             "alpha": (opts.lora_alpha or None) if lora else None,
-            "targets": list(targets) if lora else [], "name": opts.name,
-            "run": uuid.uuid4().hex}  # a resumed run takes its checkpoint's (_resume)
+            "targets": list(targets) if lora else [], "name": opts.name}
     return model, meta
 
 
@@ -188,7 +246,7 @@ def _start(run: _Run, spec: GenerationSpec, losses: list[LossSpec], validation) 
     run.objective = Objective(run.ctx, run.prep.backend, losses, run.job, reference=run.reference)
     run.validator = _Validator(run.ctx, spec, validation, losses, run.job) if validation else None
     run.opt = make_optimizer(run.opts, run.params)
-    if run.opts.resume_from:
+    if run.resume_from:
         run.history, run.first = _resume(run)
         run.kept = _checkpoints_of(run)
         run.prune()
@@ -224,6 +282,8 @@ class _Run:
     model: torch.nn.Module
     meta: dict  # method, rank, alpha, targets, name: on every checkpoint and the adapter
     mode: str  # the grad mode
+    record: JobRecord | None = None  # the job as the cluster knows it
+    resume_from: str = ""  # the checkpoint it continues
     params: list = field(init=False)
     patience: Patience = field(init=False)
     reference: dict | None = None  # the base model's outputs on the examples
@@ -275,6 +335,9 @@ class _Run:
                                        metadata={**self.meta, "history": self.history})
         self.job.emit(Checkpoint(info))
         self.kept.append(info.id)
+        if self.record is not None:
+            self.record.checkpoint, self.record.iteration = info.id, done
+            self.ctx.cluster.update(self.record)
         self.prune()
 
     def prune(self) -> None:
@@ -289,6 +352,9 @@ class _Run:
     def after_step(self, done: int) -> bool:
         """Checkpoint when due or asked, validate when due; True stops the run early."""
         opts = self.opts
+        if self.record is not None and self.ctx.cluster.lease_lost(self.record.id):
+            raise Unavailable(f"this replica lost the lease of job {self.record.id} (another may run "
+                              "it now); resume it by id (resume_job)")
         periodic = opts.checkpoint_every and done % opts.checkpoint_every == 0
         if done < opts.iterations and (periodic or self.job.checkpoint_now.is_set()):
             self.job.checkpoint_now.clear()
@@ -341,7 +407,7 @@ class _Validator:
 
 def _resume(run: _Run) -> tuple[list, int]:
     """Load a checkpoint of the same run: weights, optimizer state, loss history so far."""
-    ctx, checkpoint_id, model_name, meta = run.ctx, run.opts.resume_from, run.prep.model, run.meta
+    ctx, checkpoint_id, model_name, meta = run.ctx, run.resume_from, run.prep.model, run.meta
     tensors, info = ctx.artifacts.load(checkpoint_id)
     if info.kind != "checkpoint":
         raise InvalidArgument(f"resume_from must be a checkpoint; {checkpoint_id} is a {info.kind}")
@@ -355,7 +421,6 @@ def _resume(run: _Run) -> tuple[list, int]:
         raise InvalidArgument(f"checkpoint {checkpoint_id} is at iteration {info.iteration}; "
                               f"ask for more than that many iterations")
     _restore(run.model, run.opt, tensors)
-    run.meta["run"] = info.metadata.get("run") or checkpoint_id  # the same run, continued
     history = [float(v) for v in info.metadata.get("history", [])][:info.iteration]
     return history, info.iteration
 
@@ -363,5 +428,5 @@ def _resume(run: _Run) -> tuple[list, int]:
 def _checkpoints_of(run: _Run) -> list[str]:
     """The run's checkpoints in the store, oldest first (by iteration, then time)."""
     mine = [i for i in run.ctx.artifacts.list(kind="checkpoint", model=run.prep.model)
-            if i.metadata.get("run") == run.meta["run"] or i.id == run.opts.resume_from]
+            if i.metadata.get("run") == run.meta["run"] or i.id == run.resume_from]
     return [i.id for i in sorted(mine, key=lambda i: (i.iteration, i.created))]

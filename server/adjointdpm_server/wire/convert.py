@@ -19,8 +19,8 @@ from adjointdpm.v1 import adjointdpm_pb2 as pb
 from ..core import HALF_DTYPES
 from ..errors import InvalidArgument
 from ..integrity import MAX_PARAM, MAX_WEIGHT, check_input, check_number
-from ..tasks import (Checkpoint, ClientQuery, ExampleSpec, GenerationSpec, IterationReport, LossSpec,
-                     Queued, TokenSpec, ValidationReport)
+from ..tasks import (Checkpoint, ClientQuery, ExampleSpec, GenerationSpec, IterationReport, JobStarted,
+                     LossSpec, Queued, TokenSpec, ValidationReport)
 from ..tasks._generation import IterationProgress
 
 DOMAINS = {pb.IMAGE: "image", pb.LATENT: "latent"}
@@ -163,6 +163,8 @@ def event(item) -> pb.Event:
             agreement=item.agreement, images=item.images, best=item.best))
     if isinstance(item, Checkpoint):
         return pb.Event(checkpoint=artifact_info(item.info))
+    if isinstance(item, JobStarted):
+        return pb.Event(job=pb.Job(id=item.id, replica=item.replica, iteration=item.iteration))
     if isinstance(item, Queued):
         return pb.Event(queued=pb.QueuePosition(position=item.position))
     raise TypeError(f"no message for event {type(item).__name__}")

@@ -7,6 +7,7 @@ is a bug, logged with its traceback and answered INTERNAL — the server and oth
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import threading
 import time
@@ -18,7 +19,7 @@ from adjointdpm.v1 import adjointdpm_pb2_grpc as pb_grpc
 
 from ..admission import AdmissionQueue
 from ..core import GRAD_MODES, SOLVERS
-from ..errors import ResourceExhausted, ServiceError
+from ..errors import DataLoss, ResourceExhausted, ServiceError
 from ..losses import available_losses
 from ..runtime import Runtime
 from ..storage.export import export
@@ -94,7 +95,7 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
         """Run ``build(request, ctx)``'s task as a job on this stream (``ctx``: the tenant's view
         of the runtime), yielding events, aborting on errors. A bidi stream's request is read by
         the job, which owns the stream's reading."""
-        job = None
+        job, slot = None, ""
         tenant = self._tenant()
         config = self.rt.config
         try:
@@ -102,14 +103,15 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
                             metrics=self.metrics, rpc=rpc, max_request_s=config.max_request_s,
                             caller=caller_of(context, tenant if config.tokens else None))
             job.tenant = tenant
+            # the tenant's jobs on every replica (the cluster's coordination store)
+            slot, held = self.rt.cluster.enter(tenant, config.tenant_max_jobs)
+            if slot is None:
+                hint = self.admission.typical_job_s
+                raise ResourceExhausted(f"your tenant's job quota is full: {held} of "
+                                        f"{config.tenant_max_jobs} jobs active or queued (the "
+                                        f"per-tenant limit, on every replica); retry in {hint:.1f} s",
+                                        retry_after_s=hint)
             with self._active_lock:
-                held = sum(1 for j in self.jobs if j.tenant == tenant)
-                if config.tenant_max_jobs is not None and held >= config.tenant_max_jobs:
-                    hint = self.admission.typical_job_s
-                    raise ResourceExhausted(f"your tenant's job quota is full: {held} of "
-                                            f"{config.tenant_max_jobs} jobs active or queued (the "
-                                            f"per-tenant limit); retry in {hint:.1f} s",
-                                            retry_after_s=hint)
                 self.jobs.add(job)
             if request_iterator is not None:
                 request = job.receive(request_iterator, rpc)
@@ -123,6 +125,7 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
                 job.cancelled.set()  # the stream is over: whatever still runs for it stops
                 with self._active_lock:
                     self.jobs.discard(job)
+            self.rt.cluster.leave(slot)
 
     def drain(self, grace: float) -> bool:
         """Graceful shutdown: refuse new jobs, ask running fine-tunes for a checkpoint, wait up
@@ -222,29 +225,33 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
         return pb.ListLossesResponse(losses=losses)
 
     def GetArtifact(self, request, context):
+        """The artifact in chunks, read from the store as they are sent (never whole); its
+        sha256 is checked on the way, and a mismatch ends the stream with DATA_LOSS."""
         try:
             artifacts = self.rt.for_tenant(self._tenant()).artifacts
-            info = artifacts.info(request.id)
-            path = artifacts.path(request.id)
             chunk = min(CHUNK, self.rt.limits.max_message_bytes - 64 * 1024)  # room for the framing
             if request.format not in ("", "native"):
-                data = export(info, path, self.rt.models.get(info.model), request.format)
+                with artifacts.fetch(request.id) as (info, path):
+                    data = export(info, path, self.rt.models.get(info.model), request.format)
                 info = dataclasses.replace(info, size=len(data))
                 for start in range(0, max(len(data), 1), chunk):
                     yield pb.ArtifactChunk(info=convert.artifact_info(info) if start == 0 else None,
                                            data=data[start:start + chunk])
                 return
-            with open(path, "rb") as f:
-                first = True
+            with artifacts.open(request.id) as (info, stream):
+                digest, first = hashlib.sha256(), True
                 while True:
-                    data = f.read(chunk)
-                    if not data and not first:
-                        break
-                    yield pb.ArtifactChunk(info=convert.artifact_info(info) if first else None,
-                                           data=data)
+                    data = stream.read(chunk)
+                    digest.update(data)
+                    if data or first:
+                        yield pb.ArtifactChunk(info=convert.artifact_info(info) if first else None,
+                                               data=data)
                     first = False
                     if not data:
                         break
+            if info.sha256 and digest.hexdigest() != info.sha256:
+                raise DataLoss(f"artifact {info.id} is damaged: its bytes do not match the sha256 "
+                               "recorded when it was written; discard what was received")
         except Exception as err:  # noqa: BLE001
             _abort(context, err)
 

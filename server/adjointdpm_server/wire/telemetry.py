@@ -81,7 +81,10 @@ class TelemetryInterceptor(grpc.ServerInterceptor):
     def _begin(self, details, context) -> tuple[tuple, float]:
         given = dict(details.invocation_metadata or ()).get("x-request-id", "")
         rid = given[:64] if given and given.isprintable() else uuid.uuid4().hex[:16]
-        context.send_initial_metadata((("x-request-id", rid),))
+        # echoed in the response headers, sent with the first response (``_send_headers``), not
+        # now: a call refused before it answers stays Trailers-Only, so a client's retry policy
+        # may retry it (on another replica); a refusal carries it in its trailers instead
+        context.set_trailing_metadata((("x-request-id", rid),))
         tenant = (self.tenants.of_metadata(details.invocation_metadata) if self.tenants is not None
                   else "default")
         TENANT.set(tenant)
@@ -102,6 +105,13 @@ class TelemetryInterceptor(grpc.ServerInterceptor):
         except ValueError:  # a stream closed from another context (client gone): nothing to undo
             pass
 
+    @staticmethod
+    def _send_headers(context) -> None:
+        """The request ID as the response's headers, just before its first message."""
+        rid = REQUEST_ID.get(None)
+        if rid:
+            context.send_initial_metadata((("x-request-id", rid),))
+
     def intercept_service(self, continuation, details):
         handler = continuation(details)
         if handler is None:
@@ -118,4 +128,5 @@ class TelemetryInterceptor(grpc.ServerInterceptor):
             finally:
                 self._end(rpc, context, start, failed, token)
 
-        return wrap(handler, observed, request_deserializer=_tolerant(handler.request_deserializer))
+        return wrap(handler, observed, request_deserializer=_tolerant(handler.request_deserializer),
+                    before_response=self._send_headers)
