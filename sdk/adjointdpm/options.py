@@ -142,6 +142,16 @@ def _gradient_options(grad_mode: str = "grad_mode", budget: str = "memory_budget
     )
 
 
+def _truncation() -> tuple[Option, ...]:
+    """DRaFT-K and AlignProp's randomized truncation: approximate gradients, named so."""
+    return (
+        Option("truncate", 0, "approximate (DRaFT-K): the gradient through the last K steps only, "
+               "none into x_T (0 = exact, every step)", low=0),
+        Option("truncate_min", 0, "> 0: K drawn uniformly from truncate_min…truncate, seeded "
+               "(AlignProp's randomized truncation; 0 = K fixed)", low=0),
+    )
+
+
 def _token() -> tuple[Option, ...]:
     t = "token."
     return (
@@ -172,6 +182,7 @@ RPCS: dict[str, tuple[Option, ...]] = {
         Option("weights.inline", False, "the weight gradients in the reply (within the server's "
                "limit) instead of an artifact", group="weights"),
         Option("return_images", False, "the PNGs of x_0 in the reply", keyword="images"),
+        *_truncation(),
     ),
     "OptimizeLatent": (
         *_generation(),
@@ -210,6 +221,7 @@ RPCS: dict[str, tuple[Option, ...]] = {
         Option("resume_from", "", "a checkpoint id of the same run to continue"),
         Option("resume_job", "", "a job id (from its Job event or JobInterrupted): continue that "
                "job from its last checkpoint, on any replica"),
+        *_truncation(),
         Option("keep_checkpoints", 3, "this run's newest checkpoints kept; older ones deleted",
                low=1, high=100),
         Option("validate_every", 1, "iterations between validations", low=1),

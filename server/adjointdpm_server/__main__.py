@@ -103,6 +103,10 @@ def parse_args(argv=None) -> ServerConfig:
     p.add_argument("--triton-allow", action="append", default=[], metavar="HOST:PORT",
                    help="another Triton address a request's 'url' parameter may name (repeatable)")
     p.add_argument("--clip-model-dir", type=Path, help="a local CLIP directory for 'clip_similarity'")
+    p.add_argument("--aesthetic-model-dir", type=Path, help="a local directory for the 'aesthetic' reward: "
+                   "a CLIP (vision tower + projection) and the LAION head (head.safetensors, head_config.json)")
+    p.add_argument("--preference-model-dir", type=Path,
+                   help="a local CLIP directory (PickScore kind) for the 'preference' reward")
     p.add_argument("--grad-memory-mib", type=int, help="a gradient's memory budget for grad_mode auto "
                    "(kept graphs + states); unset: half the device's free memory at the job's start")
     p.add_argument("--max-batch", type=int, default=Limits.max_batch)
@@ -149,7 +153,8 @@ def parse_args(argv=None) -> ServerConfig:
         tls_key=a.tls_key, tls_client_ca=a.tls_client_ca, health_port=a.health_port,
         max_connection_age_s=a.max_connection_age,
         metrics_port=a.metrics_port, shutdown_grace_s=a.shutdown_grace, triton_url=a.triton_url, triton_allowed_urls=tuple(a.triton_allow),
-        clip_model_dir=a.clip_model_dir, limits=limits)
+        clip_model_dir=a.clip_model_dir, aesthetic_model_dir=a.aesthetic_model_dir,
+        preference_model_dir=a.preference_model_dir, limits=limits)
     return config, a.log_format
 
 

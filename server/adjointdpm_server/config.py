@@ -67,12 +67,16 @@ class ServerConfig:
     triton_url: str | None = None
     triton_allowed_urls: tuple[str, ...] = ()  # other Triton addresses a request may name
     clip_model_dir: Path | None = None
+    aesthetic_model_dir: Path | None = None    # the 'aesthetic' reward: a CLIP + LAION head (losses/_aesthetic.py)
+    preference_model_dir: Path | None = None   # the 'preference' reward: a CLIP of the PickScore kind
     limits: Limits = field(default_factory=Limits)
 
     def loss_settings(self) -> dict:
         """What loss plugins may read (docs/design.md §4: server-side plugins)."""
         return {"triton_url": self.triton_url, "triton_allowed_urls": self.triton_allowed_urls,
-                "clip_model_dir": str(self.clip_model_dir) if self.clip_model_dir else None}
+                "clip_model_dir": str(self.clip_model_dir) if self.clip_model_dir else None,
+                "aesthetic_model_dir": str(self.aesthetic_model_dir) if self.aesthetic_model_dir else None,
+                "preference_model_dir": str(self.preference_model_dir) if self.preference_model_dir else None}
 
 
 TENANT_CALLER = "tenant:"  # a caller that is a tenant (wire.auth.caller_of names callers so)

@@ -21,7 +21,7 @@ package's — is collected from ``discover_losses()`` and held, on valid inputs 
 float64, decided from the code: the service hands a plugin x in its backend's dtype (images =
 ``backend.decode(x0)``), so float64 means a ``--dtype float64`` server: the float64 runs use the
 digits backend loaded in float64. ``mse`` and ``gram_style`` then compute in float64 ("native":
-gradcheck). ``classifier`` casts the logits to float32 (``logits.float()``), ``clip_similarity``
+gradcheck), and so do the rewards ``aesthetic`` and ``preference`` (a float64 copy of their CLIP). ``classifier`` casts the logits to float32 (``logits.float()``), ``clip_similarity``
 runs its float32 CLIP on ``x.float()`` and ``triton`` sends FP32 over the wire: they accept float64
 and compute in float32 ("float32": finite differences in float32). No plugin refuses float64.
 (float64 x on a float32 backend, which the service never builds, fails inside torch for
@@ -65,6 +65,7 @@ LATENT_TARGET = _randn(102, 4, 8, 8)      # mse on latents: one target broadcast
 STYLE = _rand(103, 1, 8, 8)               # gram_style: one style image
 CONTENT = _rand(104, 3, 1, 8, 8)          # gram_style: content per sample (tensor or reference)
 LABELS = [3, 7, 1]                        # classifier: one label per sample
+PROMPTS = ["a photo of a cat", "a dog", "a painting in the style of a cat"]  # preference, per sample
 # margin mode at κ = 5 on the interior inputs: samples 0 and 1 are active (margins −2.91, −2.93),
 # sample 2 sits on the floor (−5.55: loss −5, zero gradient); all ≥ 0.55 from the kink at −5, which
 # a finite-difference step (|δx| = 0.01, |∇margin| < 10) cannot reach
@@ -81,7 +82,7 @@ class Case:
     params: Callable[[list[int]], dict] = lambda rows: {}
     tensors: Callable[[list[int], torch.dtype], dict] = lambda rows, dtype: {}
     reference: Callable[[list[int], torch.dtype], torch.Tensor] | None = None  # LossContext's
-    needs: tuple[str, ...] = ()                   # settings from fixtures: triton_url, clip_model_dir
+    needs: tuple[str, ...] = ()                   # settings from fixtures: triton_url, *_model_dir
     float64: str = "native"                       # native | float32 | refused (module docstring)
     required: tuple[str, ...] = ()                # inputs whose absence must be refused, by name
     fd_eps: float = 1e-2                          # float32 finite-difference step (x's units)
@@ -108,6 +109,13 @@ CASES = [
     # a tiny CLIP (16×16 images; digits' 1×8×8 images take the grayscale-expand and resize path)
     Case("clip_similarity", "clip_similarity", params=lambda rows: {"text": "a photo of a cat"},
          needs=("clip_model_dir",), float64="float32", required=("text",)),
+    # the rewards (tests/losses/tiny_rewards.py): tiny CLIPs with random weights, 16×16 images
+    Case("aesthetic", "aesthetic", needs=("aesthetic_model_dir",)),
+    Case("aesthetic-rgb", "aesthetic", shape=(3, 10, 12), needs=("aesthetic_model_dir",)),  # resize + crop
+    Case("preference", "preference", params=lambda rows: {"prompt": "a photo of a cat"},
+         needs=("preference_model_dir",), required=("prompt",)),
+    Case("preference-per-sample", "preference", params=lambda rows: {"prompt": [PROMPTS[i] for i in rows]},
+         needs=("preference_model_dir",)),
     # tests/triton_peer's per-sample model: a [1] (batch total) model credits total / B to each
     # sample by design, so only a per-sample model can keep batch independence
     Case("triton", "triton", params=lambda rows: {"model": "mse_per_sample"}, needs=("triton_url",),
@@ -146,6 +154,22 @@ def clip_model_dir(tmp_path_factory):
         "tokenizer_class": "CLIPTokenizer", "model_max_length": MAX_LENGTH, "do_lower_case": True,
         "bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}))
     return str(build_tiny_clip(root / "clip", root / "sd"))
+
+
+@pytest.fixture(scope="module")
+def aesthetic_model_dir(tmp_path_factory):
+    """A tiny CLIP vision tower + LAION's head with random weights, as --aesthetic-model-dir names."""
+    from tests.losses.tiny_rewards import build_tiny_aesthetic
+
+    return str(build_tiny_aesthetic(tmp_path_factory.mktemp("contract-aesthetic")))
+
+
+@pytest.fixture(scope="module")
+def preference_model_dir(tmp_path_factory):
+    """A tiny CLIPModel with its tokenizer, as --preference-model-dir names."""
+    from tests.losses.tiny_rewards import build_tiny_preference
+
+    return str(build_tiny_preference(tmp_path_factory.mktemp("contract-preference")))
 
 
 class Harness:
@@ -406,7 +430,8 @@ def test_declared_metadata(name):
 
 
 def test_the_built_in_plugins_are_discovered():
-    assert {"mse", "classifier", "gram_style", "clip_similarity", "triton"} <= set(PLUGINS)
+    assert {"mse", "classifier", "gram_style", "clip_similarity", "triton", "aesthetic",
+            "preference"} <= set(PLUGINS)
 
 
 @with_harness(CASES)

@@ -161,8 +161,10 @@ def test_unanswered_loss_queries_hold_no_device_and_time_out(tmp_path):
                 assert time.monotonic() - asked_at < 6  # measured while all 8 still wait
                 # nobody waited for the parked jobs: no batch sat out its 50 ms window …
                 assert srv.runtime.engine.stats.window_expired == expired
-                # … so the good caller runs at its own speed (waiting would add 0.5 s a call)
-                assert busy <= 1.5 * alone + 0.1, (busy, alone)
+                # … so the good caller runs at its own speed: waiting for the parked jobs would add
+                # 0.5 s a call (10 windows of 50 ms); below that is the noise of a loaded 2-core
+                # machine (measured up to +0.32 s with the other test worker busy)
+                assert busy <= alone + 0.45, (busy, alone)
                 assert srv.runtime.engine.waiting_client == 8 and srv.runtime.engine.active == 8
                 for h in hostile:  # the server's client-loss timeout (8 s) ends them, not ours
                     h.thread.join(max(0.0, asked_at + 20 - time.monotonic()))

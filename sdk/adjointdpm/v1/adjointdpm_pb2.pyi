@@ -147,7 +147,7 @@ class WeightsSpec(_message.Message):
     def __init__(self, parameters: _Optional[_Iterable[str]] = ..., lora_rank: _Optional[int] = ..., inline: _Optional[bool] = ...) -> None: ...
 
 class GradientRequest(_message.Message):
-    __slots__ = ("generation", "losses", "targets", "grad_mode", "token", "weights", "return_images", "memory_budget_mib")
+    __slots__ = ("generation", "losses", "targets", "grad_mode", "token", "weights", "return_images", "memory_budget_mib", "truncate", "truncate_min")
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     LOSSES_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
@@ -156,6 +156,8 @@ class GradientRequest(_message.Message):
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     RETURN_IMAGES_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BUDGET_MIB_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATE_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATE_MIN_FIELD_NUMBER: _ClassVar[int]
     generation: Generation
     losses: _containers.RepeatedCompositeFieldContainer[LossTerm]
     targets: _containers.RepeatedScalarFieldContainer[Target]
@@ -164,7 +166,9 @@ class GradientRequest(_message.Message):
     weights: WeightsSpec
     return_images: bool
     memory_budget_mib: int
-    def __init__(self, generation: _Optional[_Union[Generation, _Mapping]] = ..., losses: _Optional[_Iterable[_Union[LossTerm, _Mapping]]] = ..., targets: _Optional[_Iterable[_Union[Target, str]]] = ..., grad_mode: _Optional[str] = ..., token: _Optional[_Union[TokenSpec, _Mapping]] = ..., weights: _Optional[_Union[WeightsSpec, _Mapping]] = ..., return_images: _Optional[bool] = ..., memory_budget_mib: _Optional[int] = ...) -> None: ...
+    truncate: int
+    truncate_min: int
+    def __init__(self, generation: _Optional[_Union[Generation, _Mapping]] = ..., losses: _Optional[_Iterable[_Union[LossTerm, _Mapping]]] = ..., targets: _Optional[_Iterable[_Union[Target, str]]] = ..., grad_mode: _Optional[str] = ..., token: _Optional[_Union[TokenSpec, _Mapping]] = ..., weights: _Optional[_Union[WeightsSpec, _Mapping]] = ..., return_images: _Optional[bool] = ..., memory_budget_mib: _Optional[int] = ..., truncate: _Optional[int] = ..., truncate_min: _Optional[int] = ...) -> None: ...
 
 class GradientMessage(_message.Message):
     __slots__ = ("request", "loss_reply")
@@ -269,7 +273,7 @@ class FinetuneExample(_message.Message):
     def __init__(self, seed: _Optional[int] = ..., x_T: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., prompt: _Optional[str] = ..., label: _Optional[int] = ...) -> None: ...
 
 class FinetuneRequest(_message.Message):
-    __slots__ = ("generation", "examples", "losses", "optimizer", "method", "lora_rank", "lora_alpha", "target_modules", "checkpoint_every", "name", "batch_size", "grad_mode", "resume_from", "keep_checkpoints", "validation", "validate_every", "keep_best", "stop_when", "memory_budget_mib", "resume_job")
+    __slots__ = ("generation", "examples", "losses", "optimizer", "method", "lora_rank", "lora_alpha", "target_modules", "checkpoint_every", "name", "batch_size", "grad_mode", "resume_from", "keep_checkpoints", "validation", "validate_every", "keep_best", "stop_when", "memory_budget_mib", "resume_job", "truncate", "truncate_min")
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     LOSSES_FIELD_NUMBER: _ClassVar[int]
@@ -290,6 +294,8 @@ class FinetuneRequest(_message.Message):
     STOP_WHEN_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BUDGET_MIB_FIELD_NUMBER: _ClassVar[int]
     RESUME_JOB_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATE_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATE_MIN_FIELD_NUMBER: _ClassVar[int]
     generation: Generation
     examples: _containers.RepeatedCompositeFieldContainer[FinetuneExample]
     losses: _containers.RepeatedCompositeFieldContainer[LossTerm]
@@ -310,7 +316,9 @@ class FinetuneRequest(_message.Message):
     stop_when: StopWhen
     memory_budget_mib: int
     resume_job: str
-    def __init__(self, generation: _Optional[_Union[Generation, _Mapping]] = ..., examples: _Optional[_Iterable[_Union[FinetuneExample, _Mapping]]] = ..., losses: _Optional[_Iterable[_Union[LossTerm, _Mapping]]] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., method: _Optional[str] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., checkpoint_every: _Optional[int] = ..., name: _Optional[str] = ..., batch_size: _Optional[int] = ..., grad_mode: _Optional[str] = ..., resume_from: _Optional[str] = ..., keep_checkpoints: _Optional[int] = ..., validation: _Optional[_Iterable[_Union[FinetuneExample, _Mapping]]] = ..., validate_every: _Optional[int] = ..., keep_best: _Optional[bool] = ..., stop_when: _Optional[_Union[StopWhen, _Mapping]] = ..., memory_budget_mib: _Optional[int] = ..., resume_job: _Optional[str] = ...) -> None: ...
+    truncate: int
+    truncate_min: int
+    def __init__(self, generation: _Optional[_Union[Generation, _Mapping]] = ..., examples: _Optional[_Iterable[_Union[FinetuneExample, _Mapping]]] = ..., losses: _Optional[_Iterable[_Union[LossTerm, _Mapping]]] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., method: _Optional[str] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., checkpoint_every: _Optional[int] = ..., name: _Optional[str] = ..., batch_size: _Optional[int] = ..., grad_mode: _Optional[str] = ..., resume_from: _Optional[str] = ..., keep_checkpoints: _Optional[int] = ..., validation: _Optional[_Iterable[_Union[FinetuneExample, _Mapping]]] = ..., validate_every: _Optional[int] = ..., keep_best: _Optional[bool] = ..., stop_when: _Optional[_Union[StopWhen, _Mapping]] = ..., memory_budget_mib: _Optional[int] = ..., resume_job: _Optional[str] = ..., truncate: _Optional[int] = ..., truncate_min: _Optional[int] = ...) -> None: ...
 
 class FinetuneMessage(_message.Message):
     __slots__ = ("request", "loss_reply")

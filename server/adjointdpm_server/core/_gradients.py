@@ -101,7 +101,7 @@ class SolveFunction(torch.autograd.Function):
             needs = ctx.needs_input_grad
             ctx.vjp = VJP(cond, uncond, params, needs_cond=needs[2], needs_uncond=needs[3])
             tape = ctx.vjp.tape = Tape(ctx.vjp, len(solve.nodes) - 1, solve.memory_budget,
-                                       exclude=solve.network_tensors())
+                                       exclude=solve.network_tensors(), limit=solve.truncate)
         store, ranked = solve.storage()
         y_end, stored = solve.solver.solve(solve.field, y0, solve.nodes, ctx.vjp.cond if tape else cond,
                                            ctx.vjp.uncond if tape else uncond, store=store,
@@ -120,7 +120,8 @@ class SolveFunction(torch.autograd.Function):
         vjp = ctx.vjp if solve.mode == "auto" else VJP(ctx.cond, ctx.uncond, ctx.params,
                                                         needs_cond=needs[2], needs_uncond=needs[3])
         y0bar = solve.solver.backward(solve.field, vjp, solve.nodes, ctx.y_end, ybar,
-                                      stored=ctx.stored, callback=solve.callback, eps_end=ctx.eps_end)
+                                      stored=ctx.stored, callback=solve.callback, eps_end=ctx.eps_end,
+                                      first=solve.first)
         grads = iter(vjp.grads)
         cond_bar = next(grads) if needs[2] else None
         uncond_bar = next(grads) if needs[3] else None

@@ -129,8 +129,9 @@ class Tape:
     ``kept`` steps for the backward pass, and decides ``kept`` at step 0 from the measured
     size of one call's graph. Backward takes each graph back once (:meth:`take`)."""
 
-    def __init__(self, vjp, steps: int, budget: float, exclude=()):
+    def __init__(self, vjp, steps: int, budget: float, exclude=(), limit: int | None = None):
         self.vjp, self.steps, self.budget = vjp, steps, budget
+        self.limit = steps if limit is None else limit  # a truncated gradient: its last steps only
         self.exclude = list(exclude)
         self.kept: int | None = None
         self.graphs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -150,7 +151,8 @@ class Tape:
             out = fn(y_leaf, self.vjp.cond, self.vjp.uncond)
         if self.kept is None:
             graph = graph_bytes(out, self.exclude + [y_leaf] + self.vjp.targets)
-            self.kept = plan_kept_steps(self.steps, self.budget, graph, y.numel() * y.element_size())
+            self.kept = min(self.limit, plan_kept_steps(self.steps, self.budget, graph,
+                                                         y.numel() * y.element_size()))
         if self._keeps(step) and out.requires_grad:
             self.graphs[step] = (y_leaf, out)
         return out.detach()

@@ -41,6 +41,12 @@ class _Solve:
     callback: Callable | None
     memory_budget: float = 0.0  # auto: bytes for kept graphs and stored states
     anchors: int = 0  # adjoint: how many exact states to keep (0: y_N only)
+    truncate: int = 0  # the last steps the gradient flows through (all: the exact gradient)
+
+    @property
+    def first(self) -> int:
+        """The first step with a gradient."""
+        return len(self.nodes) - 1 - self.truncate
 
     def network_tensors(self) -> list[torch.Tensor]:
         """Weights and buffers of the network: saved by its graph, but not memory the graph adds."""
@@ -89,7 +95,8 @@ def sample(eps_fn, x_T: torch.Tensor, cond=None, *, schedule: Schedule, steps: i
            t_end: float | None = None, callback: Callable[[Progress], None] | None = None,
            timesteps: Sequence[float] | None = None, params: Sequence[torch.Tensor] | None = None,
            rtol: float = 1e-5, atol: float = 1e-5, prediction: str = "epsilon",
-           memory_budget: float | None = None, network_dtype: torch.dtype | None = None) -> torch.Tensor:
+           memory_budget: float | None = None, network_dtype: torch.dtype | None = None,
+           truncate: int | None = None) -> torch.Tensor:
     """Solve paper eq. 10 from ``x_T`` (the state at ``t_start``) to ``x_0`` (at ``t_end``).
 
     ``x_0`` is differentiable w.r.t. ``x_T``, ``cond``, ``uncond``, the parameters of ``eps_fn``
@@ -106,6 +113,10 @@ def sample(eps_fn, x_T: torch.Tensor, cond=None, *, schedule: Schedule, steps: i
     memory of x_T's device) and recomputes the rest — the same exact gradient at up to backprop's
     speed (core/_memory.py); ``adjoint`` re-solves the trajectory backward (the paper's eq. 11), from
     ``y_N`` only or, given ``memory_budget``, from the nearest of the exact states it holds.
+    ``truncate=K`` (approximate, DRaFT-K): the same forward pass, but the gradient flows through
+    the last ``K`` steps only — the state entering them, and the network calls before them, are
+    constants — so ``x_T`` gets none and ``cond``/weights only the last steps' terms; ``K`` ≥ the
+    number of steps is the exact gradient.
     """
     if not isinstance(x_T, torch.Tensor) or not x_T.is_floating_point():
         raise TypeError("x_T must be a floating-point tensor")
@@ -151,6 +162,12 @@ def sample(eps_fn, x_T: torch.Tensor, cond=None, *, schedule: Schedule, steps: i
         if cond.shape != uncond.shape:
             raise ValueError(f"cond {tuple(cond.shape)} and uncond {tuple(uncond.shape)} differ in shape")
     nodes = nodes_from_times(schedule, ts)
+    if truncate is not None:
+        if isinstance(truncate, bool) or not isinstance(truncate, int) or truncate < 1:
+            raise ValueError(f"truncate must be an integer >= 1 (steps with a gradient); got {truncate!r}")
+        if grad_mode == "backprop" and truncate < len(nodes) - 1:
+            raise ValueError("truncate needs grad_mode auto, checkpoint or adjoint")
+        truncate = min(truncate, len(nodes) - 1)
     progress = None
     if callback is not None:
         def progress(phase, step, total, t):
@@ -167,7 +184,8 @@ def sample(eps_fn, x_T: torch.Tensor, cond=None, *, schedule: Schedule, steps: i
     elif grad_mode == "backprop":
         y_end, _ = step_solver.solve(field, y0, nodes, cond, uncond, callback=progress)
     else:
-        solve = _Solve(step_solver, field, nodes, grad_mode, progress)
+        solve = _Solve(step_solver, field, nodes, grad_mode, progress,
+                       truncate=len(nodes) - 1 if truncate is None else truncate)
         if grad_mode == "auto":
             solve.memory_budget = default_budget(y0.device) if memory_budget is None else memory_budget
         elif grad_mode == "adjoint":

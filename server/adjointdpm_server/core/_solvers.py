@@ -228,8 +228,10 @@ class LinearMultistep:
         return y, stored
 
     def backward(self, field: GuidedEps, vjp, nodes, y_end, ybar, stored=None, callback=None,
-                 eps_end=None):
+                 eps_end=None, first: int = 0):
         """``∂L/∂y_0`` from ``∂L/∂y_N`` through the discrete update; θ-terms accumulate in ``vjp``.
+        ``first > 0`` (a truncated gradient): the steps before it are constants — their network
+        calls get no cotangent, ``y_first`` none beyond — and ``∂L/∂y_0`` is zero.
 
         With every state stored this is the exact gradient (``checkpoint``, ``auto``); a missing
         ``y_i`` is re-solved backward by the same method on the reversed grid (``adjoint``) from
@@ -250,7 +252,7 @@ class LinearMultistep:
             rev_eps = [eps_end]
             y_hat = y_end
             rev_y = [y_end]
-        for i in reversed(range(n)):
+        for i in reversed(range(first, n)):
             if i in stored:
                 y_i = y_hat = stored[i]
             else:
@@ -274,8 +276,8 @@ class LinearMultistep:
                 rev_y.insert(0, y_i)
                 del rev_y[self.order:]
             if callback is not None:
-                callback("backward", n - i, n, nodes[i].t)
-        return ybars[0]
+                callback("backward", n - i, n - first, nodes[i].t)
+        return ybars[0] if first == 0 else torch.zeros_like(ybars[0])
 
 
 class OneStep:
@@ -303,13 +305,14 @@ class OneStep:
                 callback("forward", i + 1, n, nodes[i + 1].t)
         return y, stored
 
-    def backward(self, field, vjp, nodes, y_end, ybar, stored=None, callback=None, eps_end=None):
+    def backward(self, field, vjp, nodes, y_end, ybar, stored=None, callback=None, eps_end=None,
+                 first: int = 0):
         """As :meth:`LinearMultistep.backward`; ``adjoint`` re-solves each step by ``Φ`` reversed
         (``eps_end`` is unused: a reversed step evaluates the field itself)."""
         n = len(nodes) - 1
         stored = stored or {}
         y_hat = y_end
-        for i in reversed(range(n)):
+        for i in reversed(range(first, n)):
             if i in stored:
                 y_i = y_hat = stored[i]
             else:
@@ -319,8 +322,8 @@ class OneStep:
             _, ybar = vjp(lambda y, c, u: self.step(field, y, nodes[i], nodes[i + 1], c, u), y_i, ybar,
                           step=i)
             if callback is not None:
-                callback("backward", n - i, n, nodes[i].t)
-        return ybar
+                callback("backward", n - i, n - first, nodes[i].t)
+        return ybar if first == 0 else torch.zeros_like(ybar)
 
 
 class Heun(OneStep):

@@ -33,6 +33,22 @@ def _load(directory: str):
     return model, tokenizer
 
 
+def tokenize(model, tokenizer, texts: list[str]) -> torch.Tensor:
+    """Token ids of ``texts`` as CLIP's text tower takes them, padded to its context length (the
+    causal mask keeps padding after the end token out of the pooled embedding); hold ``_lock``."""
+    return tokenizer(list(texts), padding="max_length", truncation=True,
+                     max_length=model.config.text_config.max_position_embeddings,
+                     return_tensors="pt").input_ids
+
+
+def text_embeddings(model, ids: torch.Tensor) -> torch.Tensor:
+    """CLIP's L2-normalised text embeddings of token ids, (N, projection_dim), without gradient."""
+    with torch.no_grad():
+        t = model.get_text_features(input_ids=ids.to(model.device))
+        t = getattr(t, "pooler_output", t)
+    return torch.nn.functional.normalize(t, dim=-1)
+
+
 class ClipSimilarityLoss(LossPlugin):
     name = "clip_similarity"
     description = "1 − cosine similarity between CLIP's embeddings of the image and of `text`"
@@ -49,13 +65,8 @@ class ClipSimilarityLoss(LossPlugin):
             raise InvalidArgument("clip_similarity needs the parameter 'text' (a non-empty string)")
         with _lock:
             self.model, tokenizer = _load(str(context.settings["clip_model_dir"]))
-            ids = tokenizer([text], padding="max_length", truncation=True,
-                            max_length=self.model.config.text_config.max_position_embeddings,
-                            return_tensors="pt").input_ids
-        with torch.no_grad():
-            t = self.model.get_text_features(input_ids=ids)
-            t = getattr(t, "pooler_output", t)
-        self.text = torch.nn.functional.normalize(t, dim=-1)
+            ids = tokenize(self.model, tokenizer, [text])
+        self.text = text_embeddings(self.model, ids)
         size = self.model.config.vision_config.image_size
         self.size = size
         self.mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)

@@ -209,10 +209,11 @@ def _float32(value):
 def run_sampler(prep: Prepared, job: Job, *, x_T=None, cond=None, uncond=None, eps_fn=None,
                 grad_mode: str = "checkpoint", iteration: int = 0, steps: int | None = None,
                 t_start: float | None = None, timesteps=None, callback=None,
-                memory_budget_mib: int = 0) -> torch.Tensor:
+                memory_budget_mib: int = 0, truncate: int | None = None) -> torch.Tensor:
     """``core.sample`` with the prepared arguments (any of them overridden), its network calls
     going through the engine; ``memory_budget_mib`` (0: the server's) can lower, never raise,
-    the server's gradient memory budget."""
+    the server's gradient memory budget; ``truncate``: the last steps the gradient flows through
+    (None: all)."""
     x_T = prep.x_T if x_T is None else x_T
     budget = _memory_budget(prep, job, grad_mode, memory_budget_mib, x_T.device)
     cond = prep.cond if cond is None else cond
@@ -233,7 +234,8 @@ def run_sampler(prep: Prepared, job: Job, *, x_T=None, cond=None, uncond=None, e
                         grid=prep.grid, t_start=None if timesteps is not None else (
                             prep.t_start if t_start is None else t_start),
                         timesteps=timesteps, prediction=prep.backend.prediction, memory_budget=budget,
-                        network_dtype=network_dtype, callback=callback or progress_callback(job, iteration))
+                        network_dtype=network_dtype, callback=callback or progress_callback(job, iteration),
+                        truncate=truncate)
         return x0 if network_dtype is None else x0.to(network_dtype)
     except ValueError as err:
         if isinstance(err, InvalidArgument):

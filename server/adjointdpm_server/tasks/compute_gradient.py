@@ -7,6 +7,8 @@ the decoded image or on x_0, and one ``torch.autograd.grad`` gives every request
 
 from __future__ import annotations
 
+import random
+
 from dataclasses import dataclass, field
 
 import torch
@@ -51,6 +53,25 @@ def check_grad_mode(mode: str) -> str:
     if mode not in GRAD_MODES or mode == "none":
         raise InvalidArgument(f"grad_mode must be one of auto, checkpoint, adjoint, backprop; got {mode!r}")
     return mode
+
+
+def truncation(opts, iteration: int = 0, targets=()) -> int | None:
+    """The K of a truncated gradient at ``iteration`` (None: exact). DRaFT-K: ``truncate``;
+    AlignProp's randomized truncation: K uniform in ``truncate_min…truncate``, drawn from a
+    generator seeded with the iteration (the same stream on every run and every resume).
+    Approximate by construction; x_T gets no gradient, so it cannot be a target."""
+    if not opts.truncate:
+        if opts.truncate_min:
+            raise InvalidArgument("truncate_min needs truncate (the largest K)")
+        return None
+    if opts.truncate_min > opts.truncate:
+        raise InvalidArgument(f"truncate_min ({opts.truncate_min}) must be at most truncate ({opts.truncate})")
+    if "x_T" in targets:
+        raise InvalidArgument("a truncated gradient (truncate) has none w.r.t. x_T: the state entering "
+                              "the last K steps is a constant; ask for cond, token or weights")
+    if opts.truncate_min:
+        return random.Random(iteration).randint(opts.truncate_min, opts.truncate)
+    return opts.truncate
 
 
 def token_leaf(prep: Prepared, token: TokenSpec) -> torch.Tensor:
@@ -236,7 +257,7 @@ def run_compute_gradient(ctx: TaskContext, spec: GenerationSpec, losses: list[Lo
     objective = Objective(ctx, prep.backend, losses, job)
     plan = gradient_plan(ctx, spec, prep, targets, opts, token)
     x0 = run_sampler(prep, job, x_T=plan.x_T, cond=plan.cond, eps_fn=plan.eps_fn, grad_mode=mode,
-                     memory_budget_mib=opts.memory_budget_mib)
+                     memory_budget_mib=opts.memory_budget_mib, truncate=truncation(opts, 0, targets))
     decoded = prep.backend.decode(x0) if objective.needs_image or opts.images else None
     evaluation = objective(x0, decoded)
     grads = differentiate(evaluation.total, plan.inputs)

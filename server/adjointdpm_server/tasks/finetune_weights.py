@@ -42,7 +42,7 @@ from ._objective import Objective
 from ._optim import Patience, check_iterations, check_name, check_stop, make_optimizer, optimize
 from ._specs import ExampleSpec, GenerationSpec, LossSpec
 from ._work import check_work, finetune_work
-from .compute_gradient import check_grad_mode
+from .compute_gradient import check_grad_mode, truncation
 from .optimize_latent import OptimizeResult
 
 __all__ = ["run_finetune_weights", "METHODS", "OPTIM_PREFIX"]
@@ -183,6 +183,7 @@ def _check_request(ctx: TaskContext, spec: GenerationSpec, opts, validation) -> 
     if not 1 <= opts.validate_every <= ctx.limits.max_iterations:
         raise InvalidArgument(f"validate_every must lie in 1…{ctx.limits.max_iterations}")
     mode = check_grad_mode(opts.grad_mode)
+    truncation(opts)  # its bounds, before any work
     check_name(opts.name)
     if not 1 <= opts.keep_checkpoints <= 100:
         raise InvalidArgument(f"keep_checkpoints must lie in 1…100; got {opts.keep_checkpoints}")
@@ -325,7 +326,7 @@ class _Run:
         uncond = prep.uncond[idx] if isinstance(prep.uncond, torch.Tensor) else prep.uncond
         x0 = run_sampler(prep, self.job, x_T=prep.x_T[idx], cond=cond, eps_fn=self.model,
                          grad_mode=self.mode, memory_budget_mib=self.opts.memory_budget_mib,
-                         iteration=it, uncond=uncond)
+                         iteration=it, uncond=uncond, truncate=truncation(self.opts, it))
         return self.objective(x0), None, {}
 
     def checkpoint(self, done: int) -> None:
