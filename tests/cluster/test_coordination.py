@@ -191,3 +191,35 @@ def test_a_tenant_storage_quota_is_never_exceeded_by_racing_replicas(tmp_path, r
     finally:
         for c in nodes:
             c.close()
+
+
+def test_the_coordination_store_s_reachability_and_holdings_are_metrics(redis_server):
+    """``adjointdpm_coordination_up`` follows the store (an operator alerts on 0) and
+    ``adjointdpm_coordination_held`` counts what this replica holds there."""
+    from adjointdpm_server.telemetry.metrics import Metrics
+
+    c = coordination(redis_server.url, "a", LEASE_S)
+    metrics = Metrics(device="cpu")
+    metrics.watch_cluster(c)
+    up = lambda: metrics.registry.get_sample_value("adjointdpm_coordination_up", {"store": c.url})  # noqa: E731
+
+    def within(predicate, seconds=3 * LEASE_S):
+        deadline = time.monotonic() + seconds
+        while not predicate():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+    try:
+        c.start()
+        _settled(c)
+        slot, _ = c.enter("alice", 2)
+        assert up() == 1.0
+        assert metrics.registry.get_sample_value("adjointdpm_coordination_held", {"kind": "job_slots"}) == 1.0
+        redis_server.stop()
+        within(lambda: up() == 0.0)
+        redis_server.start()
+        within(lambda: up() == 1.0)
+        c.leave(slot)
+        assert metrics.registry.get_sample_value("adjointdpm_coordination_held", {"kind": "job_slots"}) == 0.0
+    finally:
+        c.close()

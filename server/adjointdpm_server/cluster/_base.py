@@ -74,6 +74,7 @@ class Coordination(ABC):
         self._lost: set[str] = set()
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
+        self.reachable = True  # the last beat reached the store (adjointdpm_coordination_up)
 
     # -- what subclasses store ----------------------------------------------------------------------
     @abstractmethod
@@ -121,6 +122,15 @@ class Coordination(ABC):
 
     def ready(self) -> None:
         """UNAVAILABLE, with the reason, when cluster-bound work cannot be admitted now."""
+
+    def ping(self) -> None:
+        """Reach the store (raises when it cannot be reached)."""
+
+    def held_here(self) -> dict[str, int]:
+        """What this replica holds now: job leases, job slots, storage holds."""
+        with self._mine_lock:
+            return {"job_leases": len(self._leases), "job_slots": len(self._slots),
+                    "storage_holds": len(self._holds)}
 
     # -- holds ----------------------------------------------------------------------------------------
     def hold(self, tenant: str, nbytes: int) -> str:
@@ -228,6 +238,10 @@ class Coordination(ABC):
             return job_id in self._lost or (last is not None and time.monotonic() - last > self.lease_s)
 
     # -- renewal ---------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Beat from now on, holding anything or not, so ``reachable`` tells the truth."""
+        self._start_beat()
+
     def _start_beat(self) -> None:
         with self._mine_lock:
             if self._beat is None and not self._stop.is_set():
@@ -244,11 +258,14 @@ class Coordination(ABC):
         with self._mine_lock:
             holds, slots, jobs = dict(self._holds), dict(self._slots), list(self._leases)
         try:
+            self.ping()
             for hold_id, (tenant, nbytes) in holds.items():
                 self._put_hold(hold_id, tenant, nbytes)
             for slot_id, tenant in slots.items():
                 self._put_slot(slot_id, tenant)
+            self.reachable = True
         except Exception as err:  # noqa: BLE001 — retried at the next beat
+            self.reachable = False
             log.warning("cannot renew leases in %s: %s", self.url, err)
         for job_id in jobs:
             try:

@@ -89,6 +89,10 @@ class RedisCoordination(Coordination):
                               f"restoring their holds and job slots: retry in {settle - age:.1f} s",
                               retry_after_s=settle - age)
 
+    def ping(self) -> None:
+        with self._reach():
+            self.redis.ping()
+
     @contextmanager
     def lock(self, name: str):
         import redis

@@ -68,6 +68,10 @@ class Metrics:
         engine.observer = self.observe_network_call
         self.registry.register(_TenantCollector(admission, engine))
 
+    def watch_cluster(self, cluster) -> None:
+        """The coordination store as this replica sees it (a ``cluster.Coordination``)."""
+        self.registry.register(_ClusterCollector(cluster))
+
     def watch_banks(self, banks) -> None:
         """Each model's adapter bank (``{model: AdapterBank}``), read at scrape time."""
         self.registry.register(_BankCollector(banks))
@@ -88,6 +92,28 @@ class Metrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+class _ClusterCollector:
+    """``adjointdpm_coordination_up`` (the last lease renewal reached the store: alert on 0) and
+    what this replica holds there, by kind."""
+
+    def __init__(self, cluster):
+        self.cluster = cluster
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        up = GaugeMetricFamily("adjointdpm_coordination_up", "1 when this replica's last lease renewal "
+                               "reached the coordination store", labels=["store"])
+        up.add_metric([self.cluster.url], 1.0 if self.cluster.reachable else 0.0)
+        yield up
+        held = GaugeMetricFamily("adjointdpm_coordination_held", "what this replica holds in the "
+                                 "coordination store, by kind", labels=["kind"])
+        for kind, count in self.cluster.held_here().items():
+            held.add_metric([kind], float(count))
+        yield held
 
 
 class _TenantCollector:

@@ -135,6 +135,8 @@ def build_server(config: ServerConfig, runtime: Runtime | None = None) -> Server
     service = AdjointDPMService(runtime, metrics)
     metrics.watch(service.admission, runtime.engine)
     metrics.watch_banks(runtime.banks)
+    metrics.watch_cluster(runtime.cluster)
+    runtime.cluster.start()
     tenants = Tenants(config.tokens) if config.tokens else None
     interceptors = [TelemetryInterceptor(metrics, tenants)]
     if tenants is not None:
