@@ -3,7 +3,6 @@ server mode) and a Redis server (Debian's ``redis-server``), each started and st
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
@@ -95,8 +94,3 @@ class RedisServer:
         self.stop()
         self.start()
 
-
-def environment(extra: dict | None = None) -> dict:
-    env = dict(os.environ)
-    env.update(extra or {})
-    return env

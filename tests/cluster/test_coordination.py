@@ -102,7 +102,7 @@ def test_what_a_dead_replica_held_lapses_and_its_job_moves(redis_server):
     b = coordination(redis_server.url, "b", LEASE_S)
     try:
         _settled(a)
-        record = a.claim(JobRecord(id="job-9", tenant="alice"))
+        a.claim(JobRecord(id="job-9", tenant="alice"))
         a.enter("alice", 1)
         a.hold("alice", 1000)
         time.sleep(LEASE_S * 0.8)
@@ -116,7 +116,6 @@ def test_what_a_dead_replica_held_lapses_and_its_job_moves(redis_server):
         assert not b.lease_lost("job-9")
         a.renew()  # a stalled replica wakes up: the job is not its own any more
         assert a.lease_lost("job-9")
-        del record
     finally:
         a.close()
         b.close()

@@ -17,6 +17,7 @@ import json
 
 import numpy as np
 import pytest
+from _needs import missing
 import torch
 
 from adjointdpm_server.errors import FailedPrecondition, InvalidArgument
@@ -200,13 +201,14 @@ def fixed_image(height: int, width: int) -> np.ndarray:
     return np.random.default_rng(height * 100 + width).integers(64, 193, (height, width, 3), dtype=np.uint8)
 
 
-@pytest.mark.skipif(not PROCESSOR_CLASSES, reason="no CLIP image processor runs here")
 @pytest.mark.parametrize("cls", PROCESSOR_CLASSES or ["none"])
 @pytest.mark.parametrize("hw", [(16, 16), (37, 29), (9, 12), (16, 40), (50, 50)], ids=str)
 def test_preprocessing_is_clips_image_processor(cls, hw, preference_dir):
     import transformers
     from PIL import Image
 
+    if not PROCESSOR_CLASSES:  # transformers' PIL processor ships with the server extra
+        missing("transformers' CLIPImageProcessor (the server extra)")
     processor = getattr(transformers, cls).from_pretrained(preference_dir)
     image = fixed_image(*hw)
     expected = processor(images=Image.fromarray(image), return_tensors="pt").pixel_values.to(F64)

@@ -20,6 +20,8 @@ import psutil
 import pytest
 from grpc_health.v1 import health_pb2
 
+from _needs import missing
+
 import adjointdpm
 import adjointdpm.aio
 from adjointdpm_server.__main__ import parse_args
@@ -328,7 +330,7 @@ def test_a_token_on_plaintext_still_reaches_every_replica(tmp_path):
 
 def _pki(d):
     if shutil.which("openssl") is None:
-        pytest.skip("openssl: cannot make test certificates")
+        missing("openssl (Debian's openssl package): the TLS test's certificates")
 
     def openssl(*args):
         subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
