@@ -16,8 +16,8 @@ Imports neither torch nor the server; torch is used only if installed, for clien
 from . import aio
 from ._client import AdjointDPMError, Call, Client, JobInterrupted
 from ._losses import ClientLoss, ServerLoss, loss, registered_losses
-from ._results import (ArtifactInfo, GradientResult, IterationRecord, JobInfo, OptimizeResult,
-                       SampleResult, ValidationRecord)
+from ._results import (ArtifactInfo, GradientResult, IterationRecord, JobInfo, MemoryPlan,
+                       OptimizeResult, SampleResult, ValidationRecord)
 from .tensors import TensorError, decode_tensor, encode_tensor
 
 __version__ = "0.1.0"
@@ -25,7 +25,7 @@ __all__ = [
     "Client", "Call", "AdjointDPMError", "JobInterrupted", "aio",
     "loss", "registered_losses", "ClientLoss", "ServerLoss",
     "SampleResult", "GradientResult", "OptimizeResult", "ArtifactInfo", "IterationRecord",
-    "ValidationRecord", "JobInfo",
+    "ValidationRecord", "JobInfo", "MemoryPlan",
     "encode_tensor", "decode_tensor", "TensorError",
     "__version__",
 ]

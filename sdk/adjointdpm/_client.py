@@ -27,8 +27,8 @@ import grpc
 
 from . import _requests
 from ._losses import ClientLoss
-from ._results import (ArtifactInfo, GradientResult, IterationRecord, JobInfo, OptimizeResult, SampleResult,
-                       ValidationRecord)
+from ._results import (ArtifactInfo, GradientResult, IterationRecord, JobInfo, MemoryPlan, OptimizeResult,
+                       SampleResult, ValidationRecord)
 from .v1 import adjointdpm_pb2 as pb
 from .v1 import adjointdpm_pb2_grpc as pb_grpc
 
@@ -103,7 +103,8 @@ def _signature(name: str) -> inspect.Signature:
     P = inspect.Parameter
     params = [P("self", P.POSITIONAL_OR_KEYWORD)]
     for i in _requests.METHODS[name][2]:
-        extra = {"default": ()} if (name, i) == ("optimize_embedding", "losses") else {}
+        optional = {("optimize_embedding", "losses"), ("finetune_weights", "examples")}  # a target image; conditions
+        extra = {"default": ()} if (name, i) in optional else {}
         params.append(P(i, P.POSITIONAL_OR_KEYWORD, **extra))
     for kw, default, _ in (*_requests.keywords(name), *_CLIENT_KEYWORDS):
         params.append(P(kw, P.KEYWORD_ONLY, default=default))
@@ -135,7 +136,7 @@ def _rpc(name: str):
 # name → (stub method, bidi wrapper message or None for a server stream, event → result)
 _RPCS = {
     "sample": ("Sample", None, lambda m, _: SampleResult.from_message(m)),
-    "compute_gradient": ("ComputeGradient", pb.GradientMessage, lambda m, _: GradientResult.from_message(m)),
+    "compute_gradient": ("ComputeGradient", pb.GradientMessage, GradientResult.from_message),
     "optimize_latent": ("OptimizeLatent", pb.OptimizeLatentMessage, OptimizeResult.from_message),
     "finetune_weights": ("FinetuneWeights", pb.FinetuneMessage, OptimizeResult.from_message),
     "optimize_embedding": ("OptimizeEmbedding", pb.OptimizeEmbeddingMessage, OptimizeResult.from_message),
@@ -160,9 +161,11 @@ class Call:
         self.checkpoints: list[ArtifactInfo] = []
         self.iterations: list[IterationRecord] = []
         self.validations: list[ValidationRecord] = []
+        self.plans: list[MemoryPlan] = []
 
     def _observe(self, event) -> None:
-        """Record one event: progress bar, checkpoints, iterations, validations, the result."""
+        """Record one event: progress bar, checkpoints, iterations, validations, memory plans,
+        the result."""
         kind = event.WhichOneof("kind")
         if self._on_event is not None:
             self._on_event(event)
@@ -176,6 +179,8 @@ class Call:
             self.validations.append(ValidationRecord.from_message(event.validation))
         elif kind == "job":
             self.job = JobInfo.from_message(event.job)
+        elif kind == "plan":
+            self.plans.append(MemoryPlan.from_message(event.plan))
         elif kind in ("sample", "gradient", "optimized"):
             self.result = self._to_result(getattr(event, kind), self)
 
@@ -362,7 +367,7 @@ class Client:
         return self._stream_call("optimize_latent", (losses,), kwargs, stream, on_event, progress)
 
     @_rpc("finetune_weights")
-    def finetune_weights(self, losses, examples, *, stream=False, on_event=None, progress=None,
+    def finetune_weights(self, losses, examples=(), *, stream=False, on_event=None, progress=None,
                          **kwargs) -> OptimizeResult:
         return self._stream_call("finetune_weights", (losses, examples), kwargs, stream, on_event, progress)
 

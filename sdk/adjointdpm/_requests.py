@@ -49,6 +49,10 @@ INPUT_DOCS = {
                 "trained on",
     "validation": "held-out examples like ``examples``: a Validation event every "
                   "``validate_every`` iterations (``result.validations``)",
+    "conditions": "a prompt set instead of ``examples`` (pass ``examples=[]``): prompts (str), "
+                  "labels (int), (prompt or label, weight) pairs or {\"prompt\" | \"label\", "
+                  "\"weight\"} dicts; every iteration draws ``batch_size`` of them by weight, "
+                  "each with a fresh noise, seeded by ``seed``",
 }
 GROUP_DOCS = {
     "stop_when": "when to stop early, a dict of",
@@ -71,6 +75,7 @@ def keywords(method: str) -> tuple[tuple[str, object, str], ...]:
             out.append((o.name, options.default(rpc, o.path), o.describe()))
     if method == "finetune_weights":
         out.append(("validation", (), INPUT_DOCS["validation"]))
+        out.append(("conditions", (), INPUT_DOCS["conditions"]))
     for group, items in groups.items():
         keys = "; ".join(f"{o.name}: {o.describe()}" for o in items)
         out.append((group, None, f"{GROUP_DOCS[group]} {keys}"))
@@ -94,8 +99,9 @@ def build(method: str, /, *inputs, **kwargs):
             terms, client = _loss_terms(losses)
             request.losses.extend(terms)
     if method == "finetune_weights":
-        request.examples.extend(_examples(inputs[1]))
+        request.examples.extend(_examples(inputs[1] or ()))
         request.validation.extend(_examples(kwargs.get("validation", ())))
+        request.conditions.extend(_conditions(kwargs.get("conditions") or ()))
     for o in options.options(rpc):
         if not o.group and o.name in kwargs:
             _set(request, o, kwargs[o.name])
@@ -184,6 +190,46 @@ def _examples(examples: Sequence[dict]) -> list[pb.FinetuneExample]:
             e.x_T.CopyFrom(encode_tensor(np.asarray(ex["x_T"], dtype=np.float32)))
         out.append(e)
     return out
+
+
+def _condition(item) -> pb.WeightedCondition:
+    """A prompt (str), a label (int), a (prompt or label, weight) pair or a dict with "prompt" or
+    "label" and optionally "weight" → a WeightedCondition."""
+    weight = None
+    if isinstance(item, dict):
+        unknown = sorted(set(item) - {"prompt", "label", "weight"})
+        if unknown:
+            raise ValueError(f"a condition takes prompt, label and weight; not {unknown}")
+        if ("prompt" in item) == ("label" in item):
+            raise ValueError(f"a condition is a prompt or a label; got {item!r}")
+        value, weight = item.get("prompt", item.get("label")), item.get("weight")
+    elif isinstance(item, (tuple, list)):
+        if len(item) != 2:
+            raise ValueError(f"a weighted condition is a (prompt or label, weight) pair; got {item!r}")
+        value, weight = item
+    else:
+        value = item
+    msg = pb.WeightedCondition()
+    if isinstance(value, str):
+        msg.prompt = value
+    elif isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        msg.label = int(value)
+    else:
+        raise ValueError(f"a condition is a prompt (str) or a class label (int); got {value!r}")
+    if weight is not None:
+        if isinstance(weight, bool) or not isinstance(weight, (int, float, np.number)):
+            raise ValueError(f"a condition's weight is a number; got {weight!r}")
+        if weight == 0:  # on the wire 0 means "unset", which is 1
+            raise ValueError("a condition's weight 0 would read as 1 (unset); leave the condition "
+                             "out to never draw it")
+        msg.weight = float(weight)
+    return msg
+
+
+def _conditions(items) -> list[pb.WeightedCondition]:
+    if isinstance(items, (str, int, np.integer, dict)):
+        items = [items]
+    return [_condition(item) for item in items]
 
 
 def models_from(reply) -> list[dict[str, Any]]:

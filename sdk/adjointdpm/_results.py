@@ -10,7 +10,7 @@ import numpy as np
 from .tensors import decode_tensor
 
 __all__ = ["ArtifactInfo", "SampleResult", "GradientResult", "OptimizeResult", "IterationRecord",
-           "ValidationRecord", "JobInfo", "save_pngs"]
+           "ValidationRecord", "JobInfo", "MemoryPlan", "save_pngs"]
 
 
 def save_pngs(images: list[bytes], directory, prefix: str) -> list[Path]:
@@ -65,6 +65,28 @@ class SampleResult:
 
 
 @dataclass
+class MemoryPlan:
+    """How the server planned a gradient pass's memory (a ``plan`` event: the first of a call,
+    then each that differs). ``network_checkpointing``: ``auto`` also checkpoints inside the
+    network, because one step's graph (``graph_bytes``) did not fit ``budget_bytes``."""
+
+    grad_mode: str
+    steps: int
+    gradient_steps: int
+    kept_graphs: int
+    stored_states: int
+    network_checkpointing: bool
+    graph_bytes: int
+    budget_bytes: int
+    iteration: int = 0
+
+    @classmethod
+    def from_message(cls, m) -> "MemoryPlan":
+        return cls(m.grad_mode, m.steps, m.gradient_steps, m.kept_graphs, m.stored_states,
+                   m.network_checkpointing, m.graph_bytes, m.budget_bytes, m.iteration)
+
+
+@dataclass
 class GradientResult:
     loss: float
     loss_terms: list[float]
@@ -75,13 +97,15 @@ class GradientResult:
     weights_artifact: ArtifactInfo | None
     nfe: int
     sample_losses: list[float] = field(default_factory=list)
+    plans: list[MemoryPlan] = field(default_factory=list)  # the memory plan (its ``plan`` events)
 
     @classmethod
-    def from_message(cls, m) -> "GradientResult":
+    def from_message(cls, m, call=None) -> "GradientResult":
         return cls(m.loss, list(m.loss_terms), decode_tensor(m.x0), list(m.images),
                    {k: decode_tensor(v) for k, v in m.gradients.items()},
                    {k: decode_tensor(v) for k, v in m.weight_gradients.items()},
-                   ArtifactInfo.from_message(m.weights_artifact), m.nfe, list(m.sample_losses))
+                   ArtifactInfo.from_message(m.weights_artifact), m.nfe, list(m.sample_losses),
+                   list(getattr(call, "plans", ())))
 
 
 @dataclass
@@ -154,6 +178,7 @@ class OptimizeResult:
     last_x_T: np.ndarray | None = None                         # OptimizeLatent: the final iterate
     iterations: list[IterationRecord] = field(default_factory=list)
     validations: list[ValidationRecord] = field(default_factory=list)
+    plans: list[MemoryPlan] = field(default_factory=list)  # memory plans, as they changed
 
     @classmethod
     def from_message(cls, m, call=None) -> "OptimizeResult":
@@ -162,4 +187,5 @@ class OptimizeResult:
                    list(getattr(call, "checkpoints", ())), list(m.sample_losses),
                    list(m.best_iteration), list(m.stopped), m.iterations_run,
                    _array(m.last_x_T, m.HasField("last_x_T")),
-                   list(getattr(call, "iterations", ())), list(getattr(call, "validations", ())))
+                   list(getattr(call, "iterations", ())), list(getattr(call, "validations", ())),
+                   list(getattr(call, "plans", ())))

@@ -159,7 +159,7 @@ class Client:
         return self._stream_call("optimize_latent", (losses,), kwargs, stream, on_event, progress)
 
     @_rpc("finetune_weights")
-    def finetune_weights(self, losses, examples, *, stream=False, on_event=None, progress=None, **kwargs):
+    def finetune_weights(self, losses, examples=(), *, stream=False, on_event=None, progress=None, **kwargs):
         return self._stream_call("finetune_weights", (losses, examples), kwargs, stream, on_event, progress)
 
     @_rpc("optimize_embedding")

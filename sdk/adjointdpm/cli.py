@@ -39,6 +39,21 @@ def _json_object(text: str) -> dict:
     return value
 
 
+def _condition(text: str):
+    """``VALUE[@WEIGHT]``: an integer VALUE is a class label, anything else a prompt; a suffix
+    ``@WEIGHT`` that reads as a number is its weight."""
+    value, sep, weight = text.rpartition("@")
+    if sep:
+        try:
+            w = float(weight)
+        except ValueError:
+            value, w = text, None
+    else:
+        value, w = text, None
+    item = int(value) if re.fullmatch(r"[+-]?\d+", value.strip()) else value
+    return item if w is None else (item, w)
+
+
 def _named_tensor(text: str) -> tuple[str, np.ndarray]:
     name, sep, path = text.partition("=")
     if not sep or not name or not path:
@@ -196,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--examples", type=int, default=4, help="N examples, seeds SEED..SEED+N-1 (SEED=0)")
     p.add_argument("--validation", type=int, default=0,
                    help="N held-out examples (the seeds after the examples')")
+    p.add_argument("--condition", type=_condition, action="append", default=[],
+                   metavar="VALUE[@WEIGHT]",
+                   help="a prompt set instead of --examples (repeatable): an integer VALUE is a "
+                        "class label, other text a prompt; every iteration draws --batch-size of "
+                        "them by weight (default 1), each with a fresh noise from --seed's stream")
+    _flag(p, rpc, "--micro-batch", "micro_batch", type=int)
     _flag(p, rpc, "--method", "method")
     _flag(p, rpc, "--rank", "lora_rank", type=int)
     _flag(p, rpc, "--lora-alpha", "lora_alpha", type=float)
@@ -394,16 +415,27 @@ def cmd_finetune(client, args) -> None:
     labels = itertools.cycle(kwargs.pop("labels", None) or [None])
     prompts = itertools.cycle(kwargs.pop("prompt", None) or [""])
     start = kwargs.get("seed") or 0
-    examples = [{"seed": start + k, "label": next(labels), "prompt": next(prompts)}
-                for k in range(args.examples + args.validation)]
-    r = client.finetune_weights(_loss(args), examples[:args.examples], progress=args.progress,
-                                validation=examples[args.examples:], **kwargs)
+    if args.condition:  # a prompt set; the held-out examples go through its values in turn
+        values = itertools.cycle([c[0] if isinstance(c, tuple) else c for c in args.condition])
+        held_out = [{"seed": start + k, **_example_condition(next(values))}
+                    for k in range(args.validation)]
+        r = client.finetune_weights(_loss(args), [], conditions=args.condition,
+                                    progress=args.progress, validation=held_out, **kwargs)
+    else:
+        examples = [{"seed": start + k, "label": next(labels), "prompt": next(prompts)}
+                    for k in range(args.examples + args.validation)]
+        r = client.finetune_weights(_loss(args), examples[:args.examples], progress=args.progress,
+                                    validation=examples[args.examples:], **kwargs)
     for v in r.validations:
         agreement = "" if v.agreement is None else f", verdicts kept {v.agreement:.0%}"
         print(f"validation after {v.iteration} steps: loss {v.loss:.4g}{agreement}{' (best)' if v.best else ''}")
     _download(client, r.artifact.id, args.out / f"adapter-{r.artifact.id}.safetensors")
     checkpoints = f", checkpoints {' '.join(c.id for c in r.checkpoints)}" if r.checkpoints else ""
     print(f"adapter {r.artifact.id} ({r.artifact.kind}): {_history(r)}{checkpoints}")
+
+
+def _example_condition(value) -> dict:
+    return {"label": value} if isinstance(value, int) else {"prompt": value}
 
 
 def cmd_invert(client, args) -> None:

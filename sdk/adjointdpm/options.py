@@ -80,8 +80,14 @@ def _bounds_text(o: Option) -> str:
     return " and ".join(b for b in (lo, hi) if b)
 
 
-def _generation() -> tuple[Option, ...]:
+def _generation(fine_tune: bool = False) -> tuple[Option, ...]:
+    """``fine_tune``: FinetuneWeights, whose ``seed`` keyword is the request's own (the stream of
+    batches drawn from ``conditions``); the generation's seed, unused there, is ``generation_seed``."""
     g = "generation."
+    seed = (Option(g + "seed", None, "unused by fine-tuning (examples carry their own seeds; "
+                   "conditions draw from ``seed``)", keyword="generation_seed", low=0)
+            if fine_tune else
+            Option(g + "seed", None, "x_T ~ N(0, I) from this seed (unset: a fresh random draw)", low=0))
     return (
         Option(g + "model", "", "the model; '' = the server's default model"),
         Option(g + "adapter", "", "artifact id of a fine-tuned adapter; '' = the base model"),
@@ -93,7 +99,7 @@ def _generation() -> tuple[Option, ...]:
         Option(g + "embedding", "", "artifact id of a learned embedding (OptimizeEmbedding)"),
         Option(g + "batch", None, "samples; unset = x_T's batch, else the number of labels or "
                "prompts, else 1", low=1),
-        Option(g + "seed", None, "x_T ~ N(0, I) from this seed (unset: a fresh random draw)", low=0),
+        seed,
         Option(g + "x_T", None, "the start state (B, *latent_shape) instead of a seed", kind="tensor"),
         Option(g + "steps", None, "sampler steps; unset = the model's default_steps", low=1),
         Option(g + "solver", "dpm3", "the sampler: euler, dpm2, dpm3, ab2, ab3, ab4, heun, dopri5"),
@@ -206,7 +212,7 @@ RPCS: dict[str, tuple[Option, ...]] = {
         *_stop_when(verdict=True),
     ),
     "FinetuneWeights": (
-        *_generation(),
+        *_generation(fine_tune=True),
         *_optimizer(lr=1e-3),
         Option("method", "lora", "what is trained", choices=("lora", "full")),
         Option("lora_rank", 4, "the LoRA rank (at most the server's --max-lora-rank)", low=1),
@@ -216,7 +222,14 @@ RPCS: dict[str, tuple[Option, ...]] = {
         Option("checkpoint_every", 0, "a checkpoint artifact every k iterations (0 = none before "
                "the end)", low=0),
         Option("name", "", "a label for the adapter"),
-        Option("batch_size", None, "examples per iteration (unset = all)", low=1),
+        Option("batch_size", None, "examples per iteration (unset = all); with conditions, the "
+               "samples drawn per iteration (unset = as many as conditions, at most the server's max "
+               "batch)", low=1),
+        Option("micro_batch", None, "samples per sampler pass: an iteration's gradient accumulates "
+               "over ceil(batch_size / micro_batch) passes, then one step (unset or larger = the "
+               "whole batch in one pass)", low=1),
+        Option("seed", 0, "with conditions: the stream of batches drawn from them, each sample's "
+               "noise included (the same on every run and every resume)", low=0),
         *_gradient_options(),
         Option("resume_from", "", "a checkpoint id of the same run to continue"),
         Option("resume_job", "", "a job id (from its Job event or JobInterrupted): continue that "
@@ -250,7 +263,7 @@ INPUTS: dict[str, tuple[str, ...]] = {
     "Sample": (),
     "ComputeGradient": ("losses",),
     "OptimizeLatent": ("losses",),
-    "FinetuneWeights": ("losses", "examples", "validation"),
+    "FinetuneWeights": ("losses", "examples", "validation", "conditions"),
     "OptimizeEmbedding": ("losses",),
 }
 

@@ -13,10 +13,12 @@ package's — is collected from ``discover_losses()`` and held, on valid inputs 
    central finite differences in float32 along the gradient and random directions, under a
    non-uniform cotangent;
 5. batch independence: sample i's loss and gradient are the same in a batch of 3 and alone (with
-   its own per-sample inputs: labels, targets, content), and ∂L_i/∂x_j = 0 for j ≠ i;
+   its own per-sample inputs: labels, targets, content, or the prompt or label it was generated
+   with, ``LossContext.conditions``), and ∂L_i/∂x_j = 0 for j ≠ i;
 6. declared metadata: ``name`` is the entry-point name, ``description`` non-empty, ``domain`` image
    or latent, ``params``/``tensors`` exactly what the plugin reads; a missing required input is
-   refused with InvalidArgument naming it, an undeclared one with "does not take".
+   refused with InvalidArgument naming it (built for samples with no conditions of their own: a
+   plugin may default ``prompt``/``label`` to a sample's own), an undeclared one with "does not take".
 
 float64, decided from the code: the service hands a plugin x in its backend's dtype (images =
 ``backend.decode(x0)``), so float64 means a ``--dtype float64`` server: the float64 runs use the
@@ -44,7 +46,7 @@ import torch
 from torch.autograd.gradcheck import GradcheckError
 
 from adjointdpm_server.errors import InvalidArgument
-from adjointdpm_server.losses import LossContext, LossPlugin, build_loss, discover_losses
+from adjointdpm_server.losses import Conditions, LossContext, LossPlugin, build_loss, discover_losses
 
 F32, F64 = torch.float32, torch.float64
 ALL = [0, 1, 2]  # the rows of the batch of 3; a batch of 1 is row [0], sample i alone is [i]
@@ -82,6 +84,7 @@ class Case:
     params: Callable[[list[int]], dict] = lambda rows: {}
     tensors: Callable[[list[int], torch.dtype], dict] = lambda rows, dtype: {}
     reference: Callable[[list[int], torch.dtype], torch.Tensor] | None = None  # LossContext's
+    conditions: Callable[[list[int]], Conditions] | None = None  # the rows' own prompts or labels
     needs: tuple[str, ...] = ()                   # settings from fixtures: triton_url, *_model_dir
     float64: str = "native"                       # native | float32 | refused (module docstring)
     required: tuple[str, ...] = ()                # inputs whose absence must be refused, by name
@@ -92,6 +95,11 @@ def _labels(**extra):
     return lambda rows: {"label": [LABELS[i] for i in rows], **extra}
 
 
+def _own(kind: str, values: list):
+    """The rows' own conditions (LossContext's), for a plugin that defaults to them."""
+    return lambda rows: Conditions(kind, tuple(values[i] for i in rows))
+
+
 CASES = [
     Case("mse", "mse", tensors=lambda rows, dt: {"target": TARGETS[rows].to(dt)}, required=("target",)),
     Case("mse-latent", "mse", shape=(4, 8, 8), domain="latent",
@@ -100,6 +108,7 @@ CASES = [
     Case("classifier-targeted", "classifier", params=_labels(), float64="float32", required=("label",)),
     Case("classifier-untargeted", "classifier", params=_labels(mode="untargeted"), float64="float32"),
     Case("classifier-margin", "classifier", params=_labels(mode="margin", kappa=5.0), float64="float32"),
+    Case("classifier-own-labels", "classifier", conditions=_own("labels", LABELS), float64="float32"),
     Case("gram_style-content", "gram_style", params=lambda rows: {"content_weight": 0.5},
          tensors=lambda rows, dt: {"style": STYLE.to(dt), "content": CONTENT[rows].to(dt)},
          required=("style",)),
@@ -109,12 +118,16 @@ CASES = [
     # a tiny CLIP (16×16 images; digits' 1×8×8 images take the grayscale-expand and resize path)
     Case("clip_similarity", "clip_similarity", params=lambda rows: {"text": "a photo of a cat"},
          needs=("clip_model_dir",), float64="float32", required=("text",)),
+    Case("clip_similarity-own-prompts", "clip_similarity", conditions=_own("prompts", PROMPTS),
+         needs=("clip_model_dir",), float64="float32"),
     # the rewards (tests/losses/tiny_rewards.py): tiny CLIPs with random weights, 16×16 images
     Case("aesthetic", "aesthetic", needs=("aesthetic_model_dir",)),
     Case("aesthetic-rgb", "aesthetic", shape=(3, 10, 12), needs=("aesthetic_model_dir",)),  # resize + crop
     Case("preference", "preference", params=lambda rows: {"prompt": "a photo of a cat"},
          needs=("preference_model_dir",), required=("prompt",)),
     Case("preference-per-sample", "preference", params=lambda rows: {"prompt": [PROMPTS[i] for i in rows]},
+         needs=("preference_model_dir",)),
+    Case("preference-own-prompts", "preference", conditions=_own("prompts", PROMPTS),
          needs=("preference_model_dir",)),
     # tests/triton_peer's per-sample model: a [1] (batch total) model credits total / B to each
     # sample by design, so only a per-sample model can keep batch independence
@@ -183,7 +196,8 @@ class Harness:
 
     def context(self, rows, dtype=F32) -> LossContext:
         reference = self.case.reference(rows, dtype) if self.case.reference else None
-        return LossContext(self.backends[dtype], self.settings, reference)
+        own = self.case.conditions(rows) if self.case.conditions else Conditions()
+        return LossContext(self.backends[dtype], self.settings, reference, own.kind, own.values or None)
 
     def build(self, rows, dtype=F32, *, params=None, tensors=None) -> LossPlugin:
         params = self.case.params(rows) if params is None else params

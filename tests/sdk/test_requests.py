@@ -276,7 +276,9 @@ def test_a_missing_or_extra_positional_input_is_a_type_error(fake, fake_server):
         with pytest.raises(TypeError):
             c.compute_gradient()
         with pytest.raises(TypeError):
-            c.finetune_weights(SERVER_LOSS)
+            c.finetune_weights()  # examples may be left out (a prompt set), losses not
+        with pytest.raises(TypeError):
+            c.finetune_weights(SERVER_LOSS, [], [])
         with pytest.raises(TypeError):
             c.sample(3)
     assert fake.calls == []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 
 import adjointdpm
@@ -19,6 +20,7 @@ from adjointdpm_server.wire import build_server
 from adjointdpm_server.tasks import _work
 
 TO_EIGHT = adjointdpm.ServerLoss("classifier", params={"label": 8})
+STYLE = np.linspace(0, 1, 64, dtype=np.float32).reshape(1, 8, 8)
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +98,12 @@ RUNS = {
                                                     validation=[{"seed": 9, "label": 2}], validate_every=2,
                                                     **FINETUNE, **kw),
                  _work.finetune_work(4, "dpm3", "checkpoint", 3, 2, True)),
+    # a prompt set in micro-batches, with a content term: each pass samples the base model first
+    "finetune-prompt-set": (lambda c, **kw: c.finetune_weights(
+        adjointdpm.ServerLoss("gram_style", {"content_weight": 1.0}, tensors={"style": STYLE}), [],
+        conditions=[1, 3], batch_size=3, micro_batch=2, steps=4, iterations=3, grad_mode="checkpoint",
+        validation=[{"seed": 9, "label": 2}], validate_every=2, lora_rank=2, lr=1e-3, **kw),
+        _work.finetune_work(4, "dpm3", "checkpoint", 3, 2, True, passes=2, references=True)),
     "embedding": (lambda c, **kw: c.optimize_embedding(TO_EIGHT, seed=0, steps=4, iterations=2, lr=0.1,
                                                        grad_mode="checkpoint", **kw),
                   _work.embedding_work(4, "dpm3", "checkpoint", 2)),

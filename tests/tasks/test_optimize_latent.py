@@ -48,7 +48,8 @@ def test_result_shapes_and_one_iteration_event_per_step(ctx, target):
     order = [(type(e).__name__, e.iteration, getattr(e, "phase", "")) for e in job.events]
     i0, i1 = order.index(("IterationReport", 0, "")), order.index(("IterationReport", 1, ""))
     assert {o for o in order[:i0] if o[0] != "IterationReport"} == {
-        ("IterationProgress", 0, "forward"), ("IterationProgress", 0, "backward")}
+        ("IterationProgress", 0, "forward"), ("IterationProgress", 0, "backward"),
+        ("PlanReport", 0, "")}  # the memory plan: made in iteration 0, never changed after
     assert {o for o in order[i0 + 1:i1]} == {("IterationProgress", 1, "forward"),
                                              ("IterationProgress", 1, "backward")}
     assert {o for o in order[i1 + 1:]} == {("IterationProgress", 2, "forward")}

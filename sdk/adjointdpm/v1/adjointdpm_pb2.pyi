@@ -272,8 +272,18 @@ class FinetuneExample(_message.Message):
     label: int
     def __init__(self, seed: _Optional[int] = ..., x_T: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., prompt: _Optional[str] = ..., label: _Optional[int] = ...) -> None: ...
 
+class WeightedCondition(_message.Message):
+    __slots__ = ("prompt", "label", "weight")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    prompt: str
+    label: int
+    weight: float
+    def __init__(self, prompt: _Optional[str] = ..., label: _Optional[int] = ..., weight: _Optional[float] = ...) -> None: ...
+
 class FinetuneRequest(_message.Message):
-    __slots__ = ("generation", "examples", "losses", "optimizer", "method", "lora_rank", "lora_alpha", "target_modules", "checkpoint_every", "name", "batch_size", "grad_mode", "resume_from", "keep_checkpoints", "validation", "validate_every", "keep_best", "stop_when", "memory_budget_mib", "resume_job", "truncate", "truncate_min")
+    __slots__ = ("generation", "examples", "losses", "optimizer", "method", "lora_rank", "lora_alpha", "target_modules", "checkpoint_every", "name", "batch_size", "grad_mode", "resume_from", "keep_checkpoints", "validation", "validate_every", "keep_best", "stop_when", "memory_budget_mib", "resume_job", "truncate", "truncate_min", "conditions", "seed", "micro_batch")
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     LOSSES_FIELD_NUMBER: _ClassVar[int]
@@ -296,6 +306,9 @@ class FinetuneRequest(_message.Message):
     RESUME_JOB_FIELD_NUMBER: _ClassVar[int]
     TRUNCATE_FIELD_NUMBER: _ClassVar[int]
     TRUNCATE_MIN_FIELD_NUMBER: _ClassVar[int]
+    CONDITIONS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
     generation: Generation
     examples: _containers.RepeatedCompositeFieldContainer[FinetuneExample]
     losses: _containers.RepeatedCompositeFieldContainer[LossTerm]
@@ -318,7 +331,10 @@ class FinetuneRequest(_message.Message):
     resume_job: str
     truncate: int
     truncate_min: int
-    def __init__(self, generation: _Optional[_Union[Generation, _Mapping]] = ..., examples: _Optional[_Iterable[_Union[FinetuneExample, _Mapping]]] = ..., losses: _Optional[_Iterable[_Union[LossTerm, _Mapping]]] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., method: _Optional[str] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., checkpoint_every: _Optional[int] = ..., name: _Optional[str] = ..., batch_size: _Optional[int] = ..., grad_mode: _Optional[str] = ..., resume_from: _Optional[str] = ..., keep_checkpoints: _Optional[int] = ..., validation: _Optional[_Iterable[_Union[FinetuneExample, _Mapping]]] = ..., validate_every: _Optional[int] = ..., keep_best: _Optional[bool] = ..., stop_when: _Optional[_Union[StopWhen, _Mapping]] = ..., memory_budget_mib: _Optional[int] = ..., resume_job: _Optional[str] = ..., truncate: _Optional[int] = ..., truncate_min: _Optional[int] = ...) -> None: ...
+    conditions: _containers.RepeatedCompositeFieldContainer[WeightedCondition]
+    seed: int
+    micro_batch: int
+    def __init__(self, generation: _Optional[_Union[Generation, _Mapping]] = ..., examples: _Optional[_Iterable[_Union[FinetuneExample, _Mapping]]] = ..., losses: _Optional[_Iterable[_Union[LossTerm, _Mapping]]] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., method: _Optional[str] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., checkpoint_every: _Optional[int] = ..., name: _Optional[str] = ..., batch_size: _Optional[int] = ..., grad_mode: _Optional[str] = ..., resume_from: _Optional[str] = ..., keep_checkpoints: _Optional[int] = ..., validation: _Optional[_Iterable[_Union[FinetuneExample, _Mapping]]] = ..., validate_every: _Optional[int] = ..., keep_best: _Optional[bool] = ..., stop_when: _Optional[_Union[StopWhen, _Mapping]] = ..., memory_budget_mib: _Optional[int] = ..., resume_job: _Optional[str] = ..., truncate: _Optional[int] = ..., truncate_min: _Optional[int] = ..., conditions: _Optional[_Iterable[_Union[WeightedCondition, _Mapping]]] = ..., seed: _Optional[int] = ..., micro_batch: _Optional[int] = ...) -> None: ...
 
 class FinetuneMessage(_message.Message):
     __slots__ = ("request", "loss_reply")
@@ -434,6 +450,28 @@ class Job(_message.Message):
     iteration: int
     def __init__(self, id: _Optional[str] = ..., replica: _Optional[str] = ..., iteration: _Optional[int] = ...) -> None: ...
 
+class MemoryPlan(_message.Message):
+    __slots__ = ("grad_mode", "steps", "gradient_steps", "kept_graphs", "stored_states", "network_checkpointing", "graph_bytes", "budget_bytes", "iteration")
+    GRAD_MODE_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_STEPS_FIELD_NUMBER: _ClassVar[int]
+    KEPT_GRAPHS_FIELD_NUMBER: _ClassVar[int]
+    STORED_STATES_FIELD_NUMBER: _ClassVar[int]
+    NETWORK_CHECKPOINTING_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ITERATION_FIELD_NUMBER: _ClassVar[int]
+    grad_mode: str
+    steps: int
+    gradient_steps: int
+    kept_graphs: int
+    stored_states: int
+    network_checkpointing: bool
+    graph_bytes: int
+    budget_bytes: int
+    iteration: int
+    def __init__(self, grad_mode: _Optional[str] = ..., steps: _Optional[int] = ..., gradient_steps: _Optional[int] = ..., kept_graphs: _Optional[int] = ..., stored_states: _Optional[int] = ..., network_checkpointing: _Optional[bool] = ..., graph_bytes: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., iteration: _Optional[int] = ...) -> None: ...
+
 class ArtifactInfo(_message.Message):
     __slots__ = ("id", "kind", "model", "size", "name", "iteration", "metadata")
     ID_FIELD_NUMBER: _ClassVar[int]
@@ -529,7 +567,7 @@ class OptimizeResult(_message.Message):
     def __init__(self, loss: _Optional[float] = ..., history: _Optional[_Iterable[float]] = ..., x_T: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., x0: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., images: _Optional[_Iterable[bytes]] = ..., initial_images: _Optional[_Iterable[bytes]] = ..., artifact: _Optional[_Union[ArtifactInfo, _Mapping]] = ..., sample_losses: _Optional[_Iterable[float]] = ..., best_iteration: _Optional[_Iterable[int]] = ..., stopped: _Optional[_Iterable[bool]] = ..., iterations_run: _Optional[int] = ..., last_x_T: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("progress", "queued", "loss_query", "iteration", "checkpoint", "sample", "gradient", "optimized", "validation", "job")
+    __slots__ = ("progress", "queued", "loss_query", "iteration", "checkpoint", "sample", "gradient", "optimized", "validation", "job", "plan")
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     LOSS_QUERY_FIELD_NUMBER: _ClassVar[int]
@@ -540,6 +578,7 @@ class Event(_message.Message):
     OPTIMIZED_FIELD_NUMBER: _ClassVar[int]
     VALIDATION_FIELD_NUMBER: _ClassVar[int]
     JOB_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
     progress: Progress
     queued: QueuePosition
     loss_query: LossQuery
@@ -550,7 +589,8 @@ class Event(_message.Message):
     optimized: OptimizeResult
     validation: Validation
     job: Job
-    def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., queued: _Optional[_Union[QueuePosition, _Mapping]] = ..., loss_query: _Optional[_Union[LossQuery, _Mapping]] = ..., iteration: _Optional[_Union[Iteration, _Mapping]] = ..., checkpoint: _Optional[_Union[ArtifactInfo, _Mapping]] = ..., sample: _Optional[_Union[SampleResult, _Mapping]] = ..., gradient: _Optional[_Union[GradientResult, _Mapping]] = ..., optimized: _Optional[_Union[OptimizeResult, _Mapping]] = ..., validation: _Optional[_Union[Validation, _Mapping]] = ..., job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
+    plan: MemoryPlan
+    def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., queued: _Optional[_Union[QueuePosition, _Mapping]] = ..., loss_query: _Optional[_Union[LossQuery, _Mapping]] = ..., iteration: _Optional[_Union[Iteration, _Mapping]] = ..., checkpoint: _Optional[_Union[ArtifactInfo, _Mapping]] = ..., sample: _Optional[_Union[SampleResult, _Mapping]] = ..., gradient: _Optional[_Union[GradientResult, _Mapping]] = ..., optimized: _Optional[_Union[OptimizeResult, _Mapping]] = ..., validation: _Optional[_Union[Validation, _Mapping]] = ..., job: _Optional[_Union[Job, _Mapping]] = ..., plan: _Optional[_Union[MemoryPlan, _Mapping]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

@@ -8,9 +8,12 @@
 """
 
 from ._baseline import sample_torchdiffeq
+from ._blocks import (BlockCheckpointing, blocks_checkpointed, checkpointed_blocks,
+                      enable_block_checkpointing, recomputed_in)
+from ._calls import network_call_scope
 from ._field import HALF_DTYPES, GuidedEps, NetworkVJP, Node, SharedRows
 from ._grids import GRIDS, time_grid
-from ._memory import default_budget
+from ._memory import MemoryPlan, default_budget
 from ._oracle import GaussianMixture, gaussian_solution
 from ._sample import GRAD_MODES, Progress, sample
 from ._flow_schedule import FlowSchedule
@@ -38,4 +41,11 @@ __all__ = [
     "GRAD_MODES",
     "GRIDS",
     "default_budget",
+    "MemoryPlan",
+    "BlockCheckpointing",
+    "blocks_checkpointed",
+    "checkpointed_blocks",
+    "enable_block_checkpointing",
+    "recomputed_in",
+    "network_call_scope",
 ]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._blocks import BlockCheckpointing
 from ._prediction import check_prediction, eps_coefficients
 
 __all__ = ["HALF_DTYPES", "Node", "GuidedEps", "NetworkVJP", "SharedRows", "nodes_from_times",
@@ -162,6 +163,11 @@ class GuidedEps:
     @property
     def has_network_vjp(self) -> bool:
         return isinstance(self.eps_fn, NetworkVJP)
+
+    @property
+    def checkpoints_blocks(self) -> bool:
+        """Whether the network declares :class:`BlockCheckpointing` (core/_blocks.py)."""
+        return isinstance(self.eps_fn, BlockCheckpointing) and bool(self.eps_fn.checkpoints_blocks)
 
     @property
     def network_splits_weights(self) -> bool:

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import torch
 
+from contextlib import nullcontext
+
+from ._blocks import checkpointed_blocks
 from ._field import HALF_DTYPES
-from ._memory import Tape
+from ._memory import MemoryPlan, Tape
 
 __all__ = ["VJP", "SolveFunction"]
 
@@ -101,8 +104,14 @@ class SolveFunction(torch.autograd.Function):
             needs = ctx.needs_input_grad
             ctx.vjp = VJP(cond, uncond, params, needs_cond=needs[2], needs_uncond=needs[3])
             tape = ctx.vjp.tape = Tape(ctx.vjp, len(solve.nodes) - 1, solve.memory_budget,
-                                       exclude=solve.network_tensors(), limit=solve.truncate)
+                                       exclude=solve.network_tensors(), limit=solve.truncate,
+                                       checkpoints_blocks=solve.field.checkpoints_blocks,
+                                       report=solve.report)
         store, ranked = solve.storage()
+        if tape is None and solve.report is not None:
+            solve.report(MemoryPlan(solve.mode, len(solve.nodes) - 1, solve.truncate,
+                                    stored_states=ranked.capacity if ranked is not None else len(store),
+                                    budget_bytes=int(solve.memory_budget)))
         y_end, stored = solve.solver.solve(solve.field, y0, solve.nodes, ctx.vjp.cond if tape else cond,
                                            ctx.vjp.uncond if tape else uncond, store=store,
                                            callback=solve.callback, tape=tape, anchors=ranked)
@@ -119,9 +128,12 @@ class SolveFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         vjp = ctx.vjp if solve.mode == "auto" else VJP(ctx.cond, ctx.uncond, ctx.params,
                                                         needs_cond=needs[2], needs_uncond=needs[3])
-        y0bar = solve.solver.backward(solve.field, vjp, solve.nodes, ctx.y_end, ybar,
-                                      stored=ctx.stored, callback=solve.callback, eps_end=ctx.eps_end,
-                                      first=solve.first)
+        # auto's plan may checkpoint inside the network for the recomputed steps (core/_blocks.py)
+        blocks = vjp.tape is not None and vjp.tape.blocks
+        with checkpointed_blocks() if blocks else nullcontext():
+            y0bar = solve.solver.backward(solve.field, vjp, solve.nodes, ctx.y_end, ybar,
+                                          stored=ctx.stored, callback=solve.callback,
+                                          eps_end=ctx.eps_end, first=solve.first)
         grads = iter(vjp.grads)
         cond_bar = next(grads) if needs[2] else None
         uncond_bar = next(grads) if needs[3] else None

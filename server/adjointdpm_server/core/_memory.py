@@ -9,16 +9,26 @@ calls keep their graphs, and the first ``N − k`` are recomputed one at a time 
 pass. Backward visits the steps last-first, so the kept graphs are all freed before the first
 recomputation and the peak is ``max(k, 1)`` graphs plus the states; every kept graph saves one
 forward call, and no other choice of ``k`` graphs saves more.
+
+When not even one graph fits (``graph·ALLOCATOR_SLACK + states > budget``) and the network
+checkpoints its blocks (core/_blocks.py), the plan also checkpoints inside the network: each
+recomputed step then saves only its blocks' inputs, and one block's activations at a time exist
+in its backward — a smaller peak for one more forward of the network per step.
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
+from torch.autograd.graph import saved_tensors_hooks
+
+from ._calls import network_calls_in
 
 __all__ = ["graph_bytes", "Tape", "plan_kept_steps", "plan_anchors", "RankedAnchors",
-           "default_budget", "ALLOCATOR_SLACK"]
+           "default_budget", "ALLOCATOR_SLACK", "MemoryPlan", "plan_blocks", "GraphGuard"]
 
 # What a kept graph really costs over the bytes its saved tensors hold: on CPU, backprop's peak
 # exceeds N·graph_bytes by 15–18% at 10 and 20 steps (benchmarks/results/budget.md), the
@@ -68,6 +78,47 @@ def graph_bytes(output: torch.Tensor, exclude=()) -> int:
     return sum(seen.values())
 
 
+class GraphGuard:
+    """Saved-tensor hooks that count the bytes a graph saves as it is built (distinct storages,
+    less ``exclude``) and, once they pass ``limit``, keep nothing more: step 0's graph is
+    measured without ever holding more than the budget where it would not fit (``over``; its
+    output's values stand, its graph is unusable and dropped). Within the limit the tensors are
+    kept and the call has its graph as usual. Kept detached: a saved output packed as itself
+    would hold its own node, a cycle no collector sees (the whole graph leaked). Dropping, not
+    raising: a hook that raises while autograd builds a node leaks the graph built so far."""
+
+    def __init__(self, limit: float, exclude=()):
+        self.limit = limit
+        self.skip = {_storage_key(t) for t in exclude if isinstance(t, torch.Tensor)}
+        self.seen: set = set()
+        self.bytes = 0  # past the limit, storages freed and reused may go uncounted: a floor
+        self.over = False
+
+    def _pack(self, t: torch.Tensor):
+        if t.layout == torch.strided:
+            key = _storage_key(t)
+            if key not in self.skip and key not in self.seen:
+                self.seen.add(key)
+                self.bytes += t.untyped_storage().nbytes()
+                self.over = self.over or self.bytes > self.limit
+        return None if self.over else t.detach()  # not t: a saved output would hold its own node
+
+    @staticmethod
+    def _unpack(t):
+        if t is None:
+            raise RuntimeError("a graph measured past the memory budget cannot be backpropagated")
+        return t
+
+    def _hooks(self):
+        return saved_tensors_hooks(self._pack, self._unpack)
+
+    @contextmanager
+    def watching(self):
+        """Watch the calls made in this block, on this thread and wherever they run."""
+        with self._hooks(), network_calls_in(self._hooks):
+            yield
+
+
 def plan_kept_steps(steps: int, budget: float, graph: int, state: int) -> int:
     """How many of the last steps keep their graph: the most ``k ≤ steps`` with
     ``k·graph·ALLOCATOR_SLACK + steps·state ≤ budget`` (0 when even one graph does not fit:
@@ -76,6 +127,26 @@ def plan_kept_steps(steps: int, budget: float, graph: int, state: int) -> int:
     if graph <= 0:
         return steps if room >= 0 else 0
     return max(0, min(steps, int(room // (graph * ALLOCATOR_SLACK))))
+
+
+def plan_blocks(steps: int, budget: float, graph: int, state: int) -> bool:
+    """Whether to checkpoint inside the network: one step's graph does not fit the budget
+    beside the states (``checkpoint``'s own peak would exceed it)."""
+    return graph > 0 and graph * ALLOCATOR_SLACK + steps * state > budget
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What a gradient pass holds, as planned (reported to the caller: ``sample(on_plan=…)``)."""
+
+    grad_mode: str
+    steps: int
+    gradient_steps: int      # the last steps the gradient flows through (truncate)
+    kept_graphs: int = 0     # auto: the last steps whose graphs the forward pass keeps
+    stored_states: int = 0   # solver states held for the backward pass
+    blocks_checkpointed: bool = False  # auto: activations checkpointed inside the network
+    graph_bytes: int = 0     # one network call's graph as measured (0: not measured)
+    budget_bytes: int = 0    # the budget planned for (0: none)
 
 
 def plan_anchors(steps: int, budget: float | None, state: int, pending: int = 0) -> int:
@@ -126,33 +197,63 @@ def default_budget(device: torch.device) -> int:
 
 class Tape:
     """The forward pass of ``auto``: runs each network call, keeps the graphs of the last
-    ``kept`` steps for the backward pass, and decides ``kept`` at step 0 from the measured
-    size of one call's graph. Backward takes each graph back once (:meth:`take`)."""
+    ``kept`` steps for the backward pass, and decides ``kept`` — and whether the backward pass
+    checkpoints inside the network (``blocks``) — at step 0 from the measured size of one call's
+    graph. Backward takes each graph back once (:meth:`take`). ``report`` receives the plan."""
 
-    def __init__(self, vjp, steps: int, budget: float, exclude=(), limit: int | None = None):
+    def __init__(self, vjp, steps: int, budget: float, exclude=(), limit: int | None = None,
+                 checkpoints_blocks: bool = False, report=None):
         self.vjp, self.steps, self.budget = vjp, steps, budget
         self.limit = steps if limit is None else limit  # a truncated gradient: its last steps only
         self.exclude = list(exclude)
+        self.checkpoints_blocks = checkpoints_blocks  # the network can (core/_blocks.py)
+        self.report = report
         self.kept: int | None = None
+        self.blocks = False
+        self.graph = 0
         self.graphs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _keeps(self, step: int) -> bool:
         return step >= self.steps - self.kept
 
+    def _decide(self, kept: int, graph: int = 0, blocks: bool = False) -> None:
+        self.kept, self.graph, self.blocks = kept, graph, blocks
+        if self.report is not None:
+            self.report(MemoryPlan("auto", self.steps, self.limit, kept, self.steps, blocks,
+                                   int(graph), int(self.budget)))
+
     def __call__(self, step: int, fn, y: torch.Tensor) -> torch.Tensor:
         """``fn(y, cond, uncond)`` at ``step``; its graph is kept when the plan says so."""
-        if self.kept is None and self.budget < self.steps * y.numel() * y.element_size():
-            self.kept = 0  # not even the states fit: no graph to measure (a batching server's 0)
+        state = y.numel() * y.element_size()
+        if self.kept is None and self.budget < self.steps * state:
+            self._decide(0)  # not even the states fit: no graph to measure (a batching server's 0)
         if self.kept is not None and not self._keeps(step):
             with torch.no_grad():
                 return fn(y, self.vjp.cond, self.vjp.uncond)
-        with torch.enable_grad():
-            y_leaf = y.detach().requires_grad_(True)
-            out = fn(y_leaf, self.vjp.cond, self.vjp.uncond)
+        y_leaf = y.detach().requires_grad_(True)
+        if self.kept is None and self.checkpoints_blocks:
+            # Where one graph would not fit, stop keeping it there and checkpoint inside.
+            guard = GraphGuard((self.budget - self.steps * state) / ALLOCATOR_SLACK,
+                               self.exclude + [y_leaf] + self.vjp.targets)
+            try:
+                with torch.enable_grad(), guard.watching():
+                    out = fn(y_leaf, self.vjp.cond, self.vjp.uncond)
+            except torch.OutOfMemoryError:  # not even the device held it
+                guard.over = True
+                out = None
+            if guard.over:
+                self._decide(0, guard.bytes, blocks=True)
+                if out is not None:
+                    return out.detach()  # its values stand; its graph holds nothing past the limit
+                with torch.no_grad():
+                    return fn(y, self.vjp.cond, self.vjp.uncond)
+        else:
+            with torch.enable_grad():
+                out = fn(y_leaf, self.vjp.cond, self.vjp.uncond)
         if self.kept is None:
             graph = graph_bytes(out, self.exclude + [y_leaf] + self.vjp.targets)
-            self.kept = min(self.limit, plan_kept_steps(self.steps, self.budget, graph,
-                                                         y.numel() * y.element_size()))
+            kept = min(self.limit, plan_kept_steps(self.steps, self.budget, graph, state))
+            self._decide(kept, graph, self.checkpoints_blocks and plan_blocks(self.steps, self.budget, graph, state))
         if self._keeps(step) and out.requires_grad:
             self.graphs[step] = (y_leaf, out)
         return out.detach()

@@ -11,7 +11,7 @@ import torch
 from ._field import GuidedEps, nodes_from_times
 from ._gradients import SolveFunction
 from ._grids import GRIDS, time_grid
-from ._memory import RankedAnchors, default_budget, plan_anchors
+from ._memory import MemoryPlan, RankedAnchors, default_budget, plan_anchors
 from ._flow_schedule import Schedule
 from ._prediction import check_prediction
 from ._solvers import get_solver
@@ -42,6 +42,7 @@ class _Solve:
     memory_budget: float = 0.0  # auto: bytes for kept graphs and stored states
     anchors: int = 0  # adjoint: how many exact states to keep (0: y_N only)
     truncate: int = 0  # the last steps the gradient flows through (all: the exact gradient)
+    report: Callable[[MemoryPlan], None] | None = None  # receives the plan once it is made
 
     @property
     def first(self) -> int:
@@ -96,7 +97,8 @@ def sample(eps_fn, x_T: torch.Tensor, cond=None, *, schedule: Schedule, steps: i
            timesteps: Sequence[float] | None = None, params: Sequence[torch.Tensor] | None = None,
            rtol: float = 1e-5, atol: float = 1e-5, prediction: str = "epsilon",
            memory_budget: float | None = None, network_dtype: torch.dtype | None = None,
-           truncate: int | None = None) -> torch.Tensor:
+           truncate: int | None = None,
+           on_plan: Callable[[MemoryPlan], None] | None = None) -> torch.Tensor:
     """Solve paper eq. 10 from ``x_T`` (the state at ``t_start``) to ``x_0`` (at ``t_end``).
 
     ``x_0`` is differentiable w.r.t. ``x_T``, ``cond``, ``uncond``, the parameters of ``eps_fn``
@@ -117,6 +119,10 @@ def sample(eps_fn, x_T: torch.Tensor, cond=None, *, schedule: Schedule, steps: i
     the last ``K`` steps only — the state entering them, and the network calls before them, are
     constants — so ``x_T`` gets none and ``cond``/weights only the last steps' terms; ``K`` ≥ the
     number of steps is the exact gradient.
+    ``on_plan`` receives the gradient pass's :class:`MemoryPlan` once it is made (``auto``: at
+    the first step, from the measured size of one network call's graph; when even that does not
+    fit the budget, ``auto`` also checkpoints inside a network that declares
+    ``BlockCheckpointing``).
     """
     if not isinstance(x_T, torch.Tensor) or not x_T.is_floating_point():
         raise TypeError("x_T must be a floating-point tensor")
@@ -185,10 +191,11 @@ def sample(eps_fn, x_T: torch.Tensor, cond=None, *, schedule: Schedule, steps: i
         y_end, _ = step_solver.solve(field, y0, nodes, cond, uncond, callback=progress)
     else:
         solve = _Solve(step_solver, field, nodes, grad_mode, progress,
-                       truncate=len(nodes) - 1 if truncate is None else truncate)
+                       truncate=len(nodes) - 1 if truncate is None else truncate, report=on_plan)
         if grad_mode == "auto":
             solve.memory_budget = default_budget(y0.device) if memory_budget is None else memory_budget
         elif grad_mode == "adjoint":
+            solve.memory_budget = memory_budget or 0.0
             solve.anchors = plan_anchors(len(nodes) - 1, memory_budget, y0.numel() * y0.element_size(),
                                           pending=step_solver.order if step_solver.ranks_anchors else 0)
         y_end = SolveFunction.apply(solve, y0, cond, uncond, *theta)

@@ -29,7 +29,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from ..core import SharedRows
+from ..core import SharedRows, checkpointed_blocks
 from ..errors import Cancelled
 from ._network import EngineNetwork
 from ._share import FairShare
@@ -449,7 +449,8 @@ def _run(batch: list[WorkItem]) -> list:
     # On CUDA, autograd runs a backward on its per-device worker thread, where the job that
     # submitted this call may be blocked (its own backward): run this one on this thread.
     weights = list({id(w): w for it in batch for w in it.weights}.values())
-    with torch.enable_grad(), torch.autograd.set_multithreading_enabled(False):
+    with torch.enable_grad(), torch.autograd.set_multithreading_enabled(False), \
+            checkpointed_blocks(head.blocks):
         x = x.detach().requires_grad_()
         if head.cond_grad:
             cond = cond.detach().requires_grad_()

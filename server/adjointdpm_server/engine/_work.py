@@ -26,7 +26,7 @@ def _signature(value) -> tuple | None:
 
 
 def batch_key(kind: str, module, x: torch.Tensor, t: torch.Tensor, cond,
-              cond_grad: bool = False) -> tuple | None:
+              cond_grad: bool = False, blocks: bool = False) -> tuple | None:
     """Calls with equal keys may share one network call; None: this call runs alone. Networks
     that declare :class:`~adjointdpm_server.core.SharedRows` (adapters of one base) share calls
     with each other, any other network only with itself."""
@@ -34,7 +34,7 @@ def batch_key(kind: str, module, x: torch.Tensor, t: torch.Tensor, cond,
     if any(p is None for p in parts):
         return None
     network = ("shared", module.shares) if isinstance(module, SharedRows) else id(module)
-    return (kind, network, *parts, cond_grad)
+    return (kind, network, *parts, cond_grad, blocks)
 
 
 @dataclass(eq=False)
@@ -56,6 +56,7 @@ class WorkItem:
     cotangent: torch.Tensor | None = None
     cond_grad: bool = False
     weights: tuple = ()  # vjp: this job's own weights to differentiate (``splits_weights``)
+    blocks: bool = False  # vjp: checkpoint inside the network (core/_blocks.py)
     closure: Callable[[], Any] | None = None
     submitted: float = field(default_factory=time.monotonic)
     state: str = "pending"  # pending → running → done, or withdrawn
@@ -78,7 +79,8 @@ class WorkItem:
         self.rows -= rows
         return WorkItem(self.kind, self.key, self.job, self.caller, self.model, rows,
                         module=self.module, x=x, t=t, cond=cond, cotangent=cotangent,
-                        cond_grad=self.cond_grad, weights=self.weights, submitted=self.submitted,
+                        cond_grad=self.cond_grad, weights=self.weights, blocks=self.blocks,
+                        submitted=self.submitted,
                         parent=self)
 
     def finish(self, result=None, error: BaseException | None = None) -> None:

@@ -18,11 +18,11 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import InvalidArgument
-from ._base import LossContext, LossPlugin
+from ._base import CONDITION_KINDS, Conditions, LossContext, LossPlugin
 from ._remote import LossAnswer, RemoteLoss, check_reply
 
-__all__ = ["LossContext", "LossPlugin", "RemoteLoss", "LossAnswer", "check_reply",
-           "discover_losses", "available_losses", "build_loss"]
+__all__ = ["LossContext", "LossPlugin", "Conditions", "CONDITION_KINDS", "RemoteLoss", "LossAnswer",
+           "check_reply", "discover_losses", "available_losses", "build_loss"]
 
 GROUP = "adjointdpm.losses"
 log = logging.getLogger("adjointdpm.losses")

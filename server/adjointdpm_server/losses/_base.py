@@ -11,7 +11,41 @@ import torch
 
 from ..errors import InvalidArgument
 
-__all__ = ["LossContext", "LossPlugin"]
+__all__ = ["LossContext", "LossPlugin", "Conditions", "CONDITION_KINDS"]
+
+CONDITION_KINDS = ("none", "prompts", "labels")
+
+
+@dataclass(frozen=True)
+class Conditions:
+    """What each sample of a batch was generated from: ``kind`` "prompts" (``values``: one str per
+    sample), "labels" (one int per sample) or "none" (a tensor conditioning, a learned embedding or
+    token, unconditional: ``values`` empty)."""
+
+    kind: str = "none"
+    values: tuple = ()
+
+    def __post_init__(self):
+        if self.kind not in CONDITION_KINDS:
+            raise ValueError(f"conditions are one of {', '.join(CONDITION_KINDS)}; got {self.kind!r}")
+        values = tuple(self.values)
+        kind_of = {"prompts": str, "labels": int}.get(self.kind)
+        if kind_of is None and values:
+            raise ValueError("conditions of kind 'none' carry no values")
+        if kind_of is not None and not all(isinstance(v, kind_of) and not isinstance(v, bool)
+                                           for v in values):
+            raise ValueError(f"{self.kind} conditions must all be {kind_of.__name__}s")
+        object.__setattr__(self, "values", values)
+
+    def rows(self, index) -> "Conditions":
+        """The conditions of rows ``index``: a slice, or a sequence or 1-d tensor of row numbers
+        (as the batch's tensors are indexed)."""
+        if self.kind == "none":
+            return self
+        if isinstance(index, slice):
+            return Conditions(self.kind, self.values[index])
+        rows = index.tolist() if isinstance(index, torch.Tensor) else list(index)
+        return Conditions(self.kind, tuple(self.values[int(i)] for i in rows))
 
 
 @dataclass
@@ -21,11 +55,40 @@ class LossContext:
     ``backend``: the resident model (its classifier, VAE, …); ``settings``: server configuration
     such as ``triton_url`` or ``clip_model_dir``; ``reference``: the images (or latents) the same
     request produces with the unmodified model and starting noise, for content terms.
+
+    ``condition_kind``: what the request's samples are generated from — "prompts", "labels" or
+    "none" (``Conditions``) — fixed when the plugin is built, so a plugin that needs a sample's
+    own prompt or label can refuse a request without them before any work. ``conditions``: the
+    values for the batch being scored (one per sample), set by the task before each call like
+    ``reference`` (a fine-tune's batch changes every iteration and pass); read them through
+    ``prompts(n)`` / ``labels(n)``.
     """
 
     backend: Any
     settings: Mapping[str, Any] = field(default_factory=dict)
     reference: torch.Tensor | None = None
+    condition_kind: str = "none"
+    conditions: tuple | None = None
+
+    def prompts(self, batch: int) -> list[str]:
+        """The generation prompt of each of the ``batch`` samples being scored."""
+        return list(self._own("prompts", batch))
+
+    def labels(self, batch: int) -> list[int]:
+        """The class label each of the ``batch`` samples being scored was generated with."""
+        return list(self._own("labels", batch))
+
+    def _own(self, kind: str, batch: int) -> tuple:
+        # A mismatch here is the server's bug (the task did not set this batch's conditions,
+        # or a plugin that checked ``condition_kind`` at build asks for another kind): a plain
+        # exception, which the service logs with its traceback and answers INTERNAL.
+        if self.condition_kind != kind:
+            raise RuntimeError(f"the samples have no {kind} of their own (their conditions are "
+                               f"{self.condition_kind!r})")
+        if self.conditions is None or len(self.conditions) != batch:
+            got = "none" if self.conditions is None else len(self.conditions)
+            raise RuntimeError(f"the task set {got} {kind} for a batch of {batch}")
+        return self.conditions
 
 
 class LossPlugin(abc.ABC):
@@ -51,6 +114,13 @@ class LossPlugin(abc.ABC):
                                   f"parameters: {', '.join(self.params) or 'none'}; "
                                   f"tensors: {', '.join(self.tensors) or 'none'}")
         self.context = context
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether this term, as built, reads ``context.reference`` (declared, never probed): a
+        task that has no reference for a batch (a fine-tune over a prompt set) computes one only
+        for the terms that say so."""
+        return False
 
     @classmethod
     def available(cls, settings: Mapping[str, Any]) -> bool:

@@ -8,6 +8,10 @@ Three modes (docs/design.md §4.3):
   negated cross-entropy, so one sample cannot run to −∞ and drown the others (§4.1.2's audit);
 - ``margin``: Carlini–Wagner's margin max(z_label − max_{j≠label} z_j, −κ) on the logits z: at its
   floor −κ the verdict has left ``label`` by a margin κ and the gradient stops.
+
+Without ``label`` each sample's label is the class it was generated with (``LossContext.labels``):
+a fine-tune over a set of labels trains each drawn sample toward its own class. A request whose
+samples are not generated from class labels must give ``label``: refused when the plugin is built.
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ MODES = ("targeted", "untargeted", "margin")
 class ClassifierLoss(LossPlugin):
     name = "classifier"
     description = ("the model's classifier (digits) per sample: targeted −log p(label), untargeted "
-                   "−log(1 − p(label)), or margin max(z_label − max other z, −kappa)")
-    params = {"label": "class 0–9, or a list with one per sample",
+                   "−log(1 − p(label)), or margin max(z_label − max other z, −kappa); `label` "
+                   "defaults to each sample's own generation label")
+    params = {"label": "class 0–9, or a list with one per sample; default: each sample's own "
+                       "generation label (a label-conditioned model)",
               "mode": "targeted (default), untargeted or margin",
               "kappa": "margin mode: the confidence margin κ ≥ 0 (default 0)"}
 
@@ -35,11 +41,21 @@ class ClassifierLoss(LossPlugin):
         if not context.backend.has_classifier:
             raise InvalidArgument("the classifier loss needs a model with a classifier (digits)")
         label = params.get("label")
-        labels = label if isinstance(label, list) else [label]
-        if not labels or not all(isinstance(v, (int, float)) and float(v).is_integer() and 0 <= v <= 9
-                                 for v in labels):
-            raise InvalidArgument(f"classifier: 'label' must be a class 0–9 or a list of them; got {label!r}")
-        self.labels = torch.tensor([int(v) for v in labels])
+        if label is None:  # each sample's own class, set per scored batch
+            if context.condition_kind != "labels":
+                raise InvalidArgument(
+                    "classifier needs the parameter 'label' (a class 0–9 or a list of them) when the "
+                    "samples are not generated from class labels: this request's are generated from "
+                    + ("prompts" if context.condition_kind == "prompts" else
+                       "no label (a tensor or learned conditioning, or none)"))
+            self.labels = None
+        else:
+            labels = label if isinstance(label, list) else [label]
+            if not labels or not all(isinstance(v, (int, float)) and float(v).is_integer()
+                                     and 0 <= v <= 9 for v in labels):
+                raise InvalidArgument(f"classifier: 'label' must be a class 0–9 or a list of them; "
+                                      f"got {label!r}")
+            self.labels = torch.tensor([int(v) for v in labels])
         self.mode = params.get("mode", "targeted")
         if self.mode not in MODES:
             raise InvalidArgument(f"classifier: 'mode' must be one of {', '.join(MODES)}; got {self.mode!r}")
@@ -47,7 +63,8 @@ class ClassifierLoss(LossPlugin):
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.context.backend.classify(x).float()
-        labels = self.labels.to(x.device)
+        labels = (torch.tensor(self.context.labels(x.shape[0])) if self.labels is None
+                  else self.labels).to(x.device)
         if labels.numel() not in (1, x.shape[0]):
             raise InvalidArgument(f"classifier: {labels.numel()} labels for a batch of {x.shape[0]}")
         labels = labels.expand(x.shape[0])

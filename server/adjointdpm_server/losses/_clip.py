@@ -2,7 +2,9 @@
 
 Offered only when the server is started with ``--clip-model-dir`` (a transformers ``CLIPModel``
 and its processor files; nothing is downloaded). The audit of §4.1.2 uses it with a negative
-weight (push away from a prompt).
+weight (push away from a prompt). Without ``text``, each sample is compared with the prompt it was
+generated with (``LossContext.prompts``; refused when the plugin is built for samples without
+prompts).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from ..errors import FailedPrecondition, InvalidArgument
 from ._base import LossPlugin
 
-__all__ = ["ClipSimilarityLoss"]
+__all__ = ["ClipSimilarityLoss", "PromptEmbeddings"]
 
 _lock = threading.Lock()
 
@@ -49,10 +51,38 @@ def text_embeddings(model, ids: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(t, dim=-1)
 
 
+class PromptEmbeddings:
+    """CLIP text embeddings by prompt string, for one request: each distinct prompt is tokenized
+    (with the tokenizer of the CLIP in ``directory``) and embedded once per copy of the CLIP that
+    scores (its dtype and device), so a prompt scored again (another iteration, another pass) is
+    not re-encoded. Each prompt goes through the text tower alone: its embedding, to the last
+    bit, does not depend on the prompts it first came with (a resumed fine-tune, whose cache
+    starts anew, scores as the uninterrupted run did)."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.cache: dict = {}  # (dtype, device) → {prompt: its embedding}
+
+    def __call__(self, model, prompts: list[str]) -> torch.Tensor:
+        """(len(prompts), projection_dim): each prompt's normalised embedding from ``model`` (the
+        CLIP of ``directory``, possibly a copy in another dtype or on another device)."""
+        parameter = next(model.parameters())
+        known = self.cache.setdefault((parameter.dtype, parameter.device), {})
+        missing = [p for p in dict.fromkeys(prompts) if p not in known]
+        if missing:
+            with _lock:
+                base, tokenizer = _load(self.directory)
+                ids = tokenize(base, tokenizer, missing)
+            for prompt, row in zip(missing, ids):
+                known[prompt] = text_embeddings(model, row[None])[0]
+        return torch.stack([known[p] for p in prompts])
+
+
 class ClipSimilarityLoss(LossPlugin):
     name = "clip_similarity"
-    description = "1 − cosine similarity between CLIP's embeddings of the image and of `text`"
-    params = {"text": "the prompt to compare with"}
+    description = ("1 − cosine similarity between CLIP's embeddings of the image and of `text` "
+                   "(default: each sample's own generation prompt)")
+    params = {"text": "the prompt to compare with; default: each sample's own generation prompt"}
 
     @classmethod
     def available(cls, settings) -> bool:
@@ -61,18 +91,28 @@ class ClipSimilarityLoss(LossPlugin):
     def __init__(self, context, params, tensors):
         super().__init__(context, params, tensors)
         text = params.get("text")
-        if not isinstance(text, str) or not text:
+        if text is None:  # each sample's own prompt, set per scored batch
+            if context.condition_kind != "prompts":
+                raise InvalidArgument("clip_similarity needs the parameter 'text' (a non-empty string) "
+                                      "when the samples have no prompts of their own")
+        elif not isinstance(text, str) or not text:
             raise InvalidArgument("clip_similarity needs the parameter 'text' (a non-empty string)")
+        self.fixed = text
+        directory = str(context.settings["clip_model_dir"])
         with _lock:
-            self.model, tokenizer = _load(str(context.settings["clip_model_dir"]))
-            ids = tokenize(self.model, tokenizer, [text])
-        self.text = text_embeddings(self.model, ids)
+            self.model, _ = _load(directory)
+        self.texts = PromptEmbeddings(directory)
+        if text is not None:
+            self.texts(self.model, [text])  # embedded once, before any work
         size = self.model.config.vision_config.image_size
         self.size = size
         self.mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
         self.std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[0]
+        prompts = self.context.prompts(batch) if self.fixed is None else [self.fixed] * batch
+        text = self.texts(self.model, prompts)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         x = torch.nn.functional.interpolate(x.float(), size=(self.size, self.size), mode="bicubic",
@@ -81,4 +121,4 @@ class ClipSimilarityLoss(LossPlugin):
         features = self.model.get_image_features(pixel_values=x)
         features = getattr(features, "pooler_output", features)
         image = torch.nn.functional.normalize(features, dim=-1)
-        return 1 - (image * self.text.to(image.device)).sum(-1)
+        return 1 - (image * text.to(image.device)).sum(-1)

@@ -48,6 +48,11 @@ class GramStyleLoss(LossPlugin):
             feats = backend.style_features(style.to(backend.device, backend.dtype))
             self.style_grams = [gram(f) for f in feats]
 
+    @property
+    def uses_reference(self) -> bool:
+        """The content term compares with the reference unless ``content`` images are given."""
+        return bool(self.content_weight) and self.content is None
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.context.backend.style_features(x)
         loss = sum((gram(f) - g.to(f.dtype)).square().flatten(1).sum(1)

@@ -6,6 +6,13 @@ prompt) — PickScore's formula (``model.logit_scale.exp() * text_embs @ image_e
 optionally, ``preprocessor_config.json``; nothing is downloaded). The loss is −score per sample.
 The CLIP is loaded and tokenized as ``clip_similarity``'s (one resident copy where both flags
 name the same directory); the images are preprocessed as CLIP's processor does (``ClipPreprocess``).
+
+Without ``prompt`` each sample is scored against the prompt it was generated with
+(``LossContext.prompts``): a fine-tune over a prompt set scores every drawn sample against its own
+prompt (AlignProp / DRaFT with PickScore). A request whose samples have no prompts (class labels,
+a tensor or learned conditioning, a prompt holding a token's placeholder) must give ``prompt``:
+refused when the plugin is built. Text embeddings are computed once per distinct prompt string
+and request (``PromptEmbeddings``), whichever way the prompts come.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import torch
 
 from ..errors import InvalidArgument
 from ._clip import _load as _load_clip
-from ._clip import _lock, text_embeddings, tokenize
+from ._clip import PromptEmbeddings, _lock
 from ._reward import ClipPreprocess, RewardPlugin, compute_dtype, image_embeddings, model_dir, placed
 
 __all__ = ["PreferenceLoss", "FLAG"]
@@ -37,8 +44,10 @@ def _preprocess(directory: str) -> ClipPreprocess:
 class PreferenceLoss(RewardPlugin):
     name = "preference"
     description = ("CLIP preference score of the PickScore kind, exp(logit_scale)·cos(image, `prompt`) "
-                   "(--preference-model-dir); loss = −score per sample, so a positive weight raises it")
-    params = {"prompt": "the prompt the images are scored against: a string, or a list of one per sample"}
+                   "(--preference-model-dir; `prompt` defaults to each sample's own generation prompt); "
+                   "loss = −score per sample, so a positive weight raises it")
+    params = {"prompt": "the prompt the images are scored against: a string, or a list of one per "
+                        "sample; default: each sample's own generation prompt"}
 
     @classmethod
     def available(cls, settings) -> bool:
@@ -47,24 +56,40 @@ class PreferenceLoss(RewardPlugin):
     def __init__(self, context, params, tensors):
         super().__init__(context, params, tensors)
         prompt = params.get("prompt")
-        prompts = prompt if isinstance(prompt, list) else [prompt]
-        if not prompts or not all(isinstance(p, str) and p for p in prompts):
-            raise InvalidArgument("preference needs the parameter 'prompt': a non-empty string or a "
-                                  f"list of them, one per sample; got {prompt!r}")
+        if prompt is None:  # each sample's own prompt, set per scored batch
+            if context.condition_kind != "prompts":
+                raise InvalidArgument(
+                    "preference needs the parameter 'prompt' (a non-empty string or a list of them, "
+                    "one per sample) when the samples have no prompts of their own: this request's "
+                    f"are generated from {_FROM[context.condition_kind]}")
+            self.prompts = None
+        else:
+            prompts = prompt if isinstance(prompt, list) else [prompt]
+            if not prompts or not all(isinstance(p, str) and p for p in prompts):
+                raise InvalidArgument("preference needs the parameter 'prompt': a non-empty string or a "
+                                      f"list of them, one per sample; got {prompt!r}")
+            self.prompts = prompts
         self.directory = str(model_dir(self.name, context.settings, "preference_model_dir", FLAG))
         with _lock:
-            model, tokenizer = _load_clip(self.directory)
-            self.ids = tokenize(model, tokenizer, prompts)
+            _load_clip(self.directory)  # a broken directory fails here, before any work
         self.preprocess = _preprocess(self.directory)
-        self.texts: dict = {}  # (dtype, device) → the prompts' embeddings, computed once per request
+        self.texts = PromptEmbeddings(self.directory)
 
     def reward(self, x: torch.Tensor) -> torch.Tensor:
-        if len(self.ids) not in (1, x.shape[0]):
-            raise InvalidArgument(f"preference: {len(self.ids)} prompts for a batch of {x.shape[0]}")
+        batch = x.shape[0]
+        if self.prompts is None:
+            prompts = self.context.prompts(batch)
+        elif len(self.prompts) in (1, batch):
+            prompts = self.prompts * batch if len(self.prompts) == 1 else self.prompts
+        else:
+            raise InvalidArgument(f"preference: {len(self.prompts)} prompts for a batch of {batch}")
         dtype = compute_dtype(x)
         model = placed(_model, self.directory, dtype, x.device)
-        key = (dtype, x.device)
-        if key not in self.texts:
-            self.texts[key] = text_embeddings(model, self.ids)
+        text = self.texts(model, prompts)
         image = image_embeddings(model.get_image_features(pixel_values=self.preprocess(x.to(dtype))))
-        return model.logit_scale.exp() * (image * self.texts[key]).sum(-1)
+        return model.logit_scale.exp() * (image * text).sum(-1)
+
+
+# what a request's samples are generated from, in a refusal
+_FROM = {"labels": "class labels", "none": "no prompt (a tensor or learned conditioning, a prompt "
+         "holding a learned token's placeholder, or none)", "prompts": "prompts"}

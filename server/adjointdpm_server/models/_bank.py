@@ -25,13 +25,15 @@ import time
 import types
 import weakref
 from collections import Counter, OrderedDict
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils.stateless import _reparametrize_module  # what functional_call enters
 
-from ..core import SharedRows
+from ..core import BlockCheckpointing, SharedRows, recomputed_in
 from ..errors import ResourceExhausted
 from ._adapters import _shared_copy as shared_copy
 from ._adapters import inject_lora
@@ -106,7 +108,7 @@ class _Entry:
     views: weakref.WeakSet = field(default_factory=weakref.WeakSet)
 
 
-class AdapterView(nn.Module, SharedRows):
+class AdapterView(nn.Module, SharedRows, BlockCheckpointing):
     """One adapter of a bank (or the base, ``adapter`` None) as ``eps_fn(x, t, cond)``.
 
     Its parameters are the base's and its adapter's, under the names a peft copy would give
@@ -119,6 +121,8 @@ class AdapterView(nn.Module, SharedRows):
         object.__setattr__(self, "bank", bank)
         object.__setattr__(self, "entry", entry)
         self.label = BASE if entry is None else entry.name
+        base = bank.base
+        self.checkpoints_blocks = isinstance(base, BlockCheckpointing) and base.checkpoints_blocks
         self._canonical: dict[str, str] = {}
         if entry is not None:
             entry.views.add(self)
@@ -258,18 +262,32 @@ class AdapterBank:
         self.stats.distinct[len(distinct)] += 1
         if not distinct:
             return self.base(x, t, cond)
-        with self._lock:
-            self._rows.labels, self._rows.cacheable, self._rows.layouts = labels, not weights, {}
+
+        def state():
+            return self._call_state(labels, weights)
+        # a block checkpointed inside the network recomputes in this same state (core/_blocks.py)
+        with state(), recomputed_in(state):
             try:
-                if weights:
-                    return torch.func.functional_call(self.net, weights, (x, t, cond), strict=False)
                 return self.net(x, t, cond)
             except MixedRowsUnsupported:
                 self.stats.fallbacks += 1
                 self.mixed = False  # from now on each adapter in calls of its own
                 raise
+
+    @contextmanager
+    def _call_state(self, labels: list, weights: dict):
+        """What the LoRA layers of ``net`` read during one call — each row's adapter, the
+        trained adapters' leaves in place of their placeholders (``functional_call``'s swap) —
+        entered by the call, and again by a block's recomputation in its backward pass."""
+        with self._lock:
+            saved = self._rows.labels, self._rows.cacheable, self._rows.layouts
+            self._rows.labels, self._rows.cacheable, self._rows.layouts = labels, not weights, {}
+            try:
+                with (_reparametrize_module(self.net, weights, tie_weights=True, strict=False)
+                      if weights else nullcontext()):
+                    yield
             finally:
-                self._rows.labels = self._rows.layouts = None
+                self._rows.labels, self._rows.cacheable, self._rows.layouts = saved
 
     def _label_rows(self, module, args, kwargs):
         """A forward pre-hook on every LoRA layer of ``net``: the call's row labels."""

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..core import BlockCheckpointing, enable_block_checkpointing
 from ._latent import LatentDiffusionBackend, load_vp_schedule
 from ._text import TextEncoder
 
@@ -42,7 +43,7 @@ PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
-class TextConditionalEps(nn.Module):
+class TextConditionalEps(nn.Module, BlockCheckpointing):
     """``eps_fn(x, t, cond)`` around a diffusers ``UNet2DConditionModel``: the UNet's output, ε or
     v as the backend's ``prediction`` says (the sampler converts; core/_prediction.py).
 
@@ -52,6 +53,7 @@ class TextConditionalEps(nn.Module):
     def __init__(self, unet):
         super().__init__()
         self.unet = unet
+        enable_block_checkpointing(unet)  # off until auto's plan needs it (core/_blocks.py)
 
     def forward(self, x, t, cond):
         return self.unet(x, t, encoder_hidden_states=cond).sample

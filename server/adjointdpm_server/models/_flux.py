@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core import FlowSchedule
+from ..core import BlockCheckpointing, FlowSchedule, enable_block_checkpointing
 from ._base import Conditioning
 from ._latent import LatentDiffusionBackend, class_for, load_flow_schedule
 from ._packing import TokensAndVector
@@ -48,13 +48,14 @@ def image_ids(h: int, w: int) -> torch.Tensor:
     return ids.reshape(-1, 3)
 
 
-class FluxVelocity(nn.Module):
+class FluxVelocity(nn.Module, BlockCheckpointing):
     """``eps_fn(x, t, cond)`` → the velocity ``dx/dσ`` of a FLUX transformer at time t (its
     timestep input is σ_t; it scales by 1000 itself)."""
 
     def __init__(self, transformer, layout: TokensAndVector, schedule: FlowSchedule, latent_hw):
         super().__init__()
         self.transformer = transformer
+        enable_block_checkpointing(transformer)  # off until auto's plan needs it (core/_blocks.py)
         self.layout = layout
         self.schedule = schedule
         self.latent_hw = latent_hw

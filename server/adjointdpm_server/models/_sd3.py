@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core import FlowSchedule
+from ..core import BlockCheckpointing, FlowSchedule, enable_block_checkpointing
 from ._latent import LatentDiffusionBackend, class_for, component, load_flow_schedule
 from ._packing import TokensAndVector
 from ._text import TextEncoder
@@ -26,12 +26,13 @@ PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "t
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
-class SD3Velocity(nn.Module):
+class SD3Velocity(nn.Module, BlockCheckpointing):
     """``eps_fn(x, t, cond)`` → the velocity ``dx/dσ`` of an SD3 transformer at time t."""
 
     def __init__(self, transformer, layout: TokensAndVector, schedule: FlowSchedule):
         super().__init__()
         self.transformer = transformer
+        enable_block_checkpointing(transformer)  # off until auto's plan needs it (core/_blocks.py)
         self.layout = layout
         self.schedule = schedule
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..core import BlockCheckpointing, enable_block_checkpointing
 from ._diffusers import LORA_TARGETS
 from ._latent import LatentDiffusionBackend, load_vp_schedule
 from ._packing import TokensAndVector
@@ -25,13 +26,14 @@ __all__ = ["SDXLBackend", "SDXLEps"]
 PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 
 
-class SDXLEps(nn.Module):
+class SDXLEps(nn.Module, BlockCheckpointing):
     """``eps_fn(x, t, cond)`` around an SDXL ``UNet2DConditionModel`` (``text_time`` added
     conditioning): ``cond`` is unpacked into the token embeddings and the pooled one."""
 
     def __init__(self, unet, layout: TokensAndVector, time_ids: torch.Tensor):
         super().__init__()
         self.unet = unet
+        enable_block_checkpointing(unet)  # off until auto's plan needs it (core/_blocks.py)
         self.layout = layout
         self.register_buffer("time_ids", time_ids, persistent=False)
 

@@ -7,9 +7,9 @@ keyword), and returns a result dataclass; the wire translates both ways.
 """
 
 from ._context import TaskContext
-from ._job import (Checkpoint, ClientQuery, IterationReport, Job, JobStarted, LocalJob, Queued,
-                   ValidationReport)
-from ._specs import ExampleSpec, GenerationSpec, LossSpec, TokenSpec
+from ._job import (Checkpoint, ClientQuery, IterationReport, Job, JobStarted, LocalJob, PlanReport,
+                   Queued, ValidationReport)
+from ._specs import ConditionSpec, ExampleSpec, GenerationSpec, LossSpec, TokenSpec
 from .optimize_embedding import run_optimize_embedding
 from .finetune_weights import run_finetune_weights
 from .compute_gradient import TARGETS, GradientResult, run_compute_gradient
@@ -18,7 +18,8 @@ from .sample import SampleResult, run_sample
 
 __all__ = [
     "TaskContext", "Job", "LocalJob", "ClientQuery", "IterationReport", "ValidationReport",
-    "Checkpoint", "JobStarted", "Queued", "GenerationSpec", "LossSpec", "TokenSpec", "ExampleSpec", "TARGETS",
+    "Checkpoint", "JobStarted", "Queued", "PlanReport", "GenerationSpec", "LossSpec", "TokenSpec", "ExampleSpec",
+    "ConditionSpec", "TARGETS",
     "run_sample", "run_compute_gradient", "run_optimize_latent", "run_finetune_weights",
     "run_optimize_embedding",
     "SampleResult", "GradientResult", "OptimizeResult",

@@ -235,7 +235,7 @@ def run_sampler(prep: Prepared, job: Job, *, x_T=None, cond=None, uncond=None, e
                             prep.t_start if t_start is None else t_start),
                         timesteps=timesteps, prediction=prep.backend.prediction, memory_budget=budget,
                         network_dtype=network_dtype, callback=callback or progress_callback(job, iteration),
-                        truncate=truncate)
+                        truncate=truncate, on_plan=lambda plan: job.report_plan(plan, iteration))
         return x0 if network_dtype is None else x0.to(network_dtype)
     except ValueError as err:
         if isinstance(err, InvalidArgument):

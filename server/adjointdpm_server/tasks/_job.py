@@ -6,6 +6,7 @@ The service implements ``Job`` over a gRPC stream; in-process callers (tests, ex
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass, field
@@ -17,7 +18,8 @@ import torch
 from ..errors import Cancelled, DeadlineExceeded, FailedPrecondition
 from ..losses import LossAnswer, check_reply
 
-__all__ = ["Job", "LocalJob", "ClientQuery", "Checkpoint", "JobStarted", "IterationReport", "ValidationReport", "Queued"]
+__all__ = ["Job", "LocalJob", "ClientQuery", "Checkpoint", "JobStarted", "IterationReport", "ValidationReport",
+           "Queued", "PlanReport"]
 
 
 @dataclass
@@ -76,6 +78,14 @@ class JobStarted:
     iteration: int
 
 
+@dataclass
+class PlanReport:
+    """A gradient pass's memory plan (``core.MemoryPlan``) and the iteration it was made at."""
+
+    plan: Any
+    iteration: int
+
+
 class Job:
     """Base: events go nowhere, no client to ask, never cancelled.
 
@@ -90,6 +100,15 @@ class Job:
         self.checkpoint_now = threading.Event()
         self.deadline = deadline
         self.nfe = 0
+        self._plan = None  # the last memory plan reported
+
+    def report_plan(self, plan, iteration: int = 0) -> None:
+        """Emit a gradient pass's memory plan: the first, and any whose decisions differ from the
+        last one's (its measured ``graph_bytes`` aside: a measurement, not a decision)."""
+        decisions = dataclasses.replace(plan, graph_bytes=0)
+        if decisions != self._plan:
+            self._plan = decisions
+            self.emit(PlanReport(plan, iteration))
 
     def count_nfe(self, phase: str, n: int) -> None:
         """Network evaluations done in ``phase`` (forward / backward), for metrics."""

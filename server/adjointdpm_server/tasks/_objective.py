@@ -1,7 +1,11 @@
 """The request's loss: a weighted sum of client-side and server-side terms on the image or x_0.
 
 Client terms become ``RemoteLoss`` calls that send ``x`` over the job's stream and wait for the
-answer; server terms are plugins from the registry.
+answer; server terms are plugins from the registry. Server terms may read, besides their
+parameters, the base model's output (``reference``) and what each scored sample was generated
+from (``conditions``: its prompt or class label, ``generation_conditions``): the kind of the
+conditions is fixed when the terms are built (a term that needs a sample's own prompt refuses a
+request without prompts before any work), their values are set for each scored batch.
 """
 
 from __future__ import annotations
@@ -13,15 +17,54 @@ import torch
 
 from ..errors import InvalidArgument
 from ..integrity import check_result
-from ..losses import LossContext, RemoteLoss, build_loss
+from ..losses import Conditions, LossContext, RemoteLoss, build_loss
 from ._job import ClientQuery, Job
-from ._specs import LossSpec
+from ._specs import GenerationSpec, LossSpec
 
-__all__ = ["Objective", "Evaluation"]
+__all__ = ["Objective", "Evaluation", "generation_conditions", "sample_conditions"]
+
+
+def sample_conditions(backend, *, prompts=(), labels=()) -> Conditions:
+    """Conditions from one prompt or one label per sample (at most one of the two given, as the
+    model accepted them): on a label-conditioned model (digits) a digit prompt "7" is the label 7,
+    as the model reads it; nothing given is none."""
+    if labels:
+        return Conditions("labels", tuple(int(v) for v in labels))
+    if prompts and backend.conditioning == "labels":
+        return Conditions("labels", tuple(int(p) for p in prompts))
+    if prompts:
+        return Conditions("prompts", tuple(prompts))
+    return Conditions()
+
+
+def generation_conditions(spec: GenerationSpec, prep, *, learned: bool = False) -> Conditions:
+    """What each of ``prep``'s samples is generated from, as loss terms see it (``Conditions``):
+    its class label, its prompt (``sample_conditions``), or none — a tensor ``cond``, a learned
+    ``embedding``, a ``learned`` conditioning (OptimizeEmbedding's vector or token, a token
+    target's: their prompts hold the placeholder, which is no text to score an image against),
+    or no conditioning at all. ``spec`` has passed ``prepare`` (one value or one per sample)."""
+    if learned or spec.embedding or spec.cond is not None:
+        return Conditions()
+
+    def per_sample(values):
+        return list(values) * prep.batch if len(values) == 1 else list(values)
+
+    return sample_conditions(prep.backend, prompts=per_sample(spec.prompt),
+                             labels=per_sample(spec.labels))
 
 
 class Objective:
-    def __init__(self, ctx, backend, specs: list[LossSpec], job: Job, *, reference=None):
+    """The request's terms, built (and so checked) once; called on each scored batch.
+
+    ``reference``: the base model's outputs by domain for content terms (``set_reference`` per
+    batch); ``conditions``: what the samples are generated from (``generation_conditions``): its
+    kind is fixed here, for the whole request, and its values (when given) are those of the batch
+    the objective scores until ``set_conditions`` sets the next batch's."""
+
+    def __init__(self, ctx, backend, specs: list[LossSpec], job: Job, *, reference=None,
+                 conditions: Conditions | None = None):
+        conditions = Conditions() if conditions is None else conditions
+        self.condition_kind = conditions.kind
         if not specs:
             raise InvalidArgument("give at least one loss term")
         if len(specs) > 16:
@@ -37,7 +80,8 @@ class Objective:
             if spec.kind == "client":
                 self.terms.append(RemoteLoss(self._asker(index, spec)))
             elif spec.kind == "server":
-                context = LossContext(backend, ctx.settings, reference and reference[spec.domain])
+                context = LossContext(backend, ctx.settings, reference and reference[spec.domain],
+                                      conditions.kind, conditions.values or None)
                 self.contexts.append((spec.domain, context))
                 self.terms.append(build_loss(spec.name, context, spec.params, spec.tensors))
             else:
@@ -47,6 +91,22 @@ class Objective:
         """The unmodified outputs (by domain) matching the next call's batch, for content terms."""
         for domain, context in self.contexts:
             context.reference = None if reference is None else reference[domain]
+
+    def set_conditions(self, conditions: Conditions | None) -> None:
+        """What each sample of the next call's batch is generated from (None: unknown, so a term
+        that reads it fails); of the kind the objective was built with."""
+        if conditions is not None and conditions.kind != self.condition_kind:
+            raise RuntimeError(f"this objective scores samples with {self.condition_kind} conditions; "
+                               f"got {conditions.kind}")
+        for _, context in self.contexts:
+            context.conditions = None if conditions is None else conditions.values
+
+    @property
+    def needs_reference(self) -> bool:
+        """Some server term reads the reference (``LossPlugin.uses_reference``); client terms
+        never see it."""
+        return any(spec.kind == "server" and term.uses_reference
+                   for spec, term in zip(self.specs, self.terms))
 
     @property
     def needs_image(self) -> bool:

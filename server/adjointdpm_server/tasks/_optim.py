@@ -18,7 +18,7 @@ from ._job import IterationReport, Job
 from ._objective import Evaluation
 
 __all__ = ["make_optimizer", "MasterOptimizer", "master_tensor", "check_iterations", "check_name", "check_stop", "report", "optimize",
-           "learning_rate", "SCHEDULES", "Patience", "non_finite_loss", "ITERATE_RANGE"]
+           "learning_rate", "SCHEDULES", "Patience", "non_finite_loss", "ITERATE_RANGE", "accumulated"]
 
 SCHEDULES = ("constant", "cosine", "linear")
 
@@ -185,6 +185,19 @@ def report(job: Job, iteration: int, evaluation: Evaluation, grad_norm: float, i
     return loss
 
 
+def accumulated(parts: list[Evaluation]) -> Evaluation:
+    """The evaluation of a whole batch from those of its micro-batches, whose backward passes
+    have run (the objective is a sum over samples, so the batch's is the sum of theirs): the
+    total and each term's value summed, the per-sample losses in batch order. One part is
+    returned as it is (the same numbers as an unsplit batch, bit for bit)."""
+    if len(parts) == 1:
+        return parts[0]
+    total = sum(float(p.total.detach()) if isinstance(p.total, torch.Tensor) else float(p.total)
+                for p in parts)
+    values = [sum(p.values[k] for p in parts) for k in range(len(parts[0].values))]
+    return Evaluation(total, values, torch.cat([p.per_sample for p in parts]))
+
+
 def optimize(job: Job, opt: MasterOptimizer, params, spec,
              loss_at: Callable[[int], tuple], *, first: int = 0, history: list | None = None,
              after_step: Callable[[int], bool | None] | None = None,
@@ -194,17 +207,27 @@ def optimize(job: Job, opt: MasterOptimizer, params, spec,
     ``backward_turn()``: a weight-training job's pass holds the device as a turn of the fair
     share), report, step, then ``after_step(iterations done)`` (a projection, a checkpoint, a
     validation), which returns True to stop early. The job is checked between iterations
-    (cancel, deadline)."""
+    (cancel, deadline).
+
+    Gradient accumulation: ``loss_at`` may give, instead of one evaluation, an iterator of them,
+    one per micro-batch of the iteration's batch. Each one's backward runs before the iterator
+    computes the next (so only one micro-batch's graph is alive at a time), the gradients add up
+    in the parameters, and the iteration reports and steps once on their sum (``accumulated``)."""
     history = [] if history is None else history
     for it in range(first, spec.iterations):
         job.check()
         lr = learning_rate(spec, it)
         for group in opt.param_groups:
             group["lr"] = lr
+        opt.zero_grad()  # before loss_at: an iterator's backward passes accumulate from here
         evaluation, images, extra = loss_at(it)
-        opt.zero_grad()
-        with tracing.span("adjointdpm.backward"), backward_turn():
-            evaluation.total.backward()
+        parts = [evaluation] if isinstance(evaluation, Evaluation) else evaluation
+        done = []
+        for part in parts:
+            with tracing.span("adjointdpm.backward"), backward_turn():
+                part.total.backward()
+            done.append(part)
+        evaluation = accumulated(done)
         grad_norm = math.sqrt(sum(float(p.grad.square().sum()) for p in params if p.grad is not None))
         history.append(report(job, it, evaluation, grad_norm, images, lr=lr, iterate=params, **extra))
         opt.step()

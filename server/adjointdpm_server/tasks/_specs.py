@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["GenerationSpec", "LossSpec", "TokenSpec", "ExampleSpec"]
+__all__ = ["GenerationSpec", "LossSpec", "TokenSpec", "ExampleSpec", "ConditionSpec"]
 
 
 @dataclass
@@ -61,3 +61,13 @@ class ExampleSpec:
     x_T: torch.Tensor | None = None
     prompt: str = ""
     label: int | None = None
+
+
+@dataclass
+class ConditionSpec:
+    """One entry of a fine-tune's prompt set: a prompt or a class label, drawn in proportion to
+    ``weight`` (relative; 0 = never, though the wire reads an unset weight 0 as 1)."""
+
+    prompt: str = ""
+    label: int | None = None
+    weight: float = 1.0

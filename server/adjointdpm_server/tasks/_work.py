@@ -119,11 +119,21 @@ def guided_work(steps: int, solver: str, grad_mode: str, every: int, inner: int,
 
 
 def finetune_work(steps: int, solver: str, grad_mode: str, iterations: int, validate_every: int,
-                  validation: bool) -> Work:
+                  validation: bool, *, passes: int = 1, references: bool = False) -> Work:
     """The base model's reference sample, the iterations, the result's sample; with held-out
-    examples their base sample and one sampling every ``validate_every`` iterations and at the end."""
-    work = _iterations(Work(), iterations, steps, solver, grad_mode)
+    examples their base sample and one sampling every ``validate_every`` iterations and at the end.
+    ``passes``: sampler passes an iteration (its micro-batches); ``references``: each pass also
+    samples the base model first (a prompt set's drawn batch, for losses that read a reference)."""
+    if passes == 1:
+        work = _iterations(Work(), iterations, steps, solver, grad_mode)
+    else:
+        work = Work().add(iterations * passes * solve_calls(steps, solver, grad_mode),
+                          f"iterations {iterations} × passes {passes} × "
+                          f"{_solve(steps, solver, grad_mode)}")
     once = solve_calls(steps, solver)
+    if references:
+        work.add(iterations * passes * once, f"references {iterations * passes} × "
+                                             f"{_solve(steps, solver, 'none')}")
     work.add(2 * once, f"2 × {_solve(steps, solver, 'none')}")
     if validation:
         runs = -(-iterations // validate_every) + 1

@@ -23,7 +23,7 @@ from ._context import TaskContext
 from ._generation import Prepared, prepare, run_sampler
 from ._images import to_png
 from ._job import Job
-from ._objective import Evaluation, Objective
+from ._objective import Evaluation, Objective, generation_conditions
 from ._optim import master_tensor
 from ._reply import check_reply_size, reply_bytes, wire_itemsize
 from ._specs import GenerationSpec, LossSpec, TokenSpec
@@ -254,7 +254,10 @@ def run_compute_gradient(ctx: TaskContext, spec: GenerationSpec, losses: list[Lo
     mode = check_grad_mode(opts.grad_mode)
     prep = prepare(ctx, spec)
     check_work(ctx.limits, gradient_work(prep.steps, prep.solver, mode))
-    objective = Objective(ctx, prep.backend, losses, job)
+    # each sample's prompt or label for the terms that default to it; a token target's prompts
+    # hold its placeholder, no text to score against
+    objective = Objective(ctx, prep.backend, losses, job,
+                          conditions=generation_conditions(spec, prep, learned="token" in targets))
     plan = gradient_plan(ctx, spec, prep, targets, opts, token)
     x0 = run_sampler(prep, job, x_T=plan.x_T, cond=plan.cond, eps_fn=plan.eps_fn, grad_mode=mode,
                      memory_budget_mib=opts.memory_budget_mib, truncate=truncation(opts, 0, targets))

@@ -10,6 +10,21 @@ every ``validate_every`` steps the adapter samples them, and a ``Validation`` ev
 losses and, where the model has a classifier, how many images keep the base model's verdict.
 ``keep_best`` returns the adapter of the best validation loss; ``stop_when`` ends the run early.
 
+A *prompt set* (``conditions``, instead of ``examples``: reward fine-tuning in the manner of
+DRaFT and AlignProp) is a list of prompts or class labels with weights. Iteration ``it`` draws
+``batch_size`` of them with replacement, in proportion to the weights, and a fresh noise for each
+drawn sample, from a generator seeded by ``(seed, it)`` alone (``draw_conditions``): the stream of
+batches is the same on every run and on a resume from any checkpoint, whose metadata records what
+a resume must repeat (``STREAM_KEYS``). Each distinct condition is encoded once, before any work.
+Losses that read the base model's output (``LossPlugin.uses_reference``: gram_style's content
+term) get it for each drawn batch, sampled by the base model from the same noises. Losses that
+default to a sample's own prompt or label (``preference``, ``classifier`` without theirs) get
+each pass's drawn conditions (``Objective.set_conditions``), as examples get each example's.
+
+``micro_batch`` (either kind of input) splits an iteration's batch into sampler passes whose
+gradients accumulate before the one optimizer step: the objective is a sum over samples, so the
+step is the whole batch's whatever the split, and the memory is one pass's.
+
 A fine-tune is a *job* of the cluster (``cluster``): its id (``job-<32 hex>``, in every
 checkpoint's metadata as ``run``) is sent first (``JobStarted``); it runs under a lease, so no
 two replicas run it at once, and when its stream or replica is lost, ``resume_job`` continues it
@@ -20,6 +35,9 @@ forgot it).
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import math
 import re
 import uuid
 
@@ -32,25 +50,31 @@ from ..cluster import JobRecord
 from ..core import SharedRows
 from ..errors import (Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound,
                       Unavailable)
+from ..losses import Conditions
 from ..models._adapters import full_copy, trainable_state
 from ..storage.artifacts import HEADER_BYTES
 from ._context import TaskContext
 from ._generation import prepare, run_sampler
 from ._images import to_png
 from ._job import Checkpoint, Job, JobStarted, ValidationReport
-from ._objective import Objective
+from ._objective import Objective, generation_conditions, sample_conditions
 from ._optim import Patience, check_iterations, check_name, check_stop, make_optimizer, optimize
-from ._specs import ExampleSpec, GenerationSpec, LossSpec
+from ._specs import ConditionSpec, ExampleSpec, GenerationSpec, LossSpec
 from ._work import check_work, finetune_work
 from .compute_gradient import check_grad_mode, truncation
 from .optimize_latent import OptimizeResult
 
-__all__ = ["run_finetune_weights", "METHODS", "OPTIM_PREFIX"]
+__all__ = ["run_finetune_weights", "METHODS", "OPTIM_PREFIX", "STREAM_KEYS", "draw_conditions",
+           "stream_key"]
 
 _JOB_ID = re.compile(r"(job-)?[0-9a-f]{32}")  # bare hex: runs from before jobs had a prefix
 
 METHODS = ("lora", "full")
 OPTIM_PREFIX = "__optim__/"  # optimizer state in a checkpoint: __optim__/<param>/<key>
+# What a checkpoint records of its stream of batches, and a resume must repeat: the prompt set's
+# digest and seed (prompt sets only) and the samples an iteration. Not ``micro_batch``: it splits
+# the same batch into passes (memory, not the stream), so a resume may split it differently.
+STREAM_KEYS = ("conditions", "seed", "batch_size")
 
 
 def _checkpoint_tensors(model, opt) -> dict[str, torch.Tensor]:
@@ -111,31 +135,197 @@ def _examples_generation(ctx, spec: GenerationSpec, examples: list[ExampleSpec])
                           grid=spec.grid)
 
 
+def stream_key(seed: int, iteration) -> int:
+    """The 64-bit seed of a torch generator for ``(seed, iteration)`` of a prompt set's stream
+    (``iteration``: an int, or ``"result"`` for the result's samples): BLAKE2b of both, so
+    neighbouring seeds and iterations get unrelated streams."""
+    data = f"adjointdpm/conditions/{int(seed)}/{iteration}".encode()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
+def draw_conditions(weights, size: int, seed: int, iteration: int,
+                    latent_shape) -> tuple[torch.Tensor, torch.Tensor]:
+    """Iteration ``iteration``'s mini-batch of a prompt set: ``size`` indices into ``weights``,
+    drawn with replacement with chances proportional to them (a weight 0 is never drawn), then
+    one noise x_T ~ N(0, I) of ``latent_shape`` per drawn sample (float32 on the CPU, as
+    ``ModelBackend.noise``). Both come from one CPU ``torch.Generator`` seeded by
+    ``stream_key(seed, iteration)``: a function of (seed, iteration, weights, size) alone, so the
+    same on every run, every device and every resume."""
+    gen = torch.Generator().manual_seed(stream_key(seed, iteration))
+    w = torch.as_tensor(list(weights), dtype=torch.float64)
+    picks = torch.multinomial(w / w.max(), size, replacement=True, generator=gen)
+    noise = torch.randn((size, *latent_shape), generator=gen, dtype=torch.float32)
+    return picks, noise
+
+
+@dataclass
+class _PromptSet:
+    """A prompt set, checked and encoded: each distinct condition's conditioning once (a row of
+    ``cond``/``uncond``), ``row[k]`` the row of the k-th listed condition, and the prepared
+    result batch (the distinct conditions up to the server's max batch, one seeded noise each)."""
+
+    weights: list[float]
+    row: torch.Tensor
+    cond: torch.Tensor
+    uncond: torch.Tensor | None
+    display: Any  # Prepared
+    digest: str
+    seed: int
+    conditions: Conditions  # the k-th listed condition's prompt or label, as loss terms see it
+
+    def batch(self, it: int, size: int):
+        """Iteration ``it``'s x_T, cond, uncond and each drawn sample's condition
+        (``draw_conditions``)."""
+        backend = self.display.backend
+        picks, noise = draw_conditions(self.weights, size, self.seed, it, backend.latent_shape)
+        rows = self.row[picks]
+        uncond = None if self.uncond is None else self.uncond[rows.to(self.uncond.device)]
+        return (noise.to(backend.device, backend.dtype), self.cond[rows.to(self.cond.device)],
+                uncond, self.conditions.rows(picks))
+
+
+def _prompt_set(ctx, spec: GenerationSpec, conditions: list[ConditionSpec], seed: int) -> _PromptSet:
+    """Check the conditions and encode each distinct one (every prompt or label is checked
+    against the model here, before any work); INVALID_ARGUMENT naming what is wrong."""
+    weights, by_label = _check_conditions(conditions, ctx.limits)
+    rows: dict = {}  # the distinct conditions, in order of first appearance → their row
+    row = [rows.setdefault(c.label if by_label else c.prompt, len(rows)) for c in conditions]
+    conds, unconds, display = _encode(ctx, spec, list(rows), by_label, seed)
+    canonical = [[c.prompt, c.label, w] for c, w in zip(conditions, weights)]
+    digest = hashlib.sha256(json.dumps(canonical, ensure_ascii=False).encode()).hexdigest()
+    listed = sample_conditions(display.backend, labels=[c.label for c in conditions] if by_label else (),
+                               prompts=() if by_label else [c.prompt for c in conditions])
+    return _PromptSet(weights, torch.tensor(row), torch.cat(conds),
+                      None if any(u is None for u in unconds) else torch.cat(unconds),
+                      display, digest, seed, listed)
+
+
+def _check_conditions(conditions: list[ConditionSpec], limits) -> tuple[list[float], bool]:
+    """(the weights, whether the conditions are labels): at most ``max_examples`` of them, each a
+    prompt or a label (all of one kind), weights finite, ≥ 0 and not all 0."""
+    if not 1 <= len(conditions) <= limits.max_examples:
+        raise InvalidArgument(f"give 1…{limits.max_examples} conditions; got {len(conditions)}")
+    weights = []
+    for k, c in enumerate(conditions):
+        w = float(c.weight)
+        if not (math.isfinite(w) and w >= 0):
+            raise InvalidArgument(f"conditions[{k}].weight must be finite and ≥ 0 (a relative "
+                                  f"chance of being drawn); got {w}")
+        if c.prompt and c.label is not None:
+            raise InvalidArgument(f"conditions[{k}] gives a prompt and a label; give one")
+        weights.append(w)
+    if not any(w > 0 for w in weights):
+        raise InvalidArgument("every condition's weight is 0: nothing can be drawn (give at least "
+                              "one a positive weight)")
+    labels = [c.label is not None for c in conditions]
+    if any(labels) and not all(labels):
+        raise InvalidArgument("conditions give either prompts or labels, not both")
+    return weights, labels[0]
+
+
+def _encode(ctx, spec: GenerationSpec, distinct: list, by_label: bool, seed: int):
+    """The conditioning of each distinct condition, prepared (``prepare``: checked, encoded,
+    guided) in chunks of the server's max batch; the first chunk, with one seeded noise each, is
+    the result's batch. → (conds, unconds, the first chunk's Prepared)."""
+    limits = ctx.limits
+    _, backend = ctx.model(spec.model)
+    conds, unconds, display = [], [], None
+    for start in range(0, len(distinct), limits.max_batch):
+        chunk = distinct[start:start + limits.max_batch]
+        if start == 0:  # the result's batch: these conditions, one seeded noise each
+            gen = torch.Generator().manual_seed(stream_key(seed, "result"))
+            x_T = torch.randn((len(chunk), *backend.latent_shape), generator=gen, dtype=torch.float32)
+        else:
+            x_T = torch.zeros((len(chunk), *backend.latent_shape))
+        prep = prepare(ctx, GenerationSpec(
+            model=spec.model, prompt=[] if by_label else list(chunk),
+            labels=list(chunk) if by_label else [], x_T=x_T, steps=spec.steps, solver=spec.solver,
+            guidance_scale=spec.guidance_scale, grid=spec.grid))
+        if not isinstance(prep.cond, torch.Tensor) or not (
+                prep.uncond is None or isinstance(prep.uncond, torch.Tensor)):
+            raise InvalidArgument(f"model {prep.model!r}: its conditioning cannot be drawn per "
+                                  "sample; give examples instead of conditions")
+        if display is None:
+            display = prep
+        conds.append(prep.cond)
+        unconds.append(prep.uncond)
+    return conds, unconds, display
+
+
+def _batch_sizes(limits, opts, n: int, *, prompt_set: bool) -> tuple[int, int]:
+    """(samples an iteration, samples a sampler pass). Examples: ``batch_size`` of the ``n``
+    (unset: all); a prompt set: ``batch_size`` draws (unset: ``n``, at most the server's max
+    batch), at most the server's ``max_examples``. ``micro_batch`` (unset: the whole batch) is
+    at most the batch, as it is a cap: a larger one means one pass. A pass holds at most the
+    server's max batch."""
+    if prompt_set:
+        size = opts.batch_size or min(n, limits.max_batch)
+        if size > limits.max_examples:
+            raise InvalidArgument(f"batch_size must be at most {limits.max_examples} (the server's "
+                                  f"limit of samples an iteration); got {size}")
+    else:
+        size = min(opts.batch_size or n, n)
+    micro = min(opts.micro_batch or size, size)
+    if micro > limits.max_batch:
+        raise InvalidArgument(f"a sampler pass takes at most {limits.max_batch} samples (the "
+                              f"server's max batch): give micro_batch ≤ {limits.max_batch} to run "
+                              f"batch_size {size} in passes")
+    return size, micro
+
+
 def run_finetune_weights(ctx: TaskContext, spec: GenerationSpec, examples: list[ExampleSpec],
-                         losses: list[LossSpec], job: Job, opts,
-                         validation: list[ExampleSpec] = ()) -> OptimizeResult:
-    """FinetuneWeights with the request's options ``opts``; ``validation``: held-out examples.
+                         losses: list[LossSpec], job: Job, opts, validation: list[ExampleSpec] = (),
+                         *, conditions: list[ConditionSpec] = ()) -> OptimizeResult:
+    """FinetuneWeights with the request's options ``opts``; ``validation``: held-out examples;
+    ``conditions``: a prompt set to draw every iteration's batch from, instead of ``examples``.
     ``keep_checkpoints``: this run's newest checkpoints kept, older ones deleted (quota)."""
-    mode = _check_request(ctx, spec, opts, validation)
+    mode = _check_request(ctx, spec, opts, validation, examples, conditions)
     record, resume_from = _job_of(ctx, opts)
-    prep = prepare(ctx, _examples_generation(ctx, spec, examples))
+    prep, prompts, samples, size, micro = _inputs(ctx, spec, examples, conditions, opts)
+    # its terms checked before any work: of the samples' conditions, the kind (each pass sets
+    # the values of its own samples)
+    objective = Objective(ctx, prep.backend, losses, job, conditions=Conditions(samples.kind))
+    references = prompts is not None and objective.needs_reference
     check_work(ctx.limits, finetune_work(prep.steps, prep.solver, mode, opts.iterations,
-                                         opts.validate_every, bool(validation)))
+                                         opts.validate_every, bool(validation),
+                                         passes=-(-size // micro), references=references))
+    # the held-out examples prepared and their terms checked before any work too: their
+    # conditions (their own prompts or labels) may be of another kind than the training's
+    validator = _Validator(ctx, spec, validation, losses, job) if validation else None
     model, meta = _adapted_copy(ctx, prep, opts)
     meta["run"] = record.id
-    run = _Run(ctx, job, opts, prep, model, meta, mode, record=record, resume_from=resume_from)
+    meta.update(batch_size=size, micro_batch=micro)
+    if prompts is not None:  # the seed as text: exact in JSON and in a client's Struct
+        meta.update(conditions=prompts.digest, seed=str(prompts.seed))
+    run = _Run(ctx, job, opts, prep, model, meta, mode, record=record, resume_from=resume_from,
+               objective=objective, prompts=prompts, size=size, micro=micro,
+               references=references, conditions=samples, validator=validator)
     with ctx.artifacts.reserve(_reserved_bytes(run.params, opts.keep_checkpoints)):
         record.model = prep.model
         ctx.cluster.claim(record)  # FAILED_PRECONDITION while a live replica runs it
         try:
             job.emit(JobStarted(record.id, record.replica, record.iteration))
-            result = _train(run, spec, losses, validation)
+            result = _train(run)
         except BaseException:
             ctx.cluster.release(record, "stopped")  # resumable by id
             raise
         record.adapter = result.artifact.id
         ctx.cluster.release(record, "done")
         return result
+
+
+def _inputs(ctx, spec: GenerationSpec, examples, conditions, opts):
+    """(the prepared batch — the examples, or a prompt set's result batch —, the prompt set or
+    None, what the samples are generated from — each example's prompt or label, or each listed
+    condition's —, samples an iteration, samples a pass)."""
+    if conditions:
+        prompts = _prompt_set(ctx, spec, list(conditions), opts.seed)
+        return (prompts.display, prompts, prompts.conditions,
+                *_batch_sizes(ctx.limits, opts, len(conditions), prompt_set=True))
+    generation = _examples_generation(ctx, spec, examples)
+    prep = prepare(ctx, generation)
+    return (prep, None, generation_conditions(generation, prep),
+            *_batch_sizes(ctx.limits, opts, prep.batch, prompt_set=False))
 
 
 def _job_of(ctx: TaskContext, opts) -> tuple[JobRecord, str]:
@@ -174,8 +364,15 @@ def _job_of(ctx: TaskContext, opts) -> tuple[JobRecord, str]:
     return record, checkpoint
 
 
-def _check_request(ctx: TaskContext, spec: GenerationSpec, opts, validation) -> str:
+def _check_request(ctx: TaskContext, spec: GenerationSpec, opts, validation, examples=(),
+                   conditions=()) -> str:
     """Refuse a malformed request before any work; returns the grad mode it asks for."""
+    if examples and conditions:
+        raise InvalidArgument("give examples (fixed noises and conditions) or conditions (a prompt "
+                              "set drawn from every iteration), not both")
+    if not examples and not conditions:
+        raise InvalidArgument("give examples (fixed noises and conditions) or conditions (a prompt "
+                              "set drawn from every iteration) to fine-tune on")
     check_iterations(opts, ctx.limits)
     check_stop(opts.stop_when, ctx.limits)
     if opts.keep_best and not validation:
@@ -225,9 +422,9 @@ def _reserved_bytes(params, keep_checkpoints: int) -> int:
     return (keep_checkpoints + 1) * checkpoint + weight_bytes + HEADER_BYTES
 
 
-def _train(run: _Run, spec: GenerationSpec, losses: list[LossSpec], validation) -> OptimizeResult:
+def _train(run: _Run) -> OptimizeResult:
     """The run itself, once admitted (its artifacts' bytes reserved)."""
-    _start(run, spec, losses, validation)
+    _start(run)
     try:
         optimize(run.job, run.opt, run.params, run.opts, run.loss_at, first=run.first,
                  history=run.history, after_step=run.after_step, backward_turn=run.backward_turn)
@@ -238,14 +435,16 @@ def _train(run: _Run, spec: GenerationSpec, losses: list[LossSpec], validation) 
     return _finish(run)
 
 
-def _start(run: _Run, spec: GenerationSpec, losses: list[LossSpec], validation) -> None:
-    """What training measures against: the base model's outputs (the content reference), the
-    held-out validator, the optimizer, and a resumed checkpoint's state."""
+def _start(run: _Run) -> None:
+    """What training measures against: the base model's outputs (the examples' content
+    reference; a prompt set's result batch before training), the held-out validator's, the
+    optimizer, and a resumed checkpoint's state."""
     with torch.no_grad():
         x0_base = run_sampler(run.prep, run.job, grad_mode="none")
         run.reference = {"latent": x0_base, "image": run.prep.backend.decode(x0_base)}
-    run.objective = Objective(run.ctx, run.prep.backend, losses, run.job, reference=run.reference)
-    run.validator = _Validator(run.ctx, spec, validation, losses, run.job) if validation else None
+    run.objective.set_reference(run.reference if run.prompts is None else None)
+    if run.validator is not None:
+        run.validator.start()
     run.opt = make_optimizer(run.opts, run.params)
     if run.resume_from:
         run.history, run.first = _resume(run)
@@ -285,10 +484,16 @@ class _Run:
     mode: str  # the grad mode
     record: JobRecord | None = None  # the job as the cluster knows it
     resume_from: str = ""  # the checkpoint it continues
+    objective: Objective | None = None
+    prompts: _PromptSet | None = None  # a prompt set, or None: the examples (prep's batch)
+    size: int = 1  # samples an iteration
+    micro: int = 1  # samples a sampler pass
+    references: bool = False  # a prompt set's losses read the base model's output on each batch
+    # what the samples are generated from: the examples' (prep's rows), or the listed conditions'
+    conditions: Conditions = field(default_factory=Conditions)
     params: list = field(init=False)
     patience: Patience = field(init=False)
-    reference: dict | None = None  # the base model's outputs on the examples
-    objective: Objective | None = None
+    reference: dict | None = None  # the base model's outputs on the examples (the result batch)
     validator: _Validator | None = None
     opt: Any = None
     history: list = field(default_factory=list)  # the training loss per iteration
@@ -315,19 +520,43 @@ class _Run:
             return contextlib.nullcontext()
         return engine.exclusive(self.job)
 
-    def loss_at(self, it: int):
-        """One iteration's loss: the sampler through the copy on this iteration's minibatch."""
+    def batch(self, it: int):
+        """Iteration ``it``'s batch: x_T, cond, uncond, the content reference (None: none
+        precomputed) and each sample's condition (``Conditions``). Examples: ``size`` of them in
+        turn; a prompt set: drawn by (seed, it)."""
+        if self.prompts is not None:
+            x_T, cond, uncond, conditions = self.prompts.batch(it, self.size)
+            return x_T, cond, uncond, None, conditions
         prep, n = self.prep, self.prep.batch
-        size = min(self.opts.batch_size or n, n)
-        idx = torch.arange(it * size, (it + 1) * size) % n
+        idx = torch.arange(it * self.size, (it + 1) * self.size) % n
+        return (prep.x_T[idx], _rows(prep.cond, idx), _rows(prep.uncond, idx),
+                {k: v[idx] for k, v in self.reference.items()}, self.conditions.rows(idx))
+
+    def loss_at(self, it: int):
+        """One iteration's loss: the sampler through the copy on this iteration's batch, in
+        passes of ``micro`` samples whose gradients ``optimize`` accumulates."""
         self.objective.iteration = it
-        self.objective.set_reference({k: v[idx] for k, v in self.reference.items()})
-        cond = prep.cond[idx] if isinstance(prep.cond, torch.Tensor) else prep.cond
-        uncond = prep.uncond[idx] if isinstance(prep.uncond, torch.Tensor) else prep.uncond
-        x0 = run_sampler(prep, self.job, x_T=prep.x_T[idx], cond=cond, eps_fn=self.model,
-                         grad_mode=self.mode, memory_budget_mib=self.opts.memory_budget_mib,
-                         iteration=it, uncond=uncond, truncate=truncation(self.opts, it))
-        return self.objective(x0), None, {}
+        return self._passes(it, *self.batch(it)), None, {}
+
+    def _passes(self, it: int, x_T, cond, uncond, reference, conditions):
+        """Each pass's evaluation, computed when ``optimize`` asks for it (after the previous
+        pass's backward): at most one pass's graph is alive."""
+        prep = self.prep
+        for start in range(0, len(x_T), self.micro):
+            part = slice(start, start + self.micro)
+            x, c, u = x_T[part], _rows(cond, part), _rows(uncond, part)
+            self.objective.set_conditions(conditions.rows(part))  # this pass's own prompts or labels
+            if reference is not None:
+                self.objective.set_reference({k: v[part] for k, v in reference.items()})
+            elif self.references:  # the base model's output on this drawn pass, same noise
+                with torch.no_grad():
+                    base = run_sampler(prep, self.job, x_T=x, cond=c, uncond=u, grad_mode="none",
+                                       iteration=it)
+                    self.objective.set_reference({"latent": base, "image": prep.backend.decode(base)})
+            x0 = run_sampler(prep, self.job, x_T=x, cond=c, eps_fn=self.model,
+                             grad_mode=self.mode, memory_budget_mib=self.opts.memory_budget_mib,
+                             iteration=it, uncond=u, truncate=truncation(self.opts, it))
+            yield self.objective(x0)
 
     def checkpoint(self, done: int) -> None:
         """A resumable point (weights, optimizer state, history); only the newest few are kept."""
@@ -372,21 +601,34 @@ class _Run:
         return self.patience.stop_now
 
 
+def _rows(value, index):
+    """The rows ``index`` (a tensor or a slice) of a batched tensor; anything else as it is."""
+    return value[index] if isinstance(value, torch.Tensor) else value
+
+
 class _Validator:
-    """The held-out examples: the base model's outputs (the content reference, the verdicts to
-    keep), then ``validator(model, done, patience) → validation loss`` emitting a Validation event."""
+    """The held-out examples, prepared and their loss terms built (checked) before any work,
+    scored against their own prompts or labels where a term defaults to them; ``start``: the
+    base model's outputs (the content reference, the verdicts to keep); then
+    ``validator(model, done, patience) → validation loss`` emitting a Validation event."""
 
     def __init__(self, ctx, spec, validation, losses, job):
         self.job = job
-        self.prep = prepare(ctx, _examples_generation(ctx, spec, list(validation)))
+        generation = _examples_generation(ctx, spec, list(validation))
+        self.prep = prepare(ctx, generation)
+        self.objective = Objective(ctx, self.prep.backend, losses, job,
+                                   conditions=generation_conditions(generation, self.prep))
+        self.verdicts = None
+        self.png_budget = ctx.limits.max_message_bytes // 2
+
+    def start(self) -> None:
+        """The base model's outputs on the held-out examples: the reference and the verdicts."""
         backend = self.prep.backend
         with torch.no_grad():
-            x0 = run_sampler(self.prep, job, grad_mode="none")
+            x0 = run_sampler(self.prep, self.job, grad_mode="none")
             images = backend.decode(x0)
             self.verdicts = backend.classify(images).argmax(1) if backend.has_classifier else None
-        self.objective = Objective(ctx, backend, losses, job,
-                                   reference={"latent": x0, "image": images})
-        self.png_budget = ctx.limits.max_message_bytes // 2
+        self.objective.set_reference({"latent": x0, "image": images})
 
     def __call__(self, model, done: int, patience: Patience) -> float:
         backend = self.prep.backend
@@ -418,12 +660,26 @@ def _resume(run: _Run) -> tuple[list, int]:
         if info.metadata.get(key) != meta.get(key):
             raise FailedPrecondition(f"checkpoint {checkpoint_id} was made with {key}="
                                      f"{info.metadata.get(key)!r}, this request has {meta.get(key)!r}")
+    for key in STREAM_KEYS:  # the stream of batches must go on as it was
+        if key not in info.metadata and "conditions" not in meta:
+            continue  # examples, and a checkpoint from before the stream was recorded
+        theirs, mine = info.metadata.get(key), meta.get(key)
+        if theirs != mine:
+            what = (f"{_inputs_of(theirs)}, this request has {_inputs_of(mine)}"
+                    if key == "conditions" else f"{key}={theirs!r}, this request has {mine!r}")
+            raise FailedPrecondition(f"checkpoint {checkpoint_id} was made with {what}: a resume "
+                                     "repeats the run's examples or conditions, seed and "
+                                     "batch_size (micro_batch may differ)")
     if info.iteration >= run.opts.iterations:
         raise InvalidArgument(f"checkpoint {checkpoint_id} is at iteration {info.iteration}; "
                               f"ask for more than that many iterations")
     _restore(run.model, run.opt, tensors)
     history = [float(v) for v in info.metadata.get("history", [])][:info.iteration]
     return history, info.iteration
+
+
+def _inputs_of(digest) -> str:
+    return "examples" if digest is None else f"the prompt set {str(digest)[:12]}…"
 
 
 def _checkpoints_of(run: _Run) -> list[str]:

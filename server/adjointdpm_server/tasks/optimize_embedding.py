@@ -21,7 +21,7 @@ from ._context import TaskContext
 from ._generation import Prepared, prepare, run_sampler
 from ._images import to_png
 from ._job import Job
-from ._objective import Evaluation, Objective
+from ._objective import Evaluation, Objective, generation_conditions
 from ._optim import (Patience, check_iterations, check_name, check_stop, make_optimizer,
                      master_tensor, optimize)
 from ._specs import GenerationSpec, LossSpec, TokenSpec
@@ -164,7 +164,11 @@ def run_optimize_embedding(ctx: TaskContext, spec: GenerationSpec, losses: list[
     mode, prior_weight = check_options(ctx, spec, opts)
     prep = prepare(ctx, spec)
     check_work(ctx.limits, embedding_work(prep.steps, prep.solver, mode, opts.iterations))
-    objective = Objective(ctx, prep.backend, with_target(losses, target_image), job)
+    # The samples are generated from the conditioning being learned, not from a prompt or label:
+    # a term that defaults to a sample's own prompt or label needs it given (its prompts hold
+    # the placeholder; a digits start label is where the vector starts, not what it becomes).
+    objective = Objective(ctx, prep.backend, with_target(losses, target_image), job,
+                          conditions=generation_conditions(spec, prep, learned=True))
     embedding = _Embedding(prep, spec, token)
     loss = _Loss(embedding, objective, job, opts, mode, prior_penalty(prep, opts.prior), prior_weight,
                  Patience(opts.stop_when))

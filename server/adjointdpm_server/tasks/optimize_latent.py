@@ -22,7 +22,7 @@ from ._context import TaskContext
 from ._generation import prepare, run_sampler
 from ._images import to_png
 from ._job import Job
-from ._objective import Evaluation, Objective
+from ._objective import Evaluation, Objective, generation_conditions
 from ._optim import check_iterations, check_stop, make_optimizer, master_tensor, optimize, report
 from ._specs import GenerationSpec, LossSpec
 from ._work import check_work, guided_work, optimize_latent_work
@@ -136,7 +136,8 @@ def run_optimize_latent(ctx: TaskContext, spec: GenerationSpec, losses: list[Los
     mode = _check_options(ctx.limits, opts)
     prep = prepare(ctx, spec)
     _check_run(ctx.limits, prep, opts, mode)
-    objective = Objective(ctx, prep.backend, losses, job)
+    objective = Objective(ctx, prep.backend, losses, job,
+                          conditions=generation_conditions(spec, prep))  # each sample's prompt or label
     if opts.guided is not None:
         return _Guidance(prep, objective, job, opts, mode).run()
     return _LatentSearch(prep, objective, job, opts, mode).run()

@@ -20,8 +20,9 @@ from ..core import HALF_DTYPES
 from ..errors import InvalidArgument
 from ..integrity import MAX_PARAM, MAX_WEIGHT, check_input, check_number
 from ..tasks import (Checkpoint, ClientQuery, ExampleSpec, GenerationSpec, IterationReport, JobStarted,
-                     LossSpec, Queued, TokenSpec, ValidationReport)
+                     LossSpec, PlanReport, Queued, TokenSpec, ValidationReport)
 from ..tasks._generation import IterationProgress
+from ..tasks._specs import ConditionSpec
 
 DOMAINS = {pb.IMAGE: "image", pb.LATENT: "latent"}
 
@@ -129,6 +130,15 @@ def examples(items, limits, field: str = "examples") -> list[ExampleSpec]:
             for k, e in enumerate(items)]
 
 
+def conditions(items, limits) -> list[ConditionSpec]:
+    """A fine-tune's prompt set; a weight left 0 (unset) is 1, as the proto says. The task checks
+    the rest (weights finite and ≥ 0, prompts or labels, each valid for the model)."""
+    if len(items) > limits.max_examples:
+        raise InvalidArgument(f"at most {limits.max_examples} conditions; got {len(items)}")
+    return [ConditionSpec(prompt=c.prompt, label=c.label if c.HasField("label") else None,
+                          weight=c.weight or 1.0) for c in items]
+
+
 # ---- results and events -------------------------------------------------------------------------
 
 def artifact_info(info) -> pb.ArtifactInfo:
@@ -167,6 +177,13 @@ def event(item) -> pb.Event:
         return pb.Event(job=pb.Job(id=item.id, replica=item.replica, iteration=item.iteration))
     if isinstance(item, Queued):
         return pb.Event(queued=pb.QueuePosition(position=item.position))
+    if isinstance(item, PlanReport):
+        p = item.plan
+        return pb.Event(plan=pb.MemoryPlan(
+            grad_mode=p.grad_mode, steps=p.steps, gradient_steps=p.gradient_steps,
+            kept_graphs=p.kept_graphs, stored_states=p.stored_states,
+            network_checkpointing=p.blocks_checkpointed, graph_bytes=p.graph_bytes,
+            budget_bytes=p.budget_bytes, iteration=item.iteration))
     raise TypeError(f"no message for event {type(item).__name__}")
 
 

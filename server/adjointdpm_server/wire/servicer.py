@@ -181,7 +181,9 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
             spec, losses, opts = _inputs("FinetuneWeights", r, ctx.limits)
             examples = convert.examples(r.examples, ctx.limits)
             validation = convert.examples(r.validation, ctx.limits, "validation")
-            return lambda job: run_finetune_weights(ctx, spec, examples, losses, job, opts, validation)
+            conditions = convert.conditions(r.conditions, ctx.limits)
+            return lambda job: run_finetune_weights(ctx, spec, examples, losses, job, opts, validation,
+                                                    conditions=conditions)
         return self._stream(context, "FinetuneWeights", build, convert.optimize_result,
                             request_iterator=request_iterator)
 
