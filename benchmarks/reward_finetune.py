@@ -1,6 +1,7 @@
 """Exact versus truncated gradients for reward fine-tuning, at equal network calls and equal time.
 
-A LoRA adapter of the digits model is fine-tuned to make its samples an 8 — the reward is the
+A LoRA adapter of the digits model (and of digits-flow, the same network as a rectified flow) is
+fine-tuned to make its samples an 8 — the reward is the
 model's own classifier's log-probability of class 8 (the training loss is its negative) — with
 the exact gradient (`auto`), `adjoint`, DRaFT-1, DRaFT-3 and AlignProp's randomized truncation
 (K uniform in 1…N). Each method gets the same budget of network calls (a forward step or a VJP
@@ -8,12 +9,15 @@ each: an iteration costs N + K) and runs 3 seeds (the training examples' noise).
 held-out noises by an independent MLP (benchmarks/applications.py's judge, not the classifier
 that trained it): the mean log-probability of 8, the share judged 8, and diversity (mean pairwise
 distance of the judge's features, as a fraction of the base model's: collapse does not count).
-The first iteration's weight gradient is compared with the exact one (cosine).
+The first iteration's weight gradient is compared with the exact one (cosine). The network calls
+a run really made are counted from its progress events (every solve's, the base model's
+reference and the final sample included), beside the budget the iterations were sized from.
 
-    .venv/bin/python benchmarks/reward_finetune.py            # budget 480 calls per run
+    .venv/bin/python benchmarks/reward_finetune.py            # budget 480 calls per run, both models
     .venv/bin/python benchmarks/reward_finetune.py --quick    # 160
+    .venv/bin/python benchmarks/reward_finetune.py --models digits-flow
 
-Writes benchmarks/results/reward_finetune.md and .svg (reward against wall-clock time).
+Writes benchmarks/results/reward_finetune.md and an .svg per model (reward against wall-clock time).
 """
 
 from __future__ import annotations
@@ -51,14 +55,17 @@ METHODS = {  # name → (request options, K: VJPs per iteration)
 TO_EIGHT = adjointdpm.ServerLoss("classifier", params={"label": TARGET})
 
 
+MODELS = ("digits", "digits-flow")
+
+
 def examples(seed: int, n: int, offset: int = 0) -> list[dict]:
     labels = np.random.default_rng(seed + offset).integers(0, 10, n)
     return [{"seed": 1000 * seed + offset + k, "label": int(labels[k])} for k in range(n)]
 
 
-def judged(client, verdicts, adapter: str, held_out: list[dict]) -> dict:
-    result = client.sample(labels=[e["label"] for e in held_out],
-                           x_T=np.concatenate([client.sample(labels=[0], seed=e["seed"], steps=1,
+def judged(client, verdicts, adapter: str, held_out: list[dict], model: str) -> dict:
+    result = client.sample(labels=[e["label"] for e in held_out], model=model,
+                           x_T=np.concatenate([client.sample(labels=[0], seed=e["seed"], steps=1, model=model,
                                                              images=False).x_T for e in held_out]),
                            steps=STEPS, adapter=adapter, images=False)
     images = pixels(result.x0)
@@ -71,10 +78,10 @@ def judged(client, verdicts, adapter: str, held_out: list[dict]) -> dict:
             "spread": spread}
 
 
-def cosine(client, seed: int, opts: dict) -> float:
+def cosine(client, seed: int, opts: dict, model: str) -> float:
     common = dict(targets=["weights"], weights={"lora_rank": 4, "inline": True}, steps=STEPS,
-                  labels=[e["label"] for e in examples(seed, EXAMPLES)])
-    x_T = np.concatenate([client.sample(labels=[0], seed=e["seed"], steps=1, images=False).x_T
+                  labels=[e["label"] for e in examples(seed, EXAMPLES)], model=model)
+    x_T = np.concatenate([client.sample(labels=[0], seed=e["seed"], steps=1, model=model, images=False).x_T
                           for e in examples(seed, EXAMPLES)])
     exact = client.compute_gradient(TO_EIGHT, x_T=x_T, grad_mode="checkpoint", **common).weight_gradients
     other = client.compute_gradient(TO_EIGHT, x_T=x_T, **{"grad_mode": "checkpoint", **opts},
@@ -84,20 +91,40 @@ def cosine(client, seed: int, opts: dict) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-def run(client, verdicts, name: str, seed: int, budget: int, held_out) -> dict:
+class Calls:
+    """What a run's network did, from its stream's progress events: network evaluations (each
+    solve reports its own running ``nfe``, so a drop starts a new solve; a VJP that recomputes
+    its step counts as one) and backward steps (one VJP each: through a kept graph, which no
+    evaluation counts, or a recomputed one)."""
+
+    def __init__(self):
+        self.evaluations, self.backward, self.last = 0, 0, 0
+
+    def see(self, progress) -> None:
+        nfe = progress.nfe
+        self.evaluations += nfe - self.last if nfe >= self.last else nfe
+        self.last = nfe
+        self.backward += progress.phase == "backward"
+
+
+def run(client, verdicts, name: str, seed: int, budget: int, held_out, model: str) -> dict:
     opts, k = METHODS[name]
     iterations = max(1, int(budget // (STEPS + k)))
-    call = client.finetune_weights(TO_EIGHT, examples(seed, EXAMPLES), iterations=iterations,
+    call = client.finetune_weights(TO_EIGHT, examples(seed, EXAMPLES), iterations=iterations, model=model,
                                    lr=2e-2, steps=STEPS, lora_rank=4, checkpoint_every=max(1, iterations // 4),
                                    keep_checkpoints=10, stream=True, **opts)
-    start, marks = time.perf_counter(), []
+    start, marks, calls = time.perf_counter(), [], Calls()
     for event in call:
-        if event.WhichOneof("kind") == "checkpoint":
+        kind = event.WhichOneof("kind")
+        if kind == "progress":
+            calls.see(event.progress)
+        elif kind == "checkpoint":
             marks.append((time.perf_counter() - start, event.checkpoint.id, event.checkpoint.iteration))
     result = call.result
     marks.append((time.perf_counter() - start, result.artifact.id, iterations))
-    curve = [(t, it, judged(client, verdicts, artifact, held_out)) for t, artifact, it in marks]
-    return {"iterations": iterations, "seconds": marks[-1][0], "final": curve[-1][2], "curve": curve}
+    curve = [(t, it, judged(client, verdicts, artifact, held_out, model)) for t, artifact, it in marks]
+    return {"iterations": iterations, "seconds": marks[-1][0], "final": curve[-1][2], "curve": curve,
+            "calls": (calls.evaluations, calls.backward)}
 
 
 def svg(curves: dict, path: Path) -> None:
@@ -121,26 +148,16 @@ def svg(curves: dict, path: Path) -> None:
     path.write_text("\n".join(parts))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/reward_finetune.md")
-    a = ap.parse_args()
-    budget = 160 if a.quick else 480
-    torch.manual_seed(0)
-    judge, accuracy = train_judge(load_digits_split())
-    verdicts = Verdicts(judge, load_digits_split())
-    server = build_server(ServerConfig(models=("digits",), port=0, artifact_dir=Path(tempfile.mkdtemp()),
-                                       limits=Limits(max_batch=64, max_iterations=1000)))
-    client = adjointdpm.Client(f"127.0.0.1:{server.port}", timeout=3600)
+def bench(client, verdicts, model: str, budget: int, seeds: int, svg_path: Path) -> list[str]:
+    """One model's table (and its plot): every method × seed, interleaved."""
     held_out = examples(99, HELD_OUT, offset=500)
-    base = judged(client, verdicts, "", held_out)
+    base = judged(client, verdicts, "", held_out, model)
     rows, curves = {}, {}
-    for seed in range(a.seeds):  # seeds outer, methods inner: interleaved
+    for seed in range(seeds):  # seeds outer, methods inner: interleaved
         for name in METHODS:
-            out = run(client, verdicts, name, seed, budget, held_out)
-            out["cosine"] = 1.0 if name == "exact (auto)" else cosine(client, seed, METHODS[name][0])
+            out = run(client, verdicts, name, seed, budget, held_out, model)
+            out["cosine"] = 1.0 if name == "exact (auto)" else cosine(client, seed, METHODS[name][0], model)
+            print(model, name, seed, {k: v for k, v in out.items() if k != "curve"}, flush=True)
             rows.setdefault(name, []).append(out)
             if seed == 0:
                 curves[name] = out["curve"]
@@ -151,29 +168,57 @@ def main() -> None:
         within = [c for t, _, c in out["curve"] if t <= t_equal + 1e-9]
         return within[-1] if within else base
 
-    lines = [f"# Reward fine-tuning: exact versus truncated gradients ({STEPS} steps, {a.seeds} seeds)", "",
-             f"Machine: {machine()}. `benchmarks/reward_finetune.py{' --quick' if a.quick else ''}`: "
-             f"a budget of {budget} network calls per run (an iteration costs {STEPS} forward calls "
-             "and K VJPs), LoRA rank 4, lr 0.02, 8 training noises; judged on 32 held-out noises by an "
-             f"independent MLP (held-out accuracy {accuracy:.3f}). Base model: log p(8) "
-             f"{base['logp']:.2f}, {base['share']:.0%} judged 8.", "",
-             "| method | iterations | seconds | log p(8) at equal calls (median, spread over seeds) "
-             f"| judged 8 | diversity vs base | log p(8) at equal time ({t_equal:.1f} s) | gradient cosine to exact |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [f"## {model}", "",
+             f"Base model: log p(8) {base['logp']:.2f}, {base['share']:.0%} judged 8.", "",
+             "| method | iterations | evaluations + backward steps (measured) | seconds | log p(8) at equal calls (median, "
+             f"spread over seeds) | judged 8 | diversity vs base | log p(8) at equal time ({t_equal:.1f} s) "
+             "| gradient cosine to exact |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, outs in rows.items():
         logp = [o["final"]["logp"] for o in outs]
         timed = [at_time(o)["logp"] for o in outs]
+        ev, bw = (statistics.median(o["calls"][j] for o in outs) for j in (0, 1))
         lines.append(
-            f"| {name} | {outs[0]['iterations']} | {statistics.median(o['seconds'] for o in outs):.1f} "
+            f"| {name} | {outs[0]['iterations']} | {ev:.0f} + {bw:.0f} "
+            f"| {statistics.median(o['seconds'] for o in outs):.1f} "
             f"| {statistics.median(logp):.2f} ({min(logp):.2f}…{max(logp):.2f}) "
             f"| {statistics.median(o['final']['share'] for o in outs):.0%} "
             f"| {statistics.median(o['final']['spread'] for o in outs) / base['spread']:.2f} "
             f"| {statistics.median(timed):.2f} | {statistics.median(o['cosine'] for o in outs):.3f} |")
-    lines += ["", "Whatever it shows is the result: read the table, not a claim. `adjoint` re-solves the "
+    lines += ["", f"![reward against time, {model}]({svg_path.name})", ""]
+    svg(curves, svg_path)
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/reward_finetune.md")
+    a = ap.parse_args()
+    budget = 160 if a.quick else 480
+    torch.manual_seed(0)
+    judge, accuracy = train_judge(load_digits_split())
+    verdicts = Verdicts(judge, load_digits_split())
+    server = build_server(ServerConfig(models=tuple(a.models), port=0, artifact_dir=Path(tempfile.mkdtemp()),
+                                       limits=Limits(max_batch=64, max_iterations=1000)))
+    client = adjointdpm.Client(f"127.0.0.1:{server.port}", timeout=3600)
+    lines = [f"# Reward fine-tuning: exact versus truncated gradients ({STEPS} steps, {a.seeds} seeds)", "",
+             f"Machine: {machine()}. `benchmarks/reward_finetune.py{' --quick' if a.quick else ''}`: "
+             f"a budget of {budget} network calls per run (an iteration costs {STEPS} forward calls "
+             "and K VJPs; the measured column counts, from the run's progress events, its network "
+             "evaluations — the base model's reference and the final sample included; a VJP that "
+             "recomputes its step counts there too — and its backward steps, one VJP each, through "
+             "a kept graph or a recomputed one), LoRA rank 4, lr 0.02, 8 training noises; "
+             f"judged on 32 held-out noises by an independent MLP (held-out accuracy {accuracy:.3f}).", ""]
+    for model in a.models:
+        svg_path = a.out.with_suffix(".svg") if model == "digits" else a.out.with_name(
+            f"{a.out.stem}_{model.replace('-', '_')}.svg")
+        lines += bench(client, verdicts, model, budget, a.seeds, svg_path)
+    lines += ["Whatever it shows is the result: read the table, not a claim. `adjoint` re-solves the "
               "trajectory (its gradient is exact up to the re-solve error); DRaFT-K and the randomized "
-              "truncation are approximations the caller chooses (`truncate`, `truncate_min`).",
-              "", "![reward against time](reward_finetune.svg)", ""]
-    svg(curves, a.out.with_suffix(".svg"))
+              "truncation are approximations the caller chooses (`truncate`, `truncate_min`).", ""]
     write_report(a.out, "\n".join(lines))
     client.close()
     server.stop(0)

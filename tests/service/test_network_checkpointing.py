@@ -9,14 +9,17 @@ state of the call that first ran them (each row's adapter, the trained weights s
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 import adjointdpm
 from adjointdpm_server.config import Limits, ServerConfig
+from adjointdpm_server.core import MemoryPlan
 from adjointdpm_server.core._memory import GraphGuard
-from adjointdpm_server.tasks import Job
+from adjointdpm_server.tasks import Job, LocalJob
 from adjointdpm_server.wire import build_server
 from tests.models.tiny_sd import build_tiny_sd
 
@@ -124,6 +127,18 @@ def test_a_guard_watches_a_solo_call_on_the_engine_thread(servers):
         counts.append(guard.bytes)
     direct, through_engine = counts
     assert direct > 0 and through_engine == direct
+
+
+def test_a_plan_is_reported_again_only_when_its_decisions_change():
+    """The measured graph and the budget (by default half the free memory, which moves with
+    whatever else the machine runs) are no decision: a fine-tune's iterations do not repeat it."""
+    job = LocalJob()
+    first = MemoryPlan("auto", 4, 4, kept_graphs=4, stored_states=4, graph_bytes=100, budget_bytes=10_000)
+    job.report_plan(first, 0)
+    job.report_plan(dataclasses.replace(first, graph_bytes=90, budget_bytes=9_000), 1)
+    job.report_plan(dataclasses.replace(first, kept_graphs=2, budget_bytes=300), 2)
+    job.report_plan(dataclasses.replace(first, kept_graphs=0, blocks_checkpointed=True), 3)
+    assert [(e.iteration, e.plan.kept_graphs) for e in job.events] == [(0, 4), (2, 2), (3, 0)]
 
 
 def test_other_grad_modes_report_their_plans(servers):

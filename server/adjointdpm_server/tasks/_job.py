@@ -104,8 +104,9 @@ class Job:
 
     def report_plan(self, plan, iteration: int = 0) -> None:
         """Emit a gradient pass's memory plan: the first, and any whose decisions differ from the
-        last one's (its measured ``graph_bytes`` aside: a measurement, not a decision)."""
-        decisions = dataclasses.replace(plan, graph_bytes=0)
+        last one's — not its measured ``graph_bytes`` nor its ``budget_bytes`` (half the free
+        memory by default: it moves with everything else the machine runs)."""
+        decisions = dataclasses.replace(plan, graph_bytes=0, budget_bytes=0)
         if decisions != self._plan:
             self._plan = decisions
             self.emit(PlanReport(plan, iteration))
