@@ -170,7 +170,7 @@ def blocks_section(budget_mib: float) -> list[str]:
             if "error" in off or "error" in on:
                 lines.append(f"| {image}² | | {off.get('error') or on.get('error')} | | | | |")
                 continue
-            a, b = (torch.load(f"{tmp}/{image}-{k}.pt") for k in (0, 1))
+            a, b = (torch.load(f"{tmp}/{image}-{k}.pt", weights_only=True) for k in (0, 1))
             diff = ", ".join(f"{(a[k] - b[k]).abs().max().item():.1e}" for k in ("x", "cond"))
             lines.append(f"| {image}² | no | {off['peak_increase_mib']:.0f} | {off['cpu_s']:.1f} | 1 | 1 | |")
             lines.append(f"| {image}² | yes | {on['peak_increase_mib']:.0f} | {on['cpu_s']:.1f} | "

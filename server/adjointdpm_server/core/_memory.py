@@ -210,14 +210,13 @@ class Tape:
         self.report = report
         self.kept: int | None = None
         self.blocks = False
-        self.graph = 0
         self.graphs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _keeps(self, step: int) -> bool:
         return step >= self.steps - self.kept
 
     def _decide(self, kept: int, graph: int = 0, blocks: bool = False) -> None:
-        self.kept, self.graph, self.blocks = kept, graph, blocks
+        self.kept, self.blocks = kept, blocks
         if self.report is not None:
             self.report(MemoryPlan("auto", self.steps, self.limit, kept, self.steps, blocks,
                                    int(graph), int(self.budget)))

@@ -48,6 +48,11 @@ class Conditions:
         return Conditions(self.kind, tuple(self.values[int(i)] for i in rows))
 
 
+_GENERATED_FROM = {"prompts": "prompts", "labels": "class labels",
+                   "none": "no prompt or label (a tensor or learned conditioning, a prompt holding a "
+                           "learned token's placeholder, or none)"}
+
+
 @dataclass
 class LossContext:
     """What a plugin may use besides its parameters.
@@ -77,6 +82,15 @@ class LossContext:
     def labels(self, batch: int) -> list[int]:
         """The class label each of the ``batch`` samples being scored was generated with."""
         return list(self._own("labels", batch))
+
+    def require_own(self, kind: str, plugin: str, param: str, what: str) -> None:
+        """Refuse, before any work, a plugin left without ``param`` on samples that have no
+        ``kind`` ("prompts" or "labels") of their own: it would have nothing to score against.
+        ``what``: the parameter's form, for the message."""
+        if self.condition_kind != kind:
+            raise InvalidArgument(f"{plugin} needs the parameter {param!r} ({what}) when the samples "
+                                  f"have no {kind} of their own: this request's are generated from "
+                                  f"{_GENERATED_FROM[self.condition_kind]}")
 
     def _own(self, kind: str, batch: int) -> tuple:
         # A mismatch here is the server's bug (the task did not set this batch's conditions,

@@ -42,12 +42,7 @@ class ClassifierLoss(LossPlugin):
             raise InvalidArgument("the classifier loss needs a model with a classifier (digits)")
         label = params.get("label")
         if label is None:  # each sample's own class, set per scored batch
-            if context.condition_kind != "labels":
-                raise InvalidArgument(
-                    "classifier needs the parameter 'label' (a class 0–9 or a list of them) when the "
-                    "samples are not generated from class labels: this request's are generated from "
-                    + ("prompts" if context.condition_kind == "prompts" else
-                       "no label (a tensor or learned conditioning, or none)"))
+            context.require_own("labels", "classifier", "label", "a class 0–9 or a list of them")
             self.labels = None
         else:
             labels = label if isinstance(label, list) else [label]

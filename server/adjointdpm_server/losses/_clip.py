@@ -92,9 +92,7 @@ class ClipSimilarityLoss(LossPlugin):
         super().__init__(context, params, tensors)
         text = params.get("text")
         if text is None:  # each sample's own prompt, set per scored batch
-            if context.condition_kind != "prompts":
-                raise InvalidArgument("clip_similarity needs the parameter 'text' (a non-empty string) "
-                                      "when the samples have no prompts of their own")
+            context.require_own("prompts", "clip_similarity", "text", "a non-empty string")
         elif not isinstance(text, str) or not text:
             raise InvalidArgument("clip_similarity needs the parameter 'text' (a non-empty string)")
         self.fixed = text

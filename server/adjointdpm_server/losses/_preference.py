@@ -57,11 +57,8 @@ class PreferenceLoss(RewardPlugin):
         super().__init__(context, params, tensors)
         prompt = params.get("prompt")
         if prompt is None:  # each sample's own prompt, set per scored batch
-            if context.condition_kind != "prompts":
-                raise InvalidArgument(
-                    "preference needs the parameter 'prompt' (a non-empty string or a list of them, "
-                    "one per sample) when the samples have no prompts of their own: this request's "
-                    f"are generated from {_FROM[context.condition_kind]}")
+            context.require_own("prompts", "preference", "prompt",
+                                "a non-empty string or a list of them, one per sample")
             self.prompts = None
         else:
             prompts = prompt if isinstance(prompt, list) else [prompt]
@@ -88,8 +85,3 @@ class PreferenceLoss(RewardPlugin):
         text = self.texts(model, prompts)
         image = image_embeddings(model.get_image_features(pixel_values=self.preprocess(x.to(dtype))))
         return model.logit_scale.exp() * (image * text).sum(-1)
-
-
-# what a request's samples are generated from, in a refusal
-_FROM = {"labels": "class labels", "none": "no prompt (a tensor or learned conditioning, a prompt "
-         "holding a learned token's placeholder, or none)", "prompts": "prompts"}
