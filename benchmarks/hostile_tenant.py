@@ -103,14 +103,14 @@ class _Silent:
         from adjointdpm.v1 import adjointdpm_pb2_grpc as pb_grpc
 
         self.hold, self.asked, self.code, self.ended_at, self.details = threading.Event(), False, None, None, ""
-        request = pb.GradientRequest(generation=pb.Generation(labels=[1], seed=seed, steps=STEPS),
+        request = pb.GradientSpec(generation=pb.Generation(labels=[1], seed=seed, steps=STEPS),
                                      losses=[pb.LossTerm(client="never", weight=1.0)])
 
         def requests():
-            yield pb.GradientMessage(request=request)
+            yield pb.ComputeGradientRequest(spec=request)
             self.hold.wait()  # say nothing more, keep the stream open
 
-        self.call = pb_grpc.AdjointDPMStub(channel).ComputeGradient(
+        self.call = pb_grpc.AdjointDPMServiceStub(channel).ComputeGradient(
             requests(), metadata=(("authorization", f"Bearer {TOKEN_A}"),), timeout=600)
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()

@@ -98,14 +98,14 @@ class SilentStream:
         from adjointdpm.v1 import adjointdpm_pb2_grpc as pb_grpc
 
         self.hold, self.asked = threading.Event(), threading.Event()
-        req = pb.GradientRequest(generation=pb.Generation(labels=[1], seed=0, steps=10),
+        req = pb.GradientSpec(generation=pb.Generation(labels=[1], seed=0, steps=10),
                                  losses=[pb.LossTerm(client="never", weight=1.0)])
 
         def requests():
-            yield pb.GradientMessage(request=req)
+            yield pb.ComputeGradientRequest(spec=req)
             self.hold.wait()
 
-        self.call = pb_grpc.AdjointDPMStub(channel).ComputeGradient(requests())
+        self.call = pb_grpc.AdjointDPMServiceStub(channel).ComputeGradient(requests())
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self):

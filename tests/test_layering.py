@@ -53,7 +53,7 @@ from pathlib import Path  # noqa: E402
 SERVER = Path(__file__).resolve().parents[1] / "server" / "adjointdpm_server"
 # room → the rooms of ours it may import; docs/architecture.md draws the same table
 ALLOWED = {
-    "errors": set(), "config": set(), "core": set(), "telemetry": set(),
+    "errors": set(), "config": set(), "core": set(), "telemetry": set(), "version": set(),
     "integrity": {"errors"},
     "cluster": {"errors"},
     "models": {"core", "errors"},
@@ -65,9 +65,9 @@ ALLOWED = {
               "integrity"},
     "runtime": {"cluster", "config", "models", "engine", "storage", "losses", "errors"},
     "wire": {"admission", "cluster", "config", "core", "errors", "integrity", "losses", "runtime",
-             "storage", "tasks", "telemetry"},
+             "storage", "tasks", "telemetry", "version"},
     "__main__": {"config", "models", "telemetry", "wire"},
-    "__init__": set(),
+    "__init__": {"version"},
 }
 EDGE_ONLY = ("grpc", "grpc_health", "grpc_reflection", "google", "adjointdpm")  # the wire's alone
 

@@ -14,15 +14,15 @@ Imports neither torch nor the server; torch is used only if installed, for clien
 """
 
 from . import aio
-from ._client import AdjointDPMError, Call, Client, JobInterrupted
+from ._client import AdjointDPMError, Call, Client, IncompatibleServer, JobInterrupted
 from ._losses import ClientLoss, ServerLoss, loss, registered_losses
 from ._results import (ArtifactInfo, GradientResult, IterationRecord, JobInfo, MemoryPlan,
-                       OptimizeResult, SampleResult, ValidationRecord)
+                       OptimizeResult, SampleResult, ServerMetadata, ValidationRecord)
 from .tensors import TensorError, decode_tensor, encode_tensor
+from ._version import __version__
 
-__version__ = "0.1.0"
 __all__ = [
-    "Client", "Call", "AdjointDPMError", "JobInterrupted", "aio",
+    "Client", "Call", "AdjointDPMError", "JobInterrupted", "IncompatibleServer", "ServerMetadata", "aio",
     "loss", "registered_losses", "ClientLoss", "ServerLoss",
     "SampleResult", "GradientResult", "OptimizeResult", "ArtifactInfo", "IterationRecord",
     "ValidationRecord", "JobInfo", "MemoryPlan",

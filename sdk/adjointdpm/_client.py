@@ -21,18 +21,19 @@ import json
 import queue
 import socket
 import sys
+import threading
 from typing import Any, Callable, Iterable, Sequence
 
 import grpc
 
-from . import _requests
+from . import _compat, _requests
 from ._losses import ClientLoss
 from ._results import (ArtifactInfo, GradientResult, IterationRecord, JobInfo, MemoryPlan, OptimizeResult,
-                       SampleResult, ValidationRecord)
+                       SampleResult, ServerMetadata, ValidationRecord)
 from .v1 import adjointdpm_pb2 as pb
 from .v1 import adjointdpm_pb2_grpc as pb_grpc
 
-__all__ = ["Client", "Call", "AdjointDPMError", "JobInterrupted", "service_config"]
+__all__ = ["Client", "Call", "AdjointDPMError", "JobInterrupted", "IncompatibleServer", "service_config"]
 
 class AdjointDPMError(RuntimeError):
     """A call that ended with a non-OK status: ``code`` (grpc.StatusCode) and ``details``;
@@ -57,6 +58,28 @@ class AdjointDPMError(RuntimeError):
         if err.code() == grpc.StatusCode.UNAVAILABLE and _HEALTH_FAILED in details:
             details += _HEALTH_HINT
         return cls(err.code(), details, retry_after)
+
+
+class IncompatibleServer(AdjointDPMError):
+    """The server is of another major version than this SDK (or predates ``GetServerMetadata``):
+    refused before any request is sent; the message says which SDK to install. ``server``: its
+    ``ServerMetadata`` (None for a server too old to send one)."""
+
+    def __init__(self, details: str, server: "ServerMetadata | None" = None):
+        super().__init__(grpc.StatusCode.FAILED_PRECONDITION, details)
+        self.server = server
+
+
+def metadata_or_refusal(reply, error, target: str):
+    """(the ServerMetadata, None) or (None, the IncompatibleServer to raise) from GetServerMetadata's
+    ``reply`` or its ``error`` (an AdjointDPMError: other errors are the caller's to raise)."""
+    if error is not None:
+        if error.code == grpc.StatusCode.UNIMPLEMENTED:
+            return None, IncompatibleServer(_compat.TOO_OLD.format(target=target, service=SERVICE))
+        raise error
+    meta = ServerMetadata.from_message(reply)
+    problem = _compat.incompatibility(meta, target)
+    return meta, (IncompatibleServer(problem, meta) if problem else None)
 
 
 # gRPC's words when every replica failed the channel's own health check (a refused Health/Watch)
@@ -133,13 +156,14 @@ def _rpc(name: str):
     return decorate
 
 
-# name → (stub method, bidi wrapper message or None for a server stream, event → result)
+# name → (stub method, its request message or None for a server stream (a bidi stream's first
+# request holds the spec), the result message → the result object)
 _RPCS = {
     "sample": ("Sample", None, lambda m, _: SampleResult.from_message(m)),
-    "compute_gradient": ("ComputeGradient", pb.GradientMessage, GradientResult.from_message),
-    "optimize_latent": ("OptimizeLatent", pb.OptimizeLatentMessage, OptimizeResult.from_message),
-    "finetune_weights": ("FinetuneWeights", pb.FinetuneMessage, OptimizeResult.from_message),
-    "optimize_embedding": ("OptimizeEmbedding", pb.OptimizeEmbeddingMessage, OptimizeResult.from_message),
+    "compute_gradient": ("ComputeGradient", pb.ComputeGradientRequest, GradientResult.from_message),
+    "optimize_latent": ("OptimizeLatent", pb.OptimizeLatentRequest, OptimizeResult.from_message),
+    "finetune_weights": ("FinetuneWeights", pb.FinetuneWeightsRequest, OptimizeResult.from_message),
+    "optimize_embedding": ("OptimizeEmbedding", pb.OptimizeEmbeddingRequest, OptimizeResult.from_message),
 }
 
 
@@ -181,8 +205,8 @@ class Call:
             self.job = JobInfo.from_message(event.job)
         elif kind == "plan":
             self.plans.append(MemoryPlan.from_message(event.plan))
-        elif kind in ("sample", "gradient", "optimized"):
-            self.result = self._to_result(getattr(event, kind), self)
+        elif kind == "result":
+            self.result = self._to_result(event.result, self)
 
     @property
     def job_id(self) -> str | None:
@@ -259,9 +283,9 @@ class Client:
     Several replicas: calls are spread with ``round_robin`` over health-checked connections (gRPC
     client-side health checking, ``grpc.health.v1`` service ``""``: a draining replica turns
     NOT_SERVING and gets no new call). One plain target keeps ``pick_first``. Either way,
-    ``ListModels``, ``ListLosses``, ``GetArtifact`` and ``Sample`` are retried by gRPC (its
-    service-config retry policy, ``service_config()``) when they end UNAVAILABLE before any
-    response: on the next replica. Bidirectional streams (client losses, optimizations,
+    ``GetServerMetadata``, ``ListModels``, ``ListLosses``, ``GetArtifact`` and ``Sample`` are
+    retried by gRPC (its service-config retry policy, ``service_config()``) when they end
+    UNAVAILABLE before any response: on the next replica. Bidirectional streams (client losses, optimizations,
     fine-tunes) and ``DeleteArtifact`` are never retried: a fine-tune lost mid-way raises
     ``JobInterrupted`` with the id to resume it by.
 
@@ -282,8 +306,11 @@ class Client:
         self.channel, self.metadata = open_channel(grpc, target, token, tls, max_message_bytes,
                                                    load_balancing, options, health_check)
         self.timeout = timeout
-        self.stub = pb_grpc.AdjointDPMStub(self.channel)
+        self.stub = pb_grpc.AdjointDPMServiceStub(self.channel)
         self._closed = False
+        self._target = target if isinstance(target, str) else ",".join(target)
+        self._server: ServerMetadata | None = None  # read once per channel, before its first call
+        self._server_lock = threading.Lock()
 
     def close(self) -> None:
         self._closed = True
@@ -295,17 +322,35 @@ class Client:
     def __exit__(self, *exc):
         self.close()
 
+    def server_metadata(self) -> ServerMetadata:
+        """The server's release, API package, models, losses, modes, dtypes and limits (read once
+        per channel; IncompatibleServer for a server of another major version)."""
+        with self._server_lock:
+            if self._server is None:
+                try:
+                    reply, error = self.stub.GetServerMetadata(
+                        pb.GetServerMetadataRequest(), metadata=self.metadata + trace_metadata(),
+                        timeout=self.timeout), None
+                except grpc.RpcError as err:
+                    reply, error = None, AdjointDPMError.of(err)
+                meta, refusal = metadata_or_refusal(reply, error, self._target)
+                if refusal is not None:
+                    raise refusal
+                self._server = meta
+            return self._server
+
     # -- helpers --------------------------------------------------------------------------------
     def _unary(self, method, request):
+        self.server_metadata()
         try:
             return method(request, metadata=self.metadata + trace_metadata(), timeout=self.timeout)
         except grpc.RpcError as err:
             raise AdjointDPMError.of(err) from None
 
     def _bidi(self, method, wrapper, request, client_losses: dict[int, ClientLoss]):
-        """Open the stream, send the request, answer the server's loss queries as they come."""
+        """Open the stream, send the spec, answer the server's loss queries as they come."""
         outbox: queue.Queue = queue.Queue()
-        outbox.put(wrapper(request=request))
+        outbox.put(wrapper(spec=request))
 
         def requests():
             while True:
@@ -348,6 +393,7 @@ class Client:
     def _stream_call(self, name: str, args, kwargs, stream, on_event, progress):
         request, client_losses = _requests.build(name, *args, **kwargs)
         method, wrapper, to_result = _RPCS[name]
+        self.server_metadata()
         if wrapper is None:
             events = getattr(self.stub, method)(request, metadata=self.metadata + trace_metadata(), timeout=self.timeout)
         else:
@@ -386,6 +432,7 @@ class Client:
         """The artifact's description and bytes (a safetensors file); written to ``path`` if given.
         ``format="diffusers"``: a LoRA adapter for ``pipe.load_lora_weights()`` or a learned token
         for ``pipe.load_textual_inversion()`` (Stable Diffusion 1.x/2.x)."""
+        self.server_metadata()
         try:
             chunks = list(self.stub.GetArtifact(pb.GetArtifactRequest(id=artifact_id, format=format),
                                                 metadata=self.metadata + trace_metadata(), timeout=self.timeout))
@@ -402,14 +449,14 @@ class Client:
 
 # -- channels: replicas, load balancing, health checking, retries ---------------------------------
 
-SERVICE = pb.DESCRIPTOR.services_by_name["AdjointDPM"].full_name
+SERVICE = pb.DESCRIPTOR.services_by_name["AdjointDPMService"].full_name
 # Retried on UNAVAILABLE (a replica gone, draining or unreachable) while nothing was received:
 # the reads, and Sample (a server stream with no client messages; a seed makes it reproducible).
 # Not DeleteArtifact: a delete whose reply was lost would be answered NOT_FOUND the second time.
 # Never the bidirectional streams: they carry client-loss replies (the client's code runs per
 # query) and the job's state lives on one replica — a lost one ends, a fine-tune with
 # JobInterrupted.
-RETRIED = ("ListModels", "ListLosses", "GetArtifact", "Sample")
+RETRIED = ("GetServerMetadata", "ListModels", "ListLosses", "GetArtifact", "Sample")
 RETRY_POLICY = {"maxAttempts": 5, "initialBackoff": "0.1s", "maxBackoff": "2s",
                 "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}
 HEALTH_SERVICE = ""  # the server reports "" (the whole server) and SERVICE alike
@@ -495,6 +542,8 @@ def channel_settings(tls, max_message_bytes: int, load_balancing: str | None, op
     ours = [("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.enable_retries", 1),  # gRPC's default; transparent retries need it too
+            # the server's logs and traces can tell this SDK's release (user-agent)
+            ("grpc.primary_user_agent", f"adjointdpm-python/{_compat.__version__}"),
             # the policy in the service config: round_robin for replicas; a load_balancing given
             # goes as lb_policy_name (which the service config's policy would override)
             ("grpc.service_config", service_config("round_robin" if replicas and not load_balancing

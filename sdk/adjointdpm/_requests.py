@@ -19,16 +19,19 @@ from .v1 import adjointdpm_pb2 as pb
 __all__ = ["METHODS", "build", "keywords", "models_from", "losses_from", "loss_reply", "unknown_term",
            "artifact_from"]
 
-_TARGETS = {"x_T": pb.X_T, "x_t": pb.X_T, "cond": pb.COND, "token": pb.TOKEN, "weights": pb.WEIGHTS}
-_DOMAINS = {"image": pb.IMAGE, "latent": pb.LATENT}
+_TARGETS = {"x_T": pb.TARGET_X_T, "x_t": pb.TARGET_X_T, "cond": pb.TARGET_COND, "token": pb.TARGET_TOKEN,
+            "weights": pb.TARGET_WEIGHTS}
+_DOMAINS = {"image": pb.DOMAIN_IMAGE, "latent": pb.DOMAIN_LATENT}
+_DOMAIN_NAMES = {pb.DOMAIN_UNSPECIFIED: "image", pb.DOMAIN_IMAGE: "image", pb.DOMAIN_LATENT: "latent"}
 
-# name of the SDK method → (the RPC, its request message, its positional inputs)
+# name of the SDK method → (the RPC, its spec message (a bidi stream's first message holds it),
+# its positional inputs)
 METHODS = {
     "sample": ("Sample", pb.SampleRequest, ()),
-    "compute_gradient": ("ComputeGradient", pb.GradientRequest, ("losses",)),
-    "optimize_latent": ("OptimizeLatent", pb.OptimizeLatentRequest, ("losses",)),
-    "finetune_weights": ("FinetuneWeights", pb.FinetuneRequest, ("losses", "examples")),
-    "optimize_embedding": ("OptimizeEmbedding", pb.OptimizeEmbeddingRequest, ("losses",)),
+    "compute_gradient": ("ComputeGradient", pb.GradientSpec, ("losses",)),
+    "optimize_latent": ("OptimizeLatent", pb.OptimizeLatentSpec, ("losses",)),
+    "finetune_weights": ("FinetuneWeights", pb.FinetuneWeightsSpec, ("losses", "examples")),
+    "optimize_embedding": ("OptimizeEmbedding", pb.OptimizeEmbeddingSpec, ("losses",)),
 }
 SUMMARIES = {
     "sample": "Sample images: progress per step, then PNGs and the final latents.",
@@ -187,7 +190,7 @@ def _examples(examples: Sequence[dict]) -> list[pb.FinetuneExample]:
         if ex.get("label") is not None:
             e.label = int(ex["label"])
         if ex.get("x_T") is not None:
-            e.x_T.CopyFrom(encode_tensor(np.asarray(ex["x_T"], dtype=np.float32)))
+            e.start_latents.CopyFrom(encode_tensor(np.asarray(ex["x_T"], dtype=np.float32)))
         out.append(e)
     return out
 
@@ -233,7 +236,7 @@ def _conditions(items) -> list[pb.WeightedCondition]:
 
 
 def models_from(reply) -> list[dict[str, Any]]:
-    """ListModelsReply → one dict per model (int64 shapes as ints, not JSON strings)."""
+    """ListModelsResponse → one dict per model (int64 shapes as ints, not JSON strings)."""
     from google.protobuf.json_format import MessageToDict
 
     models = []
@@ -248,8 +251,12 @@ def models_from(reply) -> list[dict[str, Any]]:
 def losses_from(reply) -> list[dict[str, Any]]:
     from google.protobuf.json_format import MessageToDict
 
-    return [MessageToDict(m, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-            for m in reply.losses]
+    losses = []
+    for m in reply.losses:
+        d = MessageToDict(m, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+        d["domain"] = _DOMAIN_NAMES.get(m.domain, "image")  # as ClientLoss/ServerLoss spell it
+        losses.append(d)
+    return losses
 
 
 def unknown_term(term: int) -> str:

@@ -10,7 +10,7 @@ import numpy as np
 from .tensors import decode_tensor
 
 __all__ = ["ArtifactInfo", "SampleResult", "GradientResult", "OptimizeResult", "IterationRecord",
-           "ValidationRecord", "JobInfo", "MemoryPlan", "save_pngs"]
+           "ValidationRecord", "JobInfo", "MemoryPlan", "ServerMetadata", "save_pngs"]
 
 
 def save_pngs(images: list[bytes], directory, prefix: str) -> list[Path]:
@@ -57,7 +57,7 @@ class SampleResult:
 
     @classmethod
     def from_message(cls, m) -> "SampleResult":
-        return cls(list(m.images), decode_tensor(m.x0), decode_tensor(m.x_T),
+        return cls(list(m.images), decode_tensor(m.x0), decode_tensor(m.start_latents),
                    _array(m.pixels, m.HasField("pixels")))
 
     def save(self, directory, prefix: str = "sample_") -> list[Path]:
@@ -126,7 +126,7 @@ class IterationRecord:
     @classmethod
     def from_message(cls, m) -> "IterationRecord":
         return cls(m.iteration, m.loss, list(m.loss_terms), m.grad_norm, list(m.sample_losses), m.lr,
-                   list(m.stopped), _array(m.x_T, m.HasField("x_T")), list(m.images))
+                   list(m.stopped), _array(m.start_latents, m.HasField("start_latents")), list(m.images))
 
 
 @dataclass
@@ -182,10 +182,40 @@ class OptimizeResult:
 
     @classmethod
     def from_message(cls, m, call=None) -> "OptimizeResult":
-        return cls(m.loss, list(m.history), decode_tensor(m.x_T), decode_tensor(m.x0), list(m.images),
+        return cls(m.loss, list(m.history), decode_tensor(m.start_latents), decode_tensor(m.x0),
+                   list(m.images),
                    list(m.initial_images), ArtifactInfo.from_message(m.artifact),
                    list(getattr(call, "checkpoints", ())), list(m.sample_losses),
                    list(m.best_iteration), list(m.stopped), m.iterations_run,
-                   _array(m.last_x_T, m.HasField("last_x_T")),
+                   _array(m.last_start_latents, m.HasField("last_start_latents")),
                    list(getattr(call, "iterations", ())), list(getattr(call, "validations", ())),
                    list(getattr(call, "plans", ())))
+
+
+@dataclass
+class ServerMetadata:
+    """What a server is and can do (``GetServerMetadata``): its release ``version``, the proto
+    package it serves (``api_package``), its models, server-side losses, gradient modes, solvers,
+    the dtypes a request's tensors may use, the dtype it computes in, the ``limits`` a request
+    must respect (``max_steps``, ``max_batch``, ``max_tensor_elements``, …) and the optional
+    ``extensions`` its operator turned on."""
+
+    name: str
+    version: str
+    api_package: str
+    models: list[str]
+    default_model: str
+    losses: list[str]
+    grad_modes: list[str]
+    solvers: list[str]
+    tensor_dtypes: list[str]
+    compute_dtype: str
+    limits: dict[str, float]
+    extensions: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_message(cls, m) -> "ServerMetadata":
+        limits = {f.name: getattr(m.limits, f.name) for f in m.limits.DESCRIPTOR.fields}
+        return cls(m.name, m.version, m.api_package, list(m.models), m.default_model, list(m.losses),
+                   list(m.grad_modes), list(m.solvers), list(m.tensor_dtypes), m.compute_dtype, limits,
+                   list(m.extensions))

@@ -25,9 +25,10 @@ from typing import Any, Sequence
 import grpc
 
 from . import _requests
-from ._client import _RPCS, AdjointDPMError, Call, _rpc, open_channel, trace_metadata
+from ._client import (_RPCS, AdjointDPMError, Call, _rpc, metadata_or_refusal, open_channel,
+                      trace_metadata)
 from ._losses import evaluate_client_loss_async
-from ._results import ArtifactInfo
+from ._results import ArtifactInfo, ServerMetadata
 from .v1 import adjointdpm_pb2 as pb
 from .v1 import adjointdpm_pb2_grpc as pb_grpc
 
@@ -64,6 +65,16 @@ class AsyncCall(Call):
         return self.result
 
 
+class _Started:
+    """The RPC of an ``AsyncCall`` once it has started (it starts after the version check)."""
+
+    call = None
+
+    def cancel(self) -> None:
+        if self.call is not None:
+            self.call.cancel()
+
+
 class Client:
     """``Client("localhost:50051", token=None, tls=False)``: as ``adjointdpm.Client``, on asyncio
     (the same targets: one server, a list of replicas or ``dns:///name:port``; the same
@@ -76,8 +87,10 @@ class Client:
         self.channel, self.metadata = open_channel(grpc.aio, target, token, tls, max_message_bytes,
                                                    load_balancing, options, health_check)
         self.timeout = timeout
-        self.stub = pb_grpc.AdjointDPMStub(self.channel)
+        self.stub = pb_grpc.AdjointDPMServiceStub(self.channel)
         self._closed = False
+        self._target = target if isinstance(target, str) else ",".join(target)
+        self._server: ServerMetadata | None = None  # read once per channel, before its first call
 
     async def close(self) -> None:
         self._closed = True
@@ -89,8 +102,24 @@ class Client:
     async def __aexit__(self, *exc):
         await self.close()
 
+    async def server_metadata(self) -> ServerMetadata:
+        """As ``Client.server_metadata``."""
+        if self._server is None:
+            try:
+                reply, error = await self.stub.GetServerMetadata(
+                    pb.GetServerMetadataRequest(), metadata=self.metadata + trace_metadata(),
+                    timeout=self.timeout), None
+            except grpc.RpcError as err:
+                reply, error = None, AdjointDPMError.of(err)
+            meta, refusal = metadata_or_refusal(reply, error, self._target)
+            if refusal is not None:
+                raise refusal
+            self._server = meta
+        return self._server
+
     # -- helpers --------------------------------------------------------------------------------
     async def _unary(self, method, request):
+        await self.server_metadata()
         try:
             return await method(request, metadata=self.metadata + trace_metadata(), timeout=self.timeout)
         except grpc.RpcError as err:
@@ -110,7 +139,7 @@ class Client:
 
         async def events():
             try:
-                await write(wrapper(request=request))
+                await write(wrapper(spec=request))
                 async for event in call:
                     if event.WhichOneof("kind") == "loss_query":
                         q = event.loss_query
@@ -137,12 +166,19 @@ class Client:
     def _stream_call(self, name: str, args, kwargs, stream, on_event, progress):
         request, client_losses = _requests.build(name, *args, **kwargs)
         method, wrapper, to_result = _RPCS[name]
-        if wrapper is None:
-            grpc_call = getattr(self.stub, method)(request, metadata=self.metadata + trace_metadata(), timeout=self.timeout)
-            events = grpc_call
-        else:
-            events, grpc_call = self._bidi(getattr(self.stub, method), wrapper, request, client_losses)
-        call = AsyncCall(events, to_result, on_event, progress, grpc_call, closed=lambda: self._closed)
+        started = _Started()
+
+        async def events():  # the RPC starts once the server is known to be compatible
+            await self.server_metadata()
+            if wrapper is None:
+                inner = started.call = getattr(self.stub, method)(
+                    request, metadata=self.metadata + trace_metadata(), timeout=self.timeout)
+            else:
+                inner, started.call = self._bidi(getattr(self.stub, method), wrapper, request, client_losses)
+            async for event in inner:
+                yield event
+
+        call = AsyncCall(events(), to_result, on_event, progress, started, closed=lambda: self._closed)
         return call if stream else call.wait()
 
     # -- RPCs: awaitables (or, with stream=True, AsyncCall to iterate) ---------------------------
@@ -174,6 +210,7 @@ class Client:
 
     async def download_artifact(self, artifact_id: str, path=None, format: str = "native") -> tuple[ArtifactInfo, bytes]:
         """As ``Client.download_artifact``."""
+        await self.server_metadata()
         try:
             chunks = [chunk async for chunk in self.stub.GetArtifact(
                 pb.GetArtifactRequest(id=artifact_id, format=format), metadata=self.metadata + trace_metadata(),

@@ -12,6 +12,7 @@ final summary line. ``main(argv)`` returns the exit code: 0, 1 for a service err
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -147,6 +148,7 @@ def call_keywords(args) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="adjointdpm", description="Gradients through diffusion sampling, from an AdjointDPM server.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {adjointdpm.__version__}")
     parser.add_argument("--target", dest="server", metavar="HOST:PORT",
                         default=os.environ.get("ADJOINTDPM_TARGET", "localhost:50051"),
                         help="server HOST:PORT; replicas as HOST:PORT,HOST:PORT or dns:///NAME:PORT "
@@ -177,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("models", "losses"):
         p = command(name, f"list the server's {name}", writes=False)
         p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p = command("server", "the server's release, API and limits (GetServerMetadata)", writes=False)
+    p.add_argument("--json", action="store_true", help="print JSON instead of lines")
 
     p = command("sample", "sample images", _generation_flags("Sample"))
 
@@ -329,6 +333,18 @@ def _table(rows: list[dict], columns: list[str]) -> None:
 
 
 # -- commands ---------------------------------------------------------------------------------------
+def cmd_server(client, args) -> None:
+    meta = dataclasses.asdict(client.server_metadata())
+    if args.json:
+        print(json.dumps(meta, indent=2))
+        return
+    print(f"{meta['name']} {meta['version']} (API {meta['api_package']}); this SDK: adjointdpm {adjointdpm.__version__}")
+    for key in ("models", "losses", "grad_modes", "solvers", "tensor_dtypes", "extensions"):
+        print(f"{key}: {', '.join(meta[key]) or '-'}")
+    print(f"compute_dtype: {meta['compute_dtype']}")
+    print("limits: " + ", ".join(f"{k}={v:g}" for k, v in meta["limits"].items()))
+
+
 def cmd_models(client, args) -> None:
     models = client.list_models()
     if args.json:
@@ -458,7 +474,7 @@ def cmd_delete_artifact(client, args) -> None:
     print(f"deleted {info.id} ({info.kind}, {info.size} bytes)")
 
 
-COMMANDS = {"models": cmd_models, "losses": cmd_losses, "sample": cmd_sample,
+COMMANDS = {"server": cmd_server, "models": cmd_models, "losses": cmd_losses, "sample": cmd_sample,
             "compute-gradient": cmd_grad, "optimize-latent": cmd_optimize,
             "finetune-weights": cmd_finetune, "optimize-embedding": cmd_invert,
             "artifact": cmd_artifact, "delete-artifact": cmd_delete_artifact}

@@ -100,7 +100,8 @@ def _generation(fine_tune: bool = False) -> tuple[Option, ...]:
         Option(g + "batch", None, "samples; unset = x_T's batch, else the number of labels or "
                "prompts, else 1", low=1),
         seed,
-        Option(g + "x_T", None, "the start state (B, *latent_shape) instead of a seed", kind="tensor"),
+        Option(g + "start_latents", None, "the start state (B, *latent_shape) instead of a seed",
+               keyword="x_T", kind="tensor"),
         Option(g + "steps", None, "sampler steps; unset = the model's default_steps", low=1),
         Option(g + "solver", "dpm3", "the sampler: euler, dpm2, dpm3, ab2, ab3, ab4, heun, dopri5"),
         Option(g + "guidance_scale", None, "CFG scale; unset = the model's default_guidance, 1 = none",
@@ -305,7 +306,8 @@ def _is_unset(holder, leaf: str) -> bool:
 
 
 TARGETS = ("x_T", "cond", "token", "weights")
-_TARGET_NAMES = {"X_T": "x_T"}
+# TARGET_X_T → "x_T"; TARGET_UNSPECIFIED (an enum value left 0) reads as the default target
+_TARGET_NAMES = {"TARGET_X_T": "x_T", "TARGET_UNSPECIFIED": "x_T"}
 
 
 def read(rpc: str, request) -> dict[str, Any]:
@@ -320,8 +322,8 @@ def read(rpc: str, request) -> dict[str, Any]:
         value = getattr(holder, leaf)
         if o.kind == "targets":
             names = holder.DESCRIPTOR.fields_by_name[leaf].enum_type.values_by_number
-            value = [_TARGET_NAMES.get(names[v].name, names[v].name.lower()) if v in names else v
-                     for v in value]
+            value = [_TARGET_NAMES.get(names[v].name, names[v].name.removeprefix("TARGET_").lower())
+                     if v in names else v for v in value]
         elif o.kind == "list":
             value = list(value)
         values[o.path] = value

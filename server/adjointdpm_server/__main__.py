@@ -24,6 +24,7 @@ from .config import Limits, ServerConfig, caller_weights
 
 def parse_args(argv=None) -> ServerConfig:
     p = argparse.ArgumentParser(prog="adjointdpm-server", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     p.add_argument("--model", action="append", dest="models", metavar="[NAME=]SPEC",
                    help="a model to keep resident (repeatable; the first is the default): digits, "
                         "digits-flow, gaussian-mixture, diffusers:/path (default: digits)")
@@ -158,6 +159,12 @@ def parse_args(argv=None) -> ServerConfig:
     return config, a.log_format
 
 
+def _version() -> str:
+    import adjointdpm_server  # its __version__: the installed distribution's, else the SDK's
+
+    return adjointdpm_server.__version__
+
+
 SERVER_MODULES = ("torch", "diffusers", "safetensors", "grpc_health.v1", "grpc_reflection.v1alpha",
                   "prometheus_client")
 
@@ -171,8 +178,8 @@ def _check_installed() -> None:
             importlib.import_module(name)
         except ImportError:
             sys.exit(f"adjointdpm-server: the server is not installed here ({name} is missing). The "
-                     "SDK alone cannot serve; install the server extra:\n"
-                     "    pip install -c constraints.txt '.[server]'    (from a checkout; torch "
+                     "SDK alone cannot serve; install the server:\n"
+                     "    pip install -c constraints.txt ./sdk ./server    (from a checkout; torch "
                      "first: pip install torch==2.13.0)")
 
 

@@ -12,6 +12,7 @@ rollout deadline. fetch_models.py (the cache's init container) runs here against
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import importlib.util
 import os
@@ -445,11 +446,12 @@ def test_weights_cache_fills_a_node_local_volume_before_the_server_starts(prod):
 
 
 def test_the_image_has_what_the_init_container_runs():
-    """fetch_models.py runs in the server's image: boto3 must be in the server extra."""
-    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
-    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
-        "optional-dependencies"]["server"]
-    assert any(re.match(r"boto3\b", d) for d in extras), "fetch_models.py needs boto3 in the image"
+    """fetch_models.py runs in the server's image: boto3 must be a dependency of the server
+    (server/setup.py's SERVER_DEPENDENCIES, the distribution's requirements besides the SDK)."""
+    tree = ast.parse((ROOT / "server" / "setup.py").read_text())
+    (deps,) = [ast.literal_eval(node.value) for node in ast.walk(tree) if isinstance(node, ast.Assign)
+               and any(getattr(target, "id", None) == "SERVER_DEPENDENCIES" for target in node.targets)]
+    assert any(re.match(r"boto3\b", d) for d in deps), "fetch_models.py needs boto3 in the image"
 
 
 def test_startup_budget_fits_the_rollout_deadline(prod):

@@ -56,15 +56,15 @@ class SilentGradient:
 
     def __init__(self, channel, token: str | None = None, steps: int = 3, timeout: float = 600):
         self.hold, self.asked, self.code, self.details = threading.Event(), threading.Event(), None, ""
-        request = pb.GradientRequest(generation=pb.Generation(labels=[1], seed=0, steps=steps),
+        request = pb.GradientSpec(generation=pb.Generation(labels=[1], seed=0, steps=steps),
                                      losses=[pb.LossTerm(client="never", weight=1.0)])
 
         def requests():
-            yield pb.GradientMessage(request=request)
+            yield pb.ComputeGradientRequest(spec=request)
             self.hold.wait()  # say nothing more, keep the stream open
 
         metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self.call = pb_grpc.AdjointDPMStub(channel).ComputeGradient(requests(), metadata=metadata,
+        self.call = pb_grpc.AdjointDPMServiceStub(channel).ComputeGradient(requests(), metadata=metadata,
                                                                     timeout=timeout)
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()

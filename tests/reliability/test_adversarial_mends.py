@@ -70,25 +70,25 @@ def _params(where: str, bad: float) -> struct_pb2.Struct:
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_nan_or_inf_in_server_loss_params_is_invalid_argument_naming_the_field(server, where, field, bad):
     term = pb.LossTerm(server=pb.ServerLoss(name="classifier", params=_params(where, bad)))
-    request = pb.GradientRequest(generation=pb.Generation(labels=[1], seed=0, steps=3), losses=[term])
+    request = pb.GradientSpec(generation=pb.Generation(labels=[1], seed=0, steps=3), losses=[term])
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        stub = pb_grpc.AdjointDPMStub(channel)
-        err = _rpc_error(stub.ComputeGradient(iter([pb.GradientMessage(request=request)]), timeout=60))
+        stub = pb_grpc.AdjointDPMServiceStub(channel)
+        err = _rpc_error(stub.ComputeGradient(iter([pb.ComputeGradientRequest(spec=request)]), timeout=60))
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
         assert field in err.details() and "finite" in err.details()
         assert "Traceback" not in err.details() and "internal" not in err.details().lower()
         # the same through the other RPCs that take losses
-        opt = pb.OptimizeLatentRequest(generation=pb.Generation(labels=[1], seed=0, steps=3),
+        opt = pb.OptimizeLatentSpec(generation=pb.Generation(labels=[1], seed=0, steps=3),
                                        losses=[term], optimizer=pb.Optimizer(iterations=1))
-        err = _rpc_error(stub.OptimizeLatent(iter([pb.OptimizeLatentMessage(request=opt)]), timeout=60))
+        err = _rpc_error(stub.OptimizeLatent(iter([pb.OptimizeLatentRequest(spec=opt)]), timeout=60))
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and field in err.details()
         # and the server goes on
         params = struct_pb2.Struct()
         params.fields["label"].number_value = 3
-        ok = pb.GradientRequest(generation=pb.Generation(labels=[1], seed=0, steps=3),
+        ok = pb.GradientSpec(generation=pb.Generation(labels=[1], seed=0, steps=3),
                                 losses=[pb.LossTerm(server=pb.ServerLoss(name="classifier", params=params))])
-        events = list(stub.ComputeGradient(iter([pb.GradientMessage(request=ok)]), timeout=60))
-        assert events[-1].WhichOneof("kind") == "gradient"
+        events = list(stub.ComputeGradient(iter([pb.ComputeGradientRequest(spec=ok)]), timeout=60))
+        assert events[-1].WhichOneof("kind") == "result"
 
 
 # -- 2 and 3. fine-tunes reserve their checkpoints' bytes at admission ----------------------------
@@ -185,15 +185,15 @@ def _client_loss_request(rpc: str):
     gen = pb.Generation(labels=[1], seed=0, steps=3)
     term = pb.LossTerm(client="held", weight=1.0)
     if rpc == "ComputeGradient":
-        return pb.GradientMessage, pb.GradientRequest(generation=gen, losses=[term])
+        return pb.ComputeGradientRequest, pb.GradientSpec(generation=gen, losses=[term])
     if rpc == "OptimizeLatent":
-        return pb.OptimizeLatentMessage, pb.OptimizeLatentRequest(
+        return pb.OptimizeLatentRequest, pb.OptimizeLatentSpec(
             generation=gen, losses=[term], optimizer=pb.Optimizer(iterations=2))
     if rpc == "FinetuneWeights":
-        return pb.FinetuneMessage, pb.FinetuneRequest(
+        return pb.FinetuneWeightsRequest, pb.FinetuneWeightsSpec(
             generation=pb.Generation(steps=3), losses=[term], optimizer=pb.Optimizer(iterations=2),
             examples=[pb.FinetuneExample(seed=0, label=1)], lora_rank=2)
-    return pb.OptimizeEmbeddingMessage, pb.OptimizeEmbeddingRequest(
+    return pb.OptimizeEmbeddingRequest, pb.OptimizeEmbeddingSpec(
         generation=gen, losses=[term], optimizer=pb.Optimizer(iterations=2))
 
 
@@ -204,10 +204,10 @@ RPCS = ["ComputeGradient", "OptimizeLatent", "FinetuneWeights", "OptimizeEmbeddi
 def test_an_empty_first_message_is_invalid_argument(server, rpc):
     message, _ = _client_loss_request(rpc)
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        call = getattr(pb_grpc.AdjointDPMStub(channel), rpc)(iter([message()]), timeout=60)
+        call = getattr(pb_grpc.AdjointDPMServiceStub(channel), rpc)(iter([message()]), timeout=60)
         err = _rpc_error(call)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
-    assert "neither a request nor a loss reply" in err.details()
+    assert "neither a spec nor a loss reply" in err.details()
     assert "second request" not in err.details()
 
 
@@ -215,7 +215,7 @@ def test_an_empty_first_message_is_invalid_argument(server, rpc):
 def test_an_empty_message_after_the_request_is_invalid_argument(server, rpc):
     message, request = _client_loss_request(rpc)
     outbox: queue.Queue = queue.Queue()
-    outbox.put(message(request=request))
+    outbox.put(message(spec=request))
 
     def requests():
         while True:
@@ -225,14 +225,14 @@ def test_an_empty_message_after_the_request_is_invalid_argument(server, rpc):
             yield item
 
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        call = getattr(pb_grpc.AdjointDPMStub(channel), rpc)(requests(), timeout=60)
+        call = getattr(pb_grpc.AdjointDPMServiceStub(channel), rpc)(requests(), timeout=60)
         try:
             with pytest.raises(grpc.RpcError) as err:
                 for event in call:
                     if event.WhichOneof("kind") == "loss_query":
-                        outbox.put(message())  # neither a request nor a loss reply
+                        outbox.put(message())  # neither a spec nor a loss reply
         finally:
             outbox.put(None)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
-    assert "neither a request nor a loss reply" in err.value.details()
+    assert "neither a spec nor a loss reply" in err.value.details()
     assert "second request" not in err.value.details()

@@ -79,17 +79,17 @@ def _metric(port: int, name: str) -> float:
 def _disconnect_mid_stream(target: str, k: int) -> None:
     """Open a long stream, wait for its first progress event, then drop the connection."""
     channel = grpc.insecure_channel(target)
-    stub = pb_grpc.AdjointDPMStub(channel)
+    stub = pb_grpc.AdjointDPMServiceStub(channel)
     if k % 2:
         events = stub.Sample(pb.SampleRequest(generation=pb.Generation(seed=k, steps=200, batch=4)))
     else:
         # checkpoint, not auto: beside a sampling job auto keeps its forward graph, whose freed
         # pages glibc gives back only in part (RSS swings by ±150 MiB from round to round,
         # measured; the old auto recomputed beside any job) — noise that would hide a leak
-        request = pb.GradientRequest(generation=pb.Generation(seed=k, steps=100, batch=2),
+        request = pb.GradientSpec(generation=pb.Generation(seed=k, steps=100, batch=2),
                                      losses=[pb.LossTerm(client="never_answered")],
                                      grad_mode="checkpoint")
-        events = stub.ComputeGradient(iter([pb.GradientMessage(request=request)]))
+        events = stub.ComputeGradient(iter([pb.ComputeGradientRequest(spec=request)]))
     for event in events:
         if event.WhichOneof("kind") in ("progress", "loss_query"):
             break
@@ -200,11 +200,11 @@ def test_oversized_tensors_are_refused_before_allocation(tmp_path):
                                     limits=Limits(max_tensor_elements=4096, max_message_bytes=2**20)))
     try:
         with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
-            stub = pb_grpc.AdjointDPMStub(ch)
+            stub = pb_grpc.AdjointDPMServiceStub(ch)
 
             def sample_with(x_T):
                 with pytest.raises(grpc.RpcError) as err:
-                    list(stub.Sample(pb.SampleRequest(generation=pb.Generation(x_T=x_T)), timeout=30))
+                    list(stub.Sample(pb.SampleRequest(generation=pb.Generation(start_latents=x_T)), timeout=30))
                 return err.value
 
             # declared 2^62 elements, 16 bytes sent: refused on the declared size alone

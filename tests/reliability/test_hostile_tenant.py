@@ -133,7 +133,7 @@ def test_a_burst_of_one_tenants_calls_cannot_refuse_anothers(tmp_path):
                 return
                 yield
 
-            stub = pb_grpc.AdjointDPMStub(channel)
+            stub = pb_grpc.AdjointDPMServiceStub(channel)
             held = [stub.ComputeGradient(silent(), metadata=(("authorization", "Bearer token-a"),),
                                          timeout=60) for _ in range(4)]
             deadline = time.monotonic() + 30  # all 4 in their handlers (a probe sent earlier

@@ -53,7 +53,7 @@ def client(server):
 @pytest.fixture
 def stub(server):
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        yield pb_grpc.AdjointDPMStub(channel)
+        yield pb_grpc.AdjointDPMServiceStub(channel)
 
 
 def _engine_calls(srv) -> int:
@@ -141,7 +141,7 @@ def test_other_tensor_fields_are_checked_too(client):
     err = _refused(client.finetune_weights, ok,
                    [{"x_T": np.full((1, 1, 8, 8), np.nan, np.float32), "label": 1}],
                    iterations=1, steps=2)
-    assert err.code == INVALID and "examples[0].x_T" in err.details, err.details
+    assert err.code == INVALID and "examples[0].start_latents" in err.details, err.details
 
 
 # ---- 2. client loss replies: checked in the working dtype ---------------------------------------
@@ -197,9 +197,9 @@ def test_loss_queries_never_carry_non_finite_numbers(client):
 def _raw_bidi(stub, rpc: str, request, reply_grad, value=1.0):
     """Open ``rpc``, answer every loss query with ``reply_grad(x)`` (any dtype: sent as given);
     the status code and details the stream ended with, and the final event."""
-    wrapper = {"ComputeGradient": pb.GradientMessage, "OptimizeLatent": pb.OptimizeLatentMessage}[rpc]
+    wrapper = {"ComputeGradient": pb.ComputeGradientRequest, "OptimizeLatent": pb.OptimizeLatentRequest}[rpc]
     outbox: queue.Queue = queue.Queue()
-    outbox.put(wrapper(request=request))
+    outbox.put(wrapper(spec=request))
 
     def requests():
         while (msg := outbox.get()) is not None:
@@ -230,8 +230,8 @@ def test_float64_gradient_that_overflows_float32_is_refused_on_the_wire(stub, rp
     to its working dtype, where 1e300 is Inf."""
     gen = pb.Generation(seed=0, steps=3)
     terms = [pb.LossTerm(client="huge")]
-    request = (pb.GradientRequest(generation=gen, losses=terms) if rpc == "ComputeGradient" else
-               pb.OptimizeLatentRequest(generation=gen, losses=terms,
+    request = (pb.GradientSpec(generation=gen, losses=terms) if rpc == "ComputeGradient" else
+               pb.OptimizeLatentSpec(generation=gen, losses=terms,
                                         optimizer=pb.Optimizer(iterations=2)))
     code, details, _ = _raw_bidi(stub, rpc, request, lambda x: np.full(x.shape, huge, np.float64))
     # refused as the client's reply (not later, as a non-finite gradient of the server's own)
@@ -243,7 +243,7 @@ def test_float64_gradient_that_overflows_float32_is_refused_on_the_wire(stub, rp
     # control: the same exchange with sane numbers succeeds
     code, details, last = _raw_bidi(stub, rpc, request, lambda x: np.full(x.shape, 1e-3, np.float64))
     assert code == grpc.StatusCode.OK, details
-    assert last.WhichOneof("kind") in ("gradient", "optimized")
+    assert last.WhichOneof("kind") == "result"
 
 
 # ---- 3. loss weights and numeric parameters are bounded -----------------------------------------
@@ -314,10 +314,10 @@ GARBAGE = [b"\xff\xff\xff", b"\x0a\xff\xff\xff\xff\x0f", b"\x52\x05abc"]
 
 
 def _raw(channel, rpc: str, kind: str):
-    method = f"/adjointdpm.v1.AdjointDPM/{rpc}"
+    method = f"/adjointdpm.v1.AdjointDPMService/{rpc}"
     make = getattr(channel, kind)
     out = pb.ListModelsResponse if rpc == "ListModels" else (
-        pb.ArtifactChunk if rpc == "GetArtifact" else pb.Event)
+        pb.GetArtifactResponse if rpc == "GetArtifact" else getattr(pb, f"{rpc}Response"))
     return make(method, request_serializer=lambda b: b, response_deserializer=out.FromString)
 
 
@@ -367,13 +367,13 @@ def test_undecodable_first_message_of_a_bidi_stream_is_invalid_argument(server, 
 
 @pytest.mark.parametrize("rpc", ["ComputeGradient", "OptimizeLatent"])
 def test_undecodable_loss_reply_is_invalid_argument(server, rpc):
-    wrapper = {"ComputeGradient": pb.GradientMessage, "OptimizeLatent": pb.OptimizeLatentMessage}[rpc]
+    wrapper = {"ComputeGradient": pb.ComputeGradientRequest, "OptimizeLatent": pb.OptimizeLatentRequest}[rpc]
     gen, terms = pb.Generation(seed=0, steps=3), [pb.LossTerm(client="c")]
-    request = (pb.GradientRequest(generation=gen, losses=terms) if rpc == "ComputeGradient" else
-               pb.OptimizeLatentRequest(generation=gen, losses=terms,
+    request = (pb.GradientSpec(generation=gen, losses=terms) if rpc == "ComputeGradient" else
+               pb.OptimizeLatentSpec(generation=gen, losses=terms,
                                         optimizer=pb.Optimizer(iterations=2)))
     outbox: queue.Queue = queue.Queue()
-    outbox.put(wrapper(request=request).SerializeToString())
+    outbox.put(wrapper(spec=request).SerializeToString())
 
     def requests():
         while (msg := outbox.get()) is not None:

@@ -54,14 +54,14 @@ def gen_fault(gen: pb.Generation, draw) -> str:
         "label", "labels_count", "model", "adapter_bad", "adapter_unknown", "embedding_unknown",
         "t_start_alone", "t_start_range", "guidance", "prompt", "cond_shape"]))
     if fault == "x_T_tensor":
-        gen.x_T.CopyFrom(_tensor_fault(draw))
+        gen.start_latents.CopyFrom(_tensor_fault(draw))
     elif fault == "cond_tensor":
         gen.cond.CopyFrom(_tensor_fault(draw))
     elif fault == "x_T_shape":
         shape = draw(st.lists(st.integers(1, 9), min_size=1, max_size=5).filter(lambda s: s[1:] != [1, 8, 8]))
-        gen.x_T.CopyFrom(f32(shape))
+        gen.start_latents.CopyFrom(f32(shape))
     elif fault == "x_T_nan":
-        gen.x_T.CopyFrom(f32((1, 1, 8, 8), draw(st.sampled_from([math.nan, math.inf, -math.inf]))))
+        gen.start_latents.CopyFrom(f32((1, 1, 8, 8), draw(st.sampled_from([math.nan, math.inf, -math.inf]))))
     elif fault == "batch":
         gen.batch = draw(st.integers(LIMITS.max_batch + 1, 2**32 - 1))
     elif fault == "steps":
@@ -90,7 +90,7 @@ def gen_fault(gen: pb.Generation, draw) -> str:
     elif fault == "t_start_alone":
         gen.t_start = draw(st.floats(1, 900))
     elif fault == "t_start_range":
-        gen.x_T.CopyFrom(f32((1, 1, 8, 8)))
+        gen.start_latents.CopyFrom(f32((1, 1, 8, 8)))
         gen.t_start = draw(st.one_of(st.floats(max_value=0, allow_nan=False), st.floats(1e4, 1e30)))
     elif fault == "guidance":
         gen.guidance_scale = draw(st.sampled_from([math.nan, math.inf, -math.inf, 1e6]))
@@ -119,7 +119,7 @@ def loss_fault(draw) -> list[pb.LossTerm]:
         return [pb.LossTerm(server=pb.ServerLoss(name="mse", tensors={"target": f32(shape)}))]
     if fault == "domain":
         term = mse_term()
-        term.domain = draw(st.integers(2, 1000))
+        term.domain = draw(st.integers(3, 1000))  # 0 reads as DOMAIN_IMAGE; 1, 2 are domains
         return [term]
     if fault == "weight":
         term = mse_term()
@@ -150,7 +150,7 @@ def malformed(draw):
             extra["grad_mode"] = draw(st.text(min_size=1, max_size=10).filter(
                 lambda s: s not in ("checkpoint", "adjoint", "backprop")))
         else:
-            extra["targets"] = [draw(st.integers(4, 1000))]
+            extra["targets"] = [draw(st.integers(5, 1000))]  # 0 reads as TARGET_X_T, 1-4 are targets
     elif rpc == "OptimizeLatent":
         pick = draw(st.sampled_from(["losses", "iterations", "lr", "optimizer", "constraint"]))
         opt = pb.Optimizer(iterations=1)
@@ -198,13 +198,13 @@ def _send(stub, rpc, gen, losses, extra):
     if rpc == "Sample":
         return list(stub.Sample(pb.SampleRequest(generation=gen), timeout=60))
     request_type, wrapper = {
-        "ComputeGradient": (pb.GradientRequest, pb.GradientMessage),
-        "OptimizeLatent": (pb.OptimizeLatentRequest, pb.OptimizeLatentMessage),
-        "FinetuneWeights": (pb.FinetuneRequest, pb.FinetuneMessage),
-        "OptimizeEmbedding": (pb.OptimizeEmbeddingRequest, pb.OptimizeEmbeddingMessage),
+        "ComputeGradient": (pb.GradientSpec, pb.ComputeGradientRequest),
+        "OptimizeLatent": (pb.OptimizeLatentSpec, pb.OptimizeLatentRequest),
+        "FinetuneWeights": (pb.FinetuneWeightsSpec, pb.FinetuneWeightsRequest),
+        "OptimizeEmbedding": (pb.OptimizeEmbeddingSpec, pb.OptimizeEmbeddingRequest),
     }[rpc]
     request = request_type(generation=gen, losses=losses, **extra)
-    return list(getattr(stub, rpc)(iter([wrapper(request=request)]), timeout=60))
+    return list(getattr(stub, rpc)(iter([wrapper(spec=request)]), timeout=60))
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +212,7 @@ def stub(tmp_path_factory):
     srv = build_server(ServerConfig(models=("digits",), port=0, limits=LIMITS, max_active_jobs=2,
                                     artifact_dir=tmp_path_factory.mktemp("artifacts")))
     channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}")
-    yield pb_grpc.AdjointDPMStub(channel), srv
+    yield pb_grpc.AdjointDPMServiceStub(channel), srv
     channel.close()
     srv.stop(0)
 
@@ -235,5 +235,5 @@ def test_malformed_requests_get_the_right_status(stub):
     one()
     assert len(calls) >= 1000 and len(set(calls)) == 5
     events = list(s.Sample(pb.SampleRequest(generation=pb.Generation(seed=0, steps=2)), timeout=60))
-    assert events[-1].WhichOneof("kind") == "sample"  # still serving
+    assert events[-1].WhichOneof("kind") == "result"  # still serving
     assert srv.service.idle  # no job left behind

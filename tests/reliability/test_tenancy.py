@@ -284,7 +284,7 @@ def test_health_check_is_answered_when_every_call_slot_is_taken(tmp_path):
                 return
                 yield
 
-            stub = pb_grpc.AdjointDPMStub(channel)
+            stub = pb_grpc.AdjointDPMServiceStub(channel)
             for _ in range(8):
                 calls.append(stub.ComputeGradient(silent(), timeout=60))
             watches = [health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=60)
@@ -376,7 +376,7 @@ def test_two_tenants_one_hostile(tmp_path):
                 return
                 yield
 
-            idle_calls = [pb_grpc.AdjointDPMStub(channel).ComputeGradient(
+            idle_calls = [pb_grpc.AdjointDPMServiceStub(channel).ComputeGradient(
                 idle(), metadata=(("authorization", "Bearer token-a"),), timeout=60) for _ in range(64)]
             time.sleep(3.0)  # B keeps sampling beside all of it
             stop.set()

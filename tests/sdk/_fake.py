@@ -1,8 +1,9 @@
 """A scripted peer for the SDK: a real ``grpc.server`` on a loopback port serving a fake
-``AdjointDPMServicer`` written here (not the project's server). It records every call it receives
+``AdjointDPMServiceServicer`` written here (not the project's server). It records every call it receives
 (the request, the metadata, the deadline, each LossReply) and answers with a script of steps:
 
-* a ``pb.Event``: sent as is;
+* an ``Event`` (``event(progress=…)``): sent in the RPC's own response message
+  (``SampleResponse``, ``ComputeGradientResponse``, …);
 * ``Query(term, x, ...)``: a LossQuery event, then the next client message is read and recorded
   (a client that sends none instead, or cancels, leads to ``Hold``);
 * ``Abort(code, details)``: ``context.abort``, the status the client must see;
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
+import adjointdpm
 from adjointdpm import encode_tensor
 from adjointdpm.v1 import adjointdpm_pb2 as pb
 from adjointdpm.v1 import adjointdpm_pb2_grpc as pb_grpc
@@ -35,16 +37,34 @@ HOLD_S = 10.0
 
 
 @dataclass
+class Event:
+    """One event of a script: its field in the RPC's response oneof and its message."""
+
+    kind: str
+    message: object
+
+    def response(self, method: str):
+        """As the RPC ``method`` sends it: its own response message with this field set."""
+        return getattr(pb, f"{method}Response")(**{self.kind: self.message})
+
+
+def event(**one) -> Event:
+    """``event(progress=pb.Progress(...))``: a script step sending that event."""
+    (kind, message), = one.items()
+    return Event(kind, message)
+
+
+@dataclass
 class Query:
     term: int
     x: np.ndarray
     name: str = ""
-    domain: int = pb.IMAGE
+    domain: int = pb.DOMAIN_IMAGE
     iteration: int = 0
 
-    def event(self) -> pb.Event:
-        return pb.Event(loss_query=pb.LossQuery(term=self.term, name=self.name, domain=self.domain,
-                                                x=encode_tensor(self.x), iteration=self.iteration))
+    def event(self) -> Event:
+        return event(loss_query=pb.LossQuery(term=self.term, name=self.name, domain=self.domain,
+                                             x=encode_tensor(self.x), iteration=self.iteration))
 
 
 @dataclass
@@ -63,7 +83,7 @@ class Received:
     """One RPC as the fake saw it."""
 
     method: str
-    request: object                      # the request message (bidi: the wrapper's ``request``)
+    request: object                      # the request message (bidi: the first message's ``spec``)
     first_kind: str | None               # bidi: which oneof the first message set
     metadata: dict
     time_remaining: float | None
@@ -78,16 +98,16 @@ X0 = np.linspace(-1, 1, 2 * 1 * 4 * 4, dtype=np.float32).reshape(2, 1, 4, 4)
 XT = np.arange(2 * 1 * 4 * 4, dtype=np.float32).reshape(2, 1, 4, 4) / 10
 
 
-def result_event(method: str) -> pb.Event:
-    """A minimal, valid result of ``method`` (the SDK decodes x0/x_T unconditionally)."""
+def result_event(method: str) -> Event:
+    """A minimal, valid result of ``method`` (the SDK decodes x0/start_latents unconditionally)."""
     if method == "Sample":
-        return pb.Event(sample=pb.SampleResult(x0=encode_tensor(X0), x_T=encode_tensor(XT)))
+        return event(result=pb.SampleResult(x0=encode_tensor(X0), start_latents=encode_tensor(XT)))
     if method == "ComputeGradient":
-        return pb.Event(gradient=pb.GradientResult(loss=1.5, x0=encode_tensor(X0)))
-    return pb.Event(optimized=pb.OptimizeResult(loss=0.5, x_T=encode_tensor(XT), x0=encode_tensor(X0)))
+        return event(result=pb.GradientResult(loss=1.5, x0=encode_tensor(X0)))
+    return event(result=pb.OptimizeResult(loss=0.5, start_latents=encode_tensor(XT), x0=encode_tensor(X0)))
 
 
-class FakeServicer(pb_grpc.AdjointDPMServicer):
+class FakeServicer(pb_grpc.AdjointDPMServiceServicer):
     def __init__(self):
         self._lock = threading.Lock()
         self.reset()
@@ -99,10 +119,15 @@ class FakeServicer(pb_grpc.AdjointDPMServicer):
             self.cancelled = threading.Event()      # a Hold saw the client cancel
             self.replied = threading.Event()        # a LossReply arrived
             self.started = threading.Event()        # a call arrived
-            self.chunks: list[pb.ArtifactChunk] = []
+            self.chunks: list[pb.GetArtifactResponse] = []
             self.models = pb.ListModelsResponse()
             self.losses = pb.ListLossesResponse()
             self.unary_abort: Abort | None = None
+            # GetServerMetadata: what the fake says it is (this SDK's release unless a test says
+            # otherwise), how often it was asked, and whether it answers at all
+            self.version, self.api_package = adjointdpm.__version__, pb.DESCRIPTOR.package
+            self.metadata_calls = 0
+            self.metadata_unimplemented = False
 
     # -- what tests read --------------------------------------------------------------------------
     def script(self, method: str, steps: list) -> None:
@@ -142,10 +167,10 @@ class FakeServicer(pb_grpc.AdjointDPMServicer):
 
     def _play(self, method, context, received, messages=None):
         for step in self.scripts.get(method, [result_event(method)]):
-            if isinstance(step, pb.Event):
-                yield step
+            if isinstance(step, Event):
+                yield step.response(method)
             elif isinstance(step, Query):
-                yield step.event()
+                yield step.event().response(method)
                 try:
                     msg = next(messages)
                 except (StopIteration, grpc.RpcError):  # half-closed or cancelled: no reply
@@ -166,7 +191,7 @@ class FakeServicer(pb_grpc.AdjointDPMServicer):
 
     def _bidi(self, method, request_iterator, context):
         first = next(request_iterator)
-        received = self._record(method, first.request, context, first.WhichOneof("kind"))
+        received = self._record(method, first.spec, context, first.WhichOneof("kind"))
         yield from self._play(method, context, received, request_iterator)
 
     def Sample(self, request, context):
@@ -203,6 +228,15 @@ class FakeServicer(pb_grpc.AdjointDPMServicer):
         info = pb.ArtifactInfo(id=request.id, kind="lora", model="digits", size=1)
         return self._unary("DeleteArtifact", request, context, pb.DeleteArtifactResponse(artifact=info))
 
+    def GetServerMetadata(self, request, context):
+        """Not recorded in ``calls`` (the SDK asks it once per channel, before its first call)."""
+        with self._lock:
+            self.metadata_calls += 1
+        if self.metadata_unimplemented:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+        return pb.GetServerMetadataResponse(name="fake-adjointdpm", version=self.version,
+                                            api_package=self.api_package, models=["digits"])
+
     def GetArtifact(self, request, context):
         received = self._record("GetArtifact", request, context)
         if self.unary_abort is not None:
@@ -218,7 +252,7 @@ class FakeServer:
     def __init__(self):
         self.servicer = FakeServicer()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-        pb_grpc.add_AdjointDPMServicer_to_server(self.servicer, self.server)
+        pb_grpc.add_AdjointDPMServiceServicer_to_server(self.servicer, self.server)
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.target = f"127.0.0.1:{self.port}"
         self.server.start()

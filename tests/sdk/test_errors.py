@@ -14,12 +14,12 @@ import adjointdpm
 import adjointdpm.aio
 from adjointdpm.v1 import adjointdpm_pb2 as pb
 
-from ._fake import Abort, Hold, Query, result_event
+from ._fake import Abort, Hold, Query, event, result_event
 
 METHODS = {"sample": "Sample", "compute_gradient": "ComputeGradient", "optimize_latent": "OptimizeLatent",
            "finetune_weights": "FinetuneWeights", "optimize_embedding": "OptimizeEmbedding"}
 X = np.ones((1, 1, 4, 4), np.float32)
-PROGRESS = pb.Event(progress=pb.Progress(phase="forward", step=1, total=4))
+PROGRESS = event(progress=pb.Progress(phase="forward", step=1, total=4))
 LOSS = adjointdpm.ClientLoss(lambda x: (float(x.sum()), np.ones_like(x)), name="sum", autograd=False)
 
 
@@ -65,7 +65,7 @@ def test_stream_yields_the_events_before_the_status_then_raises(fake, fake_serve
         with pytest.raises(adjointdpm.AdjointDPMError) as err:
             for event in call:
                 got.append(event)
-    assert got == [PROGRESS, PROGRESS]
+    assert got == [PROGRESS.response(METHODS[method])] * 2
     assert (err.value.code, err.value.details) == (grpc.StatusCode.ABORTED, "preempted")
     assert call.result is None
 
@@ -82,7 +82,7 @@ def test_aio_stream_yields_the_events_before_the_status_then_raises(fake, fake_s
         return got, err.value
 
     got, err = asyncio.run(main())
-    assert got == [PROGRESS] and (err.code, err.details) == (grpc.StatusCode.ABORTED, "preempted")
+    assert got == [PROGRESS.response("Sample")] and (err.code, err.details) == (grpc.StatusCode.ABORTED, "preempted")
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -97,7 +97,7 @@ def test_iterating_a_stream_without_a_result_ends_with_no_result(sdk, fake):
     """Iteration itself does not raise (the events were all delivered); ``call.result`` stays None."""
     fake.script("Sample", [PROGRESS])
     seen, call = sdk.stream("sample")
-    assert [e for e, _ in seen] == [PROGRESS] and call.result is None
+    assert [e for e, _ in seen] == [PROGRESS.response("Sample")] and call.result is None
 
 
 @pytest.mark.parametrize("name", ["list_models", "list_losses", "download_artifact"])

@@ -16,14 +16,14 @@ import adjointdpm
 import adjointdpm.aio
 from adjointdpm.v1 import adjointdpm_pb2 as pb
 
-from ._fake import Abort, FakeServer, Hold, result_event
+from ._fake import Abort, FakeServer, Hold, event, result_event
 
 pytestmark = pytest.mark.timeout(30)
 
 LOSS = adjointdpm.ClientLoss(lambda x: (float(x.sum()), np.ones_like(x)), name="sum", autograd=False)
 EXAMPLES = [{"seed": 0, "label": 1}]
-JOB = pb.Event(job=pb.Job(id="job-7f3a", replica="adjointdpm-1", iteration=4))
-PROGRESS = pb.Event(progress=pb.Progress(phase="forward", step=1, total=4))
+JOB = event(job=pb.Job(id="job-7f3a", replica="adjointdpm-1", iteration=4))
+PROGRESS = event(progress=pb.Progress(phase="forward", step=1, total=4))
 LOST = Abort(grpc.StatusCode.UNAVAILABLE, "the replica went away")
 
 
@@ -50,12 +50,12 @@ def test_a_lost_fine_tune_after_its_job_event_raises_job_interrupted(sdk, fake, 
 def test_the_job_event_is_an_event_and_names_the_job_on_the_call(sdk, fake):
     fake.script("FinetuneWeights", [JOB, PROGRESS, result_event("FinetuneWeights")])
     seen, call = sdk.stream("finetune_weights", LOSS, EXAMPLES, iterations=3)
-    assert [e.WhichOneof("kind") for e, _ in seen] == ["job", "progress", "optimized"]
+    assert [e.WhichOneof("kind") for e, _ in seen] == ["job", "progress", "result"]
     assert call.job_id == "job-7f3a"
     assert call.job == adjointdpm.JobInfo("job-7f3a", "adjointdpm-1", 4)
     heard = []
     sdk.call("finetune_weights", LOSS, EXAMPLES, iterations=3, on_event=heard.append)
-    assert heard[0] == JOB
+    assert heard[0] == JOB.response("FinetuneWeights")
 
 
 def test_without_a_job_event_a_lost_stream_is_a_plain_error(sdk, fake):
@@ -97,7 +97,7 @@ def test_a_client_that_cancels_gets_no_job_interrupted(fake, fake_server):
     with adjointdpm.Client(fake_server.target) as c:
         call = c.finetune_weights(LOSS, EXAMPLES, iterations=3, stream=True)
         events = iter(call)
-        assert next(events) == JOB
+        assert next(events) == JOB.response("FinetuneWeights")
         call.cancel()
         with pytest.raises(adjointdpm.AdjointDPMError) as err:
             next(events)

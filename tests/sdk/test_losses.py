@@ -15,7 +15,7 @@ import adjointdpm.aio
 from adjointdpm import decode_tensor
 from adjointdpm.v1 import adjointdpm_pb2 as pb
 
-from ._fake import BIDI, Query, result_event
+from ._fake import BIDI, Query, event, result_event
 
 X1 = np.linspace(0, 1, 2 * 1 * 4 * 4, dtype=np.float32).reshape(2, 1, 4, 4)
 METHOD = {"ComputeGradient": "compute_gradient", "OptimizeLatent": "optimize_latent",
@@ -77,8 +77,8 @@ def test_many_queries_each_answered_by_its_own_term_in_order(sdk, fake):
     xs = [X1 * (k + 1) for k in range(3)]
     script = []
     for k, x in enumerate(xs):
-        script += [pb.Event(progress=pb.Progress(phase="forward", step=1, total=1, iteration=k)),
-                   Query(term=0, x=x, iteration=k), Query(term=2, x=x + 1, iteration=k, domain=pb.LATENT)]
+        script += [event(progress=pb.Progress(phase="forward", step=1, total=1, iteration=k)),
+                   Query(term=0, x=x, iteration=k), Query(term=2, x=x + 1, iteration=k, domain=pb.DOMAIN_LATENT)]
     fake.script("OptimizeLatent", script + [result_event("OptimizeLatent")])
     losses = [adjointdpm.ClientLoss(a, name="a", autograd=False), adjointdpm.ServerLoss("s"),
               adjointdpm.ClientLoss(b, name="b", domain="latent", autograd=False)]
@@ -160,8 +160,8 @@ def test_a_registered_loss_is_named_in_the_request_and_answered(sdk, fake):
     def registered(x):
         return 2.0, np.zeros_like(x)
 
-    fake.script("ComputeGradient", [Query(term=0, x=X1, domain=pb.LATENT), result_event("ComputeGradient")])
+    fake.script("ComputeGradient", [Query(term=0, x=X1, domain=pb.DOMAIN_LATENT), result_event("ComputeGradient")])
     sdk.call("compute_gradient", "sdk_test_registered")
     received = fake.only("ComputeGradient")
-    assert received.request.losses[0] == pb.LossTerm(weight=1.0, client="sdk_test_registered", domain=pb.LATENT)
+    assert received.request.losses[0] == pb.LossTerm(weight=1.0, client="sdk_test_registered", domain=pb.DOMAIN_LATENT)
     assert received.replies[0].value == 2.0

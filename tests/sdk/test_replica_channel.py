@@ -20,7 +20,7 @@ from ._fake import Abort, FakeServer
 
 pytestmark = pytest.mark.timeout(30)
 
-SERVICE = "adjointdpm.v1.AdjointDPM"
+SERVICE = "adjointdpm.v1.AdjointDPMService"
 BIDI = ("ComputeGradient", "OptimizeLatent", "FinetuneWeights", "OptimizeEmbedding")
 LOSS = adjointdpm.ClientLoss(lambda x: (0.0, np.zeros_like(x)), autograd=False)
 
@@ -62,7 +62,8 @@ def test_the_retry_policy_covers_the_reads_and_sample_only():
     (method_config,) = config["methodConfig"]
     names = method_config["name"]
     assert all(set(n) == {"service", "method"} for n in names)  # no service-wide entry
-    assert sorted(n["method"] for n in names) == sorted(["ListModels", "ListLosses", "GetArtifact", "Sample"])
+    assert sorted(n["method"] for n in names) == sorted(["GetServerMetadata", "ListModels", "ListLosses", "GetArtifact",
+                                                        "Sample"])
     assert not set(BIDI) & set(RETRIED) and "DeleteArtifact" not in RETRIED
     policy = method_config["retryPolicy"]
     assert policy["retryableStatusCodes"] == ["UNAVAILABLE"] and policy["maxAttempts"] == 5

@@ -29,7 +29,7 @@ def _inputs(method: str) -> tuple:
             "optimize_embedding": ()}.get(method, (SERVER_LOSS,))
 
 
-def _server_term(name="classifier", params=None, tensors=None, weight=1.0, domain=pb.IMAGE):
+def _server_term(name="classifier", params=None, tensors=None, weight=1.0, domain=pb.DOMAIN_IMAGE):
     struct = struct_pb2.Struct()
     struct.update(params or {})
     return pb.LossTerm(weight=weight, domain=domain, server=pb.ServerLoss(
@@ -51,7 +51,7 @@ def test_sample_keywords_land_in_their_fields(sdk, fake):
         generation=pb.Generation(model="digits", adapter="lora-1", prompt=["a cat"],
                                  negative_prompt=["blurry"], labels=[0, 1],
                                  cond=encode_tensor(cond), embedding="emb-1",  # cond keeps its float64
-                                 batch=2, seed=0, x_T=encode_tensor(x_T), steps=12, solver="euler",
+                                 batch=2, seed=0, start_latents=encode_tensor(x_T), steps=12, solver="euler",
                                  guidance_scale=2.5, grid="karras", t_start=0.5),
         no_images=True, return_pixels=True)
     got = fake.only("Sample").request
@@ -69,16 +69,16 @@ def test_compute_gradient_keywords_and_loss_terms(sdk, fake):
              targets=["x_T", "cond", "token", "weights"], grad_mode="adjoint", memory_budget_mib=512,
              token={"placeholder": "<cat>", "initializer": "cat", "embedding": vec},
              weights={"parameters": ["unet.*", "*.to_q"], "lora_rank": 4, "inline": True}, images=True)
-    expected = pb.GradientRequest(
+    expected = pb.GradientSpec(
         generation=pb.Generation(labels=[3], seed=7, steps=5),
         losses=[_server_term("mse", {"reduction": "sum", "scale": 2}, {"target": target}, 0.5),
-                pb.LossTerm(weight=2.0, client="mine", domain=pb.LATENT)],
-        targets=[pb.X_T, pb.COND, pb.TOKEN, pb.WEIGHTS], grad_mode="adjoint",
+                pb.LossTerm(weight=2.0, client="mine", domain=pb.DOMAIN_LATENT)],
+        targets=[pb.TARGET_X_T, pb.TARGET_COND, pb.TARGET_TOKEN, pb.TARGET_WEIGHTS], grad_mode="adjoint",
         token=pb.TokenSpec(placeholder="<cat>", initializer="cat", embedding=encode_tensor(vec)),
         weights=pb.WeightsSpec(parameters=["unet.*", "*.to_q"], lora_rank=4, inline=True),
         return_images=True, memory_budget_mib=512)
     received = fake.only("ComputeGradient")
-    assert received.first_kind == "request"  # the request goes first, in its oneof
+    assert received.first_kind == "spec"  # the spec goes first, in its oneof
     assert received.request == expected
     assert received.replies == []            # no query: nothing more was sent
 
@@ -91,8 +91,8 @@ def test_optimize_latent_keywords_guided_and_stop_when(sdk, fake):
              guided={"every": 2, "scale": 0.3, "inner_steps": 2, "grad_steps": 4, "step": "raw",
                      "clip": 1.0},
              stop_when={"loss_below": 0.0, "verdict_changed": True, "patience": 2})
-    expected = pb.OptimizeLatentRequest(
-        generation=pb.Generation(x_T=encode_tensor(x_T)), losses=[_server_term()],
+    expected = pb.OptimizeLatentSpec(
+        generation=pb.Generation(start_latents=encode_tensor(x_T)), losses=[_server_term()],
         optimizer=pb.Optimizer(name="sgd", lr=0.1, iterations=3, momentum=0.9, schedule="cosine", warmup=1),
         constraint=pb.Constraint(norm="linf", epsilon=0.5), norm_weight=0.01, image_every=2,
         grad_mode="checkpoint", memory_budget_mib=64,
@@ -110,9 +110,9 @@ def test_finetune_weights_examples_validation_and_keywords(sdk, fake):
              lora_alpha=16.0, target_modules=["to_q", "to_v"], checkpoint_every=2, name="run",
              batch_size=1, resume_from="ckpt-1", keep_checkpoints=5, validate_every=2, keep_best=True,
              stop_when={"patience": 3}, lr=1e-4, iterations=4, grad_mode="backprop", memory_budget_mib=1)
-    expected = pb.FinetuneRequest(
+    expected = pb.FinetuneWeightsSpec(
         generation=pb.Generation(model="digits"), losses=[_server_term()],
-        examples=[pb.FinetuneExample(seed=1, label=3), pb.FinetuneExample(x_T=encode_tensor(x1), prompt="a cat")],
+        examples=[pb.FinetuneExample(seed=1, label=3), pb.FinetuneExample(start_latents=encode_tensor(x1), prompt="a cat")],
         validation=[pb.FinetuneExample(seed=0, label=0)],
         optimizer=pb.Optimizer(lr=1e-4, iterations=4), method="full", lora_rank=8, lora_alpha=16.0,
         target_modules=["to_q", "to_v"], checkpoint_every=2, name="run", batch_size=1,
@@ -132,7 +132,7 @@ def test_optimize_embedding_without_losses_and_keywords(sdk, fake):
              token={"placeholder": "<cat>", "embedding": vec}, prior="gaussian", prior_weight=0.5,
              name="cat", image_every=1, stop_when={"loss_below": 0.1}, optimizer="adam", lr=0.02,
              schedule="linear", grad_mode="auto", memory_budget_mib=3)
-    expected = pb.OptimizeEmbeddingRequest(
+    expected = pb.OptimizeEmbeddingSpec(
         generation=pb.Generation(prompt=["a photo of <cat>"]), target_image=encode_tensor(image),
         optimizer=pb.Optimizer(name="adam", lr=0.02, schedule="linear"),
         token=pb.TokenSpec(placeholder="<cat>", embedding=encode_tensor(vec)), name="cat",
@@ -223,9 +223,9 @@ def test_each_keyword_sets_its_own_field_only(sdk, fake, method):
 
 
 def _message(rpc: str):
-    return {"Sample": pb.SampleRequest, "ComputeGradient": pb.GradientRequest,
-            "OptimizeLatent": pb.OptimizeLatentRequest, "FinetuneWeights": pb.FinetuneRequest,
-            "OptimizeEmbedding": pb.OptimizeEmbeddingRequest}[rpc]()
+    return {"Sample": pb.SampleRequest, "ComputeGradient": pb.GradientSpec,
+            "OptimizeLatent": pb.OptimizeLatentSpec, "FinetuneWeights": pb.FinetuneWeightsSpec,
+            "OptimizeEmbedding": pb.OptimizeEmbeddingSpec}[rpc]()
 
 
 @pytest.mark.parametrize("method,group", [("optimize_latent", "guided"), ("optimize_latent", "stop_when"),

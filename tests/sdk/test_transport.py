@@ -51,8 +51,8 @@ def _chunks():
     meta.update({"rank": 4, "base": "digits"})
     info = pb.ArtifactInfo(id="lora-7", kind="lora", model="digits", size=9, name="mine", iteration=3,
                            metadata=meta)
-    return [pb.ArtifactChunk(info=info, data=b"abc"), pb.ArtifactChunk(data=b""),
-            pb.ArtifactChunk(data=b"def"), pb.ArtifactChunk(data=b"ghi")]
+    return [pb.GetArtifactResponse(info=info, data=b"abc"), pb.GetArtifactResponse(data=b""),
+            pb.GetArtifactResponse(data=b"def"), pb.GetArtifactResponse(data=b"ghi")]
 
 
 def test_download_artifact_assembles_the_chunks_and_writes_the_file(sdk, fake, tmp_path):
@@ -80,10 +80,10 @@ def test_list_models_and_losses(sdk, fake):
         conditioning="labels", default_steps=20, default_guidance=1.0, solvers=["dpm3", "euler"],
         grad_modes=["auto"], cond_shape=[16], token_dim=0)])
     fake.losses = pb.ListLossesResponse(losses=[pb.LossInfo(name="classifier", description="CE",
-                                                            params=["label"], domain=pb.IMAGE)])
+                                                            params=["label"], domain=pb.DOMAIN_IMAGE)])
     (model,) = sdk.call("list_models")
     assert model["name"] == "digits" and model["is_default"] is True
     assert model["latent_shape"] == [1, 8, 8] and all(type(d) is int for d in model["latent_shape"])
     assert model["cond_shape"] == [16] and model["solvers"] == ["dpm3", "euler"]
     (loss,) = sdk.call("list_losses")
-    assert loss["name"] == "classifier" and loss["params"] == ["label"] and loss["domain"] == "IMAGE"
+    assert loss["name"] == "classifier" and loss["params"] == ["label"] and loss["domain"] == "image"

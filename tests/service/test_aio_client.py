@@ -63,7 +63,7 @@ def test_streaming_is_an_async_iterator(server):
             return kinds, call.result
 
     kinds, result = asyncio.run(main())
-    assert kinds.count("progress") == 4 and kinds[-1] == "sample"
+    assert kinds.count("progress") == 4 and kinds[-1] == "result"
     assert result.x0.shape == (1, 1, 8, 8)
 
 

@@ -47,6 +47,17 @@ def test_models_and_losses(server, capsys):
     assert "classifier" in capsys.readouterr().out
 
 
+def test_server_prints_the_metadata(server, capsys):
+    target = ["--target", f"127.0.0.1:{server.port}"]
+    assert main([*target, "server"]) == 0
+    text = capsys.readouterr().out
+    assert f"adjointdpm-server {adjointdpm.__version__} (API adjointdpm.v1)" in text
+    assert "max_steps=200" in text  # the test server's limit
+    assert main([*target, "server", "--json"]) == 0
+    meta = json.loads(capsys.readouterr().out)
+    assert meta["models"] == ["digits", "gaussian-mixture"] and meta["limits"]["max_batch"] == 16
+
+
 def test_sample_writes_pngs_and_the_latents(cli, client, tmp_path):
     code, out, _ = cli("sample", "--label", "1", "--label", "2", "--label", "3", "--seed", "0",
                        "--steps", "4")

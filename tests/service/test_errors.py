@@ -76,13 +76,13 @@ def test_a_plugin_on_the_old_scalar_contract_is_refused_plainly(client, monkeypa
 
 def test_malformed_tensor_messages(server):
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        stub = pb_grpc.AdjointDPMStub(channel)
+        stub = pb_grpc.AdjointDPMServiceStub(channel)
         bad = [tensor_pb2.Tensor(dtype="float32", shape=[1, 1, 8, 8], data=b"\0" * 10),
                tensor_pb2.Tensor(dtype="pickle", shape=[1], data=b"\x80\x04K\x01."),
                tensor_pb2.Tensor(dtype="float32", shape=[2**20, 2**20, 1, 1], data=b"")]
         for tensor in bad:
             with pytest.raises(grpc.RpcError) as err:
-                list(stub.Sample(pb.SampleRequest(generation=pb.Generation(x_T=tensor)), timeout=30))
+                list(stub.Sample(pb.SampleRequest(generation=pb.Generation(start_latents=tensor)), timeout=30))
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -151,10 +151,10 @@ def test_cancel_mid_stream_stops_the_job(client, server):
 def test_client_closing_without_answering(server):
     """A client that half-closes its stream instead of answering ends that job only."""
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        stub = pb_grpc.AdjointDPMStub(channel)
-        request = pb.GradientRequest(generation=pb.Generation(seed=0, steps=2),
+        stub = pb_grpc.AdjointDPMServiceStub(channel)
+        request = pb.GradientSpec(generation=pb.Generation(seed=0, steps=2),
                                      losses=[pb.LossTerm(client="mine")])
-        events = stub.ComputeGradient(iter([pb.GradientMessage(request=request)]), timeout=60)
+        events = stub.ComputeGradient(iter([pb.ComputeGradientRequest(spec=request)]), timeout=60)
         kinds = []
         with pytest.raises(grpc.RpcError) as err:
             for e in events:
@@ -166,12 +166,12 @@ def test_client_closing_without_answering(server):
 
 def test_unsolicited_loss_reply_ends_that_job_only(client, server):
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        stub = pb_grpc.AdjointDPMStub(channel)
-        request = pb.GradientRequest(generation=pb.Generation(seed=0, steps=50),
+        stub = pb_grpc.AdjointDPMServiceStub(channel)
+        request = pb.GradientSpec(generation=pb.Generation(seed=0, steps=50),
                                      losses=[pb.LossTerm(server=pb.ServerLoss(name="classifier"))])
         request.losses[0].server.params.update({"label": 1})
-        flood = [pb.GradientMessage(request=request)] + [
-            pb.GradientMessage(loss_reply=pb.LossReply(term=0, value=1.0))] * 5
+        flood = [pb.ComputeGradientRequest(spec=request)] + [
+            pb.ComputeGradientRequest(loss_reply=pb.LossReply(term=0, value=1.0))] * 5
         with pytest.raises(grpc.RpcError) as err:
             list(stub.ComputeGradient(iter(flood), timeout=60))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -225,6 +225,6 @@ def test_silent_stream_is_closed_after_the_first_message_timeout(server, monkeyp
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         start = time.time()
         with pytest.raises(grpc.RpcError) as err:
-            list(pb_grpc.AdjointDPMStub(channel).ComputeGradient(silent(), timeout=20))
+            list(pb_grpc.AdjointDPMServiceStub(channel).ComputeGradient(silent(), timeout=20))
         never.set()
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and time.time() - start < 10

@@ -336,13 +336,13 @@ def test_examples_and_conditions_go_alone_and_batches_fit_a_pass(client):
 
 
 def test_a_condition_with_a_prompt_and_a_label_is_refused_on_the_wire(server):
-    request = pb.FinetuneRequest(generation=pb.Generation(steps=3), optimizer=pb.Optimizer(iterations=1),
+    request = pb.FinetuneWeightsSpec(generation=pb.Generation(steps=3), optimizer=pb.Optimizer(iterations=1),
                                  conditions=[pb.WeightedCondition(prompt="3", label=3)])
     request.losses.add(server=pb.ServerLoss(name="classifier")).server.params.update({"label": 8})
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         with pytest.raises(grpc.RpcError) as err:
-            list(pb_grpc.AdjointDPMStub(channel).FinetuneWeights(
-                iter([pb.FinetuneMessage(request=request)]), timeout=60))
+            list(pb_grpc.AdjointDPMServiceStub(channel).FinetuneWeights(
+                iter([pb.FinetuneWeightsRequest(spec=request)]), timeout=60))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "conditions[0] gives a prompt and a label" in err.value.details()
 

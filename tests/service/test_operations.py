@@ -140,7 +140,7 @@ def test_metrics_and_request_ids(tmp_path):
         with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
             from adjointdpm.v1 import adjointdpm_pb2 as pb
             from adjointdpm.v1 import adjointdpm_pb2_grpc as pb_grpc
-            _, call = pb_grpc.AdjointDPMStub(ch).ListModels.with_call(
+            _, call = pb_grpc.AdjointDPMServiceStub(ch).ListModels.with_call(
                 pb.ListModelsRequest(), metadata=(("x-request-id", "req-42"),), timeout=10)
             assert ("x-request-id", "req-42") in call.initial_metadata()
     finally:

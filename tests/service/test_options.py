@@ -94,12 +94,12 @@ def test_the_typed_options_objects_default_like_the_table_and_read_the_wire():
                     assert getattr(options.GROUPS[rpc][o.group](), o.name) == o.default
             else:
                 assert getattr(empty, o.name) == o.default, (rpc, o.name)
-    request = pb.FinetuneRequest(optimizer=pb.Optimizer(lr=0.2), keep_best=True)
+    request = pb.FinetuneWeightsSpec(optimizer=pb.Optimizer(lr=0.2), keep_best=True)
     request.stop_when.patience = 3
     opts = options.values("FinetuneWeights", request)
     assert (opts.lr, opts.keep_best, opts.stop_when.patience, opts.iterations) == (0.2, True, 3, 10)
-    assert options.values("OptimizeLatent", pb.OptimizeLatentRequest()).guided is None  # off
-    assert options.values("ComputeGradient", pb.GradientRequest()).weights.lora_rank == 0  # defaults
+    assert options.values("OptimizeLatent", pb.OptimizeLatentSpec()).guided is None  # off
+    assert options.values("ComputeGradient", pb.GradientSpec()).weights.lora_rank == 0  # defaults
     assert options.values("Sample", pb.SampleRequest(no_images=True)).images is False
 
 
@@ -258,14 +258,14 @@ def test_every_bound_is_refused_by_the_server_naming_the_field(server, rpc, o, v
     if rpc == "FinetuneWeights":
         request.examples.add(seed=0)
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        stub = pb_grpc.AdjointDPMStub(channel)
+        stub = pb_grpc.AdjointDPMServiceStub(channel)
         if rpc == "Sample":
             call = stub.Sample(request, timeout=60)
         else:
-            wrapper = {"ComputeGradient": pb.GradientMessage, "OptimizeLatent": pb.OptimizeLatentMessage,
-                       "FinetuneWeights": pb.FinetuneMessage,
-                       "OptimizeEmbedding": pb.OptimizeEmbeddingMessage}[rpc]
-            call = getattr(stub, rpc)(iter([wrapper(request=request)]), timeout=60)
+            wrapper = {"ComputeGradient": pb.ComputeGradientRequest, "OptimizeLatent": pb.OptimizeLatentRequest,
+                       "FinetuneWeights": pb.FinetuneWeightsRequest,
+                       "OptimizeEmbedding": pb.OptimizeEmbeddingRequest}[rpc]
+            call = getattr(stub, rpc)(iter([wrapper(spec=request)]), timeout=60)
         with pytest.raises(grpc.RpcError) as err:
             list(call)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
@@ -273,12 +273,12 @@ def test_every_bound_is_refused_by_the_server_naming_the_field(server, rpc, o, v
 
 
 def test_check_refuses_non_finite_numbers_naming_the_field():
-    values = options.read("OptimizeLatent", pb.OptimizeLatentRequest())
+    values = options.read("OptimizeLatent", pb.OptimizeLatentSpec())
     for bad in (math.nan, math.inf):
         with pytest.raises(options.InvalidOption, match="optimizer.lr"):
             options.check("OptimizeLatent", {**values, "optimizer.lr": bad})
     with pytest.raises(options.InvalidOption, match="targets"):
-        options.check("ComputeGradient", {**options.read("ComputeGradient", pb.GradientRequest()),
+        options.check("ComputeGradient", {**options.read("ComputeGradient", pb.GradientSpec()),
                                           "targets": [9]})
 
 
@@ -286,21 +286,21 @@ def test_a_fine_tune_from_raw_grpc_with_nothing_set_trains_like_the_sdk_default(
     """The defect that started this: raw gRPC fine-tuned at lr 0.05, the SDK at 1e-3."""
     loss = adjointdpm.ServerLoss("classifier", {"label": 8})
     sdk = client.finetune_weights(loss, [{"seed": 0, "label": 1}], iterations=2, steps=4)
-    request = pb.FinetuneRequest(generation=pb.Generation(steps=4), examples=[pb.FinetuneExample(seed=0, label=1)],
+    request = pb.FinetuneWeightsSpec(generation=pb.Generation(steps=4), examples=[pb.FinetuneExample(seed=0, label=1)],
                                  optimizer=pb.Optimizer(iterations=2))
     request.losses.add(server=pb.ServerLoss(name="classifier")).server.params.update({"label": 8})
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        events = list(pb_grpc.AdjointDPMStub(channel).FinetuneWeights(
-            iter([pb.FinetuneMessage(request=request)]), timeout=300))
-    raw = next(e.optimized for e in events if e.WhichOneof("kind") == "optimized")
+        events = list(pb_grpc.AdjointDPMServiceStub(channel).FinetuneWeights(
+            iter([pb.FinetuneWeightsRequest(spec=request)]), timeout=300))
+    raw = next(e.result for e in events if e.WhichOneof("kind") == "result")
     np.testing.assert_allclose(list(raw.history), sdk.history, rtol=1e-6)
     assert sdk.artifact.metadata.get("rank") == options.default("FinetuneWeights", "lora_rank")
 
 
 def test_convert_reads_options_once_for_the_server():
-    assert convert.options_of("FinetuneWeights", pb.FinetuneRequest()).lr == 1e-3
+    assert convert.options_of("FinetuneWeights", pb.FinetuneWeightsSpec()).lr == 1e-3
     assert options.default("FinetuneWeights", "lr") == 1e-3
-    assert convert.options_of("OptimizeLatent", pb.OptimizeLatentRequest()).lr == 0.05
+    assert convert.options_of("OptimizeLatent", pb.OptimizeLatentSpec()).lr == 0.05
 
 
 def test_every_public_method_of_both_clients_has_a_signature():

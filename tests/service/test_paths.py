@@ -23,20 +23,20 @@ from adjointdpm_server.wire.auth import Tenants, load_tokens
 def _answer(server, reply):
     """A ComputeGradient whose client answers its loss query with ``reply(query)``."""
     outbox: queue.Queue = queue.Queue()
-    request = pb.GradientRequest(generation=pb.Generation(labels=[1], seed=0, steps=2),
+    request = pb.GradientSpec(generation=pb.Generation(labels=[1], seed=0, steps=2),
                                  losses=[pb.LossTerm(client="mine")])
-    outbox.put(pb.GradientMessage(request=request))
+    outbox.put(pb.ComputeGradientRequest(spec=request))
 
     def requests():
         while (msg := outbox.get()) is not None:
             yield msg
 
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        call = pb_grpc.AdjointDPMStub(channel).ComputeGradient(requests(), timeout=60)
+        call = pb_grpc.AdjointDPMServiceStub(channel).ComputeGradient(requests(), timeout=60)
         try:
             for event in call:
                 if event.WhichOneof("kind") == "loss_query":
-                    outbox.put(pb.GradientMessage(loss_reply=reply(event.loss_query)))
+                    outbox.put(pb.ComputeGradientRequest(loss_reply=reply(event.loss_query)))
             return "OK", ""
         except grpc.RpcError as err:
             return err.code().name, err.details()

@@ -26,13 +26,13 @@ def test_generated_code_matches_proto(tmp_path):
 def test_health_and_reflection(server):
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        for service in ("", "adjointdpm.v1.AdjointDPM"):
+        for service in ("", "adjointdpm.v1.AdjointDPMService"):
             reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
         names = {s.name for r in replies for s in r.list_services_response.service}
-        assert {"adjointdpm.v1.AdjointDPM", "grpc.health.v1.Health"} <= names
+        assert {"adjointdpm.v1.AdjointDPMService", "grpc.health.v1.Health"} <= names
 
 
 def test_list_models_and_losses(client):
@@ -48,4 +48,4 @@ def test_list_models_and_losses(client):
     assert {"mse", "classifier", "gram_style"} <= set(losses)
     assert "clip_similarity" not in losses and "triton" not in losses  # neither configured
     assert losses["mse"]["tensors"] == ["target"]
-    assert losses["mse"]["domain"] == "IMAGE" and losses["classifier"]["domain"] == "IMAGE"
+    assert losses["mse"]["domain"] == "image" and losses["classifier"]["domain"] == "image"

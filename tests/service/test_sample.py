@@ -47,5 +47,5 @@ def test_given_x_T_solver_and_intermediate_start(client, rt):
 def test_streamed_events_then_result(client):
     call = client.sample(labels=5, batch=2, seed=0, steps=4, stream=True)
     kinds = [e.WhichOneof("kind") for e in call]
-    assert kinds == ["progress"] * 4 + ["sample"]
+    assert kinds == ["progress"] * 4 + ["result"]
     assert call.result.x0.shape == (2, 1, 8, 8)

@@ -1,5 +1,5 @@
-from google.protobuf import struct_pb2 as _struct_pb2
 from adjointdpm.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -11,24 +11,28 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 class Domain(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
-    IMAGE: _ClassVar[Domain]
-    LATENT: _ClassVar[Domain]
+    DOMAIN_UNSPECIFIED: _ClassVar[Domain]
+    DOMAIN_IMAGE: _ClassVar[Domain]
+    DOMAIN_LATENT: _ClassVar[Domain]
 
 class Target(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
-    X_T: _ClassVar[Target]
-    COND: _ClassVar[Target]
-    TOKEN: _ClassVar[Target]
-    WEIGHTS: _ClassVar[Target]
-IMAGE: Domain
-LATENT: Domain
-X_T: Target
-COND: Target
-TOKEN: Target
-WEIGHTS: Target
+    TARGET_UNSPECIFIED: _ClassVar[Target]
+    TARGET_X_T: _ClassVar[Target]
+    TARGET_COND: _ClassVar[Target]
+    TARGET_TOKEN: _ClassVar[Target]
+    TARGET_WEIGHTS: _ClassVar[Target]
+DOMAIN_UNSPECIFIED: Domain
+DOMAIN_IMAGE: Domain
+DOMAIN_LATENT: Domain
+TARGET_UNSPECIFIED: Target
+TARGET_X_T: Target
+TARGET_COND: Target
+TARGET_TOKEN: Target
+TARGET_WEIGHTS: Target
 
 class Generation(_message.Message):
-    __slots__ = ("model", "adapter", "prompt", "negative_prompt", "labels", "cond", "embedding", "batch", "seed", "x_T", "steps", "solver", "guidance_scale", "grid", "t_start")
+    __slots__ = ("model", "adapter", "prompt", "negative_prompt", "labels", "cond", "embedding", "batch", "seed", "start_latents", "steps", "solver", "guidance_scale", "grid", "t_start")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -38,7 +42,7 @@ class Generation(_message.Message):
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
-    X_T_FIELD_NUMBER: _ClassVar[int]
+    START_LATENTS_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     SOLVER_FIELD_NUMBER: _ClassVar[int]
     GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
@@ -53,13 +57,13 @@ class Generation(_message.Message):
     embedding: str
     batch: int
     seed: int
-    x_T: _tensor_pb2.Tensor
+    start_latents: _tensor_pb2.Tensor
     steps: int
     solver: str
     guidance_scale: float
     grid: str
     t_start: float
-    def __init__(self, model: _Optional[str] = ..., adapter: _Optional[str] = ..., prompt: _Optional[_Iterable[str]] = ..., negative_prompt: _Optional[_Iterable[str]] = ..., labels: _Optional[_Iterable[int]] = ..., cond: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., embedding: _Optional[str] = ..., batch: _Optional[int] = ..., seed: _Optional[int] = ..., x_T: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., steps: _Optional[int] = ..., solver: _Optional[str] = ..., guidance_scale: _Optional[float] = ..., grid: _Optional[str] = ..., t_start: _Optional[float] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., adapter: _Optional[str] = ..., prompt: _Optional[_Iterable[str]] = ..., negative_prompt: _Optional[_Iterable[str]] = ..., labels: _Optional[_Iterable[int]] = ..., cond: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., embedding: _Optional[str] = ..., batch: _Optional[int] = ..., seed: _Optional[int] = ..., start_latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., steps: _Optional[int] = ..., solver: _Optional[str] = ..., guidance_scale: _Optional[float] = ..., grid: _Optional[str] = ..., t_start: _Optional[float] = ...) -> None: ...
 
 class ServerLoss(_message.Message):
     __slots__ = ("name", "params", "tensors")
@@ -146,7 +150,7 @@ class WeightsSpec(_message.Message):
     inline: bool
     def __init__(self, parameters: _Optional[_Iterable[str]] = ..., lora_rank: _Optional[int] = ..., inline: _Optional[bool] = ...) -> None: ...
 
-class GradientRequest(_message.Message):
+class GradientSpec(_message.Message):
     __slots__ = ("generation", "losses", "targets", "grad_mode", "token", "weights", "return_images", "memory_budget_mib", "truncate", "truncate_min")
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     LOSSES_FIELD_NUMBER: _ClassVar[int]
@@ -170,13 +174,13 @@ class GradientRequest(_message.Message):
     truncate_min: int
     def __init__(self, generation: _Optional[_Union[Generation, _Mapping]] = ..., losses: _Optional[_Iterable[_Union[LossTerm, _Mapping]]] = ..., targets: _Optional[_Iterable[_Union[Target, str]]] = ..., grad_mode: _Optional[str] = ..., token: _Optional[_Union[TokenSpec, _Mapping]] = ..., weights: _Optional[_Union[WeightsSpec, _Mapping]] = ..., return_images: _Optional[bool] = ..., memory_budget_mib: _Optional[int] = ..., truncate: _Optional[int] = ..., truncate_min: _Optional[int] = ...) -> None: ...
 
-class GradientMessage(_message.Message):
-    __slots__ = ("request", "loss_reply")
-    REQUEST_FIELD_NUMBER: _ClassVar[int]
+class ComputeGradientRequest(_message.Message):
+    __slots__ = ("spec", "loss_reply")
+    SPEC_FIELD_NUMBER: _ClassVar[int]
     LOSS_REPLY_FIELD_NUMBER: _ClassVar[int]
-    request: GradientRequest
+    spec: GradientSpec
     loss_reply: LossReply
-    def __init__(self, request: _Optional[_Union[GradientRequest, _Mapping]] = ..., loss_reply: _Optional[_Union[LossReply, _Mapping]] = ...) -> None: ...
+    def __init__(self, spec: _Optional[_Union[GradientSpec, _Mapping]] = ..., loss_reply: _Optional[_Union[LossReply, _Mapping]] = ...) -> None: ...
 
 class Optimizer(_message.Message):
     __slots__ = ("name", "lr", "iterations", "momentum", "schedule", "warmup")
@@ -228,7 +232,7 @@ class GuidedSampling(_message.Message):
     clip: float
     def __init__(self, every: _Optional[int] = ..., scale: _Optional[float] = ..., inner_steps: _Optional[int] = ..., grad_steps: _Optional[int] = ..., step: _Optional[str] = ..., clip: _Optional[float] = ...) -> None: ...
 
-class OptimizeLatentRequest(_message.Message):
+class OptimizeLatentSpec(_message.Message):
     __slots__ = ("generation", "losses", "optimizer", "constraint", "norm_weight", "image_every", "grad_mode", "guided", "stop_when", "memory_budget_mib")
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     LOSSES_FIELD_NUMBER: _ClassVar[int]
@@ -252,25 +256,25 @@ class OptimizeLatentRequest(_message.Message):
     memory_budget_mib: int
     def __init__(self, generation: _Optional[_Union[Generation, _Mapping]] = ..., losses: _Optional[_Iterable[_Union[LossTerm, _Mapping]]] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., constraint: _Optional[_Union[Constraint, _Mapping]] = ..., norm_weight: _Optional[float] = ..., image_every: _Optional[int] = ..., grad_mode: _Optional[str] = ..., guided: _Optional[_Union[GuidedSampling, _Mapping]] = ..., stop_when: _Optional[_Union[StopWhen, _Mapping]] = ..., memory_budget_mib: _Optional[int] = ...) -> None: ...
 
-class OptimizeLatentMessage(_message.Message):
-    __slots__ = ("request", "loss_reply")
-    REQUEST_FIELD_NUMBER: _ClassVar[int]
+class OptimizeLatentRequest(_message.Message):
+    __slots__ = ("spec", "loss_reply")
+    SPEC_FIELD_NUMBER: _ClassVar[int]
     LOSS_REPLY_FIELD_NUMBER: _ClassVar[int]
-    request: OptimizeLatentRequest
+    spec: OptimizeLatentSpec
     loss_reply: LossReply
-    def __init__(self, request: _Optional[_Union[OptimizeLatentRequest, _Mapping]] = ..., loss_reply: _Optional[_Union[LossReply, _Mapping]] = ...) -> None: ...
+    def __init__(self, spec: _Optional[_Union[OptimizeLatentSpec, _Mapping]] = ..., loss_reply: _Optional[_Union[LossReply, _Mapping]] = ...) -> None: ...
 
 class FinetuneExample(_message.Message):
-    __slots__ = ("seed", "x_T", "prompt", "label")
+    __slots__ = ("seed", "start_latents", "prompt", "label")
     SEED_FIELD_NUMBER: _ClassVar[int]
-    X_T_FIELD_NUMBER: _ClassVar[int]
+    START_LATENTS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     seed: int
-    x_T: _tensor_pb2.Tensor
+    start_latents: _tensor_pb2.Tensor
     prompt: str
     label: int
-    def __init__(self, seed: _Optional[int] = ..., x_T: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., prompt: _Optional[str] = ..., label: _Optional[int] = ...) -> None: ...
+    def __init__(self, seed: _Optional[int] = ..., start_latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., prompt: _Optional[str] = ..., label: _Optional[int] = ...) -> None: ...
 
 class WeightedCondition(_message.Message):
     __slots__ = ("prompt", "label", "weight")
@@ -282,7 +286,7 @@ class WeightedCondition(_message.Message):
     weight: float
     def __init__(self, prompt: _Optional[str] = ..., label: _Optional[int] = ..., weight: _Optional[float] = ...) -> None: ...
 
-class FinetuneRequest(_message.Message):
+class FinetuneWeightsSpec(_message.Message):
     __slots__ = ("generation", "examples", "losses", "optimizer", "method", "lora_rank", "lora_alpha", "target_modules", "checkpoint_every", "name", "batch_size", "grad_mode", "resume_from", "keep_checkpoints", "validation", "validate_every", "keep_best", "stop_when", "memory_budget_mib", "resume_job", "truncate", "truncate_min", "conditions", "seed", "micro_batch")
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     EXAMPLES_FIELD_NUMBER: _ClassVar[int]
@@ -336,15 +340,15 @@ class FinetuneRequest(_message.Message):
     micro_batch: int
     def __init__(self, generation: _Optional[_Union[Generation, _Mapping]] = ..., examples: _Optional[_Iterable[_Union[FinetuneExample, _Mapping]]] = ..., losses: _Optional[_Iterable[_Union[LossTerm, _Mapping]]] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., method: _Optional[str] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., checkpoint_every: _Optional[int] = ..., name: _Optional[str] = ..., batch_size: _Optional[int] = ..., grad_mode: _Optional[str] = ..., resume_from: _Optional[str] = ..., keep_checkpoints: _Optional[int] = ..., validation: _Optional[_Iterable[_Union[FinetuneExample, _Mapping]]] = ..., validate_every: _Optional[int] = ..., keep_best: _Optional[bool] = ..., stop_when: _Optional[_Union[StopWhen, _Mapping]] = ..., memory_budget_mib: _Optional[int] = ..., resume_job: _Optional[str] = ..., truncate: _Optional[int] = ..., truncate_min: _Optional[int] = ..., conditions: _Optional[_Iterable[_Union[WeightedCondition, _Mapping]]] = ..., seed: _Optional[int] = ..., micro_batch: _Optional[int] = ...) -> None: ...
 
-class FinetuneMessage(_message.Message):
-    __slots__ = ("request", "loss_reply")
-    REQUEST_FIELD_NUMBER: _ClassVar[int]
+class FinetuneWeightsRequest(_message.Message):
+    __slots__ = ("spec", "loss_reply")
+    SPEC_FIELD_NUMBER: _ClassVar[int]
     LOSS_REPLY_FIELD_NUMBER: _ClassVar[int]
-    request: FinetuneRequest
+    spec: FinetuneWeightsSpec
     loss_reply: LossReply
-    def __init__(self, request: _Optional[_Union[FinetuneRequest, _Mapping]] = ..., loss_reply: _Optional[_Union[LossReply, _Mapping]] = ...) -> None: ...
+    def __init__(self, spec: _Optional[_Union[FinetuneWeightsSpec, _Mapping]] = ..., loss_reply: _Optional[_Union[LossReply, _Mapping]] = ...) -> None: ...
 
-class OptimizeEmbeddingRequest(_message.Message):
+class OptimizeEmbeddingSpec(_message.Message):
     __slots__ = ("generation", "losses", "target_image", "optimizer", "token", "name", "grad_mode", "image_every", "prior", "prior_weight", "stop_when", "memory_budget_mib")
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     LOSSES_FIELD_NUMBER: _ClassVar[int]
@@ -372,13 +376,13 @@ class OptimizeEmbeddingRequest(_message.Message):
     memory_budget_mib: int
     def __init__(self, generation: _Optional[_Union[Generation, _Mapping]] = ..., losses: _Optional[_Iterable[_Union[LossTerm, _Mapping]]] = ..., target_image: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., token: _Optional[_Union[TokenSpec, _Mapping]] = ..., name: _Optional[str] = ..., grad_mode: _Optional[str] = ..., image_every: _Optional[int] = ..., prior: _Optional[str] = ..., prior_weight: _Optional[float] = ..., stop_when: _Optional[_Union[StopWhen, _Mapping]] = ..., memory_budget_mib: _Optional[int] = ...) -> None: ...
 
-class OptimizeEmbeddingMessage(_message.Message):
-    __slots__ = ("request", "loss_reply")
-    REQUEST_FIELD_NUMBER: _ClassVar[int]
+class OptimizeEmbeddingRequest(_message.Message):
+    __slots__ = ("spec", "loss_reply")
+    SPEC_FIELD_NUMBER: _ClassVar[int]
     LOSS_REPLY_FIELD_NUMBER: _ClassVar[int]
-    request: OptimizeEmbeddingRequest
+    spec: OptimizeEmbeddingSpec
     loss_reply: LossReply
-    def __init__(self, request: _Optional[_Union[OptimizeEmbeddingRequest, _Mapping]] = ..., loss_reply: _Optional[_Union[LossReply, _Mapping]] = ...) -> None: ...
+    def __init__(self, spec: _Optional[_Union[OptimizeEmbeddingSpec, _Mapping]] = ..., loss_reply: _Optional[_Union[LossReply, _Mapping]] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("phase", "step", "total", "t", "nfe", "iteration")
@@ -403,14 +407,14 @@ class QueuePosition(_message.Message):
     def __init__(self, position: _Optional[int] = ...) -> None: ...
 
 class Iteration(_message.Message):
-    __slots__ = ("iteration", "loss", "loss_terms", "grad_norm", "images", "sample_losses", "x_T", "stopped", "lr")
+    __slots__ = ("iteration", "loss", "loss_terms", "grad_norm", "images", "sample_losses", "start_latents", "stopped", "lr")
     ITERATION_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     LOSS_TERMS_FIELD_NUMBER: _ClassVar[int]
     GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_LOSSES_FIELD_NUMBER: _ClassVar[int]
-    X_T_FIELD_NUMBER: _ClassVar[int]
+    START_LATENTS_FIELD_NUMBER: _ClassVar[int]
     STOPPED_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
     iteration: int
@@ -419,10 +423,10 @@ class Iteration(_message.Message):
     grad_norm: float
     images: _containers.RepeatedScalarFieldContainer[bytes]
     sample_losses: _containers.RepeatedScalarFieldContainer[float]
-    x_T: _tensor_pb2.Tensor
+    start_latents: _tensor_pb2.Tensor
     stopped: _containers.RepeatedScalarFieldContainer[bool]
     lr: float
-    def __init__(self, iteration: _Optional[int] = ..., loss: _Optional[float] = ..., loss_terms: _Optional[_Iterable[float]] = ..., grad_norm: _Optional[float] = ..., images: _Optional[_Iterable[bytes]] = ..., sample_losses: _Optional[_Iterable[float]] = ..., x_T: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., stopped: _Optional[_Iterable[bool]] = ..., lr: _Optional[float] = ...) -> None: ...
+    def __init__(self, iteration: _Optional[int] = ..., loss: _Optional[float] = ..., loss_terms: _Optional[_Iterable[float]] = ..., grad_norm: _Optional[float] = ..., images: _Optional[_Iterable[bytes]] = ..., sample_losses: _Optional[_Iterable[float]] = ..., start_latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., stopped: _Optional[_Iterable[bool]] = ..., lr: _Optional[float] = ...) -> None: ...
 
 class Validation(_message.Message):
     __slots__ = ("iteration", "loss", "loss_terms", "agreement", "images", "best")
@@ -491,16 +495,16 @@ class ArtifactInfo(_message.Message):
     def __init__(self, id: _Optional[str] = ..., kind: _Optional[str] = ..., model: _Optional[str] = ..., size: _Optional[int] = ..., name: _Optional[str] = ..., iteration: _Optional[int] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class SampleResult(_message.Message):
-    __slots__ = ("images", "x0", "x_T", "pixels")
+    __slots__ = ("images", "x0", "start_latents", "pixels")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     X0_FIELD_NUMBER: _ClassVar[int]
-    X_T_FIELD_NUMBER: _ClassVar[int]
+    START_LATENTS_FIELD_NUMBER: _ClassVar[int]
     PIXELS_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedScalarFieldContainer[bytes]
     x0: _tensor_pb2.Tensor
-    x_T: _tensor_pb2.Tensor
+    start_latents: _tensor_pb2.Tensor
     pixels: _tensor_pb2.Tensor
-    def __init__(self, images: _Optional[_Iterable[bytes]] = ..., x0: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., x_T: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., pixels: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    def __init__(self, images: _Optional[_Iterable[bytes]] = ..., x0: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., start_latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., pixels: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class GradientResult(_message.Message):
     __slots__ = ("loss", "loss_terms", "x0", "images", "gradients", "weight_gradients", "weights_artifact", "nfe", "sample_losses")
@@ -539,10 +543,10 @@ class GradientResult(_message.Message):
     def __init__(self, loss: _Optional[float] = ..., loss_terms: _Optional[_Iterable[float]] = ..., x0: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., images: _Optional[_Iterable[bytes]] = ..., gradients: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., weight_gradients: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., weights_artifact: _Optional[_Union[ArtifactInfo, _Mapping]] = ..., nfe: _Optional[int] = ..., sample_losses: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class OptimizeResult(_message.Message):
-    __slots__ = ("loss", "history", "x_T", "x0", "images", "initial_images", "artifact", "sample_losses", "best_iteration", "stopped", "iterations_run", "last_x_T")
+    __slots__ = ("loss", "history", "start_latents", "x0", "images", "initial_images", "artifact", "sample_losses", "best_iteration", "stopped", "iterations_run", "last_start_latents")
     LOSS_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
-    X_T_FIELD_NUMBER: _ClassVar[int]
+    START_LATENTS_FIELD_NUMBER: _ClassVar[int]
     X0_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     INITIAL_IMAGES_FIELD_NUMBER: _ClassVar[int]
@@ -551,10 +555,10 @@ class OptimizeResult(_message.Message):
     BEST_ITERATION_FIELD_NUMBER: _ClassVar[int]
     STOPPED_FIELD_NUMBER: _ClassVar[int]
     ITERATIONS_RUN_FIELD_NUMBER: _ClassVar[int]
-    LAST_X_T_FIELD_NUMBER: _ClassVar[int]
+    LAST_START_LATENTS_FIELD_NUMBER: _ClassVar[int]
     loss: float
     history: _containers.RepeatedScalarFieldContainer[float]
-    x_T: _tensor_pb2.Tensor
+    start_latents: _tensor_pb2.Tensor
     x0: _tensor_pb2.Tensor
     images: _containers.RepeatedScalarFieldContainer[bytes]
     initial_images: _containers.RepeatedScalarFieldContainer[bytes]
@@ -563,34 +567,86 @@ class OptimizeResult(_message.Message):
     best_iteration: _containers.RepeatedScalarFieldContainer[int]
     stopped: _containers.RepeatedScalarFieldContainer[bool]
     iterations_run: int
-    last_x_T: _tensor_pb2.Tensor
-    def __init__(self, loss: _Optional[float] = ..., history: _Optional[_Iterable[float]] = ..., x_T: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., x0: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., images: _Optional[_Iterable[bytes]] = ..., initial_images: _Optional[_Iterable[bytes]] = ..., artifact: _Optional[_Union[ArtifactInfo, _Mapping]] = ..., sample_losses: _Optional[_Iterable[float]] = ..., best_iteration: _Optional[_Iterable[int]] = ..., stopped: _Optional[_Iterable[bool]] = ..., iterations_run: _Optional[int] = ..., last_x_T: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    last_start_latents: _tensor_pb2.Tensor
+    def __init__(self, loss: _Optional[float] = ..., history: _Optional[_Iterable[float]] = ..., start_latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., x0: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., images: _Optional[_Iterable[bytes]] = ..., initial_images: _Optional[_Iterable[bytes]] = ..., artifact: _Optional[_Union[ArtifactInfo, _Mapping]] = ..., sample_losses: _Optional[_Iterable[float]] = ..., best_iteration: _Optional[_Iterable[int]] = ..., stopped: _Optional[_Iterable[bool]] = ..., iterations_run: _Optional[int] = ..., last_start_latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
-class Event(_message.Message):
-    __slots__ = ("progress", "queued", "loss_query", "iteration", "checkpoint", "sample", "gradient", "optimized", "validation", "job", "plan")
+class SampleResponse(_message.Message):
+    __slots__ = ("progress", "queued", "result")
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    progress: Progress
+    queued: QueuePosition
+    result: SampleResult
+    def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., queued: _Optional[_Union[QueuePosition, _Mapping]] = ..., result: _Optional[_Union[SampleResult, _Mapping]] = ...) -> None: ...
+
+class ComputeGradientResponse(_message.Message):
+    __slots__ = ("progress", "queued", "loss_query", "plan", "result")
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     LOSS_QUERY_FIELD_NUMBER: _ClassVar[int]
-    ITERATION_FIELD_NUMBER: _ClassVar[int]
-    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
-    SAMPLE_FIELD_NUMBER: _ClassVar[int]
-    GRADIENT_FIELD_NUMBER: _ClassVar[int]
-    OPTIMIZED_FIELD_NUMBER: _ClassVar[int]
-    VALIDATION_FIELD_NUMBER: _ClassVar[int]
-    JOB_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
     progress: Progress
     queued: QueuePosition
     loss_query: LossQuery
-    iteration: Iteration
-    checkpoint: ArtifactInfo
-    sample: SampleResult
-    gradient: GradientResult
-    optimized: OptimizeResult
-    validation: Validation
-    job: Job
     plan: MemoryPlan
-    def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., queued: _Optional[_Union[QueuePosition, _Mapping]] = ..., loss_query: _Optional[_Union[LossQuery, _Mapping]] = ..., iteration: _Optional[_Union[Iteration, _Mapping]] = ..., checkpoint: _Optional[_Union[ArtifactInfo, _Mapping]] = ..., sample: _Optional[_Union[SampleResult, _Mapping]] = ..., gradient: _Optional[_Union[GradientResult, _Mapping]] = ..., optimized: _Optional[_Union[OptimizeResult, _Mapping]] = ..., validation: _Optional[_Union[Validation, _Mapping]] = ..., job: _Optional[_Union[Job, _Mapping]] = ..., plan: _Optional[_Union[MemoryPlan, _Mapping]] = ...) -> None: ...
+    result: GradientResult
+    def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., queued: _Optional[_Union[QueuePosition, _Mapping]] = ..., loss_query: _Optional[_Union[LossQuery, _Mapping]] = ..., plan: _Optional[_Union[MemoryPlan, _Mapping]] = ..., result: _Optional[_Union[GradientResult, _Mapping]] = ...) -> None: ...
+
+class OptimizeLatentResponse(_message.Message):
+    __slots__ = ("progress", "queued", "loss_query", "plan", "iteration", "result")
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    LOSS_QUERY_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    ITERATION_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    progress: Progress
+    queued: QueuePosition
+    loss_query: LossQuery
+    plan: MemoryPlan
+    iteration: Iteration
+    result: OptimizeResult
+    def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., queued: _Optional[_Union[QueuePosition, _Mapping]] = ..., loss_query: _Optional[_Union[LossQuery, _Mapping]] = ..., plan: _Optional[_Union[MemoryPlan, _Mapping]] = ..., iteration: _Optional[_Union[Iteration, _Mapping]] = ..., result: _Optional[_Union[OptimizeResult, _Mapping]] = ...) -> None: ...
+
+class FinetuneWeightsResponse(_message.Message):
+    __slots__ = ("progress", "queued", "loss_query", "plan", "iteration", "job", "checkpoint", "validation", "result")
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    LOSS_QUERY_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    ITERATION_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    progress: Progress
+    queued: QueuePosition
+    loss_query: LossQuery
+    plan: MemoryPlan
+    iteration: Iteration
+    job: Job
+    checkpoint: ArtifactInfo
+    validation: Validation
+    result: OptimizeResult
+    def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., queued: _Optional[_Union[QueuePosition, _Mapping]] = ..., loss_query: _Optional[_Union[LossQuery, _Mapping]] = ..., plan: _Optional[_Union[MemoryPlan, _Mapping]] = ..., iteration: _Optional[_Union[Iteration, _Mapping]] = ..., job: _Optional[_Union[Job, _Mapping]] = ..., checkpoint: _Optional[_Union[ArtifactInfo, _Mapping]] = ..., validation: _Optional[_Union[Validation, _Mapping]] = ..., result: _Optional[_Union[OptimizeResult, _Mapping]] = ...) -> None: ...
+
+class OptimizeEmbeddingResponse(_message.Message):
+    __slots__ = ("progress", "queued", "loss_query", "plan", "iteration", "result")
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    LOSS_QUERY_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    ITERATION_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    progress: Progress
+    queued: QueuePosition
+    loss_query: LossQuery
+    plan: MemoryPlan
+    iteration: Iteration
+    result: OptimizeResult
+    def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., queued: _Optional[_Union[QueuePosition, _Mapping]] = ..., loss_query: _Optional[_Union[LossQuery, _Mapping]] = ..., plan: _Optional[_Union[MemoryPlan, _Mapping]] = ..., iteration: _Optional[_Union[Iteration, _Mapping]] = ..., result: _Optional[_Union[OptimizeResult, _Mapping]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -692,10 +748,68 @@ class DeleteArtifactResponse(_message.Message):
     artifact: ArtifactInfo
     def __init__(self, artifact: _Optional[_Union[ArtifactInfo, _Mapping]] = ...) -> None: ...
 
-class ArtifactChunk(_message.Message):
+class GetArtifactResponse(_message.Message):
     __slots__ = ("info", "data")
     INFO_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     info: ArtifactInfo
     data: bytes
     def __init__(self, info: _Optional[_Union[ArtifactInfo, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class GetServerMetadataRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ServerLimits(_message.Message):
+    __slots__ = ("max_batch", "max_steps", "max_iterations", "max_examples", "max_tensor_elements", "max_message_bytes", "max_inline_weight_elements", "max_lora_rank", "max_network_calls", "client_loss_timeout_s", "max_request_s")
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    MAX_TENSOR_ELEMENTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_INLINE_WEIGHT_ELEMENTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_LORA_RANK_FIELD_NUMBER: _ClassVar[int]
+    MAX_NETWORK_CALLS_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_LOSS_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_S_FIELD_NUMBER: _ClassVar[int]
+    max_batch: int
+    max_steps: int
+    max_iterations: int
+    max_examples: int
+    max_tensor_elements: int
+    max_message_bytes: int
+    max_inline_weight_elements: int
+    max_lora_rank: int
+    max_network_calls: int
+    client_loss_timeout_s: float
+    max_request_s: float
+    def __init__(self, max_batch: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_iterations: _Optional[int] = ..., max_examples: _Optional[int] = ..., max_tensor_elements: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_inline_weight_elements: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., max_network_calls: _Optional[int] = ..., client_loss_timeout_s: _Optional[float] = ..., max_request_s: _Optional[float] = ...) -> None: ...
+
+class GetServerMetadataResponse(_message.Message):
+    __slots__ = ("name", "version", "api_package", "models", "default_model", "losses", "grad_modes", "solvers", "tensor_dtypes", "compute_dtype", "limits", "extensions")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    API_PACKAGE_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_MODEL_FIELD_NUMBER: _ClassVar[int]
+    LOSSES_FIELD_NUMBER: _ClassVar[int]
+    GRAD_MODES_FIELD_NUMBER: _ClassVar[int]
+    SOLVERS_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_DTYPES_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    EXTENSIONS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    api_package: str
+    models: _containers.RepeatedScalarFieldContainer[str]
+    default_model: str
+    losses: _containers.RepeatedScalarFieldContainer[str]
+    grad_modes: _containers.RepeatedScalarFieldContainer[str]
+    solvers: _containers.RepeatedScalarFieldContainer[str]
+    tensor_dtypes: _containers.RepeatedScalarFieldContainer[str]
+    compute_dtype: str
+    limits: ServerLimits
+    extensions: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., api_package: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., default_model: _Optional[str] = ..., losses: _Optional[_Iterable[str]] = ..., grad_modes: _Optional[_Iterable[str]] = ..., solvers: _Optional[_Iterable[str]] = ..., tensor_dtypes: _Optional[_Iterable[str]] = ..., compute_dtype: _Optional[str] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., extensions: _Optional[_Iterable[str]] = ...) -> None: ...

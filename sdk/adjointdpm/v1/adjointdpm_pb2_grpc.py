@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class AdjointDPMStub:
+class AdjointDPMServiceStub:
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -35,53 +35,58 @@ class AdjointDPMStub:
             channel: A grpc.Channel.
         """
         self.Sample = channel.unary_stream(
-                '/adjointdpm.v1.AdjointDPM/Sample',
+                '/adjointdpm.v1.AdjointDPMService/Sample',
                 request_serializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.SampleRequest.SerializeToString,
-                response_deserializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.Event.FromString,
+                response_deserializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.SampleResponse.FromString,
                 _registered_method=True)
         self.ComputeGradient = channel.stream_stream(
-                '/adjointdpm.v1.AdjointDPM/ComputeGradient',
-                request_serializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.GradientMessage.SerializeToString,
-                response_deserializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.Event.FromString,
+                '/adjointdpm.v1.AdjointDPMService/ComputeGradient',
+                request_serializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.ComputeGradientRequest.SerializeToString,
+                response_deserializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.ComputeGradientResponse.FromString,
                 _registered_method=True)
         self.OptimizeLatent = channel.stream_stream(
-                '/adjointdpm.v1.AdjointDPM/OptimizeLatent',
-                request_serializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.OptimizeLatentMessage.SerializeToString,
-                response_deserializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.Event.FromString,
+                '/adjointdpm.v1.AdjointDPMService/OptimizeLatent',
+                request_serializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.OptimizeLatentRequest.SerializeToString,
+                response_deserializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.OptimizeLatentResponse.FromString,
                 _registered_method=True)
         self.FinetuneWeights = channel.stream_stream(
-                '/adjointdpm.v1.AdjointDPM/FinetuneWeights',
-                request_serializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.FinetuneMessage.SerializeToString,
-                response_deserializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.Event.FromString,
+                '/adjointdpm.v1.AdjointDPMService/FinetuneWeights',
+                request_serializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.FinetuneWeightsRequest.SerializeToString,
+                response_deserializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.FinetuneWeightsResponse.FromString,
                 _registered_method=True)
         self.OptimizeEmbedding = channel.stream_stream(
-                '/adjointdpm.v1.AdjointDPM/OptimizeEmbedding',
-                request_serializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.OptimizeEmbeddingMessage.SerializeToString,
-                response_deserializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.Event.FromString,
+                '/adjointdpm.v1.AdjointDPMService/OptimizeEmbedding',
+                request_serializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.OptimizeEmbeddingRequest.SerializeToString,
+                response_deserializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.OptimizeEmbeddingResponse.FromString,
                 _registered_method=True)
         self.ListModels = channel.unary_unary(
-                '/adjointdpm.v1.AdjointDPM/ListModels',
+                '/adjointdpm.v1.AdjointDPMService/ListModels',
                 request_serializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
         self.ListLosses = channel.unary_unary(
-                '/adjointdpm.v1.AdjointDPM/ListLosses',
+                '/adjointdpm.v1.AdjointDPMService/ListLosses',
                 request_serializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.ListLossesRequest.SerializeToString,
                 response_deserializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.ListLossesResponse.FromString,
                 _registered_method=True)
         self.GetArtifact = channel.unary_stream(
-                '/adjointdpm.v1.AdjointDPM/GetArtifact',
+                '/adjointdpm.v1.AdjointDPMService/GetArtifact',
                 request_serializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.GetArtifactRequest.SerializeToString,
-                response_deserializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.ArtifactChunk.FromString,
+                response_deserializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.GetArtifactResponse.FromString,
                 _registered_method=True)
         self.DeleteArtifact = channel.unary_unary(
-                '/adjointdpm.v1.AdjointDPM/DeleteArtifact',
+                '/adjointdpm.v1.AdjointDPMService/DeleteArtifact',
                 request_serializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.DeleteArtifactRequest.SerializeToString,
                 response_deserializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.DeleteArtifactResponse.FromString,
                 _registered_method=True)
+        self.GetServerMetadata = channel.unary_unary(
+                '/adjointdpm.v1.AdjointDPMService/GetServerMetadata',
+                request_serializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.GetServerMetadataRequest.SerializeToString,
+                response_deserializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.GetServerMetadataResponse.FromString,
+                _registered_method=True)
 
 
-class AdjointDPMServicer:
+class AdjointDPMServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Sample(self, request, context):
@@ -146,33 +151,41 @@ class AdjointDPMServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetServerMetadata(self, request, context):
+        """The server's release, the API it serves and what it can do (models, losses, modes, dtypes,
+        limits): a client reads it once per channel and refuses a server of another major version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
-def add_AdjointDPMServicer_to_server(servicer, server):
+
+def add_AdjointDPMServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Sample': grpc.unary_stream_rpc_method_handler(
                     servicer.Sample,
                     request_deserializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.SampleRequest.FromString,
-                    response_serializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.Event.SerializeToString,
+                    response_serializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.SampleResponse.SerializeToString,
             ),
             'ComputeGradient': grpc.stream_stream_rpc_method_handler(
                     servicer.ComputeGradient,
-                    request_deserializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.GradientMessage.FromString,
-                    response_serializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.Event.SerializeToString,
+                    request_deserializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.ComputeGradientRequest.FromString,
+                    response_serializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.ComputeGradientResponse.SerializeToString,
             ),
             'OptimizeLatent': grpc.stream_stream_rpc_method_handler(
                     servicer.OptimizeLatent,
-                    request_deserializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.OptimizeLatentMessage.FromString,
-                    response_serializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.Event.SerializeToString,
+                    request_deserializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.OptimizeLatentRequest.FromString,
+                    response_serializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.OptimizeLatentResponse.SerializeToString,
             ),
             'FinetuneWeights': grpc.stream_stream_rpc_method_handler(
                     servicer.FinetuneWeights,
-                    request_deserializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.FinetuneMessage.FromString,
-                    response_serializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.Event.SerializeToString,
+                    request_deserializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.FinetuneWeightsRequest.FromString,
+                    response_serializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.FinetuneWeightsResponse.SerializeToString,
             ),
             'OptimizeEmbedding': grpc.stream_stream_rpc_method_handler(
                     servicer.OptimizeEmbedding,
-                    request_deserializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.OptimizeEmbeddingMessage.FromString,
-                    response_serializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.Event.SerializeToString,
+                    request_deserializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.OptimizeEmbeddingRequest.FromString,
+                    response_serializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.OptimizeEmbeddingResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -187,22 +200,27 @@ def add_AdjointDPMServicer_to_server(servicer, server):
             'GetArtifact': grpc.unary_stream_rpc_method_handler(
                     servicer.GetArtifact,
                     request_deserializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.GetArtifactRequest.FromString,
-                    response_serializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.ArtifactChunk.SerializeToString,
+                    response_serializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.GetArtifactResponse.SerializeToString,
             ),
             'DeleteArtifact': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteArtifact,
                     request_deserializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.DeleteArtifactRequest.FromString,
                     response_serializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.DeleteArtifactResponse.SerializeToString,
             ),
+            'GetServerMetadata': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetServerMetadata,
+                    request_deserializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.GetServerMetadataRequest.FromString,
+                    response_serializer=adjointdpm_dot_v1_dot_adjointdpm__pb2.GetServerMetadataResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'adjointdpm.v1.AdjointDPM', rpc_method_handlers)
+            'adjointdpm.v1.AdjointDPMService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('adjointdpm.v1.AdjointDPM', rpc_method_handlers)
+    server.add_registered_method_handlers('adjointdpm.v1.AdjointDPMService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class AdjointDPM:
+class AdjointDPMService:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
@@ -219,9 +237,9 @@ class AdjointDPM:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/adjointdpm.v1.AdjointDPM/Sample',
+            '/adjointdpm.v1.AdjointDPMService/Sample',
             adjointdpm_dot_v1_dot_adjointdpm__pb2.SampleRequest.SerializeToString,
-            adjointdpm_dot_v1_dot_adjointdpm__pb2.Event.FromString,
+            adjointdpm_dot_v1_dot_adjointdpm__pb2.SampleResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -246,9 +264,9 @@ class AdjointDPM:
         return grpc.experimental.stream_stream(
             request_iterator,
             target,
-            '/adjointdpm.v1.AdjointDPM/ComputeGradient',
-            adjointdpm_dot_v1_dot_adjointdpm__pb2.GradientMessage.SerializeToString,
-            adjointdpm_dot_v1_dot_adjointdpm__pb2.Event.FromString,
+            '/adjointdpm.v1.AdjointDPMService/ComputeGradient',
+            adjointdpm_dot_v1_dot_adjointdpm__pb2.ComputeGradientRequest.SerializeToString,
+            adjointdpm_dot_v1_dot_adjointdpm__pb2.ComputeGradientResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -273,9 +291,9 @@ class AdjointDPM:
         return grpc.experimental.stream_stream(
             request_iterator,
             target,
-            '/adjointdpm.v1.AdjointDPM/OptimizeLatent',
-            adjointdpm_dot_v1_dot_adjointdpm__pb2.OptimizeLatentMessage.SerializeToString,
-            adjointdpm_dot_v1_dot_adjointdpm__pb2.Event.FromString,
+            '/adjointdpm.v1.AdjointDPMService/OptimizeLatent',
+            adjointdpm_dot_v1_dot_adjointdpm__pb2.OptimizeLatentRequest.SerializeToString,
+            adjointdpm_dot_v1_dot_adjointdpm__pb2.OptimizeLatentResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -300,9 +318,9 @@ class AdjointDPM:
         return grpc.experimental.stream_stream(
             request_iterator,
             target,
-            '/adjointdpm.v1.AdjointDPM/FinetuneWeights',
-            adjointdpm_dot_v1_dot_adjointdpm__pb2.FinetuneMessage.SerializeToString,
-            adjointdpm_dot_v1_dot_adjointdpm__pb2.Event.FromString,
+            '/adjointdpm.v1.AdjointDPMService/FinetuneWeights',
+            adjointdpm_dot_v1_dot_adjointdpm__pb2.FinetuneWeightsRequest.SerializeToString,
+            adjointdpm_dot_v1_dot_adjointdpm__pb2.FinetuneWeightsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -327,9 +345,9 @@ class AdjointDPM:
         return grpc.experimental.stream_stream(
             request_iterator,
             target,
-            '/adjointdpm.v1.AdjointDPM/OptimizeEmbedding',
-            adjointdpm_dot_v1_dot_adjointdpm__pb2.OptimizeEmbeddingMessage.SerializeToString,
-            adjointdpm_dot_v1_dot_adjointdpm__pb2.Event.FromString,
+            '/adjointdpm.v1.AdjointDPMService/OptimizeEmbedding',
+            adjointdpm_dot_v1_dot_adjointdpm__pb2.OptimizeEmbeddingRequest.SerializeToString,
+            adjointdpm_dot_v1_dot_adjointdpm__pb2.OptimizeEmbeddingResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -354,7 +372,7 @@ class AdjointDPM:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/adjointdpm.v1.AdjointDPM/ListModels',
+            '/adjointdpm.v1.AdjointDPMService/ListModels',
             adjointdpm_dot_v1_dot_adjointdpm__pb2.ListModelsRequest.SerializeToString,
             adjointdpm_dot_v1_dot_adjointdpm__pb2.ListModelsResponse.FromString,
             options,
@@ -381,7 +399,7 @@ class AdjointDPM:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/adjointdpm.v1.AdjointDPM/ListLosses',
+            '/adjointdpm.v1.AdjointDPMService/ListLosses',
             adjointdpm_dot_v1_dot_adjointdpm__pb2.ListLossesRequest.SerializeToString,
             adjointdpm_dot_v1_dot_adjointdpm__pb2.ListLossesResponse.FromString,
             options,
@@ -408,9 +426,9 @@ class AdjointDPM:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/adjointdpm.v1.AdjointDPM/GetArtifact',
+            '/adjointdpm.v1.AdjointDPMService/GetArtifact',
             adjointdpm_dot_v1_dot_adjointdpm__pb2.GetArtifactRequest.SerializeToString,
-            adjointdpm_dot_v1_dot_adjointdpm__pb2.ArtifactChunk.FromString,
+            adjointdpm_dot_v1_dot_adjointdpm__pb2.GetArtifactResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -435,9 +453,36 @@ class AdjointDPM:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/adjointdpm.v1.AdjointDPM/DeleteArtifact',
+            '/adjointdpm.v1.AdjointDPMService/DeleteArtifact',
             adjointdpm_dot_v1_dot_adjointdpm__pb2.DeleteArtifactRequest.SerializeToString,
             adjointdpm_dot_v1_dot_adjointdpm__pb2.DeleteArtifactResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetServerMetadata(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/adjointdpm.v1.AdjointDPMService/GetServerMetadata',
+            adjointdpm_dot_v1_dot_adjointdpm__pb2.GetServerMetadataRequest.SerializeToString,
+            adjointdpm_dot_v1_dot_adjointdpm__pb2.GetServerMetadataResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -26,6 +26,7 @@ except ImportError:  # the extra is not installed: every call below is a no-op
 __all__ = ["rpc_span", "span", "record", "trace_id", "configure_from_env"]
 
 _NAME = "adjointdpm"
+SERVICE = "adjointdpm.v1.AdjointDPMService"  # the proto service (tests hold it to the descriptor)
 
 
 def _tracer():
@@ -39,7 +40,7 @@ def rpc_span(method: str, metadata):
         return None, None
     parent = _propagate.extract({k: v for k, v in (metadata or ()) if isinstance(v, str)})
     s = _tracer().start_span(f"adjointdpm/{method}", context=parent, kind=_trace.SpanKind.SERVER,
-                             attributes={"rpc.system": "grpc", "rpc.service": "adjointdpm.v1.AdjointDPM",
+                             attributes={"rpc.system": "grpc", "rpc.service": SERVICE,
                                          "rpc.method": method})
     return _context.attach(_trace.set_span_in_context(s, parent)), s
 

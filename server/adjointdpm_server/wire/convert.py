@@ -16,15 +16,19 @@ from adjointdpm import options
 from adjointdpm.tensors import TensorError, decode_tensor, encode_tensor
 from adjointdpm.v1 import adjointdpm_pb2 as pb
 
-from ..core import HALF_DTYPES
+from ..core import GRAD_MODES, HALF_DTYPES, SOLVERS
 from ..errors import InvalidArgument
 from ..integrity import MAX_PARAM, MAX_WEIGHT, check_input, check_number
 from ..tasks import (Checkpoint, ClientQuery, ExampleSpec, GenerationSpec, IterationReport, JobStarted,
                      LossSpec, PlanReport, Queued, TokenSpec, ValidationReport)
 from ..tasks._generation import IterationProgress
 from ..tasks._specs import ConditionSpec
+from ..version import server_version
 
-DOMAINS = {pb.IMAGE: "image", pb.LATENT: "latent"}
+# DOMAIN_UNSPECIFIED (a field left unset) reads as the documented default, the image.
+DOMAINS = {pb.DOMAIN_UNSPECIFIED: "image", pb.DOMAIN_IMAGE: "image", pb.DOMAIN_LATENT: "latent"}
+DOMAIN_OF = {"image": pb.DOMAIN_IMAGE, "latent": pb.DOMAIN_LATENT}
+REQUEST_DTYPES = ("float16", "float32", "float64")  # what a request's tensors may be
 
 
 def tensor(msg, name: str, limits, *, shape=None) -> torch.Tensor:
@@ -32,7 +36,7 @@ def tensor(msg, name: str, limits, *, shape=None) -> torch.Tensor:
     of the server's working dtype."""
     try:
         array = decode_tensor(msg, name=name, max_elements=limits.max_tensor_elements, shape=shape,
-                              dtypes=("float16", "float32", "float64"))
+                              dtypes=REQUEST_DTYPES)
     except TensorError as err:
         raise InvalidArgument(str(err)) from err
     check_input(name, array, getattr(torch, limits.working_dtype))
@@ -73,7 +77,8 @@ def generation(msg: pb.Generation, limits) -> GenerationSpec:
         model=msg.model, adapter=msg.adapter, prompt=list(msg.prompt),
         negative_prompt=list(msg.negative_prompt), labels=list(msg.labels),
         cond=maybe_tensor(msg, "cond", limits), embedding=msg.embedding, batch=msg.batch,
-        seed=msg.seed if msg.HasField("seed") else None, x_T=maybe_tensor(msg, "x_T", limits),
+        seed=msg.seed if msg.HasField("seed") else None,
+        x_T=maybe_tensor(msg, "start_latents", limits, "generation.start_latents (x_T)"),
         steps=msg.steps, solver=msg.solver or options.default("Sample", "generation.solver"),
         guidance_scale=msg.guidance_scale if msg.HasField("guidance_scale") else None,
         grid=msg.grid, t_start=msg.t_start if msg.HasField("t_start") else None)
@@ -125,7 +130,8 @@ def examples(items, limits, field: str = "examples") -> list[ExampleSpec]:
     if len(items) > limits.max_examples:
         raise InvalidArgument(f"at most {limits.max_examples} {field}; got {len(items)}")
     return [ExampleSpec(seed=e.seed if e.HasField("seed") else None,
-                        x_T=maybe_tensor(e, "x_T", limits, f"{field}[{k}].x_T"), prompt=e.prompt,
+                        x_T=maybe_tensor(e, "start_latents", limits, f"{field}[{k}].start_latents (x_T)"),
+                        prompt=e.prompt,
                         label=e.label if e.HasField("label") else None)
             for k, e in enumerate(items)]
 
@@ -137,6 +143,32 @@ def conditions(items, limits) -> list[ConditionSpec]:
         raise InvalidArgument(f"at most {limits.max_examples} conditions; got {len(items)}")
     return [ConditionSpec(prompt=c.prompt, label=c.label if c.HasField("label") else None,
                           weight=c.weight or 1.0) for c in items]
+
+
+# ---- server metadata ----------------------------------------------------------------------------
+
+def extensions(config) -> list[str]:
+    """The optional capabilities this server's operator turned on (the proto's list)."""
+    on = {"auth": bool(config.tokens), "shared_artifacts": config.shared_artifacts,
+          "s3_artifacts": bool(config.artifact_store), "redis_coordination": config.coordination != "local",
+          "multi_adapter_batching": bool(config.multi_adapter_batching)}
+    return [name for name, enabled in on.items() if enabled]
+
+
+def server_metadata(rt, losses) -> pb.GetServerMetadataResponse:
+    limits, config = rt.limits, rt.config
+    return pb.GetServerMetadataResponse(
+        name="adjointdpm-server", version=server_version(), api_package=pb.DESCRIPTOR.package,
+        models=list(rt.models), default_model=rt.default_model, losses=sorted(losses),
+        grad_modes=list(GRAD_MODES), solvers=list(SOLVERS), tensor_dtypes=list(REQUEST_DTYPES),
+        compute_dtype=config.dtype, extensions=extensions(config),
+        limits=pb.ServerLimits(
+            max_batch=limits.max_batch, max_steps=limits.max_steps, max_iterations=limits.max_iterations,
+            max_examples=limits.max_examples, max_tensor_elements=limits.max_tensor_elements,
+            max_message_bytes=limits.max_message_bytes,
+            max_inline_weight_elements=limits.max_inline_weight_elements,
+            max_lora_rank=limits.max_lora_rank, max_network_calls=limits.max_network_calls,
+            client_loss_timeout_s=limits.client_loss_timeout_s, max_request_s=config.max_request_s))
 
 
 # ---- results and events -------------------------------------------------------------------------
@@ -151,48 +183,47 @@ def artifact_info(info) -> pb.ArtifactInfo:
                            name=d["name"], iteration=d["iteration"], metadata=meta)
 
 
-def event(item) -> pb.Event:
-    """A task's event → an Event message."""
+def event(item) -> tuple[str, object]:
+    """A task's event → (its field in the RPC's response oneof, its message); the servicer puts it
+    in the RPC's own response message, which refuses an event that RPC does not declare."""
     if isinstance(item, IterationProgress):
-        return pb.Event(progress=pb.Progress(phase=item.phase, step=item.step, total=item.total,
-                                             t=item.t, nfe=item.nfe, iteration=item.iteration))
+        return "progress", pb.Progress(phase=item.phase, step=item.step, total=item.total, t=item.t,
+                                       nfe=item.nfe, iteration=item.iteration)
     if isinstance(item, ClientQuery):
-        return pb.Event(loss_query=pb.LossQuery(term=item.term, name=item.name,
-                                                domain=pb.IMAGE if item.domain == "image" else pb.LATENT,
-                                                x=encode_tensor(np.asarray(item.x)),
-                                                iteration=item.iteration))
+        return "loss_query", pb.LossQuery(term=item.term, name=item.name, domain=DOMAIN_OF[item.domain],
+                                          x=encode_tensor(np.asarray(item.x)), iteration=item.iteration)
     if isinstance(item, IterationReport):
-        return pb.Event(iteration=pb.Iteration(
+        return "iteration", pb.Iteration(
             iteration=item.iteration, loss=item.loss, loss_terms=item.loss_terms,
             grad_norm=item.grad_norm, images=item.images, sample_losses=item.sample_losses,
-            x_T=to_tensor(item.x_T) if item.x_T is not None else None, stopped=item.stopped,
-            lr=item.lr))
+            start_latents=to_tensor(item.x_T) if item.x_T is not None else None, stopped=item.stopped,
+            lr=item.lr)
     if isinstance(item, ValidationReport):
-        return pb.Event(validation=pb.Validation(
+        return "validation", pb.Validation(
             iteration=item.iteration, loss=item.loss, loss_terms=item.loss_terms,
-            agreement=item.agreement, images=item.images, best=item.best))
+            agreement=item.agreement, images=item.images, best=item.best)
     if isinstance(item, Checkpoint):
-        return pb.Event(checkpoint=artifact_info(item.info))
+        return "checkpoint", artifact_info(item.info)
     if isinstance(item, JobStarted):
-        return pb.Event(job=pb.Job(id=item.id, replica=item.replica, iteration=item.iteration))
+        return "job", pb.Job(id=item.id, replica=item.replica, iteration=item.iteration)
     if isinstance(item, Queued):
-        return pb.Event(queued=pb.QueuePosition(position=item.position))
+        return "queued", pb.QueuePosition(position=item.position)
     if isinstance(item, PlanReport):
         p = item.plan
-        return pb.Event(plan=pb.MemoryPlan(
+        return "plan", pb.MemoryPlan(
             grad_mode=p.grad_mode, steps=p.steps, gradient_steps=p.gradient_steps,
             kept_graphs=p.kept_graphs, stored_states=p.stored_states,
             network_checkpointing=p.blocks_checkpointed, graph_bytes=p.graph_bytes,
-            budget_bytes=p.budget_bytes, iteration=item.iteration))
+            budget_bytes=p.budget_bytes, iteration=item.iteration)
     raise TypeError(f"no message for event {type(item).__name__}")
 
 
-def sample_result(r) -> pb.Event:
-    return pb.Event(sample=pb.SampleResult(images=r.images, x0=to_tensor(r.x0), x_T=to_tensor(r.x_T),
-                                           pixels=to_tensor(r.pixels) if r.pixels is not None else None))
+def sample_result(r) -> tuple[str, pb.SampleResult]:
+    return "result", pb.SampleResult(images=r.images, x0=to_tensor(r.x0), start_latents=to_tensor(r.x_T),
+                                     pixels=to_tensor(r.pixels) if r.pixels is not None else None)
 
 
-def gradient_result(r) -> pb.Event:
+def gradient_result(r) -> tuple[str, pb.GradientResult]:
     msg = pb.GradientResult(loss=r.loss, loss_terms=r.loss_terms, x0=to_tensor(r.x0), images=r.images,
                             nfe=r.nfe, sample_losses=r.sample_losses)
     for key, value in r.gradients.items():
@@ -201,15 +232,16 @@ def gradient_result(r) -> pb.Event:
         msg.weight_gradients[key].CopyFrom(to_tensor(value))
     if r.weights_artifact is not None:
         msg.weights_artifact.CopyFrom(artifact_info(r.weights_artifact))
-    return pb.Event(gradient=msg)
+    return "result", msg
 
 
-def optimize_result(r) -> pb.Event:
-    msg = pb.OptimizeResult(loss=r.loss, history=r.history, x_T=to_tensor(r.x_T), x0=to_tensor(r.x0),
-                            images=r.images, initial_images=r.initial_images,
+def optimize_result(r) -> tuple[str, pb.OptimizeResult]:
+    msg = pb.OptimizeResult(loss=r.loss, history=r.history, start_latents=to_tensor(r.x_T),
+                            x0=to_tensor(r.x0), images=r.images, initial_images=r.initial_images,
                             sample_losses=r.sample_losses, best_iteration=r.best_iteration,
                             stopped=r.stopped, iterations_run=r.iterations_run,
-                            last_x_T=to_tensor(r.last_x_T) if r.last_x_T is not None else None)
+                            last_start_latents=(to_tensor(r.last_x_T) if r.last_x_T is not None
+                                                else None))
     if r.artifact is not None:
         msg.artifact.CopyFrom(artifact_info(r.artifact))
-    return pb.Event(optimized=msg)
+    return "result", msg

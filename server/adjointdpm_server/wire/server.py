@@ -32,7 +32,7 @@ log = logging.getLogger("adjointdpm.server")
 
 __all__ = ["SERVICE_NAME", "build_server", "Server", "connection_options"]
 
-SERVICE_NAME = adjointdpm_pb2.DESCRIPTOR.services_by_name["AdjointDPM"].full_name
+SERVICE_NAME = adjointdpm_pb2.DESCRIPTOR.services_by_name["AdjointDPMService"].full_name
 HEALTH_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 AGE_GRACE_SLACK_S = 30.0  # a GOAWAY'd connection's calls: max_request_s, plus a queue wait
 DRAIN_SLACK_S = 35.0      # gRPC's own grace on a drain: the drain's, its 30 s of cancelling, more
@@ -150,7 +150,7 @@ def build_server(config: ServerConfig, runtime: Runtime | None = None) -> Server
         interceptors=interceptors,
         options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size),
                  *connection_options(config)])
-    adjointdpm_pb2_grpc.add_AdjointDPMServicer_to_server(service, server)
+    adjointdpm_pb2_grpc.add_AdjointDPMServiceServicer_to_server(service, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, HEALTH_NAME, reflection.SERVICE_NAME), server)

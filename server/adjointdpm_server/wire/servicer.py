@@ -59,7 +59,7 @@ def _abort(context, err: Exception):
     context.abort(grpc.StatusCode.INTERNAL, _details(f"internal error: {type(err).__name__}: {err}"))
 
 
-class AdjointDPMService(pb_grpc.AdjointDPMServicer):
+class AdjointDPMService(pb_grpc.AdjointDPMServiceServicer):
     def __init__(self, runtime: Runtime, metrics=None):
         self.rt = runtime
         config = runtime.config
@@ -93,8 +93,9 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
 
     def _stream(self, context, rpc: str, build, to_result, *, request=None, request_iterator=None):
         """Run ``build(request, ctx)``'s task as a job on this stream (``ctx``: the tenant's view
-        of the runtime), yielding events, aborting on errors. A bidi stream's request is read by
-        the job, which owns the stream's reading."""
+        of the runtime), yielding the RPC's response messages, aborting on errors. A bidi stream's
+        spec is read by the job, which owns the stream's reading."""
+        response = _response(getattr(pb, f"{rpc}Response"))
         job, slot = None, ""
         tenant = self._tenant()
         config = self.rt.config
@@ -116,7 +117,8 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
             if request_iterator is not None:
                 request = job.receive(request_iterator, rpc)
             task = build(request, self.rt.for_tenant(tenant))
-            yield from job.run(self._track(task), convert.event, to_result)
+            yield from job.run(self._track(task), lambda e: response(*convert.event(e)),
+                               lambda r: response(*to_result(r)))
         except Exception as err:  # noqa: BLE001 — every failure becomes a status
             if context.is_active():
                 _abort(context, err)
@@ -222,9 +224,16 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
     def ListLosses(self, request, context):
         losses = [pb.LossInfo(name=name, description=cls.description, params=list(cls.params),
                               tensors=list(cls.tensors),
-                              domain=pb.IMAGE if cls.domain == "image" else pb.LATENT)
+                              domain=convert.DOMAIN_OF[cls.domain])
                   for name, cls in available_losses(self.rt.settings).items()]
         return pb.ListLossesResponse(losses=losses)
+
+    def GetServerMetadata(self, request, context):
+        """What this server is and can do: a client checks the major version once per channel."""
+        try:
+            return convert.server_metadata(self.rt, available_losses(self.rt.settings))
+        except Exception as err:  # noqa: BLE001
+            _abort(context, err)
 
     def GetArtifact(self, request, context):
         """The artifact in chunks, read from the store as they are sent (never whole); its
@@ -237,8 +246,8 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
                     data = export(info, path, self.rt.models.get(info.model), request.format)
                 info = dataclasses.replace(info, size=len(data))
                 for start in range(0, max(len(data), 1), chunk):
-                    yield pb.ArtifactChunk(info=convert.artifact_info(info) if start == 0 else None,
-                                           data=data[start:start + chunk])
+                    yield pb.GetArtifactResponse(info=convert.artifact_info(info) if start == 0 else None,
+                                                 data=data[start:start + chunk])
                 return
             with artifacts.open(request.id) as (info, stream):
                 digest, first = hashlib.sha256(), True
@@ -246,8 +255,8 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
                     data = stream.read(chunk)
                     digest.update(data)
                     if data or first:
-                        yield pb.ArtifactChunk(info=convert.artifact_info(info) if first else None,
-                                               data=data)
+                        yield pb.GetArtifactResponse(info=convert.artifact_info(info) if first else None,
+                                                     data=data)
                     first = False
                     if not data:
                         break
@@ -268,6 +277,19 @@ class AdjointDPMService(pb_grpc.AdjointDPMServicer):
             return pb.DeleteArtifactResponse(artifact=convert.artifact_info(info))
         except Exception as err:  # noqa: BLE001
             _abort(context, err)
+
+
+def _response(message):
+    """(field, event) → ``message`` (the RPC's response) with that oneof field set; an event the
+    RPC's response does not declare is a bug (INTERNAL), never a silently different contract."""
+    fields = message.DESCRIPTOR.oneofs_by_name["kind"].fields
+    names = {f.name for f in fields}
+
+    def wrap(field: str, event):
+        if field not in names:
+            raise TypeError(f"{message.DESCRIPTOR.name} has no {field!r} event")
+        return message(**{field: event})
+    return wrap
 
 
 def _inputs(rpc: str, request, limits):

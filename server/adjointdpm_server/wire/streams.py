@@ -32,7 +32,7 @@ __all__ = ["StreamJob"]
 
 _END = object()
 FIRST_MESSAGE_S = 30.0
-_EMPTY = "a stream message carries neither a request nor a loss reply (its oneof is not set)"
+_EMPTY = "a stream message carries neither a spec nor a loss reply (its oneof is not set)"
 
 
 class StreamJob(Job):
@@ -106,7 +106,7 @@ class StreamJob(Job):
 
     # -- the stream side -------------------------------------------------------------------------
     def receive(self, request_iterator, rpc: str):
-        """Own the client's half of a bidi stream: one reader thread takes the opening request
+        """Own the client's half of a bidi stream: one reader thread takes the opening spec
         (which must come within FIRST_MESSAGE_S — a client that opens a stream and says nothing
         must not hold a handler thread), then the LossReply messages, until the stream ends."""
         first: queue.Queue = queue.Queue(maxsize=1)
@@ -123,7 +123,7 @@ class StreamJob(Job):
                     if kind is None:
                         self._protocol_error = f"{rpc}: {_EMPTY}"
                     elif kind != "loss_reply":
-                        self._protocol_error = "the client sent a second request on one stream"
+                        self._protocol_error = "the client sent a second spec on one stream"
                     elif not self._asking.is_set():
                         self._protocol_error = "the client sent a loss reply nobody asked for"
                     else:
@@ -150,9 +150,9 @@ class StreamJob(Job):
             raise msg
         if msg.WhichOneof("kind") is None:
             raise InvalidArgument(f"{rpc}: {_EMPTY}")
-        if msg.WhichOneof("kind") != "request":
-            raise InvalidArgument(f"{rpc}: the first message must be the request")
-        return msg.request
+        if msg.WhichOneof("kind") != "spec":
+            raise InvalidArgument(f"{rpc}: the first message must be the spec")
+        return msg.spec
 
     def run(self, task, to_event, to_result):
         """Yield event messages while ``task(job)`` runs in a thread, then its result message.
