@@ -23,6 +23,11 @@ config (tests/models/tiny_sd.py), a server on the device in float16 beside the e
 model; every RPC once through the SDK, the CLIP and the classifier losses on the request's
 device. A failing RPC is reported, not fatal.
 
+Part 3, the VAE decoder (``--decoder``, models/_decoding.py): SD1.5's VAE at 512² and SDXL's at
+1024² (random weights; SDXL's in float32, as ``force_upcast`` loads it), the decoder's VJP from
+the latents at batch 1 and 4: today's (the whole graph), slices of one recomputed in the backward
+pass, the whole batch checkpointed inside the decoder, and slices both — time and peak CUDA memory.
+
 Cells run in order of importance and the table is rewritten after each, so a run stopped by
 ``--minutes`` (or killed) still leaves what it measured. On a CUDA machine with the server's
 dependencies, from the repository root (an offline image that has torch, transformers and peft
@@ -142,6 +147,67 @@ class Meter:
         self.peak_mib = ((torch.cuda.max_memory_allocated(self.device) - self.base) / MIB
                          if self.cuda else float("nan"))
         return False
+
+
+VAES = {"sd15": (dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                       down_block_types=("DownEncoderBlock2D",) * 4,
+                       up_block_types=("UpDecoderBlock2D",) * 4), 512, 0.18215, False),
+        "sdxl": (dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                      down_block_types=("DownEncoderBlock2D",) * 4,
+                      up_block_types=("UpDecoderBlock2D",) * 4, force_upcast=True), 1024, 0.13025, True)}
+
+
+def decoder_cells(args, report):
+    """The decoder's VJP per (VAE, dtype, batch, plan); an OOM is a result."""
+    from diffusers import AutoencoderKL
+
+    from adjointdpm_server.models._decoding import (PLAIN, DecodePlan, SlicedDecode, checkpointed_decoder,
+                                                    gate_decoder, measure)
+    from adjointdpm_server.models._latent import vae_dtype
+
+    device = torch.device(args.device)
+    for name, (config, image, scale, _) in VAES.items():
+        if name not in args.archs:
+            continue
+        for dtype_name in args.dtypes:
+            if args.tiny:
+                config = dict(config, block_out_channels=(8, 16, 16, 16), norm_num_groups=8)
+                image = 64
+            torch.manual_seed(0)
+            vae = AutoencoderKL(sample_size=image, **config).eval().requires_grad_(False)
+            dtype = vae_dtype(vae.config.force_upcast, getattr(torch, dtype_name))
+            vae = vae.to(device, dtype)
+            gate_decoder(vae.decoder)
+
+            def decode(x):
+                return (vae.decode(x.to(dtype) / scale).sample / 2 + 0.5).clamp(0, 1)
+            side = image // 8
+            graph = measure(decode, torch.zeros(1, 4, side, side, device=device), vae.decoder)
+            for batch in (1, 4):
+                for label, plan in (("today", PLAIN), ("slices of 1", DecodePlan(1)),
+                                    ("checkpointed", DecodePlan(0, True)),
+                                    ("checkpointed slices of 1", DecodePlan(1, True))):
+                    key = f"{name} VAE {image}² ({dtype}) | {batch} | {label}"
+                    if report.out_of_time():
+                        report.decoder(key, "not run: --minutes spent")
+                        continue
+                    x = torch.randn(batch, 4, side, side, device=device).requires_grad_()
+                    c = torch.randn(batch, 3, image, image, device=device)
+                    try:
+                        with Meter(device) as m:
+                            if plan.slice_size:
+                                out = SlicedDecode.apply(x, decode, plan)
+                            else:
+                                with checkpointed_decoder(plan.checkpointed):
+                                    out = decode(x)
+                            torch.autograd.grad(out, x, c.to(out.dtype))
+                        report.decoder(key, f"{m.seconds:.2f} | {m.peak_mib:.0f} | {graph.plain / MIB:.0f}, "
+                                            f"{graph.checkpointed / MIB:.0f}")
+                    except torch.OutOfMemoryError:
+                        report.decoder(key, "out of memory")
+                    del x, c
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
 
 
 def core_cells(args, report):
@@ -287,6 +353,7 @@ class Report:
         self.args, self.started = args, started
         self.cells: list[str] = []
         self.rpcs: list[str] = []
+        self.decoders: list[str] = []
 
     def out_of_time(self) -> bool:
         return time.perf_counter() - self.started > 60 * self.args.minutes
@@ -310,6 +377,11 @@ class Report:
                                   f"{m.peak_mib / unit.peak_mib:.2f} |")
         self.write()
 
+    def decoder(self, key, result):
+        self.decoders.append(f"| {key} | {result} |")
+        print(self.decoders[-1], flush=True)
+        self.write()
+
     def rpc(self, name, status, seconds, detail):
         self.rpcs.append(f"| {name} | {status} | {seconds:.1f} | {detail.replace('|', '/')} |")
         print(self.rpcs[-1], flush=True)
@@ -328,6 +400,10 @@ class Report:
         if self.cells:
             lines += ["| UNet | network dtype | steps | what | seconds | ÷ sampling | peak MiB | ÷ unit |",
                       "|---|---|---:|---|---:|---:|---:|---:|", *self.cells, ""]
+        if self.decoders:
+            lines += ["## The VAE decoder's VJP (models/_decoding.py)", "",
+                      "| VAE (dtype) | batch | plan | seconds | peak MiB | one sample's graph MiB (plain, checkpointed) |",
+                      "|---|---:|---|---:|---:|---|", *self.decoders, ""]
         if self.rpcs:
             lines += ["## Every RPC once on the device (tiny SD + digits, float16 on CUDA)", "",
                       "| RPC | status | seconds | result |", "|---|---|---:|---|", *self.rpcs, ""]
@@ -343,6 +419,7 @@ def main() -> None:
     parser.add_argument("--steps", nargs="+", type=int, default=[20, 50])
     parser.add_argument("--tiny", action="store_true", help="toy widths of the same architectures")
     parser.add_argument("--service", action="store_true", help="also every RPC once on the device")
+    parser.add_argument("--decoder", action="store_true", help="also the VAE decoder's VJP per plan")
     parser.add_argument("--minutes", type=float, default=8.0, help="no new cell starts after this")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -351,6 +428,8 @@ def main() -> None:
     report = Report(args, time.perf_counter())
     if args.service:  # first: it is short, and it checks the CUDA paths the cells do not
         service_checks(args, report)
+    if args.decoder:
+        decoder_cells(args, report)
     core_cells(args, report)
     report.write()
     print(f"wrote {args.out}")

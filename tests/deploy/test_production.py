@@ -527,7 +527,7 @@ def test_redis_statefulset_with_storage_probes_and_a_password(prod):
 
 def test_external_redis_variant_renders_without_the_statefulset():
     """The documented external-Redis setup: the production component without ../redis."""
-    needs_module("kubernetes_validate", "kubernetes-validate (the test extra)")
+    needs_module("kubernetes_validate", "kubernetes-validate (tests/requirements.txt)")
     with tempfile.TemporaryDirectory() as tmp:
         rel = Path(os.path.relpath(K8S, tmp))
         shutil.copy(K8S / "overlays/production/hpa.yaml", Path(tmp) / "hpa.yaml")
@@ -564,7 +564,7 @@ def fetch_models():
 
 @pytest.fixture
 def s3(monkeypatch):
-    moto = needs_module("moto", "moto (the test extra)")
+    moto = needs_module("moto", "moto (tests/requirements.txt)")
     import boto3
 
     for var in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_PROFILE"):

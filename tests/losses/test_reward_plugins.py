@@ -207,8 +207,8 @@ def test_preprocessing_is_clips_image_processor(cls, hw, preference_dir):
     import transformers
     from PIL import Image
 
-    if not PROCESSOR_CLASSES:  # transformers' PIL processor ships with the server extra
-        missing("transformers' CLIPImageProcessor (the server extra)")
+    if not PROCESSOR_CLASSES:  # transformers' PIL processor ships with adjointdpm-server's dependencies
+        missing("transformers' CLIPImageProcessor (adjointdpm-server's dependency)")
     processor = getattr(transformers, cls).from_pretrained(preference_dir)
     image = fixed_image(*hw)
     expected = processor(images=Image.fromarray(image), return_tensors="pt").pixel_values.to(F64)

@@ -228,3 +228,16 @@ def test_silent_stream_is_closed_after_the_first_message_timeout(server, monkeyp
             list(pb_grpc.AdjointDPMServiceStub(channel).ComputeGradient(silent(), timeout=20))
         never.set()
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and time.time() - start < 10
+
+
+@pytest.mark.parametrize("rpc", ["ComputeGradient", "OptimizeLatent", "FinetuneWeights", "OptimizeEmbedding"])
+def test_a_stream_that_opens_with_a_loss_reply_is_refused(server, client, rpc):
+    """The first message of a bidi stream is the spec; a loss reply first is a protocol error,
+    never a request read as all defaults."""
+    first = getattr(pb, f"{rpc}Request")(loss_reply=pb.LossReply(term=0, value=1.0))
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            list(getattr(pb_grpc.AdjointDPMServiceStub(channel), rpc)(iter([first]), timeout=60))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"{rpc}: the first message must be the spec" in err.value.details()
+    _healthy(client)

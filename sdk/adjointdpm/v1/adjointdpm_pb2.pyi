@@ -455,7 +455,7 @@ class Job(_message.Message):
     def __init__(self, id: _Optional[str] = ..., replica: _Optional[str] = ..., iteration: _Optional[int] = ...) -> None: ...
 
 class MemoryPlan(_message.Message):
-    __slots__ = ("grad_mode", "steps", "gradient_steps", "kept_graphs", "stored_states", "network_checkpointing", "graph_bytes", "budget_bytes", "iteration")
+    __slots__ = ("grad_mode", "steps", "gradient_steps", "kept_graphs", "stored_states", "network_checkpointing", "graph_bytes", "budget_bytes", "iteration", "decoder_slice_size", "decoder_checkpointing", "decoder_graph_bytes")
     GRAD_MODE_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     GRADIENT_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -465,6 +465,9 @@ class MemoryPlan(_message.Message):
     GRAPH_BYTES_FIELD_NUMBER: _ClassVar[int]
     BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     ITERATION_FIELD_NUMBER: _ClassVar[int]
+    DECODER_SLICE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DECODER_CHECKPOINTING_FIELD_NUMBER: _ClassVar[int]
+    DECODER_GRAPH_BYTES_FIELD_NUMBER: _ClassVar[int]
     grad_mode: str
     steps: int
     gradient_steps: int
@@ -474,7 +477,10 @@ class MemoryPlan(_message.Message):
     graph_bytes: int
     budget_bytes: int
     iteration: int
-    def __init__(self, grad_mode: _Optional[str] = ..., steps: _Optional[int] = ..., gradient_steps: _Optional[int] = ..., kept_graphs: _Optional[int] = ..., stored_states: _Optional[int] = ..., network_checkpointing: _Optional[bool] = ..., graph_bytes: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., iteration: _Optional[int] = ...) -> None: ...
+    decoder_slice_size: int
+    decoder_checkpointing: bool
+    decoder_graph_bytes: int
+    def __init__(self, grad_mode: _Optional[str] = ..., steps: _Optional[int] = ..., gradient_steps: _Optional[int] = ..., kept_graphs: _Optional[int] = ..., stored_states: _Optional[int] = ..., network_checkpointing: _Optional[bool] = ..., graph_bytes: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., iteration: _Optional[int] = ..., decoder_slice_size: _Optional[int] = ..., decoder_checkpointing: _Optional[bool] = ..., decoder_graph_bytes: _Optional[int] = ...) -> None: ...
 
 class ArtifactInfo(_message.Message):
     __slots__ = ("id", "kind", "model", "size", "name", "iteration", "metadata")

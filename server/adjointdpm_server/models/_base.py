@@ -70,8 +70,16 @@ class ModelBackend(abc.ABC):
         """Conditioning for ``batch`` samples from a prompt (str or list) or class labels."""
 
     @abc.abstractmethod
-    def decode(self, x0: torch.Tensor) -> torch.Tensor:
-        """``x_0`` → image in [0, 1], shape (B, C, H, W), differentiable."""
+    def decode(self, x0: torch.Tensor, plan=None) -> torch.Tensor:
+        """``x_0`` → image in [0, 1], shape (B, C, H, W), differentiable; ``plan``: the one
+        ``plan_decoder`` made (backends whose decoder is cheap ignore it)."""
+
+    plans_decoder = False  # a latent backend's VAE decoder is planned (models/_decoding.py)
+
+    def plan_decoder(self, batch: int, budget: float | None):
+        """The decoder's plan for an image-domain gradient of ``batch`` samples within ``budget``
+        bytes: None where decoding costs next to nothing (pixel-space and analytic models)."""
+        return None
 
     @property
     def cond_shape(self) -> tuple[int, ...]:

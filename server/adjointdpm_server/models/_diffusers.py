@@ -89,7 +89,7 @@ class StableDiffusionBackend(LatentDiffusionBackend):
 
         device, dtype = self._open(path, device, dtype, variant)
         unet = self._part(UNet2DConditionModel, "unet", dtype)
-        self.vae = self._part(AutoencoderKL, "vae", dtype)
+        self.vae = self._vae(AutoencoderKL, dtype)
         self.text_encoder = self._part(CLIPTextModel, "text_encoder")
         self.tokenizer = self._tokenizer(CLIPTokenizer, "tokenizer")
         self.schedule, self.prediction = load_vp_schedule(self.path)

@@ -160,7 +160,7 @@ class DigitsBackend(ModelBackend):
         """The ten class vectors (the null class's is no digit)."""
         return self.eps_fn.unet.class_embedding.weight.detach()[:NULL_CLASS]
 
-    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+    def decode(self, x0: torch.Tensor, plan=None) -> torch.Tensor:
         return ((x0 + 1.0) / 2.0).clamp(0.0, 1.0)
 
     def style_features(self, images: torch.Tensor) -> list[torch.Tensor]:

@@ -99,7 +99,7 @@ class FluxBackend(LatentDiffusionBackend):
         device, dtype = self._open(path, device, dtype, variant)
         path = self.path
         self.transformer = self._part(FluxTransformer2DModel, "transformer", dtype)
-        self.vae = self._part(AutoencoderKL, "vae", dtype)
+        self.vae = self._vae(AutoencoderKL, dtype)
         clip = self._part(CLIPTextModel, "text_encoder")
         clip_tokenizer = self._tokenizer(CLIPTokenizer, "tokenizer")
         t5 = self._part(class_for(path, "text_encoder_2", "T5EncoderModel"), "text_encoder_2")

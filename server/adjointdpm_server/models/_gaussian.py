@@ -36,5 +36,5 @@ class GaussianMixtureBackend(ModelBackend):
         zeros = torch.zeros((batch, *self.latent_shape), device=self.device, dtype=self.dtype)
         return Conditioning(zeros, zeros.clone())
 
-    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+    def decode(self, x0: torch.Tensor, plan=None) -> torch.Tensor:
         return ((x0 + 1.0) / 2.0).clamp(0.0, 1.0)

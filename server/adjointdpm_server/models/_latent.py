@@ -11,16 +11,27 @@ from __future__ import annotations
 
 import abc
 import json
+import threading
 from pathlib import Path
 
 import torch
 
 from ..core import HALF_DTYPES, VPSchedule
+from ..errors import ResourceExhausted
 from ._base import Conditioning, ModelBackend
+from ._decoding import (PLAIN, DecodePlan, DecoderGraph, SlicedDecode, checkpointed_decoder, gate_decoder,
+                        measure, plan_decode)
 from ._text import TextEncoder, broadcast
 
 __all__ = ["LatentDiffusionBackend", "check_dtype", "check_directory", "pipeline_class",
-           "load_vp_schedule", "VP_PREDICTIONS"]
+           "load_vp_schedule", "VP_PREDICTIONS", "vae_dtype"]
+
+
+def vae_dtype(force_upcast: bool, dtype: torch.dtype) -> torch.dtype:
+    """The VAE's dtype: float32 where the server runs float16 and the VAE's config says
+    ``force_upcast`` (SDXL's VAE overflows in float16: diffusers' pipelines upcast it too), else
+    the server's."""
+    return torch.float32 if dtype == torch.float16 and force_upcast else dtype
 
 
 def check_dtype(device: torch.device, dtype) -> torch.dtype:
@@ -148,15 +159,52 @@ class LatentDiffusionBackend(ModelBackend):
         return torch.cat([t[:rows] for t in tables], dim=1)
 
     # -- decoding -------------------------------------------------------------------------------
-    def decode(self, x0: torch.Tensor) -> torch.Tensor:
-        """Latents → image in [0, 1] through the VAE decoder, differentiable (no ``no_grad``).
-        A loss on latents skips this call, and with it the decoder's cost."""
+    plans_decoder = True
+
+    def decode(self, x0: torch.Tensor, plan: DecodePlan | None = None) -> torch.Tensor:
+        """Latents → image in [0, 1] through the VAE decoder, differentiable (no ``no_grad``);
+        ``plan`` (``plan_decoder``): in slices recomputed in the backward pass, checkpointed
+        inside or not; by default the whole batch at once. A loss on latents skips this call, and
+        with it the decoder's cost."""
+        plan = plan or PLAIN
+        if plan.slice_size:
+            return SlicedDecode.apply(x0, self._decode, plan)
+        with checkpointed_decoder(plan.checkpointed):  # the whole batch's graph, checkpointed or not
+            return self._decode(x0)
+
+    def _decode(self, x0: torch.Tensor) -> torch.Tensor:
         config = self.vae.config
-        latents = x0.to(self.vae.dtype) / config.scaling_factor
+        latents = x0.to(self.vae.dtype) / config.scaling_factor  # float32 under force_upcast
         if getattr(config, "shift_factor", None) is not None:
             latents = latents + config.shift_factor
         image = self.vae.decode(latents).sample
-        return (image / 2 + 0.5).clamp(0, 1)
+        return (image / 2 + 0.5).clamp(0, 1).to(x0.dtype)
+
+    def decoder_graph(self) -> DecoderGraph:
+        """One sample's decoder graph at this backend's latent shape, measured once (not kept)."""
+        with self._decoder_lock:
+            if self._decoder_graph is None:
+                x = torch.zeros((1, *self.latent_shape), dtype=self.dtype, device=self.device)
+                self._decoder_graph = measure(self._decode, x, self.vae.decoder)
+            return self._decoder_graph
+
+    def plan_decoder(self, batch: int, budget: float | None) -> DecodePlan:
+        """The decoder's plan for an image-domain gradient of ``batch`` samples within ``budget``
+        bytes (None: none), or RESOURCE_EXHAUSTED naming the decoder when no exact plan fits."""
+        if budget is None:
+            return PLAIN
+        graph = self.decoder_graph()
+        plan = plan_decode(graph, batch, budget)
+        if plan is None:
+            mib = lambda b: f"{b / 2**20:.0f} MiB"  # noqa: E731
+            h, w = self.image_shape[-2:]
+            raise ResourceExhausted(
+                f"the VAE decoder's gradient does not fit: one {h}x{w} image's decoder graph is "
+                f"{mib(graph.checkpointed)} even checkpointed inside ({mib(graph.plain)} plain), over "
+                f"the gradient memory budget of {mib(budget)}; use a loss on the latents, a smaller "
+                "image, or a larger budget (memory_budget_mib cannot raise the server's "
+                "--grad-memory-mib)")
+        return plan
 
     def style_features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Activations of the VAE encoder's down blocks: an offline stand-in for VGG features."""
@@ -180,6 +228,15 @@ class LatentDiffusionBackend(ModelBackend):
         check_directory(self.path, self.parts, self.title)
         self._weights = dict(local_files_only=True, **({"variant": variant} if variant else {}))
         return device, dtype
+
+    def _vae(self, cls, dtype: torch.dtype):
+        """The VAE in ``vae_dtype``, its decoder's blocks gated for checkpointing (off until a
+        decoder plan turns it on, ``_decoding``)."""
+        config = cls.load_config(self.path, subfolder="vae", local_files_only=True)
+        vae = self._part(cls, "vae", vae_dtype(bool(config.get("force_upcast", False)), dtype))
+        gate_decoder(vae.decoder)
+        self._decoder_lock, self._decoder_graph = threading.Lock(), None
+        return vae
 
     def _part(self, cls, subfolder: str, dtype: torch.dtype | None = None):
         """A part with weights (diffusers models load in ``dtype``; transformers ones are cast)."""

@@ -69,7 +69,7 @@ class SD3Backend(LatentDiffusionBackend):
         device, dtype = self._open(path, device, dtype, variant)
         path = self.path
         self.transformer = self._part(SD3Transformer2DModel, "transformer", dtype)
-        self.vae = self._part(AutoencoderKL, "vae", dtype)
+        self.vae = self._vae(AutoencoderKL, dtype)
         clips = [self._part(CLIPTextModelWithProjection, sub) for sub in ("text_encoder", "text_encoder_2")]
         tokenizers = [self._tokenizer(CLIPTokenizer, sub) for sub in ("tokenizer", "tokenizer_2")]
         self.clip_length = int(tokenizers[0].model_max_length)  # the pipeline pads both to this

@@ -69,7 +69,7 @@ class SDXLBackend(LatentDiffusionBackend):
         device, dtype = self._open(path, device, dtype, variant)
         path = self.path
         self.unet = self._part(UNet2DConditionModel, "unet", dtype)
-        self.vae = self._part(AutoencoderKL, "vae", dtype)
+        self.vae = self._vae(AutoencoderKL, dtype)
         encoders = [self._part(CLIPTextModel, "text_encoder"),
                     self._part(CLIPTextModelWithProjection, "text_encoder_2")]
         tokenizers = [self._tokenizer(CLIPTokenizer, sub) for sub in ("tokenizer", "tokenizer_2")]

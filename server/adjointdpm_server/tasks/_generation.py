@@ -202,6 +202,16 @@ def _memory_budget(prep: Prepared, job: Job, grad_mode: str, request_mib: int, d
     return min(budget, int(request_mib) << 20) if request_mib else budget
 
 
+def decoder_budget(prep: Prepared, request_mib: int) -> int:
+    """The bytes the VAE decoder's part of an image-domain gradient may hold (its passes run
+    before the sampler's backward, not beside it): the server's gradient budget
+    (``--grad-memory-mib``, else half the device's free memory), lowered by the request's."""
+    budget = prep.grad_memory_bytes
+    if budget is None:
+        budget = default_budget(prep.backend.device)
+    return min(budget, int(request_mib) << 20) if request_mib else budget
+
+
 def _float32(value):
     return value.float() if isinstance(value, torch.Tensor) and value.dtype in HALF_DTYPES else value
 

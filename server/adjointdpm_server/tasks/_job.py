@@ -84,6 +84,7 @@ class PlanReport:
 
     plan: Any
     iteration: int
+    decoder: Any = None  # the VAE decoder's plan (models/_decoding.DecodePlan), when it has one
 
 
 class Job:
@@ -101,15 +102,18 @@ class Job:
         self.deadline = deadline
         self.nfe = 0
         self._plan = None  # the last memory plan reported
+        self.decoder_plan = None  # the request's decoder plan (Objective.plan_decoder)
 
     def report_plan(self, plan, iteration: int = 0) -> None:
         """Emit a gradient pass's memory plan: the first, and any whose decisions differ from the
         last one's — not its measured ``graph_bytes`` nor its ``budget_bytes`` (half the free
         memory by default: it moves with everything else the machine runs)."""
-        decisions = dataclasses.replace(plan, graph_bytes=0, budget_bytes=0)
+        decoder = self.decoder_plan
+        decisions = (dataclasses.replace(plan, graph_bytes=0, budget_bytes=0),
+                     decoder and (decoder.slice_size, decoder.checkpointed))
         if decisions != self._plan:
             self._plan = decisions
-            self.emit(PlanReport(plan, iteration))
+            self.emit(PlanReport(plan, iteration, decoder))
 
     def count_nfe(self, phase: str, n: int) -> None:
         """Network evaluations done in ``phase`` (forward / backward), for metrics."""

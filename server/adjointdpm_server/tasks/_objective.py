@@ -70,6 +70,7 @@ class Objective:
         if len(specs) > 16:
             raise InvalidArgument(f"at most 16 loss terms; got {len(specs)}")
         self.backend, self.job, self.specs = backend, job, specs
+        self.decode_plan = None  # the decoder's (plan_decoder), for a backend that plans it
         self.iteration = 0
         self.terms, self.contexts = [], []
         for index, spec in enumerate(specs):
@@ -86,6 +87,17 @@ class Objective:
                 self.terms.append(build_loss(spec.name, context, spec.params, spec.tensors))
             else:
                 raise InvalidArgument(f"loss term {index} is neither a client nor a server loss")
+
+    def plan_decoder(self, batch: int, budget: float | None) -> None:
+        """Before any work: how the VAE decoder runs in this request's image-domain gradient of
+        ``batch`` samples per pass within ``budget`` bytes (models/_decoding.py); RESOURCE_EXHAUSTED
+        naming the decoder when no exact plan fits. Nothing to plan without an image term."""
+        if self.needs_image and self.backend.plans_decoder:
+            self.decode_plan = self.job.decoder_plan = self.backend.plan_decoder(batch, budget)
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """``x0`` decoded as planned."""
+        return self.backend.decode(x0, self.decode_plan)
 
     def set_reference(self, reference: dict | None) -> None:
         """The unmodified outputs (by domain) matching the next call's batch, for content terms."""
@@ -124,7 +136,7 @@ class Objective:
         """The objective Σ_terms weight · Σ_samples loss (docs/design.md §4.3); ``images`` =
         decode(x0) when already computed."""
         if images is None and self.needs_image:
-            images = self.backend.decode(x0)
+            images = self.decode(x0)
         total, values, per_sample = 0.0, [], torch.zeros(x0.shape[0], dtype=torch.float64)
         for spec, term in zip(self.specs, self.terms):
             losses = term(images if spec.domain == "image" else x0)

@@ -20,7 +20,7 @@ from ..models import Conditioning
 from ..models._adapters import with_trainable_view
 from ..telemetry import tracing
 from ._context import TaskContext
-from ._generation import Prepared, prepare, run_sampler
+from ._generation import Prepared, decoder_budget, prepare, run_sampler
 from ._images import to_png
 from ._job import Job
 from ._objective import Evaluation, Objective, generation_conditions
@@ -259,9 +259,10 @@ def run_compute_gradient(ctx: TaskContext, spec: GenerationSpec, losses: list[Lo
     objective = Objective(ctx, prep.backend, losses, job,
                           conditions=generation_conditions(spec, prep, learned="token" in targets))
     plan = gradient_plan(ctx, spec, prep, targets, opts, token)
+    objective.plan_decoder(len(plan.x_T), decoder_budget(prep, opts.memory_budget_mib))
     x0 = run_sampler(prep, job, x_T=plan.x_T, cond=plan.cond, eps_fn=plan.eps_fn, grad_mode=mode,
                      memory_budget_mib=opts.memory_budget_mib, truncate=truncation(opts, 0, targets))
-    decoded = prep.backend.decode(x0) if objective.needs_image or opts.images else None
+    decoded = objective.decode(x0) if objective.needs_image or opts.images else None
     evaluation = objective(x0, decoded)
     grads = differentiate(evaluation.total, plan.inputs)
     job.check()

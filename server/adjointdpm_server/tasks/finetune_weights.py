@@ -54,7 +54,7 @@ from ..losses import Conditions
 from ..models._adapters import full_copy, trainable_state
 from ..storage.artifacts import HEADER_BYTES
 from ._context import TaskContext
-from ._generation import prepare, run_sampler
+from ._generation import decoder_budget, prepare, run_sampler
 from ._images import to_png
 from ._job import Checkpoint, Job, JobStarted, ValidationReport
 from ._objective import Objective, generation_conditions, sample_conditions
@@ -285,6 +285,7 @@ def run_finetune_weights(ctx: TaskContext, spec: GenerationSpec, examples: list[
     # its terms checked before any work: of the samples' conditions, the kind (each pass sets
     # the values of its own samples)
     objective = Objective(ctx, prep.backend, losses, job, conditions=Conditions(samples.kind))
+    objective.plan_decoder(micro, decoder_budget(prep, opts.memory_budget_mib))  # per sampler pass
     references = prompts is not None and objective.needs_reference
     check_work(ctx.limits, finetune_work(prep.steps, prep.solver, mode, opts.iterations,
                                          opts.validate_every, bool(validation),

@@ -18,7 +18,7 @@ import torch
 from ..errors import InvalidArgument
 from ..integrity import MAX_WEIGHT, check_number
 from ._context import TaskContext
-from ._generation import Prepared, prepare, run_sampler
+from ._generation import Prepared, decoder_budget, prepare, run_sampler
 from ._images import to_png
 from ._job import Job
 from ._objective import Evaluation, Objective, generation_conditions
@@ -138,7 +138,7 @@ class _Loss:
         self.objective.iteration = it
         x0 = self.embedding.sample(self.job, grad_mode=self.mode, iteration=it,
                                    memory_budget_mib=self.opts.memory_budget_mib)
-        images = self.embedding.prep.backend.decode(x0)
+        images = self.objective.decode(x0)
         evaluation = self.with_prior(self.objective(x0, images))
         self.patience.update(float(evaluation.total.detach()))
         if self.patience.improved:
@@ -169,6 +169,7 @@ def run_optimize_embedding(ctx: TaskContext, spec: GenerationSpec, losses: list[
     # the placeholder; a digits start label is where the vector starts, not what it becomes).
     objective = Objective(ctx, prep.backend, with_target(losses, target_image), job,
                           conditions=generation_conditions(spec, prep, learned=True))
+    objective.plan_decoder(len(prep.x_T), decoder_budget(prep, opts.memory_budget_mib))
     embedding = _Embedding(prep, spec, token)
     loss = _Loss(embedding, objective, job, opts, mode, prior_penalty(prep, opts.prior), prior_weight,
                  Patience(opts.stop_when))

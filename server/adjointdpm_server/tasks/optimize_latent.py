@@ -19,7 +19,7 @@ from ..errors import InvalidArgument
 from ..integrity import MAX_WEIGHT, check_number, check_result
 from ..telemetry import tracing
 from ._context import TaskContext
-from ._generation import prepare, run_sampler
+from ._generation import decoder_budget, prepare, run_sampler
 from ._images import to_png
 from ._job import Job
 from ._objective import Evaluation, Objective, generation_conditions
@@ -138,6 +138,7 @@ def run_optimize_latent(ctx: TaskContext, spec: GenerationSpec, losses: list[Los
     _check_run(ctx.limits, prep, opts, mode)
     objective = Objective(ctx, prep.backend, losses, job,
                           conditions=generation_conditions(spec, prep))  # each sample's prompt or label
+    objective.plan_decoder(len(prep.x_T), decoder_budget(prep, opts.memory_budget_mib))
     if opts.guided is not None:
         return _Guidance(prep, objective, job, opts, mode).run()
     return _LatentSearch(prep, objective, job, opts, mode).run()
@@ -241,7 +242,7 @@ class _LatentSearch:
     def evaluate(self, it: int, x0: torch.Tensor):
         """Score x0 (plus the norm penalty) and let each sample keep its best or stop on it."""
         needs_image = self.objective.needs_image or self.opts.image_every or self.verdict
-        images = self.prep.backend.decode(x0) if needs_image else None
+        images = self.objective.decode(x0) if needs_image else None
         total, values, per_sample = self.objective(x0, images)
         if self.opts.norm_weight:
             penalty = self.norm_penalty()

@@ -209,12 +209,14 @@ def event(item) -> tuple[str, object]:
     if isinstance(item, Queued):
         return "queued", pb.QueuePosition(position=item.position)
     if isinstance(item, PlanReport):
-        p = item.plan
+        p, d = item.plan, item.decoder
         return "plan", pb.MemoryPlan(
             grad_mode=p.grad_mode, steps=p.steps, gradient_steps=p.gradient_steps,
             kept_graphs=p.kept_graphs, stored_states=p.stored_states,
             network_checkpointing=p.blocks_checkpointed, graph_bytes=p.graph_bytes,
-            budget_bytes=p.budget_bytes, iteration=item.iteration)
+            budget_bytes=p.budget_bytes, iteration=item.iteration,
+            decoder_slice_size=d.slice_size if d else 0, decoder_checkpointing=bool(d and d.checkpointed),
+            decoder_graph_bytes=d.graph_bytes if d else 0)
     raise TypeError(f"no message for event {type(item).__name__}")
 
 
