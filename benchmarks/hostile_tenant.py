@@ -417,7 +417,7 @@ def run_b(client, calls: int) -> BRun:
                                                 progress=False))
                 for event in call:  # the events say whether the job waited for a slot
                     what = event.WhichOneof("kind")
-                    queued |= what == "queue_position" and event.queue_position.position > 0
+                    queued |= what == "queued" and event.queued.position > 0
                     if what == "progress" and first is None:
                         first = time.perf_counter() - t0
                 if call.result is None:

@@ -1,8 +1,10 @@
-"""Which servers this SDK speaks to: the same major version and proto package (semantic
-versioning: within a major version, releases only add to the wire contract; docs/design.md §4.9).
+"""Which servers this SDK speaks to: those that serve its proto package (semantic versioning:
+within a major version, releases only add to the wire contract; docs/design.md §4.9).
 
-``GetServerMetadata`` is read once per channel, before its first call; a server of another major
-version, or one too old to answer it, is refused with a message that says what to install."""
+``GetServerMetadata`` is read once per channel, before its first call. A server of the same major
+version serves this package by construction; one of another major version is refused unless it
+lists this package among those it serves (a 2.x server keeping adjointdpm.v1 beside v2); one too
+old to answer is refused. Each refusal says what to install."""
 
 from __future__ import annotations
 
@@ -23,12 +25,13 @@ def major(version: str) -> int | None:
 def incompatibility(meta, target: str) -> str | None:
     """Why this SDK must not talk to the server that sent ``meta`` (a ServerMetadata), or None."""
     theirs, ours = major(meta.version), major(__version__)
-    if theirs == ours and meta.api_package == API_PACKAGE:
+    served = meta.api_packages or [meta.api_package]
+    if API_PACKAGE in served and (theirs == ours or len(served) > 1):
         return None
     wanted = (f"pip install 'adjointdpm>={theirs},<{theirs + 1}'" if theirs is not None
               else "an SDK of the server's release")
     return (f"the server at {target} runs {meta.name or 'adjointdpm-server'} {meta.version or '?'} "
-            f"(API {meta.api_package or '?'}); this SDK is adjointdpm {__version__} (API "
+            f"(API {', '.join(p for p in served if p) or '?'}); this SDK is adjointdpm {__version__} (API "
             f"{API_PACKAGE}) and speaks only to servers of major version {ours}: {wanted}, or "
             f"point it at a server of release {ours}.x")
 

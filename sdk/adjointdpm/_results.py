@@ -216,10 +216,11 @@ class ServerMetadata:
     compute_dtype: str
     limits: dict[str, float]
     extensions: list[str] = field(default_factory=list)
+    api_packages: list[str] = field(default_factory=list)  # every package it serves
 
     @classmethod
     def from_message(cls, m) -> "ServerMetadata":
         limits = {f.name: getattr(m.limits, f.name) for f in m.limits.DESCRIPTOR.fields}
         return cls(m.name, m.version, m.api_package, list(m.models), m.default_model, list(m.losses),
                    list(m.grad_modes), list(m.solvers), list(m.tensor_dtypes), m.compute_dtype, limits,
-                   list(m.extensions))
+                   list(m.extensions), list(m.api_packages) or [m.api_package])

@@ -66,11 +66,14 @@ class AsyncCall(Call):
 
 
 class _Started:
-    """The RPC of an ``AsyncCall`` once it has started (it starts after the version check)."""
+    """The RPC of an ``AsyncCall`` once it has started (it starts after the version check); one
+    cancelled before then never starts."""
 
     call = None
+    cancelled = False
 
     def cancel(self) -> None:
+        self.cancelled = True
         if self.call is not None:
             self.call.cancel()
 
@@ -91,6 +94,7 @@ class Client:
         self._closed = False
         self._target = target if isinstance(target, str) else ",".join(target)
         self._server: ServerMetadata | None = None  # read once per channel, before its first call
+        self._server_lock: asyncio.Lock | None = None  # made in the loop that first needs it
 
     async def close(self) -> None:
         self._closed = True
@@ -103,18 +107,21 @@ class Client:
         await self.close()
 
     async def server_metadata(self) -> ServerMetadata:
-        """As ``Client.server_metadata``."""
-        if self._server is None:
-            try:
-                reply, error = await self.stub.GetServerMetadata(
-                    pb.GetServerMetadataRequest(), metadata=self.metadata + trace_metadata(),
-                    timeout=self.timeout), None
-            except grpc.RpcError as err:
-                reply, error = None, AdjointDPMError.of(err)
-            meta, refusal = metadata_or_refusal(reply, error, self._target)
-            if refusal is not None:
-                raise refusal
-            self._server = meta
+        """As ``Client.server_metadata`` (concurrent first calls share one request)."""
+        if self._server_lock is None:
+            self._server_lock = asyncio.Lock()
+        async with self._server_lock:
+            if self._server is None:
+                try:
+                    reply, error = await self.stub.GetServerMetadata(
+                        pb.GetServerMetadataRequest(), metadata=self.metadata + trace_metadata(),
+                        timeout=self.timeout), None
+                except grpc.RpcError as err:
+                    reply, error = None, AdjointDPMError.of(err)
+                meta, refusal = metadata_or_refusal(reply, error, self._target)
+                if refusal is not None:
+                    raise refusal
+                self._server = meta
         return self._server
 
     # -- helpers --------------------------------------------------------------------------------
@@ -125,10 +132,10 @@ class Client:
         except grpc.RpcError as err:
             raise AdjointDPMError.of(err) from None
 
-    def _bidi(self, method, wrapper, request, client_losses):
+    def _bidi(self, method, wrapper, request, client_losses, metadata):
         """The event stream of a bidi call: the request is written first, each loss query is
         answered (an async loss awaited) as it arrives, and the writing side closes at the end."""
-        call = method(metadata=self.metadata + trace_metadata(), timeout=self.timeout)
+        call = method(metadata=metadata, timeout=self.timeout)
 
         async def write(message):
             try:
@@ -167,14 +174,18 @@ class Client:
         request, client_losses = _requests.build(name, *args, **kwargs)
         method, wrapper, to_result = _RPCS[name]
         started = _Started()
+        metadata = self.metadata + trace_metadata()  # the caller's trace context, as it is now
 
         async def events():  # the RPC starts once the server is known to be compatible
             await self.server_metadata()
+            if started.cancelled:
+                raise AdjointDPMError(grpc.StatusCode.CANCELLED, "the call was cancelled before it started")
             if wrapper is None:
-                inner = started.call = getattr(self.stub, method)(
-                    request, metadata=self.metadata + trace_metadata(), timeout=self.timeout)
+                inner = started.call = getattr(self.stub, method)(request, metadata=metadata,
+                                                                  timeout=self.timeout)
             else:
-                inner, started.call = self._bidi(getattr(self.stub, method), wrapper, request, client_losses)
+                inner, started.call = self._bidi(getattr(self.stub, method), wrapper, request,
+                                                 client_losses, metadata)
             async for event in inner:
                 yield event
 

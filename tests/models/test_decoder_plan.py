@@ -10,6 +10,8 @@ plan is the cheapest that fits, or none. ``force_upcast`` loads the VAE in float
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from diffusers import AutoencoderKL
@@ -17,6 +19,7 @@ from torch.autograd.graph import saved_tensors_hooks
 
 from adjointdpm_server.core._memory import GraphGuard
 from adjointdpm_server.errors import ResourceExhausted
+from adjointdpm_server.models import _decoding
 from adjointdpm_server.models import load_model
 from adjointdpm_server.models._decoding import (ALLOCATOR_SLACK, GATED, PLAIN, DecodePlan, DecoderGraph,
                                                 plan_decode)
@@ -158,11 +161,23 @@ def test_checkpointing_recomputes_each_decoder_block_once_more(backends, family)
 
 
 def test_the_checkpoint_switch_is_the_backward_passes_own(backends):
-    """A plain decode after a checkpointed backward is plain: the switch was reset."""
+    """After a checkpointed backward the switch is off again, and another thread's decode beside
+    a switched-on one is plain (a context variable, not the shared decoder's state)."""
     b = backends["sd", torch.float64]
     _gradient(b, DecodePlan(1, True))
+    assert _decoding._CHECKPOINTED.get() is False
     x0 = _latents(b).requires_grad_()
-    assert _saved(lambda: b.decode(x0, PLAIN)) > 20
+    assert _saved(lambda: b._decode(x0)) > 20  # the decode with the switch as it stands
+    counts = {}
+
+    def other():
+        counts["other"] = _saved(lambda: b._decode(_latents(b).requires_grad_()))
+    with _decoding.checkpointed_decoder(True):
+        counts["here"] = _saved(lambda: b._decode(x0))
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+    assert counts["other"] > counts["here"]
 
 
 @pytest.mark.parametrize("family", list(BUILDERS))

@@ -126,6 +126,7 @@ class FakeServicer(pb_grpc.AdjointDPMServiceServicer):
             # GetServerMetadata: what the fake says it is (this SDK's release unless a test says
             # otherwise), how often it was asked, and whether it answers at all
             self.version, self.api_package = adjointdpm.__version__, pb.DESCRIPTOR.package
+            self.api_packages: list[str] = []  # unset: a server that lists none (api_package alone)
             self.metadata_calls = 0
             self.metadata_unimplemented = False
 
@@ -235,7 +236,8 @@ class FakeServicer(pb_grpc.AdjointDPMServiceServicer):
         if self.metadata_unimplemented:
             context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
         return pb.GetServerMetadataResponse(name="fake-adjointdpm", version=self.version,
-                                            api_package=self.api_package, models=["digits"])
+                                            api_package=self.api_package, models=["digits"],
+                                            api_packages=self.api_packages)
 
     def GetArtifact(self, request, context):
         received = self._record("GetArtifact", request, context)

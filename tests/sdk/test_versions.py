@@ -4,6 +4,7 @@ that says what to install — against the scripted peer (tests/sdk/_fake.py), sy
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 
@@ -55,6 +56,38 @@ def test_another_api_package_is_refused_even_at_the_same_major(sdk, fake):
     assert fake.calls == []
 
 
+def test_a_server_of_another_major_that_still_serves_this_package_is_served(sdk, fake):
+    """A 2.x server keeping adjointdpm.v1 beside its own package (docs/design.md §4.9)."""
+    fake.version = _next_major(adjointdpm.__version__)
+    fake.api_packages = ["adjointdpm.v1", "adjointdpm.v2"]
+    sdk.call("sample")
+    fake.api_packages = ["adjointdpm.v2"]  # a new channel: it no longer serves v1
+    with pytest.raises(adjointdpm.IncompatibleServer, match="adjointdpm.v2"):
+        sdk.call("sample")
+
+
+def test_concurrent_first_calls_read_the_metadata_once(fake, fake_server):
+    async def main():
+        async with adjointdpm.aio.Client(fake_server.target) as c:
+            await asyncio.gather(*(c.sample(seed=k) for k in range(4)))
+    asyncio.run(main())
+    assert fake.metadata_calls == 1 and len(fake.calls) == 4
+
+
+def test_an_async_call_cancelled_before_it_starts_never_starts(fake, fake_server):
+    async def main():
+        async with adjointdpm.aio.Client(fake_server.target) as c:
+            call = c.sample(stream=True)
+            call.cancel()
+            with pytest.raises(adjointdpm.AdjointDPMError) as err:
+                async for _ in call:
+                    pass
+            return err.value
+    err = asyncio.run(main())
+    assert err.code == grpc.StatusCode.CANCELLED
+    assert fake.calls == []
+
+
 def test_a_server_without_metadata_is_refused_as_too_old(sdk, fake):
     fake.metadata_unimplemented = True
     with pytest.raises(adjointdpm.IncompatibleServer, match="predates adjointdpm 1.0"):
@@ -83,6 +116,16 @@ def test_the_metadata_is_readable_and_a_failure_to_read_it_is_not_cached(fake, f
         fake.metadata_unimplemented = False  # e.g. the server was upgraded meanwhile
         c.sample()
     assert [call.method for call in fake.calls] == ["Sample"]
+    fake.metadata_unimplemented = True
+
+    async def aio():
+        async with adjointdpm.aio.Client(fake_server.target) as c:
+            with pytest.raises(adjointdpm.IncompatibleServer):
+                await c.sample()
+            fake.metadata_unimplemented = False
+            await c.sample()
+    asyncio.run(aio())
+    assert [call.method for call in fake.calls] == ["Sample", "Sample"]
 
 
 def test_the_sdk_says_its_release_in_the_user_agent(sdk, fake):

@@ -27,9 +27,10 @@ def test_the_metadata_describes_this_server(server, client):
     assert meta.tensor_dtypes == ["float16", "float32", "float64"] and meta.compute_dtype == config.dtype
     for name, value in meta.limits.items():  # every limit the message carries, from the config
         source = limits if hasattr(limits, name) else config
-        assert value == pytest.approx(getattr(source, name)), name
+        assert value == pytest.approx(getattr(source, name) or 0), name  # grad_memory_bytes None: 0
     assert meta.limits["max_steps"] == 200 and meta.limits["max_batch"] == 16  # the test server's
     assert meta.extensions == ["multi_adapter_batching"]  # no auth, S3, Redis or shared artifacts
+    assert meta.api_packages == ["adjointdpm.v1"]
 
 
 def test_a_limit_the_metadata_states_is_the_one_enforced(client):
@@ -61,12 +62,14 @@ def test_the_metadata_needs_the_token_and_names_the_extensions(tmp_path):
 
 def test_the_metadata_limits_follow_the_operators_settings(tmp_path):
     base = ServerConfig(models=("digits",), host="127.0.0.1", port=0, artifact_dir=tmp_path)
-    config = dataclasses.replace(base, limits=dataclasses.replace(base.limits, max_steps=7, max_batch=3),
+    config = dataclasses.replace(base, limits=dataclasses.replace(base.limits, max_steps=7, max_batch=3,
+                                                                  grad_memory_bytes=123 << 20),
                                  max_request_s=120.0)
     srv = build_server(config)
     try:
         with adjointdpm.Client(f"127.0.0.1:{srv.port}") as c:
             limits = c.server_metadata().limits
         assert (limits["max_steps"], limits["max_batch"], limits["max_request_s"]) == (7, 3, 120.0)
+        assert limits["grad_memory_bytes"] == 123 << 20
     finally:
         srv.stop(0)

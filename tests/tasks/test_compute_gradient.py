@@ -10,7 +10,7 @@ import torch
 from adjointdpm_server.errors import Cancelled, InvalidArgument
 from adjointdpm_server.tasks import LocalJob, LossSpec, run_compute_gradient, run_sample
 
-from .conftest import (STEPS, client, client_mse, engine_calls, finite, gen, is_png, mse, opts,
+from .conftest import (STEPS, client, client_mse, engine_calls, finite, gen, is_png, mse, noise, opts,
                        progress, solves)
 
 
@@ -240,14 +240,50 @@ def test_graphs_kept_side_by_side_share_the_memory_budget(ctx, runtime):
     their budgets split the one the server has, so k jobs together stay within it."""
     import dataclasses
 
-    from adjointdpm_server.tasks._generation import _memory_budget, prepare
+    from adjointdpm_server.tasks._generation import _memory_budget, decoder_budget, prepare
 
     prep = dataclasses.replace(prepare(ctx, gen()), grad_memory_bytes=64 << 20)
     a, b = LocalJob(caller="a"), LocalJob(caller="b")
-    cpu = torch.device("cpu")
+    x_T = noise(2)
     assert runtime.engine.share_from > 2
     with runtime.engine.session(a):
-        assert _memory_budget(prep, a, "auto", 0, cpu) == 64 << 20
+        assert _memory_budget(prep, a, "auto", 0, x_T) == 64 << 20
         with runtime.engine.session(b):
-            assert _memory_budget(prep, a, "auto", 0, cpu) == 32 << 20
-            assert _memory_budget(prep, a, "checkpoint", 0, cpu) is None
+            assert _memory_budget(prep, a, "auto", 0, x_T) == 32 << 20
+            assert _memory_budget(prep, a, "checkpoint", 0, x_T) is None
+            assert decoder_budget(prep, a, 0) == 32 << 20  # the decoder's share too
+            assert decoder_budget(prep, a, 16) == 16 << 20
+
+
+def test_auto_keeps_graphs_within_what_the_decoder_leaves(ctx):
+    """The decoder's VJP runs while ``auto``'s kept graphs live: its planned peak (one pass of
+    the batch, or of a slice) comes out of ``auto``'s budget, never below 0."""
+    import dataclasses
+
+    from adjointdpm_server.models._decoding import ALLOCATOR_SLACK, DecodePlan
+    from adjointdpm_server.tasks._generation import _memory_budget, prepare
+
+    prep = dataclasses.replace(prepare(ctx, gen()), grad_memory_bytes=64 << 20)
+    job, x_T = LocalJob(), noise(2)
+    job.decoder_plan = DecodePlan(0, False, 4 << 20)  # the whole batch of 2 in one pass
+    assert _memory_budget(prep, job, "auto", 0, x_T) == (64 << 20) - int(2 * (4 << 20) * ALLOCATOR_SLACK)
+    job.decoder_plan = DecodePlan(1, True, 4 << 20)   # slices of one
+    assert _memory_budget(prep, job, "auto", 0, x_T) == (64 << 20) - int((4 << 20) * ALLOCATOR_SLACK)
+    job.decoder_plan = DecodePlan(0, False, 64 << 20)
+    assert _memory_budget(prep, job, "auto", 0, x_T) == 0
+    assert _memory_budget(prep, job, "checkpoint", 0, x_T) is None
+
+
+def test_a_decode_without_an_image_term_keeps_no_graph(ctx):
+    """Images only to show (a latent loss): decoded with no graph, which would live through the
+    backward pass unplanned; with an image term, the decode is the gradient's."""
+    from adjointdpm_server.tasks._generation import prepare
+    from adjointdpm_server.tasks._objective import Objective
+
+    prep = prepare(ctx, gen())
+    x0 = noise(1).requires_grad_()
+    on_latents = LossSpec("server", "mse", 1.0, "latent", {}, {"target": torch.zeros(1, 8, 8)})
+    latent = Objective(ctx, prep.backend, [on_latents], LocalJob())
+    assert not latent.decode(x0).requires_grad
+    image = Objective(ctx, prep.backend, [mse(torch.zeros(1, 8, 8))], LocalJob())
+    assert image.decode(x0).requires_grad

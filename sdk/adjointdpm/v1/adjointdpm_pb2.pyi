@@ -767,7 +767,7 @@ class GetServerMetadataRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerLimits(_message.Message):
-    __slots__ = ("max_batch", "max_steps", "max_iterations", "max_examples", "max_tensor_elements", "max_message_bytes", "max_inline_weight_elements", "max_lora_rank", "max_network_calls", "client_loss_timeout_s", "max_request_s")
+    __slots__ = ("max_batch", "max_steps", "max_iterations", "max_examples", "max_tensor_elements", "max_message_bytes", "max_inline_weight_elements", "max_lora_rank", "max_network_calls", "client_loss_timeout_s", "max_request_s", "grad_memory_bytes")
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
     MAX_ITERATIONS_FIELD_NUMBER: _ClassVar[int]
@@ -779,6 +779,7 @@ class ServerLimits(_message.Message):
     MAX_NETWORK_CALLS_FIELD_NUMBER: _ClassVar[int]
     CLIENT_LOSS_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     MAX_REQUEST_S_FIELD_NUMBER: _ClassVar[int]
+    GRAD_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     max_batch: int
     max_steps: int
     max_iterations: int
@@ -790,10 +791,11 @@ class ServerLimits(_message.Message):
     max_network_calls: int
     client_loss_timeout_s: float
     max_request_s: float
-    def __init__(self, max_batch: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_iterations: _Optional[int] = ..., max_examples: _Optional[int] = ..., max_tensor_elements: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_inline_weight_elements: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., max_network_calls: _Optional[int] = ..., client_loss_timeout_s: _Optional[float] = ..., max_request_s: _Optional[float] = ...) -> None: ...
+    grad_memory_bytes: int
+    def __init__(self, max_batch: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_iterations: _Optional[int] = ..., max_examples: _Optional[int] = ..., max_tensor_elements: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_inline_weight_elements: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., max_network_calls: _Optional[int] = ..., client_loss_timeout_s: _Optional[float] = ..., max_request_s: _Optional[float] = ..., grad_memory_bytes: _Optional[int] = ...) -> None: ...
 
 class GetServerMetadataResponse(_message.Message):
-    __slots__ = ("name", "version", "api_package", "models", "default_model", "losses", "grad_modes", "solvers", "tensor_dtypes", "compute_dtype", "limits", "extensions")
+    __slots__ = ("name", "version", "api_package", "models", "default_model", "losses", "grad_modes", "solvers", "tensor_dtypes", "compute_dtype", "limits", "extensions", "api_packages")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     API_PACKAGE_FIELD_NUMBER: _ClassVar[int]
@@ -806,6 +808,7 @@ class GetServerMetadataResponse(_message.Message):
     COMPUTE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     EXTENSIONS_FIELD_NUMBER: _ClassVar[int]
+    API_PACKAGES_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     api_package: str
@@ -818,4 +821,5 @@ class GetServerMetadataResponse(_message.Message):
     compute_dtype: str
     limits: ServerLimits
     extensions: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., api_package: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., default_model: _Optional[str] = ..., losses: _Optional[_Iterable[str]] = ..., grad_modes: _Optional[_Iterable[str]] = ..., solvers: _Optional[_Iterable[str]] = ..., tensor_dtypes: _Optional[_Iterable[str]] = ..., compute_dtype: _Optional[str] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., extensions: _Optional[_Iterable[str]] = ...) -> None: ...
+    api_packages: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., api_package: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., default_model: _Optional[str] = ..., losses: _Optional[_Iterable[str]] = ..., grad_modes: _Optional[_Iterable[str]] = ..., solvers: _Optional[_Iterable[str]] = ..., tensor_dtypes: _Optional[_Iterable[str]] = ..., compute_dtype: _Optional[str] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., extensions: _Optional[_Iterable[str]] = ..., api_packages: _Optional[_Iterable[str]] = ...) -> None: ...

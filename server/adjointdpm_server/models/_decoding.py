@@ -18,6 +18,7 @@ request is refused before any work.
 from __future__ import annotations
 
 import contextvars
+import threading
 import weakref
 from collections import defaultdict
 from contextlib import contextmanager
@@ -44,6 +45,10 @@ class DecodePlan:
     slice_size: int = 0
     checkpointed: bool = False
     graph_bytes: int = 0
+
+    def held(self, batch: int) -> int:
+        """The bytes a pass of ``batch`` samples holds at most, as planned (with the slack)."""
+        return int(self.graph_bytes * (self.slice_size or batch) * ALLOCATOR_SLACK)
 
 
 PLAIN = DecodePlan()
@@ -123,12 +128,16 @@ def measure(decode, x: torch.Tensor, decoder: torch.nn.Module) -> DecoderGraph:
     def unpack(_):
         raise RuntimeError("a measured decoder graph cannot be backpropagated")
 
+    me = threading.get_ident()  # the resident decoder is shared: other jobs' calls fire the hooks
+
     def enter(module, args):
-        owner[0] = id(module)
-        inputs[0] += sum(a.nbytes for a in args if isinstance(a, torch.Tensor))
+        if threading.get_ident() == me:
+            owner[0] = id(module)
+            inputs[0] += sum(a.nbytes for a in args if isinstance(a, torch.Tensor))
 
     def leave(module, args, output):
-        owner[0] = None
+        if threading.get_ident() == me:
+            owner[0] = None
 
     hooks = []
     for module in decoder.modules():

@@ -184,7 +184,7 @@ def _with_iteration(p: Progress, iteration: int) -> IterationProgress:
     return IterationProgress(p.phase, p.step, p.total, p.t, p.nfe, iteration)
 
 
-def _memory_budget(prep: Prepared, job: Job, grad_mode: str, request_mib: int, device) -> int | None:
+def _memory_budget(prep: Prepared, job: Job, grad_mode: str, request_mib: int, x_T) -> int | None:
     """The bytes ``sample`` may hold for the gradient: the server's budget (``--grad-memory-mib``,
     else half the device's free memory), lowered by the request's; for ``auto``, 0 while enough
     other gradient jobs run (a kept graph is a solo call, a recomputed one batches with theirs:
@@ -197,19 +197,26 @@ def _memory_budget(prep: Prepared, job: Job, grad_mode: str, request_mib: int, d
         company = max(1, prep.engine.gradient_jobs(job))  # graphs kept side by side share it
     if grad_mode != "auto" and not (grad_mode == "adjoint" and request_mib):
         return None
-    budget = prep.grad_memory_bytes if prep.grad_memory_bytes is not None else default_budget(device)
+    budget = prep.grad_memory_bytes if prep.grad_memory_bytes is not None else default_budget(x_T.device)
     budget //= company
-    return min(budget, int(request_mib) << 20) if request_mib else budget
+    budget = min(budget, int(request_mib) << 20) if request_mib else budget
+    if grad_mode == "auto" and job.decoder_plan is not None:  # the decoder's VJP runs while the
+        budget = max(0, budget - job.decoder_plan.held(len(x_T)))  # kept graphs live
+    return budget
 
 
-def decoder_budget(prep: Prepared, request_mib: int) -> int:
-    """The bytes the VAE decoder's part of an image-domain gradient may hold (its passes run
-    before the sampler's backward, not beside it): the server's gradient budget
-    (``--grad-memory-mib``, else half the device's free memory), lowered by the request's."""
+def decoder_budget(prep: Prepared, job: Job, request_mib: int) -> int:
+    """The bytes the VAE decoder's part of an image-domain gradient may hold: the server's
+    gradient budget (``--grad-memory-mib``, else half the device's free memory), shared with the
+    gradient jobs beside it, lowered by the request's. Its passes run after the sampler's forward
+    pass, while ``auto``'s kept graphs live: ``auto`` plans within what the decoder leaves."""
     budget = prep.grad_memory_bytes
     if budget is None:
         budget = default_budget(prep.backend.device)
+    if prep.engine is not None:
+        budget //= max(1, prep.engine.gradient_jobs(job))
     return min(budget, int(request_mib) << 20) if request_mib else budget
+
 
 
 def _float32(value):
@@ -225,7 +232,7 @@ def run_sampler(prep: Prepared, job: Job, *, x_T=None, cond=None, uncond=None, e
     the server's gradient memory budget; ``truncate``: the last steps the gradient flows through
     (None: all)."""
     x_T = prep.x_T if x_T is None else x_T
-    budget = _memory_budget(prep, job, grad_mode, memory_budget_mib, x_T.device)
+    budget = _memory_budget(prep, job, grad_mode, memory_budget_mib, x_T)
     cond = prep.cond if cond is None else cond
     uncond = prep.uncond if uncond is None else uncond
     network_dtype = None

@@ -96,7 +96,11 @@ class Objective:
             self.decode_plan = self.job.decoder_plan = self.backend.plan_decoder(batch, budget)
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
-        """``x0`` decoded as planned."""
+        """``x0`` decoded as planned; without an image term (images to show, a verdict) with no
+        graph, which would otherwise live through the backward pass unplanned."""
+        if not self.needs_image:
+            with torch.no_grad():
+                return self.backend.decode(x0.detach())
         return self.backend.decode(x0, self.decode_plan)
 
     def set_reference(self, reference: dict | None) -> None:

@@ -285,7 +285,7 @@ def run_finetune_weights(ctx: TaskContext, spec: GenerationSpec, examples: list[
     # its terms checked before any work: of the samples' conditions, the kind (each pass sets
     # the values of its own samples)
     objective = Objective(ctx, prep.backend, losses, job, conditions=Conditions(samples.kind))
-    objective.plan_decoder(micro, decoder_budget(prep, opts.memory_budget_mib))  # per sampler pass
+    objective.plan_decoder(micro, decoder_budget(prep, job, opts.memory_budget_mib))  # per sampler pass
     references = prompts is not None and objective.needs_reference
     check_work(ctx.limits, finetune_work(prep.steps, prep.solver, mode, opts.iterations,
                                          opts.validate_every, bool(validation),

@@ -138,7 +138,7 @@ class _Loss:
         self.objective.iteration = it
         x0 = self.embedding.sample(self.job, grad_mode=self.mode, iteration=it,
                                    memory_budget_mib=self.opts.memory_budget_mib)
-        images = self.objective.decode(x0)
+        images = self.objective.decode(x0)  # no graph unless a term is on the image
         evaluation = self.with_prior(self.objective(x0, images))
         self.patience.update(float(evaluation.total.detach()))
         if self.patience.improved:
@@ -169,7 +169,7 @@ def run_optimize_embedding(ctx: TaskContext, spec: GenerationSpec, losses: list[
     # the placeholder; a digits start label is where the vector starts, not what it becomes).
     objective = Objective(ctx, prep.backend, with_target(losses, target_image), job,
                           conditions=generation_conditions(spec, prep, learned=True))
-    objective.plan_decoder(len(prep.x_T), decoder_budget(prep, opts.memory_budget_mib))
+    objective.plan_decoder(len(prep.x_T), decoder_budget(prep, job, opts.memory_budget_mib))
     embedding = _Embedding(prep, spec, token)
     loss = _Loss(embedding, objective, job, opts, mode, prior_penalty(prep, opts.prior), prior_weight,
                  Patience(opts.stop_when))

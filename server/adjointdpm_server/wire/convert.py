@@ -159,6 +159,7 @@ def server_metadata(rt, losses) -> pb.GetServerMetadataResponse:
     limits, config = rt.limits, rt.config
     return pb.GetServerMetadataResponse(
         name="adjointdpm-server", version=server_version(), api_package=pb.DESCRIPTOR.package,
+        api_packages=[pb.DESCRIPTOR.package],
         models=list(rt.models), default_model=rt.default_model, losses=sorted(losses),
         grad_modes=list(GRAD_MODES), solvers=list(SOLVERS), tensor_dtypes=list(REQUEST_DTYPES),
         compute_dtype=config.dtype, extensions=extensions(config),
@@ -168,7 +169,8 @@ def server_metadata(rt, losses) -> pb.GetServerMetadataResponse:
             max_message_bytes=limits.max_message_bytes,
             max_inline_weight_elements=limits.max_inline_weight_elements,
             max_lora_rank=limits.max_lora_rank, max_network_calls=limits.max_network_calls,
-            client_loss_timeout_s=limits.client_loss_timeout_s, max_request_s=config.max_request_s))
+            client_loss_timeout_s=limits.client_loss_timeout_s, max_request_s=config.max_request_s,
+            grad_memory_bytes=limits.grad_memory_bytes or 0))
 
 
 # ---- results and events -------------------------------------------------------------------------
