@@ -28,12 +28,13 @@ import torch
 from torch.autograd.graph import saved_tensors_hooks
 from torch.utils.checkpoint import checkpoint
 
+from ..core._memory import ALLOCATOR_SLACK  # the planners' one slack: fragmentation, rounding
+
 __all__ = ["DecodePlan", "DecoderGraph", "SlicedDecode", "gate_decoder", "measure", "plan_decode",
            "checkpointed_decoder", "PLAIN", "ALLOCATOR_SLACK"]
 
 _CHECKPOINTED = contextvars.ContextVar("adjointdpm_decoder_checkpointed", default=False)
 GATED = ("ResnetBlock2D", "Attention", "Upsample2D")  # diffusers' decoder blocks, by class name
-ALLOCATOR_SLACK = 1.2  # as core/_memory.py: fragmentation and the allocator's rounding
 
 
 @dataclass(frozen=True)
