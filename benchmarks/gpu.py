@@ -26,7 +26,8 @@ device. A failing RPC is reported, not fatal.
 Part 3, the VAE decoder (``--decoder``, models/_decoding.py): SD1.5's VAE at 512² and SDXL's at
 1024² (random weights; SDXL's in float32, as ``force_upcast`` loads it), the decoder's VJP from
 the latents at batch 1 and 4: today's (the whole graph), slices of one recomputed in the backward
-pass, the whole batch checkpointed inside the decoder, and slices both — time and peak CUDA memory.
+pass, the whole batch and slices of one at each checkpointing level inside the decoder (blocks,
+fine), and tiles of 32 latents (approximate, by request) — time and peak CUDA memory.
 
 Cells run in order of importance and the table is rewritten after each, so a run stopped by
 ``--minutes`` (or killed) still leaves what it measured. On a CUDA machine with the server's
@@ -161,8 +162,9 @@ def decoder_cells(args, report):
     """The decoder's VJP per (VAE, dtype, batch, plan); an OOM is a result."""
     from diffusers import AutoencoderKL
 
-    from adjointdpm_server.models._decoding import (PLAIN, DecodePlan, SlicedDecode, checkpointed_decoder,
-                                                    gate_decoder, measure)
+    from adjointdpm_server.models._decoding import (PLAIN, Checkpointing, DecodePlan, SlicedDecode,
+                                                    checkpointed_decoder, gate_decoder, measure)
+    from adjointdpm_server.models._tiling import TiledDecode
     from adjointdpm_server.models._latent import vae_dtype
 
     device = torch.device(args.device)
@@ -184,9 +186,11 @@ def decoder_cells(args, report):
             side = image // 8
             graph = measure(decode, torch.zeros(1, 4, side, side, device=device), vae.decoder)
             for batch in (1, 4):
+                blocks, fine = Checkpointing.BLOCKS, Checkpointing.FINE
                 for label, plan in (("today", PLAIN), ("slices of 1", DecodePlan(1)),
-                                    ("checkpointed", DecodePlan(0, True)),
-                                    ("checkpointed slices of 1", DecodePlan(1, True))):
+                                    ("blocks", DecodePlan(0, blocks)), ("blocks, slices of 1", DecodePlan(1, blocks)),
+                                    ("fine", DecodePlan(0, fine)), ("fine, slices of 1", DecodePlan(1, fine)),
+                                    ("tiles of 32 (approximate)", DecodePlan(1, tile=32))):
                     key = f"{name} VAE {image}² ({dtype}) | {batch} | {label}"
                     if report.out_of_time():
                         report.decoder(key, "not run: --minutes spent")
@@ -195,14 +199,17 @@ def decoder_cells(args, report):
                     c = torch.randn(batch, 3, image, image, device=device)
                     try:
                         with Meter(device) as m:
-                            if plan.slice_size:
+                            if plan.tile:
+                                raw = TiledDecode.apply(x.to(dtype) / scale, vae, plan)
+                                out = (raw / 2 + 0.5).clamp(0, 1)
+                            elif plan.slice_size:
                                 out = SlicedDecode.apply(x, decode, plan)
                             else:
-                                with checkpointed_decoder(plan.checkpointed):
+                                with checkpointed_decoder(plan.checkpointing):
                                     out = decode(x)
                             torch.autograd.grad(out, x, c.to(out.dtype))
-                        report.decoder(key, f"{m.seconds:.2f} | {m.peak_mib:.0f} | {graph.plain / MIB:.0f}, "
-                                            f"{graph.checkpointed / MIB:.0f}")
+                        report.decoder(key, f"{m.seconds:.2f} | {m.peak_mib:.0f} | "
+                                            + ", ".join(f"{g / MIB:.0f}" for g in graph.held))
                     except torch.OutOfMemoryError:
                         report.decoder(key, "out of memory")
                     del x, c
@@ -402,7 +409,7 @@ class Report:
                       "|---|---|---:|---|---:|---:|---:|---:|", *self.cells, ""]
         if self.decoders:
             lines += ["## The VAE decoder's VJP (models/_decoding.py)", "",
-                      "| VAE (dtype) | batch | plan | seconds | peak MiB | one sample's graph MiB (plain, checkpointed) |",
+                      "| VAE (dtype) | batch | plan | seconds | peak MiB | one sample's graph MiB as planned (none, blocks, fine) |",
                       "|---|---:|---|---:|---:|---|", *self.decoders, ""]
         if self.rpcs:
             lines += ["## Every RPC once on the device (tiny SD + digits, float16 on CUDA)", "",

@@ -171,11 +171,11 @@ def build_vae(image: int = 512):
 
 def decoder_child(batch: int, plan: str, grads_out: str) -> dict:
     """The decoder's VJP at 512² for ``batch`` samples: ``today`` (plain, the whole graph), ``sliced``
-    (slices of one, recomputed), ``checkpointed`` (the whole batch, checkpointed inside),
-    ``checkpointed slices`` (slices of one, recomputed and checkpointed inside)."""
+    (slices of one, recomputed), ``blocks`` / ``fine`` (the whole batch, checkpointed inside at that
+    level), ``blocks slices`` / ``fine slices`` (slices of one, recomputed and checkpointed inside)."""
     import torch
 
-    from adjointdpm_server.models._decoding import PLAIN, DecodePlan, SlicedDecode, checkpointed_decoder
+    from adjointdpm_server.models._decoding import PLAIN, Checkpointing, DecodePlan, SlicedDecode, checkpointed_decoder
 
     torch.set_num_threads(M.THREADS)
     vae, decode = build_vae()
@@ -185,8 +185,10 @@ def decoder_child(batch: int, plan: str, grads_out: str) -> dict:
     with torch.no_grad():
         decode(x0[:1, :, :8, :8])  # warm-up, small
     gc.collect()
-    chosen = {"today": PLAIN, "sliced": DecodePlan(1), "checkpointed": DecodePlan(0, True),
-              "checkpointed slices": DecodePlan(1, True)}[plan]
+    blocks, fine = Checkpointing.BLOCKS, Checkpointing.FINE
+    chosen = {"today": PLAIN, "sliced": DecodePlan(1), "blocks": DecodePlan(0, blocks),
+              "blocks slices": DecodePlan(1, blocks), "fine": DecodePlan(0, fine),
+              "fine slices": DecodePlan(1, fine)}[plan]
     x = x0.clone().requires_grad_()
     M.reset_peak_rss()
     base = M.current_rss()
@@ -194,7 +196,7 @@ def decoder_child(batch: int, plan: str, grads_out: str) -> dict:
     if chosen.slice_size:
         image = SlicedDecode.apply(x, decode, chosen)
     else:
-        with checkpointed_decoder(chosen.checkpointed):
+        with checkpointed_decoder(chosen.checkpointing):
             image = decode(x)
     (grad,) = torch.autograd.grad(image, x, cotangent)
     cpu, peak = time.process_time() - t0, (M.peak_rss() - base) / M.MIB
@@ -204,11 +206,13 @@ def decoder_child(batch: int, plan: str, grads_out: str) -> dict:
 
 def whole_child(domain: str, budget_mib: float) -> dict:
     """The whole gradient at 512², batch 1: 2 dpm3 steps (``checkpoint``), an MSE on the latents or
-    on the image with the decoder planned within ``budget_mib``; the plan and the measurement."""
+    on the image with the decoder planned within ``budget_mib`` (0: the least any exact plan
+    needs); the plan and the measurement."""
     import torch
 
     from adjointdpm_server.core import sample
-    from adjointdpm_server.models._decoding import SlicedDecode, checkpointed_decoder, measure, plan_decode
+    from adjointdpm_server.models._decoding import (ALLOCATOR_SLACK, Checkpointing, SlicedDecode,
+                                                    checkpointed_decoder, measure, plan_decode)
 
     torch.set_num_threads(M.THREADS)
     eps_fn, x_T, cond, schedule = build()
@@ -219,10 +223,12 @@ def whole_child(domain: str, budget_mib: float) -> dict:
     t_measure = time.process_time()
     graph = measure(decode, torch.zeros(1, 4, 64, 64), vae.decoder) if domain == "image" else None
     t_measure = time.process_time() - t_measure
+    if graph and not budget_mib:
+        budget_mib = graph.at(Checkpointing.FINE) * ALLOCATOR_SLACK / M.MIB + 1
     plan = plan_decode(graph, 1, budget_mib * M.MIB) if graph else None
     if graph and plan is None:
         raise SystemExit(f"no exact decoder plan fits {budget_mib:.0f} MiB: one sample's decoder graph "
-                         f"is {graph.checkpointed / M.MIB:.0f} MiB checkpointed")
+                         f"is {graph.at(Checkpointing.FINE) / M.MIB:.0f} MiB checkpointed")
     gc.collect()
     M.reset_peak_rss()
     base = M.current_rss()
@@ -233,12 +239,13 @@ def whole_child(domain: str, budget_mib: float) -> dict:
     elif plan.slice_size:
         out = SlicedDecode.apply(x0, decode, plan)
     else:
-        with checkpointed_decoder(plan.checkpointed):
+        with checkpointed_decoder(plan.checkpointing):
             out = decode(x0)
     torch.autograd.grad((out - 0.5).square().sum(), [x_T, cond])
     return dict(domain=domain, cpu_s=time.process_time() - t0, peak_increase_mib=(M.peak_rss() - base) / M.MIB,
-                measure_s=t_measure, plan=None if plan is None else [plan.slice_size, plan.checkpointed],
-                graph_mib=None if graph is None else [graph.plain / M.MIB, graph.checkpointed / M.MIB])
+                measure_s=t_measure, budget_mib=budget_mib,
+                plan=None if plan is None else [plan.slice_size, plan.checkpointing.name.lower()],
+                graph_mib=None if graph is None else [g / M.MIB for g in graph.held])
 
 
 def decoder_section(budget_mib: float) -> list[str]:
@@ -251,8 +258,11 @@ def decoder_section(budget_mib: float) -> list[str]:
              "fresh process per cell, `MALLOC_MMAP_THRESHOLD_=131072` as above. The decoder's VJP "
              "(∂⟨decode(x0), c⟩/∂x0, a random cotangent c): `today` keeps the whole batch's graph; "
              "`sliced` decodes with no graph and recomputes one sample at a time in the backward pass; "
-             "`checkpointed` keeps the whole batch's graph with each ResNet, attention and upsampler "
-             "block of the decoder checkpointed; `checkpointed slices` both (models/_decoding.py). Targets: the image-domain gradient's peak ≤ 1.25× the "
+             "`blocks` keeps the whole batch's graph with each ResNet, attention and upsampler "
+             "block of the decoder checkpointed; `fine` also each ResNet's norm→activation pairs and the "
+             "low-resolution trunk (the mid block and all up blocks but the last, recomputed once more in "
+             "the backward pass); `… slices` recompute one sample at a time at that level "
+             "(models/_decoding.py). Targets: the image-domain gradient's peak ≤ 1.25× the "
              "latent-domain one, independent of the batch, for ≤ 1.3× today's decode VJP time.", "",
              "| batch | plan | peak +MiB | CPU s | peak ÷ today (batch 1) | time ÷ today (same batch) | max abs grad diff vs today |",
              "|---:|---|---:|---:|---:|---:|---|"]
@@ -260,8 +270,8 @@ def decoder_section(budget_mib: float) -> list[str]:
         cells = {}
         # batch 4: today's would hold ~4 × 6 GiB of graph, past this machine's RAM; slices of one
         # plain hold one sample's (as at batch 1)
-        for batch, plan in ((1, "today"), (1, "sliced"), (1, "checkpointed"), (1, "checkpointed slices"),
-                            (4, "checkpointed slices")):
+        for batch, plan in ((1, "today"), (1, "sliced"), (1, "blocks"), (1, "blocks slices"), (1, "fine"),
+                            (1, "fine slices"), (4, "fine slices")):
             if True:
                 cells[batch, plan] = r = run(["--decoder", str(batch), plan, f"{tmp}/{batch}-{plan}.pt"],
                                              LIVE_MEMORY)
@@ -282,18 +292,21 @@ def decoder_section(budget_mib: float) -> list[str]:
             lines.append(f"| {batch} | {plan} | {r['peak_increase_mib']:.0f} | {r['cpu_s']:.1f} | "
                          f"{r['peak_increase_mib'] / today['peak_increase_mib']:.2f} | {time_ratio} | {diff} |")
     lines += ["", "The whole gradient, batch 1, 2 dpm3 steps (`checkpoint`), ∂/∂x_T and ∂/∂cond, "
-              f"an MSE; the decoder planned within {budget_mib:.0f} MiB:", "",
-              "| loss on | decoder plan (slice, checkpointed) | one sample's decoder graph MiB (plain, checkpointed) | peak +MiB | CPU s |",
-              "|---|---|---|---:|---:|"]
+              "an MSE; the decoder planned within " + (f"{budget_mib:.0f} MiB" if budget_mib else
+                                                        "the least budget an exact plan fits (FINE's estimate × 1.2)") + ":", "",
+              "| loss on | decoder budget MiB | decoder plan (slice, checkpointing) | one sample's decoder graph MiB as planned (none, blocks, fine) | peak +MiB | CPU s |",
+              "|---|---:|---|---|---:|---:|"]
     whole = {}
     for domain in ("latent", "image"):
         whole[domain] = r = run(["--whole", domain, str(budget_mib)], LIVE_MEMORY)
         print("whole", domain, r, flush=True)
         if "error" in r:
-            lines.append(f"| {domain} | {r['error']} | | | |")
+            lines.append(f"| {domain} | {r['error']} | | | | |")
             continue
-        graph = "" if r["graph_mib"] is None else f"{r['graph_mib'][0]:.0f}, {r['graph_mib'][1]:.0f} (measured in {r['measure_s']:.1f} s)"
-        lines.append(f"| {domain} | {r['plan'] or ''} | {graph} | {r['peak_increase_mib']:.0f} | {r['cpu_s']:.1f} |")
+        graph = ("" if r["graph_mib"] is None else ", ".join(f"{g:.0f}" for g in r["graph_mib"])
+                 + f" (measured in {r['measure_s']:.1f} s)")
+        budget = f"{r['budget_mib']:.0f}" if r["graph_mib"] else ""
+        lines.append(f"| {domain} | {budget} | {r['plan'] or ''} | {graph} | {r['peak_increase_mib']:.0f} | {r['cpu_s']:.1f} |")
     if all("error" not in r for r in whole.values()):
         lines += ["", f"Image-domain peak ÷ latent-domain peak: "
                   f"{whole['image']['peak_increase_mib'] / whole['latent']['peak_increase_mib']:.2f}."]
@@ -377,9 +390,9 @@ def main() -> None:
     parser.add_argument("--auto", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--decoder", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--whole", nargs=2, help=argparse.SUPPRESS)
-    parser.add_argument("--decoder-budget-mib", type=float, default=3100.0,
-                        help="the whole image-domain gradient's decoder budget: room for one sample's "
-                             "decoder graph checkpointed inside (about 2.6 GiB), not plain (about 6 GiB)")
+    parser.add_argument("--decoder-budget-mib", type=float, default=0.0,
+                        help="the whole image-domain gradient's decoder budget (default: the least any "
+                             "exact plan fits, so the planner picks its finest checkpointing)")
     args = parser.parse_args()
     if args.decoder:
         print(json.dumps(decoder_child(int(args.decoder[0]), args.decoder[1], args.decoder[2])))

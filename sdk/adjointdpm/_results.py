@@ -80,14 +80,15 @@ class MemoryPlan:
     budget_bytes: int
     iteration: int = 0
     decoder_slice_size: int = 0        # samples per VAE decoder pass in the backward (0: all at once)
-    decoder_checkpointing: bool = False  # checkpointed inside the decoder's blocks
+    decoder_checkpointing: str = ""    # "none", "blocks" or "fine": recomputed inside the decoder ("": no decoder)
     decoder_graph_bytes: int = 0       # one sample's decoder graph as planned (0: none planned)
+    decoder_tile: int = 0              # > 0: tiled decoding asked (approximate), latent pixels a side
 
     @classmethod
     def from_message(cls, m) -> "MemoryPlan":
         return cls(m.grad_mode, m.steps, m.gradient_steps, m.kept_graphs, m.stored_states,
                    m.network_checkpointing, m.graph_bytes, m.budget_bytes, m.iteration,
-                   m.decoder_slice_size, m.decoder_checkpointing, m.decoder_graph_bytes)
+                   m.decoder_slice_size, m.decoder_checkpointing, m.decoder_graph_bytes, m.decoder_tile)
 
 
 @dataclass

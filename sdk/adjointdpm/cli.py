@@ -106,6 +106,7 @@ def _loss_flags(rpc: str, required: bool = True):
         g.add_argument("--domain", choices=("image", "latent"), default="image")
         _flag(g, rpc, "--grad-mode", "grad_mode")
         _flag(g, rpc, "--memory-budget-mib", "memory_budget_mib", type=int)
+        _flag(g, rpc, "--decoder-tile", "decoder_tile", type=int)
     return add
 
 

@@ -21,8 +21,8 @@ from adjointdpm_server.core._memory import GraphGuard
 from adjointdpm_server.errors import ResourceExhausted
 from adjointdpm_server.models import _decoding
 from adjointdpm_server.models import load_model
-from adjointdpm_server.models._decoding import (ALLOCATOR_SLACK, GATED, PLAIN, DecodePlan, DecoderGraph,
-                                                plan_decode)
+from adjointdpm_server.models._decoding import (ALLOCATOR_SLACK, GATED, HIGH_RES_UP_BLOCKS, PLAIN, Checkpointing,
+                                                DecodePlan, DecoderGraph, plan_decode)
 from adjointdpm_server.models._latent import vae_dtype
 
 from .test_stable_diffusion import _offline
@@ -51,8 +51,20 @@ def backends(paths):
         _offline(mp)
         for family, path in paths.items():
             for dtype in TOLERANCE:
-                out[family, dtype] = load_model(f"diffusers:{path}{OPTIONS[family]}", dtype=dtype)
+                out[family, dtype] = b = load_model(f"diffusers:{path}{OPTIONS[family]}", dtype=dtype)
+                _distinct_norms(b.vae.decoder)
     return out
+
+
+def _distinct_norms(decoder, seed: int = 7) -> None:
+    """Group norms built from config are all identities (weight 1, bias 0), so one would pass
+    for another; each its own affine map, the same at every dtype."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in decoder.modules():
+            if isinstance(m, torch.nn.GroupNorm) and m.affine:
+                m.weight.copy_(1 + 0.3 * torch.randn(m.weight.shape, generator=g, dtype=torch.float64))
+                m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=g, dtype=torch.float64))
 
 
 def _latents(b, seed: int = 0) -> torch.Tensor:
@@ -73,8 +85,11 @@ def _gradient(b, plan) -> torch.Tensor:
     return torch.autograd.grad(loss, x0)[0]
 
 
-PLANS = {"slices of 1": DecodePlan(1), "slices of 2": DecodePlan(2), "checkpointed": DecodePlan(0, True),
-         "checkpointed slices of 1": DecodePlan(1, True), "checkpointed slices of 2": DecodePlan(2, True)}
+BLOCKS, FINE = Checkpointing.BLOCKS, Checkpointing.FINE
+PLANS = {"slices of 1": DecodePlan(1), "slices of 2": DecodePlan(2), "blocks": DecodePlan(0, BLOCKS),
+         "blocks, slices of 1": DecodePlan(1, BLOCKS), "blocks, slices of 2": DecodePlan(2, BLOCKS),
+         "fine": DecodePlan(0, FINE), "fine, slices of 1": DecodePlan(1, FINE),
+         "fine, slices of 2": DecodePlan(2, FINE)}
 
 
 @pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
@@ -155,24 +170,40 @@ def test_checkpointing_recomputes_each_decoder_block_once_more(backends, family)
                  if type(m).__name__ in GATED for c in m.modules())  # their convolutions
     assert blocks > 0
     assert _block_calls_in_backward(b, PLAIN) == 0                       # the graph was kept
-    assert _block_calls_in_backward(b, DecodePlan(0, True)) == blocks  # each block again, batched
+    assert _block_calls_in_backward(b, DecodePlan(0, BLOCKS)) == blocks  # each block again, batched
     assert _block_calls_in_backward(b, DecodePlan(1)) == BATCH * blocks  # each slice's forward again
-    assert _block_calls_in_backward(b, DecodePlan(1, True)) == 2 * BATCH * blocks  # and each block
+    assert _block_calls_in_backward(b, DecodePlan(1, BLOCKS)) == 2 * BATCH * blocks  # and each block
+    # FINE: the trunk (mid block and all up blocks but the last) once more, then its blocks
+    # again — but its last block: the trunk's backward needs only that block's input, and
+    # torch's checkpoint stops its recomputation there
+    decoder = b.vae.decoder
+    trunk = [decoder.mid_block, *decoder.up_blocks[:max(0, len(decoder.up_blocks) - HIGH_RES_UP_BLOCKS)]]
+    assert trunk[1:] == list(decoder.up_blocks)[:-1]  # every up block but the last
+    ran = []
+    hooks = [m.register_forward_pre_hook(lambda m, _: ran.append(m)) for t in trunk for m in t.modules()
+             if type(m).__name__ in GATED]
+    with torch.no_grad():
+        b.decode(_latents(b), PLAIN)
+    for h in hooks:
+        h.remove()
+    convs = [sum(isinstance(c, torch.nn.Conv2d) for c in m.modules()) for m in ran]
+    assert 0 < sum(convs) < blocks
+    assert _block_calls_in_backward(b, DecodePlan(0, FINE)) == blocks + sum(convs[:-1])
 
 
 def test_the_checkpoint_switch_is_the_backward_passes_own(backends):
     """After a checkpointed backward the switch is off again, and another thread's decode beside
     a switched-on one is plain (a context variable, not the shared decoder's state)."""
     b = backends["sd", torch.float64]
-    _gradient(b, DecodePlan(1, True))
-    assert _decoding._CHECKPOINTED.get() is False
+    _gradient(b, DecodePlan(1, FINE))
+    assert _decoding._LEVEL.get() == Checkpointing.NONE
     x0 = _latents(b).requires_grad_()
     assert _saved(lambda: b._decode(x0)) > 20  # the decode with the switch as it stands
     counts = {}
 
     def other():
         counts["other"] = _saved(lambda: b._decode(_latents(b).requires_grad_()))
-    with _decoding.checkpointed_decoder(True):
+    with _decoding.checkpointed_decoder(BLOCKS):
         counts["here"] = _saved(lambda: b._decode(x0))
         thread = threading.Thread(target=other)
         thread.start()
@@ -180,72 +211,90 @@ def test_the_checkpoint_switch_is_the_backward_passes_own(backends):
     assert counts["other"] > counts["here"]
 
 
+def _saved_bytes(b, fn, exclude=()) -> int:
+    guard = GraphGuard(float("inf"), exclude=list(b.vae.decoder.parameters()) + list(exclude))
+    with torch.enable_grad(), guard.watching():
+        fn()
+    return guard.bytes
+
+
 @pytest.mark.parametrize("family", list(BUILDERS))
 def test_the_measured_graph_is_the_graph(backends, family):
+    """What stays saved at each level is what a decode at that level saves (the checkpoints keep
+    their inputs), each level holds less than the one before, and BLOCKS' peak is what stays
+    saved plus the largest block's own graph, each block measured alone."""
     b = backends[family, torch.float32]
     graph = b.decoder_graph()
-    guard = GraphGuard(float("inf"), exclude=list(b.vae.decoder.parameters()))
-    x = torch.zeros((1, *b.latent_shape), dtype=b.dtype).requires_grad_()
-    with torch.enable_grad(), guard.watching():
-        b.decode(x, PLAIN)
-    assert graph.plain == guard.bytes > 0
-    assert 0 < graph.checkpointed < graph.plain
     assert b.decoder_graph() is graph  # measured once
-    # its checkpointed pieces, each measured apart: what stays saved outside the blocks when they
-    # are checkpointed, the inputs the checkpoints keep, and the largest block's own graph
-    outside = GraphGuard(float("inf"), exclude=list(b.vae.decoder.parameters()))
-    with torch.enable_grad(), outside.watching():
-        b.decode(x, DecodePlan(0, True))  # the whole batch, checkpointed inside
-    assert graph.outside + graph.inputs == outside.bytes  # the checkpoints keep their inputs
-    inputs, largest = [0], [0]
-    gated = [m for m in b.vae.decoder.modules() if type(m).__name__ in GATED]
-
-    def count_input(module, args):
-        inputs[0] += sum(a.nbytes for a in args if isinstance(a, torch.Tensor))
-    handles = [m.register_forward_pre_hook(count_input) for m in gated]
-    with torch.no_grad():
-        b.decode(x.detach(), PLAIN)
-    for h in handles:
-        h.remove()
-    assert graph.inputs == inputs[0] > 0 and graph.outside > 0
-    for module in gated:  # each block alone, from an input of the shape it sees
-        seen = []
+    x = torch.zeros((1, *b.latent_shape), dtype=b.dtype).requires_grad_()
+    for level in Checkpointing:
+        assert graph.kept[level] == _saved_bytes(b, lambda: b.decode(x, DecodePlan(0, level))) > 0, level
+    assert graph.plain == graph.kept[Checkpointing.NONE]
+    assert graph.at(FINE) < graph.at(BLOCKS) < graph.plain
+    assert graph.kept[FINE] < graph.kept[BLOCKS] < graph.at(BLOCKS)
+    largest = 0
+    for module in [m for m in b.vae.decoder.modules() if type(m).__name__ in GATED]:
+        seen = []  # each block alone, from an input of the shape it sees, its input not counted
         h = module.register_forward_pre_hook(lambda m, args, kwargs: seen.append((args, kwargs)),
                                              with_kwargs=True)
         with torch.no_grad():
             b.decode(x.detach(), PLAIN)
         h.remove()
         (first, *rest), kwargs = seen[0]
-        block = GraphGuard(float("inf"), exclude=list(module.parameters()))
-        with torch.enable_grad(), block.watching():
-            module(first.clone().requires_grad_(), *rest, **kwargs)
-        largest[0] = max(largest[0], block.bytes)
-    assert graph.largest_block == largest[0] > 0
+        first = first.clone().requires_grad_()
+        largest = max(largest, _saved_bytes(b, lambda: module(first, *rest, **kwargs), [first]))
+    assert graph.at(BLOCKS) == graph.kept[BLOCKS] + largest
+
+
+def test_measuring_beside_another_jobs_decode_counts_only_its_own(backends):
+    """The resident decoder is shared: a decode on another thread while one is measured is
+    neither traced (it runs plain, with its graph) nor counted."""
+    b = backends["sd", torch.float64]
+    x = torch.zeros((1, *b.latent_shape), dtype=b.dtype)
+    alone = _decoding.measure(b._decode, x, b.vae.decoder)
+    started, done, grads = threading.Event(), threading.Event(), []
+
+    def other():
+        started.set()
+        while not done.is_set():
+            grads.append(_gradient(b, PLAIN))
+    thread = threading.Thread(target=other)
+    thread.start()
+    started.wait()
+    try:
+        beside = [_decoding.measure(b._decode, x, b.vae.decoder) for _ in range(3)]
+    finally:
+        done.set()
+        thread.join()
+    assert grads and all(torch.equal(g, grads[0]) for g in grads)
+    assert all(m == alone for m in beside)
 
 
 def test_the_plan_is_the_cheapest_that_fits():
-    g = DecoderGraph(plain=1000, outside=100, inputs=150, largest_block=50)
-    assert g.checkpointed == 300
-    slack = ALLOCATOR_SLACK
-    assert plan_decode(g, 4, None) == DecodePlan(0, False, 1000)
-    assert plan_decode(g, 4, 4 * 1000 * slack) == DecodePlan(0, False, 1000)   # the whole batch
-    assert plan_decode(g, 4, 4 * 1000 * slack - 1) == DecodePlan(3, False, 1000)
-    assert plan_decode(g, 4, 2 * 1000 * slack) == DecodePlan(2, False, 1000)
-    assert plan_decode(g, 4, 1000 * slack) == DecodePlan(1, False, 1000)
-    assert plan_decode(g, 4, 1000 * slack - 1) == DecodePlan(3, True, 300)
-    assert plan_decode(g, 3, 3 * 300 * slack) == DecodePlan(0, True, 300)      # the whole batch
-    assert plan_decode(g, 4, 2 * 300 * slack) == DecodePlan(2, True, 300)
-    assert plan_decode(g, 4, 300 * slack) == DecodePlan(1, True, 300)
-    assert plan_decode(g, 4, 300 * slack - 1) is None
+    g = DecoderGraph(held=(1000, 300, 200))
+    slack, none = ALLOCATOR_SLACK, Checkpointing.NONE
+    assert plan_decode(g, 4, None) == DecodePlan(0, none, 1000)
+    assert plan_decode(g, 4, 4 * 1000 * slack) == DecodePlan(0, none, 1000)   # the whole batch
+    assert plan_decode(g, 4, 4 * 1000 * slack - 1) == DecodePlan(3, none, 1000)
+    assert plan_decode(g, 4, 2 * 1000 * slack) == DecodePlan(2, none, 1000)
+    assert plan_decode(g, 4, 1000 * slack) == DecodePlan(1, none, 1000)
+    assert plan_decode(g, 4, 1000 * slack - 1) == DecodePlan(3, BLOCKS, 300)
+    assert plan_decode(g, 3, 3 * 300 * slack) == DecodePlan(0, BLOCKS, 300)      # the whole batch
+    assert plan_decode(g, 4, 2 * 300 * slack) == DecodePlan(2, BLOCKS, 300)
+    assert plan_decode(g, 4, 300 * slack) == DecodePlan(1, BLOCKS, 300)
+    assert plan_decode(g, 4, 300 * slack - 1) == DecodePlan(1, FINE, 200)
+    assert plan_decode(g, 1, 300 * slack - 1) == DecodePlan(0, FINE, 200)       # the whole batch
+    assert plan_decode(g, 4, 200 * slack) == DecodePlan(1, FINE, 200)
+    assert plan_decode(g, 4, 200 * slack - 1) is None
 
 
 def test_a_backend_refuses_a_budget_no_exact_plan_fits(backends):
     b = backends["sd", torch.float32]
     graph = b.decoder_graph()
     assert b.plan_decoder(BATCH, None) == PLAIN
-    assert b.plan_decoder(BATCH, graph.checkpointed * ALLOCATOR_SLACK).checkpointed
+    assert b.plan_decoder(BATCH, graph.at(FINE) * ALLOCATOR_SLACK).checkpointing == FINE
     with pytest.raises(ResourceExhausted, match="VAE decoder"):
-        b.plan_decoder(BATCH, graph.checkpointed * ALLOCATOR_SLACK - 1)
+        b.plan_decoder(BATCH, graph.at(FINE) * ALLOCATOR_SLACK - 1)
 
 
 def test_force_upcast_decodes_in_float32_under_float16(paths):

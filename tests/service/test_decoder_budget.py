@@ -1,6 +1,7 @@
 """The VAE decoder of an image-domain gradient within the server's budget, over gRPC (design
-§2.4.4): four servers on one tiny Stable Diffusion whose budgets hold the whole batch's decoder
-graph, one sample's, one sample's checkpointed, and less. The plan event says which; the
+§2.4.4): five servers on one tiny Stable Diffusion whose budgets hold the whole batch's decoder
+graph, one sample's, one sample's with its blocks checkpointed, one sample's checkpointed finer,
+and less. The plan event says which; the
 gradients are the roomy server's; the last refuses an image loss before any work, naming the
 decoder, and still serves a loss on the latents."""
 
@@ -14,7 +15,7 @@ import torch
 import adjointdpm
 from adjointdpm_server.config import Limits, ServerConfig
 from adjointdpm_server.models import load_model
-from adjointdpm_server.models._decoding import ALLOCATOR_SLACK
+from adjointdpm_server.models._decoding import ALLOCATOR_SLACK, Checkpointing
 from adjointdpm_server.wire import build_server
 
 from tests.models.test_stable_diffusion import _offline
@@ -33,8 +34,9 @@ def servers(tmp_path_factory):
         path = build_tiny_sd(root / "sd")
         graph = load_model(f"diffusers:{path}", dtype=torch.float32).decoder_graph()
     budgets = {"roomy": 1 << 34, "slices": int(1.5 * graph.plain * ALLOCATOR_SLACK),
-               "checkpointed": int(graph.checkpointed * ALLOCATOR_SLACK) + 1,
-               "none": int(graph.checkpointed * ALLOCATOR_SLACK) - 1}
+               "blocks": int(graph.at(Checkpointing.BLOCKS) * ALLOCATOR_SLACK) + 1,
+               "fine": int(graph.at(Checkpointing.FINE) * ALLOCATOR_SLACK) + 1,
+               "none": int(graph.at(Checkpointing.FINE) * ALLOCATOR_SLACK) - 1}
     built = {name: build_server(ServerConfig(
         models=(f"tiny=diffusers:{path}",), port=0, artifact_dir=root / f"artifacts-{name}",
         limits=Limits(max_batch=4, max_steps=20, grad_memory_bytes=budget)))
@@ -51,14 +53,14 @@ def _gradient(client, loss=IMAGE, **kwargs):
                                    steps=STEPS, grad_mode="checkpoint", **kwargs)
 
 
-@pytest.mark.parametrize("name, slice_size, checkpointed", [
-    ("roomy", 0, False), ("slices", 1, False), ("checkpointed", 1, True)])
-def test_the_plan_fits_the_budget_and_the_gradient_stays(servers, name, slice_size, checkpointed):
+@pytest.mark.parametrize("name, slice_size, checkpointing", [
+    ("roomy", 0, "none"), ("slices", 1, "none"), ("blocks", 1, "blocks"), ("fine", 1, "fine")])
+def test_the_plan_fits_the_budget_and_the_gradient_stays(servers, name, slice_size, checkpointing):
     clients, graph, _ = servers
     roomy, got = _gradient(clients["roomy"]), _gradient(clients[name])
     (plan,) = got.plans
-    assert (plan.decoder_slice_size, plan.decoder_checkpointing) == (slice_size, checkpointed)
-    assert plan.decoder_graph_bytes == (graph.checkpointed if checkpointed else graph.plain)
+    assert (plan.decoder_slice_size, plan.decoder_checkpointing) == (slice_size, checkpointing)
+    assert plan.decoder_graph_bytes == graph.at(Checkpointing[checkpointing.upper()])
     for key in ("x_T", "cond"):
         assert np.abs(roomy.gradients[key]).max() > 0
         np.testing.assert_allclose(got.gradients[key], roomy.gradients[key], rtol=1e-4, atol=1e-6)
@@ -74,7 +76,8 @@ def test_no_exact_plan_is_refused_before_any_work_naming_the_decoder(servers):
     assert not [e for e in events if e.WhichOneof("kind") == "progress"]  # not one network call
     latent = _gradient(clients["none"], LATENT)  # the decoder is not in a latent loss's gradient
     (plan,) = latent.plans
-    assert plan.decoder_graph_bytes == 0 and np.abs(latent.gradients["x_T"]).max() > 0
+    assert plan.decoder_graph_bytes == 0 and plan.decoder_checkpointing == ""
+    assert np.abs(latent.gradients["x_T"]).max() > 0
 
 
 def test_a_fine_tune_decodes_each_pass_as_planned(servers):
@@ -86,7 +89,7 @@ def test_a_fine_tune_decodes_each_pass_as_planned(servers):
         return client.finetune_weights(IMAGE, examples, iterations=2, steps=STEPS, lr=1e-3,
                                        lora_rank=2, grad_mode="checkpoint", micro_batch=2)
     roomy = finetune(clients["roomy"])
-    decoder = runtimes["checkpointed"].models["tiny"].vae.decoder
+    decoder = runtimes["blocks"].models["tiny"].vae.decoder
     convs = [c for c in decoder.modules() if isinstance(c, torch.nn.Conv2d)]
     calls = {"n": 0}
 
@@ -94,13 +97,13 @@ def test_a_fine_tune_decodes_each_pass_as_planned(servers):
         calls["n"] += torch._C._current_graph_task_id() != -1
     handles = [c.register_forward_pre_hook(in_backward) for c in convs]
     try:
-        tight = finetune(clients["checkpointed"])
+        tight = finetune(clients["blocks"])
     finally:
         for h in handles:
             h.remove()
     assert calls["n"] > 0
-    assert {(p.decoder_slice_size, p.decoder_checkpointing) for p in tight.plans} == {(1, True)}
-    assert {(p.decoder_slice_size, p.decoder_checkpointing) for p in roomy.plans} == {(0, False)}
+    assert {(p.decoder_slice_size, p.decoder_checkpointing) for p in tight.plans} == {(1, "blocks")}
+    assert {(p.decoder_slice_size, p.decoder_checkpointing) for p in roomy.plans} == {(0, "none")}
     np.testing.assert_allclose(tight.history, roomy.history, rtol=1e-5)
 
 
@@ -123,4 +126,4 @@ def test_every_image_domain_rpc_is_refused_before_any_work(servers, method):
         CALLS[method](clients["none"], on_event=events.append)
     assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "VAE decoder" in err.value.details
     assert not [e for e in events if e.WhichOneof("kind") == "progress"]
-    assert CALLS[method](clients["checkpointed"]).loss > 0  # the next budget up runs it
+    assert CALLS[method](clients["fine"]).loss > 0  # the next budget up runs it

@@ -151,7 +151,7 @@ class WeightsSpec(_message.Message):
     def __init__(self, parameters: _Optional[_Iterable[str]] = ..., lora_rank: _Optional[int] = ..., inline: _Optional[bool] = ...) -> None: ...
 
 class GradientSpec(_message.Message):
-    __slots__ = ("generation", "losses", "targets", "grad_mode", "token", "weights", "return_images", "memory_budget_mib", "truncate", "truncate_min")
+    __slots__ = ("generation", "losses", "targets", "grad_mode", "token", "weights", "return_images", "memory_budget_mib", "truncate", "truncate_min", "decoder_tile")
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     LOSSES_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +162,7 @@ class GradientSpec(_message.Message):
     MEMORY_BUDGET_MIB_FIELD_NUMBER: _ClassVar[int]
     TRUNCATE_FIELD_NUMBER: _ClassVar[int]
     TRUNCATE_MIN_FIELD_NUMBER: _ClassVar[int]
+    DECODER_TILE_FIELD_NUMBER: _ClassVar[int]
     generation: Generation
     losses: _containers.RepeatedCompositeFieldContainer[LossTerm]
     targets: _containers.RepeatedScalarFieldContainer[Target]
@@ -172,7 +173,8 @@ class GradientSpec(_message.Message):
     memory_budget_mib: int
     truncate: int
     truncate_min: int
-    def __init__(self, generation: _Optional[_Union[Generation, _Mapping]] = ..., losses: _Optional[_Iterable[_Union[LossTerm, _Mapping]]] = ..., targets: _Optional[_Iterable[_Union[Target, str]]] = ..., grad_mode: _Optional[str] = ..., token: _Optional[_Union[TokenSpec, _Mapping]] = ..., weights: _Optional[_Union[WeightsSpec, _Mapping]] = ..., return_images: _Optional[bool] = ..., memory_budget_mib: _Optional[int] = ..., truncate: _Optional[int] = ..., truncate_min: _Optional[int] = ...) -> None: ...
+    decoder_tile: int
+    def __init__(self, generation: _Optional[_Union[Generation, _Mapping]] = ..., losses: _Optional[_Iterable[_Union[LossTerm, _Mapping]]] = ..., targets: _Optional[_Iterable[_Union[Target, str]]] = ..., grad_mode: _Optional[str] = ..., token: _Optional[_Union[TokenSpec, _Mapping]] = ..., weights: _Optional[_Union[WeightsSpec, _Mapping]] = ..., return_images: _Optional[bool] = ..., memory_budget_mib: _Optional[int] = ..., truncate: _Optional[int] = ..., truncate_min: _Optional[int] = ..., decoder_tile: _Optional[int] = ...) -> None: ...
 
 class ComputeGradientRequest(_message.Message):
     __slots__ = ("spec", "loss_reply")
@@ -233,7 +235,7 @@ class GuidedSampling(_message.Message):
     def __init__(self, every: _Optional[int] = ..., scale: _Optional[float] = ..., inner_steps: _Optional[int] = ..., grad_steps: _Optional[int] = ..., step: _Optional[str] = ..., clip: _Optional[float] = ...) -> None: ...
 
 class OptimizeLatentSpec(_message.Message):
-    __slots__ = ("generation", "losses", "optimizer", "constraint", "norm_weight", "image_every", "grad_mode", "guided", "stop_when", "memory_budget_mib")
+    __slots__ = ("generation", "losses", "optimizer", "constraint", "norm_weight", "image_every", "grad_mode", "guided", "stop_when", "memory_budget_mib", "decoder_tile")
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     LOSSES_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
@@ -244,6 +246,7 @@ class OptimizeLatentSpec(_message.Message):
     GUIDED_FIELD_NUMBER: _ClassVar[int]
     STOP_WHEN_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BUDGET_MIB_FIELD_NUMBER: _ClassVar[int]
+    DECODER_TILE_FIELD_NUMBER: _ClassVar[int]
     generation: Generation
     losses: _containers.RepeatedCompositeFieldContainer[LossTerm]
     optimizer: Optimizer
@@ -254,7 +257,8 @@ class OptimizeLatentSpec(_message.Message):
     guided: GuidedSampling
     stop_when: StopWhen
     memory_budget_mib: int
-    def __init__(self, generation: _Optional[_Union[Generation, _Mapping]] = ..., losses: _Optional[_Iterable[_Union[LossTerm, _Mapping]]] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., constraint: _Optional[_Union[Constraint, _Mapping]] = ..., norm_weight: _Optional[float] = ..., image_every: _Optional[int] = ..., grad_mode: _Optional[str] = ..., guided: _Optional[_Union[GuidedSampling, _Mapping]] = ..., stop_when: _Optional[_Union[StopWhen, _Mapping]] = ..., memory_budget_mib: _Optional[int] = ...) -> None: ...
+    decoder_tile: int
+    def __init__(self, generation: _Optional[_Union[Generation, _Mapping]] = ..., losses: _Optional[_Iterable[_Union[LossTerm, _Mapping]]] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., constraint: _Optional[_Union[Constraint, _Mapping]] = ..., norm_weight: _Optional[float] = ..., image_every: _Optional[int] = ..., grad_mode: _Optional[str] = ..., guided: _Optional[_Union[GuidedSampling, _Mapping]] = ..., stop_when: _Optional[_Union[StopWhen, _Mapping]] = ..., memory_budget_mib: _Optional[int] = ..., decoder_tile: _Optional[int] = ...) -> None: ...
 
 class OptimizeLatentRequest(_message.Message):
     __slots__ = ("spec", "loss_reply")
@@ -287,7 +291,7 @@ class WeightedCondition(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., label: _Optional[int] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class FinetuneWeightsSpec(_message.Message):
-    __slots__ = ("generation", "examples", "losses", "optimizer", "method", "lora_rank", "lora_alpha", "target_modules", "checkpoint_every", "name", "batch_size", "grad_mode", "resume_from", "keep_checkpoints", "validation", "validate_every", "keep_best", "stop_when", "memory_budget_mib", "resume_job", "truncate", "truncate_min", "conditions", "seed", "micro_batch")
+    __slots__ = ("generation", "examples", "losses", "optimizer", "method", "lora_rank", "lora_alpha", "target_modules", "checkpoint_every", "name", "batch_size", "grad_mode", "resume_from", "keep_checkpoints", "validation", "validate_every", "keep_best", "stop_when", "memory_budget_mib", "resume_job", "truncate", "truncate_min", "conditions", "seed", "micro_batch", "decoder_tile")
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     LOSSES_FIELD_NUMBER: _ClassVar[int]
@@ -313,6 +317,7 @@ class FinetuneWeightsSpec(_message.Message):
     CONDITIONS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
+    DECODER_TILE_FIELD_NUMBER: _ClassVar[int]
     generation: Generation
     examples: _containers.RepeatedCompositeFieldContainer[FinetuneExample]
     losses: _containers.RepeatedCompositeFieldContainer[LossTerm]
@@ -338,7 +343,8 @@ class FinetuneWeightsSpec(_message.Message):
     conditions: _containers.RepeatedCompositeFieldContainer[WeightedCondition]
     seed: int
     micro_batch: int
-    def __init__(self, generation: _Optional[_Union[Generation, _Mapping]] = ..., examples: _Optional[_Iterable[_Union[FinetuneExample, _Mapping]]] = ..., losses: _Optional[_Iterable[_Union[LossTerm, _Mapping]]] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., method: _Optional[str] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., checkpoint_every: _Optional[int] = ..., name: _Optional[str] = ..., batch_size: _Optional[int] = ..., grad_mode: _Optional[str] = ..., resume_from: _Optional[str] = ..., keep_checkpoints: _Optional[int] = ..., validation: _Optional[_Iterable[_Union[FinetuneExample, _Mapping]]] = ..., validate_every: _Optional[int] = ..., keep_best: _Optional[bool] = ..., stop_when: _Optional[_Union[StopWhen, _Mapping]] = ..., memory_budget_mib: _Optional[int] = ..., resume_job: _Optional[str] = ..., truncate: _Optional[int] = ..., truncate_min: _Optional[int] = ..., conditions: _Optional[_Iterable[_Union[WeightedCondition, _Mapping]]] = ..., seed: _Optional[int] = ..., micro_batch: _Optional[int] = ...) -> None: ...
+    decoder_tile: int
+    def __init__(self, generation: _Optional[_Union[Generation, _Mapping]] = ..., examples: _Optional[_Iterable[_Union[FinetuneExample, _Mapping]]] = ..., losses: _Optional[_Iterable[_Union[LossTerm, _Mapping]]] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., method: _Optional[str] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., checkpoint_every: _Optional[int] = ..., name: _Optional[str] = ..., batch_size: _Optional[int] = ..., grad_mode: _Optional[str] = ..., resume_from: _Optional[str] = ..., keep_checkpoints: _Optional[int] = ..., validation: _Optional[_Iterable[_Union[FinetuneExample, _Mapping]]] = ..., validate_every: _Optional[int] = ..., keep_best: _Optional[bool] = ..., stop_when: _Optional[_Union[StopWhen, _Mapping]] = ..., memory_budget_mib: _Optional[int] = ..., resume_job: _Optional[str] = ..., truncate: _Optional[int] = ..., truncate_min: _Optional[int] = ..., conditions: _Optional[_Iterable[_Union[WeightedCondition, _Mapping]]] = ..., seed: _Optional[int] = ..., micro_batch: _Optional[int] = ..., decoder_tile: _Optional[int] = ...) -> None: ...
 
 class FinetuneWeightsRequest(_message.Message):
     __slots__ = ("spec", "loss_reply")
@@ -349,7 +355,7 @@ class FinetuneWeightsRequest(_message.Message):
     def __init__(self, spec: _Optional[_Union[FinetuneWeightsSpec, _Mapping]] = ..., loss_reply: _Optional[_Union[LossReply, _Mapping]] = ...) -> None: ...
 
 class OptimizeEmbeddingSpec(_message.Message):
-    __slots__ = ("generation", "losses", "target_image", "optimizer", "token", "name", "grad_mode", "image_every", "prior", "prior_weight", "stop_when", "memory_budget_mib")
+    __slots__ = ("generation", "losses", "target_image", "optimizer", "token", "name", "grad_mode", "image_every", "prior", "prior_weight", "stop_when", "memory_budget_mib", "decoder_tile")
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     LOSSES_FIELD_NUMBER: _ClassVar[int]
     TARGET_IMAGE_FIELD_NUMBER: _ClassVar[int]
@@ -362,6 +368,7 @@ class OptimizeEmbeddingSpec(_message.Message):
     PRIOR_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     STOP_WHEN_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BUDGET_MIB_FIELD_NUMBER: _ClassVar[int]
+    DECODER_TILE_FIELD_NUMBER: _ClassVar[int]
     generation: Generation
     losses: _containers.RepeatedCompositeFieldContainer[LossTerm]
     target_image: _tensor_pb2.Tensor
@@ -374,7 +381,8 @@ class OptimizeEmbeddingSpec(_message.Message):
     prior_weight: float
     stop_when: StopWhen
     memory_budget_mib: int
-    def __init__(self, generation: _Optional[_Union[Generation, _Mapping]] = ..., losses: _Optional[_Iterable[_Union[LossTerm, _Mapping]]] = ..., target_image: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., token: _Optional[_Union[TokenSpec, _Mapping]] = ..., name: _Optional[str] = ..., grad_mode: _Optional[str] = ..., image_every: _Optional[int] = ..., prior: _Optional[str] = ..., prior_weight: _Optional[float] = ..., stop_when: _Optional[_Union[StopWhen, _Mapping]] = ..., memory_budget_mib: _Optional[int] = ...) -> None: ...
+    decoder_tile: int
+    def __init__(self, generation: _Optional[_Union[Generation, _Mapping]] = ..., losses: _Optional[_Iterable[_Union[LossTerm, _Mapping]]] = ..., target_image: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., token: _Optional[_Union[TokenSpec, _Mapping]] = ..., name: _Optional[str] = ..., grad_mode: _Optional[str] = ..., image_every: _Optional[int] = ..., prior: _Optional[str] = ..., prior_weight: _Optional[float] = ..., stop_when: _Optional[_Union[StopWhen, _Mapping]] = ..., memory_budget_mib: _Optional[int] = ..., decoder_tile: _Optional[int] = ...) -> None: ...
 
 class OptimizeEmbeddingRequest(_message.Message):
     __slots__ = ("spec", "loss_reply")
@@ -455,7 +463,7 @@ class Job(_message.Message):
     def __init__(self, id: _Optional[str] = ..., replica: _Optional[str] = ..., iteration: _Optional[int] = ...) -> None: ...
 
 class MemoryPlan(_message.Message):
-    __slots__ = ("grad_mode", "steps", "gradient_steps", "kept_graphs", "stored_states", "network_checkpointing", "graph_bytes", "budget_bytes", "iteration", "decoder_slice_size", "decoder_checkpointing", "decoder_graph_bytes")
+    __slots__ = ("grad_mode", "steps", "gradient_steps", "kept_graphs", "stored_states", "network_checkpointing", "graph_bytes", "budget_bytes", "iteration", "decoder_slice_size", "decoder_checkpointing", "decoder_graph_bytes", "decoder_tile")
     GRAD_MODE_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     GRADIENT_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -468,6 +476,7 @@ class MemoryPlan(_message.Message):
     DECODER_SLICE_SIZE_FIELD_NUMBER: _ClassVar[int]
     DECODER_CHECKPOINTING_FIELD_NUMBER: _ClassVar[int]
     DECODER_GRAPH_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DECODER_TILE_FIELD_NUMBER: _ClassVar[int]
     grad_mode: str
     steps: int
     gradient_steps: int
@@ -478,9 +487,10 @@ class MemoryPlan(_message.Message):
     budget_bytes: int
     iteration: int
     decoder_slice_size: int
-    decoder_checkpointing: bool
+    decoder_checkpointing: str
     decoder_graph_bytes: int
-    def __init__(self, grad_mode: _Optional[str] = ..., steps: _Optional[int] = ..., gradient_steps: _Optional[int] = ..., kept_graphs: _Optional[int] = ..., stored_states: _Optional[int] = ..., network_checkpointing: _Optional[bool] = ..., graph_bytes: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., iteration: _Optional[int] = ..., decoder_slice_size: _Optional[int] = ..., decoder_checkpointing: _Optional[bool] = ..., decoder_graph_bytes: _Optional[int] = ...) -> None: ...
+    decoder_tile: int
+    def __init__(self, grad_mode: _Optional[str] = ..., steps: _Optional[int] = ..., gradient_steps: _Optional[int] = ..., kept_graphs: _Optional[int] = ..., stored_states: _Optional[int] = ..., network_checkpointing: _Optional[bool] = ..., graph_bytes: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., iteration: _Optional[int] = ..., decoder_slice_size: _Optional[int] = ..., decoder_checkpointing: _Optional[str] = ..., decoder_graph_bytes: _Optional[int] = ..., decoder_tile: _Optional[int] = ...) -> None: ...
 
 class ArtifactInfo(_message.Message):
     __slots__ = ("id", "kind", "model", "size", "name", "iteration", "metadata")

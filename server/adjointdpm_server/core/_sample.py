@@ -122,7 +122,7 @@ def sample(eps_fn, x_T: torch.Tensor, cond=None, *, schedule: Schedule, steps: i
     ``on_plan`` receives the gradient pass's :class:`MemoryPlan` once it is made (``auto``: at
     the first step, from the measured size of one network call's graph; when even that does not
     fit the budget, ``auto`` also checkpoints inside a network that declares
-    ``BlockCheckpointing``).
+    ``BlockCheckpointing``; ``backprop``: every step's graph kept, before the forward pass).
     """
     if not isinstance(x_T, torch.Tensor) or not x_T.is_floating_point():
         raise TypeError("x_T must be a floating-point tensor")
@@ -188,6 +188,9 @@ def sample(eps_fn, x_T: torch.Tensor, cond=None, *, schedule: Schedule, steps: i
         with torch.no_grad():
             y_end, _ = step_solver.solve(field, y0, nodes, cond, uncond, callback=progress)
     elif grad_mode == "backprop":
+        if on_plan is not None:  # plain autograd: every step's graph kept, nothing recomputed
+            n = len(nodes) - 1
+            on_plan(MemoryPlan("backprop", n, n, kept_graphs=n, budget_bytes=int(memory_budget or 0)))
         y_end, _ = step_solver.solve(field, y0, nodes, cond, uncond, callback=progress)
     else:
         solve = _Solve(step_solver, field, nodes, grad_mode, progress,

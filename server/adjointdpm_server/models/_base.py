@@ -76,9 +76,10 @@ class ModelBackend(abc.ABC):
 
     plans_decoder = False  # a latent backend's VAE decoder is planned (models/_decoding.py)
 
-    def plan_decoder(self, batch: int, budget: float | None):
+    def plan_decoder(self, batch: int, budget: float | None, tile: int = 0):
         """The decoder's plan for an image-domain gradient of ``batch`` samples within ``budget``
-        bytes: None where decoding costs next to nothing (pixel-space and analytic models)."""
+        bytes (in tiles of ``tile`` latent pixels, approximate, when asked): None where decoding
+        costs next to nothing (pixel-space and analytic models, which have no tiles)."""
         return None
 
     @property

@@ -10,6 +10,7 @@ per encoder, in the order of ``text_encoders``; paper Appendix A).
 from __future__ import annotations
 
 import abc
+import dataclasses
 import json
 import threading
 from pathlib import Path
@@ -17,11 +18,12 @@ from pathlib import Path
 import torch
 
 from ..core import HALF_DTYPES, VPSchedule
-from ..errors import ResourceExhausted
+from ..errors import InvalidArgument, ResourceExhausted
 from ._base import Conditioning, ModelBackend
-from ._decoding import (PLAIN, DecodePlan, DecoderGraph, SlicedDecode, checkpointed_decoder, gate_decoder,
-                        measure, plan_decode)
+from ._decoding import (PLAIN, Checkpointing, DecodePlan, DecoderGraph, SlicedDecode, checkpointed_decoder,
+                        gate_decoder, measure, plan_decode)
 from ._text import TextEncoder, broadcast
+from ._tiling import MIN_TILE, TiledDecode
 
 __all__ = ["LatentDiffusionBackend", "check_dtype", "check_directory", "pipeline_class",
            "load_vp_schedule", "VP_PREDICTIONS", "vae_dtype"]
@@ -167,44 +169,63 @@ class LatentDiffusionBackend(ModelBackend):
         inside or not; by default the whole batch at once. A loss on latents skips this call, and
         with it the decoder's cost."""
         plan = plan or PLAIN
+        if plan.tile:  # approximate, by request: tiles blended at the seams (models/_tiling.py)
+            return self._image(TiledDecode.apply(self._latents(x0), self.vae, plan), x0.dtype)
         if plan.slice_size:
             return SlicedDecode.apply(x0, self._decode, plan)
-        with checkpointed_decoder(plan.checkpointed):  # the whole batch's graph, checkpointed or not
+        with checkpointed_decoder(plan.checkpointing):  # the whole batch's graph, checkpointed or not
             return self._decode(x0)
 
     def _decode(self, x0: torch.Tensor) -> torch.Tensor:
+        return self._image(self.vae.decode(self._latents(x0)).sample, x0.dtype)
+
+    def _latents(self, x0: torch.Tensor) -> torch.Tensor:
         config = self.vae.config
         latents = x0.to(self.vae.dtype) / config.scaling_factor  # float32 under force_upcast
         if getattr(config, "shift_factor", None) is not None:
             latents = latents + config.shift_factor
-        image = self.vae.decode(latents).sample
-        return (image / 2 + 0.5).clamp(0, 1).to(x0.dtype)
+        return latents
 
-    def decoder_graph(self) -> DecoderGraph:
-        """One sample's decoder graph at this backend's latent shape, measured once (not kept)."""
+    @staticmethod
+    def _image(decoded: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return (decoded / 2 + 0.5).clamp(0, 1).to(dtype)
+
+    def decoder_graph(self, tile: int = 0) -> DecoderGraph:
+        """One sample's decoder graph at this backend's latent shape (or one ``tile``'s, a side in
+        latent pixels), measured once per shape (not kept)."""
+        channels, h, w = self.latent_shape
+        shape = (channels, min(tile, h), min(tile, w)) if tile else tuple(self.latent_shape)
         with self._decoder_lock:
-            if self._decoder_graph is None:
-                x = torch.zeros((1, *self.latent_shape), dtype=self.dtype, device=self.device)
-                self._decoder_graph = measure(self._decode, x, self.vae.decoder)
-            return self._decoder_graph
+            if shape not in self._decoder_graphs:
+                x = torch.zeros((1, *shape), dtype=self.dtype, device=self.device)
+                self._decoder_graphs[shape] = measure(self._decode, x, self.vae.decoder)
+            return self._decoder_graphs[shape]
 
-    def plan_decoder(self, batch: int, budget: float | None) -> DecodePlan:
+    def plan_decoder(self, batch: int, budget: float | None, tile: int = 0) -> DecodePlan:
         """The decoder's plan for an image-domain gradient of ``batch`` samples within ``budget``
-        bytes (None: none), or RESOURCE_EXHAUSTED naming the decoder when no exact plan fits."""
+        bytes (None: none) — in tiles of ``tile`` latent pixels when the request asks (approximate;
+        a tile the image fits in decodes it whole) — or RESOURCE_EXHAUSTED naming the decoder when
+        no plan fits."""
+        if tile and (tile % 4 or tile < MIN_TILE):
+            raise InvalidArgument(f"decoder_tile must be 0 (exact) or a multiple of 4 of at least "
+                                  f"{MIN_TILE} latent pixels; got {tile}")
+        if tile >= max(self.latent_shape[-2:]):
+            tile = 0  # one tile: the whole image, exact
         if budget is None:
-            return PLAIN
-        graph = self.decoder_graph()
+            return DecodePlan(tile=tile)
+        graph = self.decoder_graph(tile)
         plan = plan_decode(graph, batch, budget)
         if plan is None:
             mib = lambda b: f"{b / 2**20:.0f} MiB"  # noqa: E731
             h, w = self.image_shape[-2:]
+            what = f"one {h}x{w} image's" if not tile else f"one {tile}x{tile}-latent tile's"
             raise ResourceExhausted(
-                f"the VAE decoder's gradient does not fit: one {h}x{w} image's decoder graph is "
-                f"{mib(graph.checkpointed)} even checkpointed inside ({mib(graph.plain)} plain), over "
+                f"the VAE decoder's gradient does not fit: {what} decoder graph is "
+                f"{mib(graph.at(Checkpointing.FINE))} even checkpointed inside ({mib(graph.plain)} plain), over "
                 f"the gradient memory budget of {mib(budget)}; use a loss on the latents, a smaller "
-                "image, or a larger budget (memory_budget_mib cannot raise the server's "
-                "--grad-memory-mib)")
-        return plan
+                "image" + ("" if tile else ", tiled decoding (decoder_tile, approximate)") + ", or a "
+                "larger budget (memory_budget_mib cannot raise the server's --grad-memory-mib)")
+        return dataclasses.replace(plan, tile=tile)
 
     def style_features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Activations of the VAE encoder's down blocks: an offline stand-in for VGG features."""
@@ -235,7 +256,7 @@ class LatentDiffusionBackend(ModelBackend):
         config = cls.load_config(self.path, subfolder="vae", local_files_only=True)
         vae = self._part(cls, "vae", vae_dtype(bool(config.get("force_upcast", False)), dtype))
         gate_decoder(vae.decoder)
-        self._decoder_lock, self._decoder_graph = threading.Lock(), None
+        self._decoder_lock, self._decoder_graphs = threading.Lock(), {}
         return vae
 
     def _part(self, cls, subfolder: str, dtype: torch.dtype | None = None):

@@ -110,7 +110,7 @@ class Job:
         memory by default: it moves with everything else the machine runs)."""
         decoder = self.decoder_plan
         decisions = (dataclasses.replace(plan, graph_bytes=0, budget_bytes=0),
-                     decoder and (decoder.slice_size, decoder.checkpointed))
+                     decoder and dataclasses.replace(decoder, graph_bytes=0))
         if decisions != self._plan:
             self._plan = decisions
             self.emit(PlanReport(plan, iteration, decoder))

@@ -88,12 +88,18 @@ class Objective:
             else:
                 raise InvalidArgument(f"loss term {index} is neither a client nor a server loss")
 
-    def plan_decoder(self, batch: int, budget: float | None) -> None:
+    def plan_decoder(self, batch: int, budget: float | None, tile: int = 0) -> None:
         """Before any work: how the VAE decoder runs in this request's image-domain gradient of
-        ``batch`` samples per pass within ``budget`` bytes (models/_decoding.py); RESOURCE_EXHAUSTED
-        naming the decoder when no exact plan fits. Nothing to plan without an image term."""
-        if self.needs_image and self.backend.plans_decoder:
-            self.decode_plan = self.job.decoder_plan = self.backend.plan_decoder(batch, budget)
+        ``batch`` samples per pass within ``budget`` bytes (models/_decoding.py), in tiles of
+        ``tile`` latent pixels when asked (approximate, models/_tiling.py); RESOURCE_EXHAUSTED
+        naming the decoder when no plan fits. Nothing to plan without an image term."""
+        if not self.needs_image:
+            return
+        if tile and not self.backend.plans_decoder:
+            raise InvalidArgument(f"decoder_tile: {self.backend.name}'s images come from no VAE "
+                                  "decoder to tile; leave it 0")
+        if self.backend.plans_decoder:
+            self.decode_plan = self.job.decoder_plan = self.backend.plan_decoder(batch, budget, tile)
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """``x0`` decoded as planned; without an image term (images to show, a verdict) with no

@@ -259,7 +259,8 @@ def run_compute_gradient(ctx: TaskContext, spec: GenerationSpec, losses: list[Lo
     objective = Objective(ctx, prep.backend, losses, job,
                           conditions=generation_conditions(spec, prep, learned="token" in targets))
     plan = gradient_plan(ctx, spec, prep, targets, opts, token)
-    objective.plan_decoder(len(plan.x_T), decoder_budget(prep, job, opts.memory_budget_mib))
+    objective.plan_decoder(len(plan.x_T), decoder_budget(prep, job, opts.memory_budget_mib),
+                           opts.decoder_tile)
     x0 = run_sampler(prep, job, x_T=plan.x_T, cond=plan.cond, eps_fn=plan.eps_fn, grad_mode=mode,
                      memory_budget_mib=opts.memory_budget_mib, truncate=truncation(opts, 0, targets))
     decoded = objective.decode(x0) if objective.needs_image or opts.images else None

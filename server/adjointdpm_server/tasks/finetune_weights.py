@@ -285,7 +285,6 @@ def run_finetune_weights(ctx: TaskContext, spec: GenerationSpec, examples: list[
     # its terms checked before any work: of the samples' conditions, the kind (each pass sets
     # the values of its own samples)
     objective = Objective(ctx, prep.backend, losses, job, conditions=Conditions(samples.kind))
-    objective.plan_decoder(micro, decoder_budget(prep, job, opts.memory_budget_mib))  # per sampler pass
     references = prompts is not None and objective.needs_reference
     check_work(ctx.limits, finetune_work(prep.steps, prep.solver, mode, opts.iterations,
                                          opts.validate_every, bool(validation),
@@ -293,6 +292,7 @@ def run_finetune_weights(ctx: TaskContext, spec: GenerationSpec, examples: list[
     # the held-out examples prepared and their terms checked before any work too: their
     # conditions (their own prompts or labels) may be of another kind than the training's
     validator = _Validator(ctx, spec, validation, losses, job) if validation else None
+    objective.plan_decoder(micro, decoder_budget(prep, job, opts.memory_budget_mib), opts.decoder_tile)
     model, meta = _adapted_copy(ctx, prep, opts)
     meta["run"] = record.id
     meta.update(batch_size=size, micro_batch=micro)

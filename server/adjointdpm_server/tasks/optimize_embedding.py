@@ -169,7 +169,8 @@ def run_optimize_embedding(ctx: TaskContext, spec: GenerationSpec, losses: list[
     # the placeholder; a digits start label is where the vector starts, not what it becomes).
     objective = Objective(ctx, prep.backend, with_target(losses, target_image), job,
                           conditions=generation_conditions(spec, prep, learned=True))
-    objective.plan_decoder(len(prep.x_T), decoder_budget(prep, job, opts.memory_budget_mib))
+    objective.plan_decoder(len(prep.x_T), decoder_budget(prep, job, opts.memory_budget_mib),
+                           opts.decoder_tile)
     embedding = _Embedding(prep, spec, token)
     loss = _Loss(embedding, objective, job, opts, mode, prior_penalty(prep, opts.prior), prior_weight,
                  Patience(opts.stop_when))

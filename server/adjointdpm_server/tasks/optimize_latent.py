@@ -138,7 +138,8 @@ def run_optimize_latent(ctx: TaskContext, spec: GenerationSpec, losses: list[Los
     _check_run(ctx.limits, prep, opts, mode)
     objective = Objective(ctx, prep.backend, losses, job,
                           conditions=generation_conditions(spec, prep))  # each sample's prompt or label
-    objective.plan_decoder(len(prep.x_T), decoder_budget(prep, job, opts.memory_budget_mib))
+    objective.plan_decoder(len(prep.x_T), decoder_budget(prep, job, opts.memory_budget_mib),
+                           opts.decoder_tile)
     if opts.guided is not None:
         return _Guidance(prep, objective, job, opts, mode).run()
     return _LatentSearch(prep, objective, job, opts, mode).run()

@@ -217,8 +217,8 @@ def event(item) -> tuple[str, object]:
             kept_graphs=p.kept_graphs, stored_states=p.stored_states,
             network_checkpointing=p.blocks_checkpointed, graph_bytes=p.graph_bytes,
             budget_bytes=p.budget_bytes, iteration=item.iteration,
-            decoder_slice_size=d.slice_size if d else 0, decoder_checkpointing=bool(d and d.checkpointed),
-            decoder_graph_bytes=d.graph_bytes if d else 0)
+            decoder_slice_size=d.slice_size if d else 0, decoder_checkpointing=d.checkpointing.name.lower() if d else "",
+            decoder_graph_bytes=d.graph_bytes if d else 0, decoder_tile=d.tile if d else 0)
     raise TypeError(f"no message for event {type(item).__name__}")
 
 
