@@ -165,8 +165,9 @@ def test_a_killed_replica_s_job_resumes_by_id_on_another_never_on_two(cluster):
     checkpoint writes removes none of them."""
     a, b = cluster.replicas["a"], cluster.replicas["b"]
     client = a.client("t2")
-    call = _when_settled(lambda: client.finetune_weights(
-        TO_EIGHT, EXAMPLES, iterations=12, checkpoint_every=1, stream=True, **FINETUNE))
+    _settled(cluster)  # a stream refuses when first read, not when opened: settle first
+    call = client.finetune_weights(TO_EIGHT, EXAMPLES, iterations=12, checkpoint_every=1, stream=True,
+                                   **FINETUNE)
     history = []
     with pytest.raises(adjointdpm.JobInterrupted) as lost:
         for event in call:
@@ -285,11 +286,13 @@ def test_a_tenant_s_job_and_byte_quotas_hold_exactly_across_replicas(cluster):
 
 def test_a_redis_restart_refuses_quota_bound_work_then_recovers_without_over_admitting(cluster):
     a, b = cluster.replicas["b"], cluster.replicas["c"]
-    running = _when_settled(lambda: a.client("t6").finetune_weights(
-        TO_EIGHT, EXAMPLES, iterations=500, stream=True, **FINETUNE))
-    it = iter(running)
-    while next(it).WhichOneof("kind") != "job":
-        pass
+    def start():  # a stream refuses when first read, not when opened: wait for its job event
+        stream = a.client("t6").finetune_weights(TO_EIGHT, EXAMPLES, iterations=500, stream=True, **FINETUNE)
+        events = iter(stream)
+        while next(events).WhichOneof("kind") != "job":
+            pass
+        return stream, events  # kept: a dropped event iterator cancels its call
+    running, _events = _when_settled(start)
     cluster.redis.stop()
     try:
         once = adjointdpm.Client(b.target, token="tok-t6", timeout=30,
