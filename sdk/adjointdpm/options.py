@@ -148,7 +148,7 @@ def _gradient_options(grad_mode: str = "grad_mode", budget: str = "memory_budget
                low=0),
         Option("decoder_tile", 0, "approximate: a loss on the image decodes it in overlapping tiles "
                "of this many latent pixels a side (a multiple of 4, at least 8), blended at the seams, "
-               "so the VAE decoder's peak is one tile's (0 = exact, the whole image)", low=0),
+               "so the VAE decoder's graph is one tile's (0 = exact, the whole image)", low=0),
     )
 
 

@@ -64,17 +64,23 @@ def _diffusers_tiled(b, x0: torch.Tensor, tile: int) -> torch.Tensor:
         vae.tile_latent_min_size, vae.tile_sample_min_size, vae.tile_overlap_factor = saved
 
 
+# latent sides: past the tile both ways, and across one side no longer than a tile (two tiles, the
+# second past the stride), no longer than a stride (one tile, kept whole) and shorter than it
+SIDES = [(20, 20), (20, 14), (20, 8), (20, 6), (20, 5)]
+
+
 @pytest.mark.parametrize("family", list(BUILDERS))
 def test_the_tiled_image_is_diffusers_tiled_decode_and_not_the_whole_decode(backends, family):
     b = backends[family]
-    assert tile_starts(b.latent_shape[-1], TILE) == [0, 6, 12, 18]  # diffusers: a stride of 6, to the end
-    x0 = _latents(b)
-    with torch.no_grad():
-        tiled, whole = b.decode(x0, DecodePlan(tile=TILE)), b.decode(x0)
-        reference = _diffusers_tiled(b, x0, TILE)
-    assert tiled.shape == whole.shape == (BATCH, *b.image_shape)
-    torch.testing.assert_close(tiled, reference, rtol=0, atol=1e-12)
-    assert (tiled - whole).abs().max() > 1e-4  # approximate: the seams and each tile's group norm
+    assert tile_starts(20, TILE) == [0, 6, 12, 18] and tile_starts(8, TILE) == [0, 6]  # stride 6
+    for sides in SIDES:
+        x0 = _latents(b, (b.latent_shape[0], *sides))
+        with torch.no_grad():
+            tiled, whole = b.decode(x0, DecodePlan(tile=TILE)), b.decode(x0)
+            reference = _diffusers_tiled(b, x0, TILE)
+        assert tiled.shape == whole.shape == reference.shape, sides
+        torch.testing.assert_close(tiled, reference, rtol=0, atol=1e-12)
+        assert (tiled - whole).abs().max() > 1e-4, sides  # approximate: seams, each tile's group norm
 
 
 PLANS = {"whole batch": DecodePlan(tile=TILE), "slices of 1": DecodePlan(1, tile=TILE),
@@ -97,17 +103,17 @@ def test_the_tiled_gradient_is_autograds_through_diffusers_tiled_decode(backends
         assert err <= 1e-10, (family, name, err)
 
 
-def test_an_axis_the_tile_covers_is_not_cut(backends):
-    """20×8 latents in tiles of 8: four tiles down, one across, the image whole in both."""
+def test_the_tiled_gradient_holds_on_every_geometry(backends):
     b = backends["sd"]
-    x0 = _latents(b, (b.latent_shape[0], 20, 8))
-    with torch.no_grad():
-        tiled, whole = b.decode(x0, DecodePlan(tile=TILE)), b.decode(x0)
-    assert tiled.shape == whole.shape
-    x = x0.clone().requires_grad_()
-    image = b.decode(x, DecodePlan(1, tile=TILE))
-    grad = torch.autograd.grad(image.sum(), x)[0]
-    assert grad.shape == x.shape and torch.isfinite(grad).all() and (grad != 0).all(dim=(0, 1)).any()
+    for sides in SIDES[1:]:
+        x = _latents(b, (b.latent_shape[0], *sides)).requires_grad_()
+        image = _diffusers_tiled(b, x, TILE)
+        w = _weights(image)
+        reference = torch.autograd.grad((image * w).sum(), x)[0]
+        x = x.detach().requires_grad_()
+        got = torch.autograd.grad((b.decode(x, DecodePlan(1, BLOCKS, tile=TILE)) * w).sum(), x)[0]
+        err = ((got - reference).abs().max() / reference.abs().max()).item()
+        assert err <= 1e-10, (sides, err)
 
 
 def test_a_tile_the_image_fits_in_decodes_it_whole_and_exactly(backends):

@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch.autograd.graph import saved_tensors_hooks
 from torch.utils.checkpoint import checkpoint
 
@@ -321,6 +322,7 @@ class SlicedDecode(torch.autograd.Function):
         return torch.cat([decode(x0[k:k + step]) for k in range(0, len(x0), step)])
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         (x0,) = ctx.saved_tensors
         step, parts = ctx.plan.slice_size or len(x0), []

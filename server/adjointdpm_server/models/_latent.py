@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 
 from ..core import HALF_DTYPES, VPSchedule
-from ..errors import InvalidArgument, ResourceExhausted
+from ..errors import ResourceExhausted
 from ._base import Conditioning, ModelBackend
 from ._decoding import (PLAIN, Checkpointing, DecodePlan, DecoderGraph, SlicedDecode, checkpointed_decoder,
                         gate_decoder, measure, plan_decode)
 from ._text import TextEncoder, broadcast
-from ._tiling import MIN_TILE, TiledDecode
+from ._tiling import TiledDecode, check_tile
 
 __all__ = ["LatentDiffusionBackend", "check_dtype", "check_directory", "pipeline_class",
            "load_vp_schedule", "VP_PREDICTIONS", "vae_dtype"]
@@ -195,6 +195,9 @@ class LatentDiffusionBackend(ModelBackend):
         latent pixels), measured once per shape (not kept)."""
         channels, h, w = self.latent_shape
         shape = (channels, min(tile, h), min(tile, w)) if tile else tuple(self.latent_shape)
+        known = self._decoder_graphs.get(shape)
+        if known is not None:  # measured: no wait behind another shape's measurement
+            return known
         with self._decoder_lock:
             if shape not in self._decoder_graphs:
                 x = torch.zeros((1, *shape), dtype=self.dtype, device=self.device)
@@ -206,11 +209,11 @@ class LatentDiffusionBackend(ModelBackend):
         bytes (None: none) — in tiles of ``tile`` latent pixels when the request asks (approximate;
         a tile the image fits in decodes it whole) — or RESOURCE_EXHAUSTED naming the decoder when
         no plan fits."""
-        if tile and (tile % 4 or tile < MIN_TILE):
-            raise InvalidArgument(f"decoder_tile must be 0 (exact) or a multiple of 4 of at least "
-                                  f"{MIN_TILE} latent pixels; got {tile}")
+        if tile:
+            check_tile(tile)
+        asked = tile
         if tile >= max(self.latent_shape[-2:]):
-            tile = 0  # one tile: the whole image, exact
+            tile = 0  # diffusers does not tile what fits one tile: the whole image, exact
         if budget is None:
             return DecodePlan(tile=tile)
         graph = self.decoder_graph(tile)
@@ -218,12 +221,13 @@ class LatentDiffusionBackend(ModelBackend):
         if plan is None:
             mib = lambda b: f"{b / 2**20:.0f} MiB"  # noqa: E731
             h, w = self.image_shape[-2:]
-            what = f"one {h}x{w} image's" if not tile else f"one {tile}x{tile}-latent tile's"
+            lh, lw = (min(tile, side) for side in self.latent_shape[-2:])
+            what = f"one {h}x{w} image's" if not tile else f"one {lh}x{lw}-latent tile's"
             raise ResourceExhausted(
                 f"the VAE decoder's gradient does not fit: {what} decoder graph is "
                 f"{mib(graph.at(Checkpointing.FINE))} even checkpointed inside ({mib(graph.plain)} plain), over "
                 f"the gradient memory budget of {mib(budget)}; use a loss on the latents, a smaller "
-                "image" + ("" if tile else ", tiled decoding (decoder_tile, approximate)") + ", or a "
+                "image" + ("" if asked else ", tiled decoding (decoder_tile, approximate)") + ", or a "
                 "larger budget (memory_budget_mib cannot raise the server's --grad-memory-mib)")
         return dataclasses.replace(plan, tile=tile)
 

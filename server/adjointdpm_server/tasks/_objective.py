@@ -18,6 +18,7 @@ import torch
 from ..errors import InvalidArgument
 from ..integrity import check_result
 from ..losses import Conditions, LossContext, RemoteLoss, build_loss
+from ..models._tiling import check_tile
 from ._job import ClientQuery, Job
 from ._specs import GenerationSpec, LossSpec
 
@@ -93,13 +94,19 @@ class Objective:
         ``batch`` samples per pass within ``budget`` bytes (models/_decoding.py), in tiles of
         ``tile`` latent pixels when asked (approximate, models/_tiling.py); RESOURCE_EXHAUSTED
         naming the decoder when no plan fits. Nothing to plan without an image term."""
-        if not self.needs_image:
-            return
         if tile and not self.backend.plans_decoder:
             raise InvalidArgument(f"decoder_tile: {self.backend.name}'s images come from no VAE "
                                   "decoder to tile; leave it 0")
-        if self.backend.plans_decoder:
+        if tile:
+            check_tile(tile)  # a latent loss ignores a tile, but not a malformed one
+        if self.needs_image and self.backend.plans_decoder:
             self.decode_plan = self.job.decoder_plan = self.backend.plan_decoder(batch, budget, tile)
+
+    def reference_image(self, x0: torch.Tensor) -> torch.Tensor:
+        """``x0`` decoded as this request's loss decodes (in its tiles when it asked), with no
+        graph: a content reference or a verdict's start compares like with like."""
+        with torch.no_grad():
+            return self.backend.decode(x0.detach(), self.decode_plan)
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """``x0`` decoded as planned; without an image term (images to show, a verdict) with no

@@ -442,7 +442,7 @@ def _start(run: _Run) -> None:
     optimizer, and a resumed checkpoint's state."""
     with torch.no_grad():
         x0_base = run_sampler(run.prep, run.job, grad_mode="none")
-        run.reference = {"latent": x0_base, "image": run.prep.backend.decode(x0_base)}
+        run.reference = {"latent": x0_base, "image": run.objective.reference_image(x0_base)}
     run.objective.set_reference(run.reference if run.prompts is None else None)
     if run.validator is not None:
         run.validator.start()
@@ -553,7 +553,8 @@ class _Run:
                 with torch.no_grad():
                     base = run_sampler(prep, self.job, x_T=x, cond=c, uncond=u, grad_mode="none",
                                        iteration=it)
-                    self.objective.set_reference({"latent": base, "image": prep.backend.decode(base)})
+                    image = self.objective.reference_image(base)
+                    self.objective.set_reference({"latent": base, "image": image})
             x0 = run_sampler(prep, self.job, x_T=x, cond=c, eps_fn=self.model,
                              grad_mode=self.mode, memory_budget_mib=self.opts.memory_budget_mib,
                              iteration=it, uncond=u, truncate=truncation(self.opts, it))

@@ -222,7 +222,7 @@ class _LatentSearch:
         """The unoptimized sample: its PNGs, the content terms' reference and the verdict to flip."""
         with torch.no_grad():
             x0_start = run_sampler(self.prep, self.job, grad_mode="none")
-            image_start = self.prep.backend.decode(x0_start)
+            image_start = self.objective.reference_image(x0_start)
             initial = to_png(image_start)
             if self.verdict:
                 self.start_class = self.prep.backend.classify(image_start).argmax(1)
