@@ -260,16 +260,16 @@ def test_auto_keeps_graphs_within_what_the_decoder_leaves(ctx):
     the batch, or of a slice) comes out of ``auto``'s budget, never below 0."""
     import dataclasses
 
-    from adjointdpm_server.models._decoding import ALLOCATOR_SLACK, DecodePlan
+    from adjointdpm_server.models._decoding import ALLOCATOR_SLACK, Checkpointing, DecodePlan
     from adjointdpm_server.tasks._generation import _memory_budget, prepare
 
     prep = dataclasses.replace(prepare(ctx, gen()), grad_memory_bytes=64 << 20)
     job, x_T = LocalJob(), noise(2)
-    job.decoder_plan = DecodePlan(0, False, 4 << 20)  # the whole batch of 2 in one pass
+    job.decoder_plan = DecodePlan(0, Checkpointing.NONE, 4 << 20)  # the whole batch of 2 in one pass
     assert _memory_budget(prep, job, "auto", 0, x_T) == (64 << 20) - int(2 * (4 << 20) * ALLOCATOR_SLACK)
-    job.decoder_plan = DecodePlan(1, True, 4 << 20)   # slices of one
+    job.decoder_plan = DecodePlan(1, Checkpointing.BLOCKS, 4 << 20)   # slices of one
     assert _memory_budget(prep, job, "auto", 0, x_T) == (64 << 20) - int((4 << 20) * ALLOCATOR_SLACK)
-    job.decoder_plan = DecodePlan(0, False, 64 << 20)
+    job.decoder_plan = DecodePlan(0, Checkpointing.NONE, 64 << 20)
     assert _memory_budget(prep, job, "auto", 0, x_T) == 0
     assert _memory_budget(prep, job, "checkpoint", 0, x_T) is None
 

@@ -149,7 +149,7 @@ def _fine_decoder(decoder, sample):
     region (FINE keeps only the trunk's input while the last up block's backward runs, then
     recomputes the trunk with its own blocks checkpointed). At 512² the last up block's
     activations (128-256 channels at full size) and their gradients are the peak; a trunk one up
-    block shorter kept 320 MiB more beside them (benchmarks/results/real_size.md)."""
+    block shorter keeps the block inputs beside them too (docs/design.md §2.4.4)."""
     sample = decoder.conv_in(sample)
     count = max(0, len(decoder.up_blocks) - HIGH_RES_UP_BLOCKS)
     sample = _region("trunk", _trunk, decoder, count, sample)
