@@ -15,8 +15,10 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_generated_code_matches_proto(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_proto.py"), "--out", str(tmp_path)],
                    check=True, capture_output=True)
-    fresh = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*_pb2*.py*"))
-    committed = sorted(p.relative_to(ROOT / "sdk") for p in (ROOT / "sdk" / "adjointdpm").rglob("*_pb2*.py*"))
+    def generated(root: Path, base: Path) -> list[Path]:  # sources, not a local run's bytecode
+        return sorted(p.relative_to(base) for p in root.rglob("*_pb2*.py*") if "__pycache__" not in p.parts)
+    fresh = generated(tmp_path, tmp_path)
+    committed = generated(ROOT / "sdk" / "adjointdpm", ROOT / "sdk")
     assert fresh == committed, "proto/ and sdk/adjointdpm/v1 list different files: run scripts/gen_proto.py"
     for rel in fresh:
         assert (tmp_path / rel).read_bytes() == (ROOT / "sdk" / rel).read_bytes(), (
